@@ -1,0 +1,1 @@
+"""attnzoo.backbones: importing this registers every attnzoo family with timm."""

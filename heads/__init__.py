@@ -1,0 +1,1 @@
+"""attnzoo.heads: where attnzoo backbones meet OpenMMLab task heads (imported by mmdet / mmseg configs)."""

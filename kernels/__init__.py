@@ -1,0 +1,1 @@
+"""attnzoo.kernels: attention ops with a fused Triton path and a PyTorch reference of the same signature."""
