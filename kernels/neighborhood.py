@@ -1,0 +1,242 @@
+"""2-D neighborhood attention (NAT, DiNAT, TransNeXt's local window, HaloNet-style zero padding).
+
+Every query attends to a ``kernel_size`` window of keys around it (optionally dilated), plus an
+optional set of global tokens shared by all queries, in one softmax. Tensors are heads-last,
+``[B, H, W, heads, D]``, the layout a ``qkv`` Linear produces and NATTEN uses, so no permute copy
+is needed; strided views are accepted.
+
+Window rule per axis, for a query at position ``i`` of a map of length ``L`` with kernel ``k`` and
+dilation ``d`` (NATTEN's rule): the axis splits into ``d`` interleaved groups (``i % d``); inside its
+group the query sits at ``i' = i // d`` of ``L_g`` positions and sees the keys ``j'`` in
+``[start, start + k)`` with ``start = i' - k // 2`` (so an even ``k = 2r`` sees ``r`` keys before and
+``r - 1`` after), then
+
+- ``border="clamp"`` (NATTEN): ``start`` is clamped into ``[0, L_g - k]``: the window shifts to
+  stay inside the map and every query sees exactly ``k * k`` keys;
+- ``border="zero"`` (TransNeXt, HaloNet): the window stays centred and keys outside the map are
+  masked out, so border queries see fewer keys.
+
+The relative position bias (NAT's ``rpb``, ``[heads, 2k - 1, 2k - 1]``) of a key is indexed by its
+offset from the query in group coordinates, ``j' - i' + k - 1`` per axis (NATTEN < 0.20).
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ._dispatch import resolve_backend
+
+OP_NAME = 'neighborhood_attention_2d'
+BORDERS = ('clamp', 'zero')
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class NeighborhoodSpec:
+    """The window geometry and softmax scale of one call, per axis (rows, columns)."""
+    kernel_size: Tuple[int, int]
+    dilation: Tuple[int, int]
+    scale: float
+    border: str
+
+
+def _pair(value, name):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f'{OP_NAME}: {name} must be an int or a pair of ints (rows, columns), got {value!r}')
+    if min(value) < 1:
+        raise ValueError(f'{OP_NAME}: {name} must be >= 1, got {tuple(value)}')
+    return tuple(value)
+
+
+def _check_tensor(name, tensor, q):
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f'{OP_NAME}: {name} must be a torch.Tensor, got {type(tensor).__name__}')
+    if tensor.device != q.device:
+        raise ValueError(f'{OP_NAME}: {name} is on {tensor.device} but q is on {q.device}; move all inputs '
+                         f'to one device')
+
+
+def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='clamp', extra_k=None,
+             extra_v=None) -> NeighborhoodSpec:
+    """Checks the arguments of :func:`neighborhood_attention_2d` and returns the call's geometry."""
+    _check_tensor('q', q, q)
+    if q.dim() != 5:
+        raise ValueError(f'{OP_NAME}: q must be [B, H, W, heads, head_dim] (heads-last), got shape '
+                         f'{tuple(q.shape)}')
+    if not q.dtype.is_floating_point:
+        raise TypeError(f'{OP_NAME}: q must be a floating-point tensor, got {q.dtype}')
+    for name, tensor in (('k', k), ('v', v)):
+        _check_tensor(name, tensor, q)
+        if tensor.shape != q.shape:
+            raise ValueError(f'{OP_NAME}: {name} has shape {tuple(tensor.shape)} but q has {tuple(q.shape)}; '
+                             f'q, k and v must have the same [B, H, W, heads, head_dim] shape')
+        if tensor.dtype != q.dtype:
+            raise TypeError(f'{OP_NAME}: {name} is {tensor.dtype} but q is {q.dtype}; cast q, k, v to one dtype')
+    batch, height, width, heads, head_dim = q.shape
+    if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f'{OP_NAME}: head_dim {head_dim} is not supported; it must be between '
+                         f'{MIN_HEAD_DIM} and {MAX_HEAD_DIM}')
+    kernel_size = _pair(kernel_size, 'kernel_size')
+    dilation = _pair(dilation, 'dilation')
+    for axis, size, kernel, dil in (('height', height, kernel_size[0], dilation[0]),
+                                    ('width', width, kernel_size[1], dilation[1])):
+        if kernel * dil > size:
+            raise ValueError(f'{OP_NAME}: kernel_size * dilation = {kernel} * {dil} = {kernel * dil} is larger than '
+                             f'the feature map {axis} {size}; pad the feature map or use a smaller kernel_size '
+                             f'or dilation')
+    if border not in BORDERS:
+        raise ValueError(f'{OP_NAME}: border must be one of {BORDERS}, got {border!r}')
+    if scale is None:
+        scale = head_dim ** -0.5
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f'{OP_NAME}: scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}')
+    if rpb is not None:
+        _check_tensor('rpb', rpb, q)
+        expected = (heads, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
+        if tuple(rpb.shape) != expected:
+            raise ValueError(f'{OP_NAME}: rpb must have shape [heads, 2 * kernel_h - 1, 2 * kernel_w - 1] = '
+                             f'{list(expected)}, got {list(rpb.shape)}')
+        if rpb.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f'{OP_NAME}: rpb must be float32 or the dtype of q ({q.dtype}), got {rpb.dtype}')
+    if (extra_k is None) != (extra_v is None):
+        raise ValueError(f'{OP_NAME}: extra_k and extra_v must be given together (global keys and their values)')
+    if extra_k is not None:
+        for name, tensor in (('extra_k', extra_k), ('extra_v', extra_v)):
+            _check_tensor(name, tensor, q)
+            if (tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[2:] != (heads, head_dim)
+                    or tensor.shape[1] < 1):
+                raise ValueError(f'{OP_NAME}: {name} must be [B, L, heads, head_dim] = [{batch}, L, {heads}, '
+                                 f'{head_dim}] with L >= 1, got {tuple(tensor.shape)}')
+            if tensor.dtype != q.dtype:
+                raise TypeError(f'{OP_NAME}: {name} is {tensor.dtype} but q is {q.dtype}; cast it to q\'s dtype')
+        if extra_k.shape != extra_v.shape:
+            raise ValueError(f'{OP_NAME}: extra_k {tuple(extra_k.shape)} and extra_v {tuple(extra_v.shape)} '
+                             f'must have the same shape')
+    return NeighborhoodSpec(kernel_size, dilation, float(scale), border)
+
+
+def axis_neighbors(length, kernel_size, dilation, border, device=None):
+    """The window of every query along one axis.
+
+    Returns ``keys`` (``[length, kernel_size]`` key positions, clamped into the map), ``valid``
+    (which of them are inside the map; all of them for ``border="clamp"``) and ``bias_index`` (the
+    column of the relative position bias, ``j' - i' + kernel_size - 1``).
+    """
+    query = torch.arange(length, device=device)
+    group, query_g = query % dilation, query // dilation
+    group_length = (length - group + dilation - 1) // dilation
+    start = query_g - kernel_size // 2
+    if border == 'clamp':
+        start = torch.minimum(start.clamp(min=0), group_length - kernel_size)
+    keys_g = start[:, None] + torch.arange(kernel_size, device=device)
+    valid = (keys_g >= 0) & (keys_g < group_length[:, None])
+    keys_g_inside = torch.minimum(keys_g.clamp(min=0), group_length[:, None] - 1)
+    keys = keys_g_inside * dilation + group[:, None]
+    bias_index = keys_g - query_g[:, None] + kernel_size - 1
+    return keys, valid, bias_index
+
+
+def neighborhood_attention_2d_reference(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='clamp',
+                                        extra_k=None, extra_v=None):
+    """Plain PyTorch neighborhood attention: the CPU path and the ground truth of the tests.
+
+    Gathers every query's window (``[B, H, W, kh, kw, heads, D]``, so memory grows with the window
+    size), masks keys outside the map, and takes one softmax over the window and the extra tokens.
+    """
+    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v)
+    (kernel_h, kernel_w), (dilation_h, dilation_w) = spec.kernel_size, spec.dilation
+    _, height, width, _, _ = q.shape
+    rows, rows_valid, rows_bias = axis_neighbors(height, kernel_h, dilation_h, border, q.device)
+    cols, cols_valid, cols_bias = axis_neighbors(width, kernel_w, dilation_w, border, q.device)
+
+    window_rows, window_cols = rows[:, None, :, None], cols[None, :, None, :]          # -> [H, W, kh, kw]
+    k_window = k[:, window_rows, window_cols]                                            # [B, H, W, kh, kw, heads, D]
+    v_window = v[:, window_rows, window_cols]
+    logits = torch.einsum('byxhd,byxijhd->byxhij', q * spec.scale, k_window)
+    if rpb is not None:
+        bias = rpb[:, rows_bias[:, None, :, None], cols_bias[None, :, None, :]]          # [heads, H, W, kh, kw]
+        logits = logits + bias.permute(1, 2, 0, 3, 4)
+    inside = rows_valid[:, None, :, None] & cols_valid[None, :, None, :]               # [H, W, kh, kw]
+    logits = logits.masked_fill(~inside[:, :, None], float('-inf')).flatten(-2)
+    if extra_k is not None:
+        logits = torch.cat([logits, torch.einsum('byxhd,blhd->byxhl', q * spec.scale, extra_k)], dim=-1)
+
+    probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
+    window_probs = probs[..., :kernel_h * kernel_w].unflatten(-1, (kernel_h, kernel_w))
+    out = torch.einsum('byxhij,byxijhd->byxhd', window_probs, v_window)
+    if extra_v is not None:
+        out = out + torch.einsum('byxhl,blhd->byxhd', probs[..., kernel_h * kernel_w:], extra_v)
+    return out
+
+
+class _NeighborhoodAttention2d(torch.autograd.Function):
+    """Fused Triton forward (online softmax over window and extra tokens) and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rpb, extra_k, extra_v, spec):
+        from . import _neighborhood_triton as kernels   # triton is optional on CPU-only installs
+        out, lse = kernels.forward(q, k, v, rpb, extra_k, extra_v, spec)
+        ctx.save_for_backward(q, k, v, rpb, extra_k, extra_v, out, lse)
+        ctx.spec = spec
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from . import _neighborhood_triton as kernels
+        q, k, v, rpb, extra_k, extra_v, out, lse = ctx.saved_tensors
+        grads = kernels.backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, ctx.spec,
+                                 needs_rpb_grad=ctx.needs_input_grad[3], needs_extra_grad=any(ctx.needs_input_grad[4:6]))
+        return (*grads, None)
+
+
+def _natten(q, k, v, spec, rpb, extra_k, extra_v):
+    try:
+        import natten
+    except ImportError as exc:
+        raise RuntimeError(f'{OP_NAME}: backend="natten" needs NATTEN installed (pip install natten); use '
+                           f'backend="triton" or "reference"') from exc
+    if rpb is not None or spec.border != 'clamp':
+        raise ValueError(f'{OP_NAME}: NATTEN >= 0.20 has no relative position bias and only the clamped border; '
+                         f'use backend="triton" or "reference" for rpb or border="zero"')
+    return natten.na2d(q, k, v, kernel_size=spec.kernel_size, dilation=spec.dilation, scale=spec.scale,
+                       additional_keys=extra_k, additional_values=extra_v)
+
+
+def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb: Optional[torch.Tensor] = None,
+                              border: str = 'clamp', extra_k: Optional[torch.Tensor] = None,
+                              extra_v: Optional[torch.Tensor] = None, backend: Optional[str] = None):
+    """Neighborhood attention over a 2-D map, heads-last.
+
+    Args:
+        q, k, v: ``[B, H, W, heads, head_dim]`` (strided views accepted), one dtype (float32,
+            float16, bfloat16; float64 on the reference only), ``16 <= head_dim <= 128``.
+        kernel_size: window size, int or ``(rows, cols)``; odd or even.
+        dilation: int or ``(rows, cols)``; ``kernel_size * dilation`` must fit in the map.
+        scale: logit scale, ``head_dim ** -0.5`` when None.
+        rpb: optional relative position bias ``[heads, 2 * kh - 1, 2 * kw - 1]`` (float32 or q's
+            dtype) added to the window logits (NAT / DiNAT).
+        border: ``"clamp"`` (NATTEN: shifted window, always ``kh * kw`` keys) or ``"zero"``
+            (centred window, out-of-map keys masked).
+        extra_k, extra_v: optional global tokens ``[B, L, heads, head_dim]`` every query also attends
+            to, in the same softmax.
+        backend: None (Triton on CUDA, reference on CPU), ``"triton"``, ``"reference"`` or
+            ``"natten"`` (``natten.na2d``; clamp border, no rpb).
+
+    Returns:
+        ``[B, H, W, heads, head_dim]`` in q's dtype.
+    """
+    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v)
+    backend = resolve_backend(OP_NAME, backend, q, allowed=('triton', 'reference', 'natten'))
+    if backend == 'reference':
+        return neighborhood_attention_2d_reference(q, k, v, spec.kernel_size, spec.dilation, spec.scale, rpb, border,
+                                                   extra_k, extra_v)
+    if backend == 'natten':
+        return _natten(q, k, v, spec, rpb, extra_k, extra_v)
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f'{OP_NAME}: backend="triton" supports {[str(t) for t in KERNEL_DTYPES]}, got {q.dtype}; '
+                        f'use backend="reference" for other dtypes')
+    return _NeighborhoodAttention2d.apply(q, k, v, rpb, extra_k, extra_v, spec)
