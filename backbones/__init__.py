@@ -1,1 +1,2 @@
 """attnzoo.backbones: importing this registers every attnzoo family with timm."""
+from . import nat

@@ -1,0 +1,546 @@
+"""NAT and DiNAT: Neighborhood Attention Transformer and its dilated variant.
+
+Papers:
+    `Neighborhood Attention Transformer` - https://arxiv.org/abs/2204.07143 (CVPR 2023)
+    `Dilated Neighborhood Attention Transformer` - https://arxiv.org/abs/2209.15001
+
+Official code and checkpoints: https://github.com/SHI-Labs/Neighborhood-Attention-Transformer (MIT).
+
+One family class serves both: DiNAT is NAT with a dilation per layer. Attention runs on
+``attnzoo.kernels.neighborhood_attention_2d`` with the relative positional bias (RPB) the official
+checkpoints were trained with; NATTEN >= 0.20 dropped RPB, so it cannot run these weights.
+
+Activations stay channels-last ``[B, H, W, C]`` inside the model, as in the official code; the
+pyramid features of ``forward_intermediates`` / ``features_only`` are NCHW by default.
+"""
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from attnzoo.kernels import neighborhood_attention_2d
+
+__all__ = ['NAT']
+
+TOTAL_STRIDE = 32
+
+
+class ConvStem(nn.Module):
+    """Two stride-2 3x3 convolutions (no activation between them), then LayerNorm; NCHW in, NHWC out."""
+
+    def __init__(self, in_chans: int, dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1, **dd)
+        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1, **dd)
+        self.norm = norm_layer(dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv2(self.conv1(x)).permute(0, 2, 3, 1))
+
+
+class ConvDownsample(nn.Module):
+    """Stride-2 3x3 convolution without bias, then LayerNorm; NHWC in and out."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False, **dd)
+        self.norm = norm_layer(out_dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class NeighborhoodAttention(nn.Module):
+    """2D (dilated) neighborhood attention with relative positional bias, NHWC in and out.
+
+    A map smaller than ``kernel_size * dilation`` along an axis is zero-padded at the bottom / right
+    before the qkv projection and cropped back after attention, as NATTEN's NeighborhoodAttention2D
+    (< 0.17) did for the official checkpoints: the padded tokens take part in the attention of the
+    real ones (their keys and values are the qkv bias).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            kernel_size: int = 7,
+            dilation: int = 1,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % num_heads:
+            raise ValueError(f'NeighborhoodAttention: dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1, **dd))
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.rpb, std=.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        window = self.kernel_size * self.dilation
+        pad_h, pad_w = max(0, window - H), max(0, window - W)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        # heads-last views of one qkv tensor: the op reads them without a permute copy
+        q, k, v = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
+        x = neighborhood_attention_2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb)
+        x = x[:, :H, :W].reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}'
+
+
+class NATBlock(nn.Module):
+    """Pre-norm transformer block: neighborhood attention and MLP, optional LayerScale; NHWC."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            kernel_size: int = 7,
+            dilation: int = 1,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            layer_scale: Optional[float] = None,
+            proj_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer=nn.LayerNorm,
+            act_layer=nn.GELU,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = NeighborhoodAttention(
+            dim, num_heads, kernel_size=kernel_size, dilation=dilation, qkv_bias=qkv_bias, proj_drop=proj_drop, **dd)
+        self.ls1 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.ls2 = LayerScale(dim, layer_scale, **dd) if layer_scale is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class NATStage(nn.Module):
+    """Optional stride-2 downsample, then ``depth`` blocks; NHWC."""
+
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            num_heads: int,
+            kernel_size: int,
+            dilations: Sequence[int],
+            downsample: bool,
+            mlp_ratio: float,
+            qkv_bias: bool,
+            layer_scale: Optional[float],
+            proj_drop: float,
+            drop_path_rates: Sequence[float],
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if len(dilations) != depth:
+            raise ValueError(f'NATStage: {len(dilations)} dilations given for {depth} blocks; give one per block')
+        self.grad_checkpointing = False
+        self.downsample = ConvDownsample(in_dim, dim, norm_layer, **dd) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            NATBlock(
+                dim,
+                num_heads,
+                kernel_size=kernel_size,
+                dilation=dilations[i],
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                layer_scale=layer_scale,
+                proj_drop=proj_drop,
+                drop_path=drop_path_rates[i],
+                norm_layer=norm_layer,
+                **dd,
+            )
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class NAT(nn.Module):
+    """NAT / DiNAT: a four-stage hierarchical transformer on (dilated) neighborhood attention.
+
+    Args:
+        in_chans: Number of input image channels.
+        num_classes: Number of classes of the classifier head (0: no head).
+        global_pool: Global pooling type of the head.
+        embed_dim: Width of the first stage; it doubles at every stage.
+        depths: Blocks per stage.
+        num_heads: Attention heads per stage.
+        kernel_size: Neighborhood size (odd).
+        dilations: Per stage, one dilation per block (DiNAT); None: dilation 1 everywhere (NAT).
+        mlp_ratio: MLP hidden width over block width.
+        qkv_bias: Bias in the qkv projection.
+        layer_scale: Initial LayerScale value; None: no LayerScale.
+        drop_rate: Dropout before the classifier.
+        proj_drop_rate: Dropout after the attention projection and in the MLP.
+        drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 64,
+            depths: Tuple[int, ...] = (3, 4, 6, 5),
+            num_heads: Tuple[int, ...] = (2, 4, 8, 16),
+            kernel_size: int = 7,
+            dilations: Optional[Tuple[Tuple[int, ...], ...]] = None,
+            mlp_ratio: float = 3.,
+            qkv_bias: bool = True,
+            layer_scale: Optional[float] = None,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(depths)
+        if len(num_heads) != num_stages:
+            raise ValueError(f'NAT: {len(num_heads)} num_heads entries for {num_stages} stages')
+        if dilations is None:
+            dilations = tuple((1,) * d for d in depths)
+        if len(dilations) != num_stages:
+            raise ValueError(f'NAT: {len(dilations)} dilation lists for {num_stages} stages')
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        dims = [embed_dim * 2 ** i for i in range(num_stages)]
+        self.num_features = self.head_hidden_size = dims[-1]
+
+        self.stem = ConvStem(in_chans, dims[0], norm_layer, **dd)
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        self.feature_info = []
+        stages = []
+        for i in range(num_stages):
+            stages.append(NATStage(
+                dims[max(i - 1, 0)],
+                dims[i],
+                depth=depths[i],
+                num_heads=num_heads[i],
+                kernel_size=kernel_size,
+                dilations=dilations[i],
+                downsample=i > 0,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                layer_scale=layer_scale,
+                proj_drop=proj_drop_rate,
+                drop_path_rates=dpr[i],
+                norm_layer=norm_layer,
+                **dd,
+            ))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.norm = norm_layer(self.num_features, **dd)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC', **dd)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {name for name, _ in self.named_parameters() if name.endswith('.rpb')}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _check_input(self, x: torch.Tensor):
+        """Cheap shape checks, so a wrong image fails here and not deep inside a layer."""
+        if x.ndim != 4:
+            raise ValueError(f'NAT expects images [B, C, H, W]; got a tensor of shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'NAT was built for {self.in_chans}-channel images but got {x.shape[1]} channels '
+                f'(input shape {tuple(x.shape)}); pass images [B, {self.in_chans}, H, W] or create the '
+                f'model with in_chans={x.shape[1]}')
+        if x.shape[2] < TOTAL_STRIDE or x.shape[3] < TOTAL_STRIDE:
+            raise ValueError(
+                f'NAT needs images of at least {TOTAL_STRIDE}x{TOTAL_STRIDE} pixels (its total stride); '
+                f'got {x.shape[2]}x{x.shape[3]}; resize the image up')
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates.
+
+        Args:
+            x: Input images [B, C, H, W].
+            indices: Take last n stages if int, all if None, select matching indices if sequence.
+            norm: Apply the final norm to the last stage's intermediate.
+            stop_early: Stop iterating over stages when the last desired intermediate is reached.
+            output_fmt: Layout of the intermediates, 'NCHW' or 'NHWC'.
+            intermediates_only: Only return intermediate features.
+        Returns:
+            The intermediates, or (final NHWC features, intermediates).
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"NAT.forward_intermediates: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+
+        x = self.stem(x)
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                x_inter = self.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(x_inter.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else x_inter)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and optionally the final norm and head) not needed for ``indices``."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# official key -> ours; applied in order, each to the result of the previous one
+_OFFICIAL_KEY_RULES = (
+    (r'^patch_embed\.proj\.0\.', 'stem.conv1.'),
+    (r'^patch_embed\.proj\.1\.', 'stem.conv2.'),
+    (r'^patch_embed\.norm\.', 'stem.norm.'),
+    (r'^levels\.(\d+)\.blocks\.', r'stages.\1.blocks.'),
+    (r'\.gamma1$', '.ls1.gamma'),
+    (r'\.gamma2$', '.ls2.gamma'),
+    (r'^head\.', 'head.fc.'),
+)
+# the official downsample closes level i; ours opens stage i + 1
+_OFFICIAL_DOWNSAMPLE = re.compile(r'^levels\.(\d+)\.downsample\.(reduction|norm)\.')
+
+
+def _convert_official_key(key: str) -> str:
+    match = _OFFICIAL_DOWNSAMPLE.match(key)
+    if match:
+        layer = 'conv' if match.group(2) == 'reduction' else 'norm'
+        return f'stages.{int(match.group(1)) + 1}.downsample.{layer}.' + key[match.end():]
+    for pattern, replacement in _OFFICIAL_KEY_RULES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: NAT) -> Dict[str, torch.Tensor]:
+    """Converts an official NAT / DiNAT checkpoint (or one of ours) to this model's keys.
+
+    Accepts a plain state dict or one wrapped under 'model' / 'state_dict', with or without a
+    'module.' (DataParallel) prefix. Classifier keys may differ (timm drops or re-creates the head
+    when num_classes changes); any other mismatch raises a ValueError naming the keys.
+    """
+    for wrapper in ('state_dict', 'model'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if not any(k.startswith('stem.') for k in state_dict):
+        state_dict = {_convert_official_key(k): v for k, v in state_dict.items()}
+
+    expected = set(model.state_dict())
+    missing = sorted(k for k in expected - set(state_dict) if not k.startswith('head.'))
+    unexpected = sorted(k for k in set(state_dict) - expected if not k.startswith('head.'))
+    if missing or unexpected:
+        raise ValueError(
+            f'checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:10]}, '
+            f'{len(unexpected)} unexpected keys {unexpected[:10]} (after converting official NAT / DiNAT names); '
+            f'is it a checkpoint of this variant (depths, layer scale)?')
+    return state_dict
+
+
+def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (3, 4, 6, 5))))))
+    return build_model_with_cfg(
+        NAT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        # the official evaluation used timm's defaults: 0.875 crop, bicubic
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1', 'classifier': 'head.fc',
+        'license': 'mit', 'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
+        **kwargs,
+    }
+
+
+_NAT_PAPER = dict(paper_ids='arXiv:2204.07143', paper_name='Neighborhood Attention Transformer')
+_DINAT_PAPER = dict(paper_ids='arXiv:2209.15001', paper_name='Dilated Neighborhood Attention Transformer')
+_NAT_URL = 'https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth'
+_DINAT_URL = 'https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth'
+
+default_cfgs = generate_default_cfgs({
+    **{f'nat_{size}.in1k': _cfg(_NAT_URL.format(f'nat_{size}'), **_NAT_PAPER)
+       for size in ('mini', 'tiny', 'small', 'base')},
+    **{f'dinat_{size}.in1k': _cfg(_DINAT_URL.format(f'dinat_{size}'), **_DINAT_PAPER)
+       for size in ('mini', 'tiny', 'small', 'base')},
+})
+
+# DiNAT alternates dense (1) and dilated layers; dilations shrink with the map (56, 28, 14, 7 at 224)
+_DINAT_DILATIONS_MINI = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 3, (1,) * 5)
+_DINAT_DILATIONS = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 9, (1,) * 5)
+
+_MINI = dict(depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.)
+_TINY = dict(depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.)
+_SMALL = dict(depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), embed_dim=96, mlp_ratio=2.)
+_BASE = dict(depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), embed_dim=128, mlp_ratio=2., layer_scale=1e-5)
+
+
+@register_model
+def nat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    return _create_nat('nat_mini', pretrained=pretrained, **dict(_MINI, **kwargs))
+
+
+@register_model
+def nat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    return _create_nat('nat_tiny', pretrained=pretrained, **dict(_TINY, **kwargs))
+
+
+@register_model
+def nat_small(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = dict(_SMALL, layer_scale=1e-5)
+    return _create_nat('nat_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def nat_base(pretrained: bool = False, **kwargs) -> NAT:
+    return _create_nat('nat_base', pretrained=pretrained, **dict(_BASE, **kwargs))
+
+
+@register_model
+def dinat_mini(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = dict(_MINI, dilations=_DINAT_DILATIONS_MINI)
+    return _create_nat('dinat_mini', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_tiny(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = dict(_TINY, dilations=_DINAT_DILATIONS)
+    return _create_nat('dinat_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_small(pretrained: bool = False, **kwargs) -> NAT:
+    # unlike NAT-Small, the official DiNAT-Small has no LayerScale
+    model_args = dict(_SMALL, dilations=_DINAT_DILATIONS)
+    return _create_nat('dinat_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_base(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = dict(_BASE, dilations=_DINAT_DILATIONS)
+    return _create_nat('dinat_base', pretrained=pretrained, **dict(model_args, **kwargs))
