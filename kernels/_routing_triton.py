@@ -1,0 +1,330 @@
+"""Triton kernels of :func:`attnzoo.kernels.routing_attention` (BiFormer's bi-level routing attention).
+
+The tensors stay in their image layout, heads-last ``[B, H, W, heads, D]`` (any strides): a token
+``t`` of region ``r`` sits at row ``(r // p_w) * region_h + t // region_w`` and column
+``(r % p_w) * region_w + t % region_w``, so the kernels read routed regions in place instead of
+gathering ``topk`` copies of K and V.
+
+- forward: one program per (query block of a region, head, batch); the keys of the region's
+  ``topk`` routed regions are walked as one flat list of ``topk * T`` tokens in ``BLOCK_N`` tiles
+  (small regions share a tile, nothing is padded per region) with an online softmax. Writes the
+  output and the log2-sum-exp of every query.
+- backward, dQ (and delta = rowsum(dO * O)): the forward's loop again, per query block.
+- backward, dK and dV: one program per (key block of a region, head, batch), looping over the
+  queries of every region that routed to it (the inverse lists, built with a sort on the device),
+  so every gradient is written once, without atomics.
+
+Query tiles are padded to at least 16 rows (the MMA minimum) with masks, which keeps 4-token
+regions (BiFormer stage 3 at 224 px) on tensor cores.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import triton_interpreted
+
+LOG2E = 1.4426950408889634
+MIN_TILE = 16        # tl.dot needs M, N, K >= 16 on GPUs
+MAX_QUERY_TILE = 128
+KEY_TILE = 64
+MAX_HEAD_DIM = 128
+
+
+@triton.jit
+def _token_yx(region, token, p_w, region_h, region_w):
+    """Row and column of token ``token`` of region ``region`` (both row-major)."""
+    y = (region // p_w) * region_h + token // region_w
+    x = (region % p_w) * region_w + token % region_w
+    return y, x
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # The interpreter multiplies bf16 bit patterns in tl.dot; fp32 operands are exact there.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _routing_fwd_kernel(
+        Q, K, V, O, LSE, INDEX,
+        sq_b, sq_y, sq_x, sq_h, sq_d,
+        sk_b, sk_y, sk_x, sk_h, sk_d,
+        sv_b, sv_y, sv_x, sv_h, sv_d,
+        so_b, so_y, so_x, so_h, so_d,
+        slse_b, slse_h, width,
+        sidx_b, sidx_r,
+        p_w, region_h, region_w, topk, qk_scale_log2, query_blocks,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    region = tl.program_id(0) // query_blocks
+    query_block = tl.program_id(0) % query_blocks
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    tokens = region_h * region_w
+
+    offs_m = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < tokens
+    d_valid = offs_d < HEAD_DIM
+    qy, qx = _token_yx(region, offs_m, p_w, region_h, region_w)
+    q_ptrs = Q + batch * sq_b + head * sq_h + (qy * sq_y + qx * sq_x)[:, None] + offs_d[None, :] * sq_d
+    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+
+    K += batch * sk_b + head * sk_h
+    V += batch * sv_b + head * sv_h
+    routed = INDEX + batch * sidx_b + region * sidx_r
+    m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    keys = topk * tokens
+    for start in range(0, keys, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < keys
+        slot = offs_n // tokens
+        key_region = tl.load(routed + slot, mask=n_valid, other=0)
+        ky, kx = _token_yx(key_region, offs_n - slot * tokens, p_w, region_h, region_w)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + (ky * sk_y + kx * sk_x)[:, None] + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(V + (ky * sv_y + kx * sv_x)[:, None] + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+
+        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale_log2
+        s = tl.where(n_valid[None, :], s, float('-inf'))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = O + batch * so_b + head * so_h + (qy * so_y + qx * so_x)[:, None] + offs_d[None, :] * so_d
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    tl.store(LSE + batch * slse_b + head * slse_h + qy * width + qx, m_i + tl.log2(l_i), mask=m_valid)
+
+
+@triton.jit
+def _routing_bwd_dq_kernel(
+        Q, K, V, O, DO, DQ, LSE, DELTA, INDEX,
+        sq_b, sq_y, sq_x, sq_h, sq_d,
+        sk_b, sk_y, sk_x, sk_h, sk_d,
+        sv_b, sv_y, sv_x, sv_h, sv_d,
+        so_b, so_y, so_x, so_h, so_d,
+        sdo_b, sdo_y, sdo_x, sdo_h, sdo_d,
+        sdq_b, sdq_y, sdq_x, sdq_h, sdq_d,
+        slse_b, slse_h, width,
+        sidx_b, sidx_r,
+        p_w, region_h, region_w, topk, qk_scale_log2, scale, query_blocks,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    region = tl.program_id(0) // query_blocks
+    query_block = tl.program_id(0) % query_blocks
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    tokens = region_h * region_w
+
+    offs_m = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < tokens
+    d_valid = offs_d < HEAD_DIM
+    md_mask = m_valid[:, None] & d_valid[None, :]
+    qy, qx = _token_yx(region, offs_m, p_w, region_h, region_w)
+    q = tl.load(Q + batch * sq_b + head * sq_h + (qy * sq_y + qx * sq_x)[:, None] + offs_d[None, :] * sq_d,
+                mask=md_mask, other=0.0)
+    do = tl.load(DO + batch * sdo_b + head * sdo_h + (qy * sdo_y + qx * sdo_x)[:, None] + offs_d[None, :] * sdo_d,
+                 mask=md_mask, other=0.0)
+    o = tl.load(O + batch * so_b + head * so_h + (qy * so_y + qx * so_x)[:, None] + offs_d[None, :] * so_d,
+                mask=md_mask, other=0.0)
+    # delta = rowsum(dO * O) is needed here and by the dK/dV kernel: computed once, stored for it.
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    stat_offs = batch * slse_b + head * slse_h + qy * width + qx
+    tl.store(DELTA + stat_offs, delta, mask=m_valid)
+    lse = tl.load(LSE + stat_offs, mask=m_valid, other=0.0)
+
+    K += batch * sk_b + head * sk_h
+    V += batch * sv_b + head * sv_h
+    routed = INDEX + batch * sidx_b + region * sidx_r
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    keys = topk * tokens
+    for start in range(0, keys, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < keys
+        slot = offs_n // tokens
+        key_region = tl.load(routed + slot, mask=n_valid, other=0)
+        ky, kx = _token_yx(key_region, offs_n - slot * tokens, p_w, region_h, region_w)
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(K + (ky * sk_y + kx * sk_x)[:, None] + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(V + (ky * sv_y + kx * sv_x)[:, None] + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+
+        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale_log2
+        p = tl.where(n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
+
+    dq_ptrs = DQ + batch * sdq_b + head * sdq_h + (qy * sdq_y + qx * sdq_x)[:, None] + offs_d[None, :] * sdq_d
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
+
+
+@triton.jit
+def _routing_bwd_dkdv_kernel(
+        Q, K, V, DO, DK, DV, LSE, DELTA, QUERY_REGIONS, QUERY_OFFSETS,
+        sq_b, sq_y, sq_x, sq_h, sq_d,
+        sk_b, sk_y, sk_x, sk_h, sk_d,
+        sv_b, sv_y, sv_x, sv_h, sv_d,
+        sdo_b, sdo_y, sdo_x, sdo_h, sdo_d,
+        sdk_b, sdk_y, sdk_x, sdk_h, sdk_d,
+        sdv_b, sdv_y, sdv_x, sdv_h, sdv_d,
+        slse_b, slse_h, width,
+        regions_per_image, p_w, region_h, region_w, qk_scale_log2, scale, key_blocks,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    region = tl.program_id(0) // key_blocks
+    key_block = tl.program_id(0) % key_blocks
+    head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    tokens = region_h * region_w
+
+    offs_n = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < tokens
+    d_valid = offs_d < HEAD_DIM
+    nd_mask = n_valid[:, None] & d_valid[None, :]
+    ky, kx = _token_yx(region, offs_n, p_w, region_h, region_w)
+    k = tl.load(K + batch * sk_b + head * sk_h + (ky * sk_y + kx * sk_x)[:, None] + offs_d[None, :] * sk_d,
+                mask=nd_mask, other=0.0)
+    v = tl.load(V + batch * sv_b + head * sv_h + (ky * sv_y + kx * sv_x)[:, None] + offs_d[None, :] * sv_d,
+                mask=nd_mask, other=0.0)
+
+    # The query regions that routed to this key region: QUERY_REGIONS[first:last] (one entry per
+    # routing slot, so a region listed twice contributes twice, as in the gather formulation).
+    list_id = batch * regions_per_image + region
+    first = tl.load(QUERY_OFFSETS + list_id)
+    last = tl.load(QUERY_OFFSETS + list_id + 1)
+    Q += batch * sq_b + head * sq_h
+    DO += batch * sdo_b + head * sdo_h
+    stats = batch * slse_b + head * slse_h
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    queries = (last - first) * tokens
+    for start in range(0, queries, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < queries
+        slot = offs_m // tokens
+        query_region = tl.load(QUERY_REGIONS + first + slot, mask=m_valid, other=0)
+        qy, qx = _token_yx(query_region, offs_m - slot * tokens, p_w, region_h, region_w)
+        md_mask = m_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + (qy * sq_y + qx * sq_x)[:, None] + offs_d[None, :] * sq_d, mask=md_mask, other=0.0)
+        do = tl.load(DO + (qy * sdo_y + qx * sdo_x)[:, None] + offs_d[None, :] * sdo_d, mask=md_mask, other=0.0)
+        lse = tl.load(LSE + stats + qy * width + qx, mask=m_valid, other=0.0)
+        delta = tl.load(DELTA + stats + qy * width + qx, mask=m_valid, other=0.0)
+
+        s_t = _dot(k, tl.trans(q), UPCAST, PRECISION) * qk_scale_log2
+        p_t = tl.where(m_valid[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += _dot(p_t.to(do.dtype), do, UPCAST, PRECISION)
+        dp_t = _dot(v, tl.trans(do), UPCAST, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
+
+    dk_ptrs = DK + batch * sdk_b + head * sdk_h + (ky * sdk_y + kx * sdk_x)[:, None] + offs_d[None, :] * sdk_d
+    dv_ptrs = DV + batch * sdv_b + head * sdv_h + (ky * sdv_y + kx * sdv_x)[:, None] + offs_d[None, :] * sdv_d
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+def _tile(size, cap):
+    """Power-of-two tile covering ``size`` rows, at least the MMA minimum and at most ``cap``."""
+    return max(MIN_TILE, min(cap, triton.next_power_of_2(size)))
+
+
+def _launch_options(dtype, query_tile):
+    """Compile-time options shared by the kernels of one call."""
+    interpreted = triton_interpreted()
+    fp32_precision = 'tf32' if torch.backends.cuda.matmul.allow_tf32 and not interpreted else 'ieee'
+    options = dict(UPCAST=interpreted and dtype == torch.bfloat16,
+                   PRECISION=fp32_precision if dtype == torch.float32 else 'ieee')
+    if not interpreted:   # launch tuning is meaningless (and partly unsupported) in the interpreter
+        options.update(num_warps=4 if query_tile >= 64 else 2, num_stages=2)
+    return options
+
+
+def _geometry(q, regions):
+    batch, height, width, heads, head_dim = q.shape
+    p_h, p_w = regions
+    return batch, heads, head_dim, width, p_h * p_w, p_w, height // p_h, width // p_w
+
+
+def forward(q, k, v, region_index, regions, scale):
+    """Output ``[B, H, W, heads, D]`` and the per-query log2-sum-exp ``[B, heads, H, W]`` (float32)."""
+    batch, heads, head_dim, width, n_regions, p_w, region_h, region_w = _geometry(q, regions)
+    tokens, topk = region_h * region_w, region_index.shape[-1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, q.shape[1], width), dtype=torch.float32, device=q.device)
+    block_m, block_n = _tile(tokens, MAX_QUERY_TILE), _tile(topk * tokens, KEY_TILE)
+    query_blocks = triton.cdiv(tokens, block_m)
+    grid = (n_regions * query_blocks, heads, batch)
+    _routing_fwd_kernel[grid](
+        q, k, v, out, lse, region_index,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        lse.stride(0), lse.stride(1), width,
+        region_index.stride(0), region_index.stride(1),
+        p_w, region_h, region_w, topk, scale * LOG2E, query_blocks,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_tile(head_dim, MAX_HEAD_DIM),
+        **_launch_options(q.dtype, block_m))
+    return out, lse
+
+
+def inverse_routing(region_index, n_regions):
+    """For every key region, the query regions that routed to it, as CSR lists.
+
+    Returns ``query_regions`` (int32, ``B * n_regions * topk``: query region ids grouped by
+    (batch, key region)) and ``offsets`` (int32, ``B * n_regions + 1``): the list of key region
+    ``j`` of image ``b`` is ``query_regions[offsets[b * n_regions + j]:offsets[b * n_regions + j + 1]]``.
+    Built with a sort on the index's device; duplicates in a routing list stay duplicated.
+    """
+    batch, _, topk = region_index.shape
+    image = torch.arange(batch, device=region_index.device).view(batch, 1, 1)
+    key_list = (region_index.long() + image * n_regions).flatten()
+    order = torch.argsort(key_list, stable=True)
+    query_regions = (order % (n_regions * topk)) // topk
+    counts = torch.bincount(key_list, minlength=batch * n_regions)
+    offsets = torch.zeros(batch * n_regions + 1, dtype=torch.int32, device=region_index.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return query_regions.to(torch.int32), offsets
+
+
+def backward(grad_out, q, k, v, out, lse, region_index, regions, scale):
+    """Gradients of q, k and v (each ``[B, H, W, heads, D]`` in the input dtype)."""
+    batch, heads, head_dim, width, n_regions, p_w, region_h, region_w = _geometry(q, regions)
+    tokens, topk = region_h * region_w, region_index.shape[-1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    block_d = _tile(head_dim, MAX_HEAD_DIM)
+
+    block_m, block_n = _tile(tokens, MAX_QUERY_TILE), _tile(topk * tokens, KEY_TILE)
+    query_blocks = triton.cdiv(tokens, block_m)
+    _routing_bwd_dq_kernel[(n_regions * query_blocks, heads, batch)](
+        q, k, v, out, grad_out, dq, lse, delta, region_index,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
+        lse.stride(0), lse.stride(1), width,
+        region_index.stride(0), region_index.stride(1),
+        p_w, region_h, region_w, topk, scale * LOG2E, scale, query_blocks,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        **_launch_options(q.dtype, block_m))
+
+    query_regions, offsets = inverse_routing(region_index, n_regions)
+    # Key tiles cover one region; the query side walks the flattened lists (topk regions on average).
+    block_n, block_m = _tile(tokens, MAX_QUERY_TILE), _tile(topk * tokens, KEY_TILE)
+    key_blocks = triton.cdiv(tokens, block_n)
+    _routing_bwd_dkdv_kernel[(n_regions * key_blocks, heads, batch)](
+        q, k, v, grad_out, dk, dv, lse, delta, query_regions, offsets,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        lse.stride(0), lse.stride(1), width,
+        n_regions, p_w, region_h, region_w, scale * LOG2E, scale, key_blocks,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        **_launch_options(q.dtype, block_n))
+    return dq, dk, dv
