@@ -43,7 +43,12 @@ log "installing torch, timm and the dev tools (first run downloads several GB of
 "${pip[@]}" "setuptools>=77,<81" wheel ninja psutil
 "${pip[@]}" torch torchvision
 
+# natten's sdist builds as pure Python on a machine without CUDA; it needs torch at build time.
+"${pip[@]}" --no-build-isolation "natten==0.21.7"
+"${pip[@]}" -e "$root[dev,natten]"
+
 if (( with_mm )); then
+    # mmcv's wheel is only valid for the torch and python it was compiled against.
     torch_tag=$("$py" -c 'import sys, torch; print(f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")')
     mmcv_cache="$cache/wheels/$torch_tag"
     mkdir -p "$mmcv_cache"
@@ -59,14 +64,9 @@ if (( with_mm )); then
         log "reusing the cached mmcv wheel in $mmcv_cache"
     fi
     "${pip[@]}" --find-links "$mmcv_cache" "mmcv==2.1.0"
-    extras="dev,natten,mm"
-else
-    extras="dev,natten"
+    "${pip[@]}" -e "$root[dev,natten,mm]"
 fi
 
-# natten's sdist builds as pure Python on a machine without CUDA; it needs torch at build time.
-"${pip[@]}" --no-build-isolation "natten==0.21.7"
-"${pip[@]}" -e "$root[$extras]"
 echo "$stamp" > "$venv/.attnzoo-stamp"
 log "environment ready: $venv"
 echo "$py"

@@ -1,0 +1,17 @@
+"""Test session set-up.
+
+Without a GPU, Triton kernels run in Triton's CPU interpreter, which only takes effect when
+TRITON_INTERPRET is set before triton is first imported: so this runs before anything imports
+triton (torch imports it lazily).
+"""
+import os
+import sys
+
+import torch
+
+if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
+    if 'triton' in sys.modules:
+        raise RuntimeError('triton was imported before tests/conftest.py could set TRITON_INTERPRET=1; '
+                           'set TRITON_INTERPRET=1 in the environment to run the Triton kernels on CPU')
+    os.environ['TRITON_INTERPRET'] = '1'
+

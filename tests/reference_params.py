@@ -1,0 +1,44 @@
+"""Exact parameter counts (1000-class head) of the official models.
+
+Copied from ../shared/reference/backbones.md, where they were computed by instantiating the
+official code (or timm's, for the families timm implements) and summing ``p.numel()``. A faithful
+re-implementation must hit the same integer.
+"""
+
+OFFICIAL_PARAMS = {
+    # CSWin (microsoft/CSWin-Transformer)
+    'cswin_tiny_224': 22_320_552,
+    'cswin_small_224': 34_643_304,
+    'cswin_base_224': 77_382_184,
+    'cswin_base_384': 77_382_184,
+    'cswin_large_224': 173_262_664,
+    'cswin_large_384': 173_262_664,
+    # NAT / DiNAT (SHI-Labs/Neighborhood-Attention-Transformer)
+    'nat_mini': 19_984_174,
+    'nat_tiny': 27_901_582,
+    'nat_small': 50_743_297,
+    'nat_base': 89_769_652,
+    'dinat_mini': 19_984_174,
+    'dinat_tiny': 27_901_582,
+    'dinat_small': 50_719_681,
+    'dinat_base': 89_769_652,
+    # timm-native families attnzoo supports (timm 1.0.31)
+    'maxvit_tiny_tf_224': 30_916_528,
+    'maxvit_tiny_tf_384': 30_977_008,
+    'maxvit_tiny_tf_512': 31_049_584,
+    'maxvit_small_tf_224': 68_927_956,
+    'maxvit_base_tf_224': 119_467_708,
+    'maxvit_large_tf_224': 211_785_560,
+    'davit_tiny': 28_360_168,
+    'davit_small': 49_745_896,
+    'davit_base': 87_954_408,
+    'shvit_s1': 6_330_808,
+    'shvit_s2': 11_483_072,
+    'shvit_s3': 14_245_273,
+    'shvit_s4': 16_588_484,
+    'halonet_h1': 8_100_056,
+    'halonet26t': 12_480_288,
+    'sehalonet33ts': 13_691_712,
+    'halonet50ts': 22_733_280,
+    'eca_halonext26ts': 10_756_885,
+}

@@ -1,0 +1,1 @@
+"""Benchmark cases and the timing harness behind tools/benchmark.py."""

@@ -1,0 +1,163 @@
+"""Timing and memory harness shared by every benchmark section.
+
+A section is a list of :class:`KernelCase`. Each case names the implementations to compare and
+the baseline they are compared against; the harness times every implementation's forward and
+forward+backward in the same run and reports ratios to the baseline, peak memory and, on CUDA,
+achieved bandwidth against the device's HBM peak.
+"""
+import math
+import time
+from dataclasses import dataclass, field, asdict
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+# HBM peak bandwidth (bytes/s) of the devices the project benchmarks on (vendor datasheets).
+HBM_BYTES_PER_S = {
+    'H100': 3.35e12,   # H100 SXM5 80GB HBM3
+    'H200': 4.8e12,    # H200 SXM 141GB HBM3e
+    'A100': 2.0e12,    # A100 SXM4 80GB
+}
+
+
+@dataclass
+class KernelCase:
+    """One problem shape and the implementations that solve it.
+
+    ``make_inputs(device, dtype)`` returns the keyword arguments of every implementation (leaf
+    tensors that need gradients have ``requires_grad`` set). ``min_bytes(inputs)`` is the least
+    HBM traffic of the forward (inputs read once, output written once); the backward's is taken
+    as twice that plus the gradient writes, see :func:`fwd_bwd_bytes`.
+    """
+    section: str
+    name: str
+    make_inputs: Callable[[torch.device, torch.dtype], Dict[str, torch.Tensor]]
+    impls: Dict[str, Callable[..., torch.Tensor]]
+    baseline: str
+    min_bytes: Callable[[Dict[str, torch.Tensor]], int]
+
+
+@dataclass
+class Result:
+    section: str
+    case: str
+    impl: str
+    mode: str
+    ms: Optional[float] = None
+    peak_mib: Optional[float] = None
+    gbps: Optional[float] = None
+    roofline_pct: Optional[float] = None
+    speedup_vs_baseline: Optional[float] = None
+    memory_vs_baseline: Optional[float] = None
+    error: str = ''
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def device_hbm_bytes_per_s(device: torch.device) -> Optional[float]:
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, bw in HBM_BYTES_PER_S.items():
+        if key in name:
+            return bw
+    return None
+
+
+def fwd_bwd_bytes(inputs: Dict[str, torch.Tensor], fwd_bytes: int) -> int:
+    """Forward traffic, plus a backward that reads inputs, output and its gradient and writes input gradients."""
+    grad_bytes = sum(t.numel() * t.element_size() for t in inputs.values()
+                     if isinstance(t, torch.Tensor) and t.requires_grad)
+    return 2 * fwd_bytes + grad_bytes + fwd_bytes
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters: int):
+    """Median milliseconds per call and peak memory (MiB above the starting allocation; None on CPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    peak = None
+    if device.type == 'cuda':
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    times.sort()
+    return times[len(times) // 2], peak
+
+
+def _runner(impl, inputs, mode):
+    grads = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            return impl(**inputs)
+
+    def fwd_bwd():
+        out = impl(**inputs)
+        torch.autograd.grad(out, grads, torch.ones_like(out))
+
+    return fwd if mode == 'fwd' else fwd_bwd
+
+
+def run_case(case: KernelCase, device, dtype, warmup=3, iters=10, progress=None) -> List[Result]:
+    inputs = case.make_inputs(device, dtype)
+    hbm = device_hbm_bytes_per_s(device)
+    results = []
+    for mode in ('fwd', 'fwd+bwd'):
+        by_impl = {}
+        for impl_name, impl in case.impls.items():
+            row = Result(case.section, case.name, impl_name, mode)
+            try:
+                row.ms, row.peak_mib = time_call(_runner(impl, inputs, mode), device, warmup, iters)
+            except Exception as exc:  # an implementation that cannot run a shape is reported, not fatal
+                row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
+                if device.type == 'cuda':
+                    torch.cuda.empty_cache()
+            if row.ms is not None:
+                nbytes = case.min_bytes(inputs)
+                if mode == 'fwd+bwd':
+                    nbytes = fwd_bwd_bytes(inputs, nbytes)
+                row.gbps = nbytes / (row.ms * 1e-3) / 1e9
+                if hbm:
+                    row.roofline_pct = 100 * nbytes / (row.ms * 1e-3) / hbm
+            by_impl[impl_name] = row
+            results.append(row)
+            if progress is not None:
+                progress.update(1)
+        base = by_impl.get(case.baseline)
+        for row in by_impl.values():
+            if base is not None and base.ms and row.ms:
+                row.speedup_vs_baseline = base.ms / row.ms
+            if base is not None and base.peak_mib and row.peak_mib is not None:
+                row.memory_vs_baseline = row.peak_mib / base.peak_mib
+    return results
+
+
+def _fmt(value, spec):
+    return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown_table(results: List[Result], baseline_of: Dict[str, str]) -> str:
+    lines = ['| case | impl | mode | ms | x vs baseline | peak MiB | mem vs baseline | GB/s | % HBM roofline | note |',
+             '|---|---|---|---:|---:|---:|---:|---:|---:|---|']
+    for r in results:
+        impl = r.impl + (' (baseline)' if baseline_of.get(r.case) == r.impl else '')
+        lines.append(f'| {r.case} | {impl} | {r.mode} | {_fmt(r.ms, ".3f")} | {_fmt(r.speedup_vs_baseline, ".2f")} '
+                     f'| {_fmt(r.peak_mib, ".1f")} | {_fmt(r.memory_vs_baseline, ".2f")} | {_fmt(r.gbps, ".0f")} '
+                     f'| {_fmt(r.roofline_pct, ".0f")} | {r.error} |')
+    return '\n'.join(lines)

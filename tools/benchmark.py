@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Speed and memory of attnzoo's kernels and backbones, as ratios to a baseline measured in the same run.
+
+    python tools/benchmark.py kernels                 # every kernel case, the issues' shapes
+    python tools/benchmark.py kernels --quick         # tiny shapes: a smoke run that works on CPU
+    python tools/benchmark.py kernels --only routing  # one section
+    python tools/benchmark.py models --models cswin_tiny_224 nat_mini --baseline resnet50
+
+Results go to --out (default model_cards/benchmarks/) as <device>-<section>.md (a table),
+.json (every number) and .png (a plot), the device named in each file.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib.harness import KernelCase, Result, markdown_table, run_case, time_call  # noqa: E402
+
+KERNEL_SECTIONS = ('neighborhood', 'routing')
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'CPU {platform.processor() or platform.machine()} x{os.cpu_count()}'
+
+
+def slug(text):
+    return re.sub(r'[^A-Za-z0-9]+', '-', text).strip('-').lower()
+
+
+def kernel_cases(sections, quick):
+    import importlib
+    cases = []
+    for section in sections:
+        module = importlib.import_module(f'benchlib.{section}')
+        cases.extend(module.cases(quick))
+    return cases
+
+
+def run_kernels(args, device, dtype):
+    cases = kernel_cases(args.only or KERNEL_SECTIONS, args.quick)
+    total = sum(2 * len(case.impls) for case in cases)
+    results = []
+    with tqdm(total=total, desc='kernels', unit='run') as progress:
+        for case in cases:
+            progress.set_postfix_str(f'{case.section}: {case.name}')
+            results.extend(run_case(case, device, dtype, args.warmup, args.iters, progress))
+    baseline_of = {case.name: case.baseline for case in cases}
+    return results, baseline_of
+
+
+def model_flops(model, size):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, *size))
+    return counter.get_total_flops()
+
+
+def run_models(args, device, dtype):
+    import timm
+    import attnzoo.backbones  # noqa: F401  registers the attnzoo families
+    names = [args.baseline] + [n for n in args.models if n != args.baseline]
+    results = []
+    for name in tqdm(names, desc='models', unit='model'):
+        model = timm.create_model(name).to(device)
+        size = tuple(model.pretrained_cfg['input_size'][1:])
+        params = sum(p.numel() for p in model.parameters())
+        gmacs = model_flops(model.cpu(), size) / 2e9
+        model = model.to(device=device, dtype=dtype)
+        x = torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
+        for mode in ('fwd', 'fwd+bwd'):
+            row = Result('models', f'{name} @{size[0]}x{size[1]} b{args.batch}', name, mode,
+                         extra={'params_m': params / 1e6, 'gmacs': gmacs})
+            model.train(mode != 'fwd')
+
+            def step():
+                if mode == 'fwd':
+                    with torch.no_grad():
+                        model(x)
+                else:
+                    model(x).float().sum().backward()
+            try:
+                row.ms, row.peak_mib = time_call(step, device, args.warmup, args.iters)
+                row.extra['img_per_s'] = args.batch / (row.ms * 1e-3)
+            except Exception as exc:  # reported in the table, not fatal for the other models
+                row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
+            results.append(row)
+    base = {r.mode: r for r in results if r.impl == args.baseline}
+    for row in results:
+        if row.ms and base[row.mode].ms:
+            row.speedup_vs_baseline = base[row.mode].ms / row.ms
+        if row.peak_mib is not None and base[row.mode].peak_mib:
+            row.memory_vs_baseline = row.peak_mib / base[row.mode].peak_mib
+    return results, {r.case: args.baseline for r in results}
+
+
+def plot(results, section, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, mode in zip(axes, ('fwd', 'fwd+bwd')):
+        rows = [r for r in results if r.mode == mode and r.ms]
+        if section == 'models':
+            for r in rows:
+                ax.scatter(r.extra['params_m'], r.extra['img_per_s'])
+                ax.annotate(r.impl, (r.extra['params_m'], r.extra['img_per_s']), fontsize=7)
+            ax.set_xlabel('parameters (M)')
+            ax.set_ylabel('images / s')
+        else:
+            cases = list(dict.fromkeys(r.case for r in rows))
+            impls = list(dict.fromkeys(r.impl for r in rows))
+            width = 0.8 / max(len(impls), 1)
+            for i, impl in enumerate(impls):
+                ms = {r.case: r.ms for r in rows if r.impl == impl}
+                ax.bar([c + i * width for c in range(len(cases))], [ms.get(c, 0) for c in cases], width, label=impl)
+            ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+            ax.set_xticklabels(cases, rotation=60, ha='right', fontsize=6)
+            ax.set_ylabel('ms (lower is better)')
+            ax.set_yscale('log')
+            ax.legend(fontsize=7)
+        ax.set_title(f'{mode}')
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(results, baseline_of, section, args, device):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = device_name(device)
+    stem = out / f'{slug(name)}-{section}{"-quick" if args.quick else ""}'
+    header = {
+        'device': name,
+        'date': datetime.date.today().isoformat(),
+        'torch': torch.__version__,
+        'dtype': args.dtype,
+        'section': section,
+        'quick': args.quick,
+        'warmup': args.warmup,
+        'iters': args.iters,
+    }
+    stem.with_suffix('.json').write_text(json.dumps({**header, 'results': [r.as_dict() for r in results]}, indent=1))
+    lines = [f'# {section} benchmark on {name}', '',
+             ', '.join(f'{k}: {v}' for k, v in header.items() if k not in ('device', 'section')), '',
+             'Times are medians; "x vs baseline" > 1 means faster than the baseline of the case, measured in the '
+             'same run. GB/s counts the least traffic (inputs read once, outputs written once).', '',
+             markdown_table(results, baseline_of), '']
+    stem.with_suffix('.md').write_text('\n'.join(lines))
+    plot(results, section, stem.with_suffix('.png'), f'{section} on {name} ({args.dtype})')
+    print(f'wrote {stem}.md / .json / .png')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('section', choices=('kernels', 'models'))
+    parser.add_argument('--only', nargs='+', choices=KERNEL_SECTIONS, help='kernel sections to run (default: all)')
+    parser.add_argument('--quick', action='store_true', help='tiny shapes: a smoke run, also on CPU')
+    parser.add_argument('--dtype', choices=DTYPES, default=None, help='default: bf16 on CUDA, fp32 on CPU')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--models', nargs='+', default=['cswin_tiny_224'], help='models section: model names')
+    parser.add_argument('--baseline', default='resnet50', help='models section: the model every other is compared to')
+    parser.add_argument('--batch', type=int, default=32, help='models section: batch size')
+    parser.add_argument('--out', default=str(Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'))
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = 'bf16' if args.device.startswith('cuda') else 'fp32'
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    runner = run_kernels if args.section == 'kernels' else run_models
+    results, baseline_of = runner(args, device, dtype)
+    print(markdown_table(results, baseline_of))
+    write(results, baseline_of, args.section, args, device)
+
+
+if __name__ == '__main__':
+    main()
