@@ -1,0 +1,544 @@
+"""Triton kernels of :func:`attnzoo.kernels.neighborhood_attention_2d` and their launchers.
+
+Geometry. The map splits into ``dilation_h * dilation_w`` interleaved groups; inside a group the
+window rule is the undilated one, so every kernel works in group coordinates (``pos' = pos //
+dilation``) and a program owns a 2-D tile of one group. The window start is monotone in the query,
+so the keys of a query tile form one rectangle (the tile plus a halo of ``kernel - 1``) and the
+queries that see a key tile form another (its inverse neighborhood). Programs walk that rectangle
+in blocks of ``BLOCK_ROWS`` rows by ``BLOCK_COLS`` (a power of two >= the rectangle's width)
+columns and mask every (query, key) pair by the exact window rule.
+
+Kernels:
+- ``_forward_kernel``: per query tile, online softmax (base 2) over the window blocks and then the
+  extra tokens; writes the output and the log-sum-exp (base 2), no score matrix.
+- ``_backward_dq_kernel``: per query tile, recomputes the probabilities from the LSE; dQ, the
+  softmax-backward term ``delta = rowsum(dO * O)`` (for the other kernels) and, when asked, each
+  tile's partial d_rpb (summed over tiles by torch: deterministic, no atomics).
+- ``_backward_dkdv_kernel``: per key tile, loops over its inverse neighborhood; dK, dV.
+- ``_backward_extra_kernel``: per block of extra tokens, loops over every query of the image;
+  d_extra_k, d_extra_v.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import triton_interpreted
+
+LOG2E = 1.4426950408889634
+MIN_DOT = 16          # smallest tl.dot dimension on GPUs
+EXTRA_BLOCK = 32      # extra (global) tokens per block
+MAX_GRID_Y = 65535
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+
+@triton.jit
+def _window_start(pos, group_len, KERNEL: tl.constexpr, CLAMP: tl.constexpr):
+    """First key of the window of the query at ``pos`` (group coordinates); < 0 for a zero border."""
+    start = pos - KERNEL // 2
+    if CLAMP:
+        start = tl.minimum(tl.maximum(start, 0), group_len - KERNEL)
+    return start
+
+
+@triton.jit
+def _key_span(first, last, group_len, KERNEL: tl.constexpr, CLAMP: tl.constexpr):
+    """Keys ``[lo, hi)`` inside the map seen by any of the queries ``first..last``."""
+    lo = tl.maximum(_window_start(first, group_len, KERNEL, CLAMP), 0)
+    hi = tl.minimum(_window_start(last, group_len, KERNEL, CLAMP) + KERNEL, group_len)
+    return lo, hi
+
+
+@triton.jit
+def _query_span(first, last, group_len, KERNEL: tl.constexpr, CLAMP: tl.constexpr):
+    """Queries ``[lo, hi)`` whose window holds any of the keys ``first..last``."""
+    lo = tl.maximum(first - (KERNEL - 1 - KERNEL // 2), 0)
+    hi = tl.minimum(last + KERNEL // 2, group_len - 1)
+    if CLAMP:  # a window clamped at the far border reaches back to every query past it
+        hi = tl.where(last >= group_len - KERNEL, group_len - 1, hi)
+    return lo, hi + 1
+
+
+@triton.jit
+def _tile_of(pid, height, width, dil_h, dil_w, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Dilation group, first row / column (group coordinates) and group size of tile ``pid``."""
+    tiles_x = tl.cdiv(tl.cdiv(width, dil_w), TILE_W)
+    tiles_y = tl.cdiv(tl.cdiv(height, dil_h), TILE_H)
+    tile_x = pid % tiles_x
+    tile_y = (pid // tiles_x) % tiles_y
+    group = pid // (tiles_x * tiles_y)
+    group_y = group // dil_w
+    group_x = group % dil_w
+    len_y = (height - group_y + dil_h - 1) // dil_h
+    len_x = (width - group_x + dil_w - 1) // dil_w
+    return group_y, group_x, tile_y * TILE_H, tile_x * TILE_W, len_y, len_x
+
+
+@triton.jit
+def _load_tokens(base, rows, cols, group_y, group_x, dil_h, dil_w, s_y, s_x, s_d, valid, offs_d,
+                 HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr):
+    """``[tokens, BLOCK_D]`` tile of the map tokens at group coordinates (rows, cols)."""
+    offs = (rows * dil_h + group_y)[:, None] * s_y + (cols * dil_w + group_x)[:, None] * s_x + offs_d[None, :] * s_d
+    tile = tl.load(base + offs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if AS_F32:  # the interpreter's bf16 tl.dot is wrong
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _load_extra(base, idx, n_extra, s_l, s_d, offs_d, HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr):
+    tile = tl.load(base + idx[:, None] * s_l + offs_d[None, :] * s_d,
+                   mask=(idx[:, None] < n_extra) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if AS_F32:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _in_window(q_y, q_x, win_y, win_x, k_y, k_x, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr):
+    """Whether each key is in each query's window (arguments broadcast to a [queries, keys] grid)."""
+    return (k_y >= win_y) & (k_y < win_y + KERNEL_H) & (k_x >= win_x) & (k_x < win_x + KERNEL_W)
+
+
+@triton.jit
+def _rpb_bias(rpb_base, q_y, q_x, k_y, k_x, mask, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr):
+    """Relative position bias of each (query, key) pair, scaled to base 2."""
+    idx = (k_y - q_y + KERNEL_H - 1) * (2 * KERNEL_W - 1) + (k_x - q_x + KERNEL_W - 1)
+    return tl.load(rpb_base + idx, mask=mask, other=0.0).to(tl.float32) * LOG2E
+
+
+@triton.jit
+def _rpb_histogram(ds, q_y, q_x, row0, col0, BLOCK_M: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                   BLOCK_COLS: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
+                   BIAS_H: tl.constexpr, BIAS_W: tl.constexpr):
+    """``[BIAS_H, BIAS_W]`` sums of ``ds`` (zero outside the windows) per relative-position-bias entry.
+
+    The block's keys are ``BLOCK_ROWS`` rows of ``BLOCK_COLS`` columns from (row0, col0). Per
+    query, the bias column of a key is its column minus the query's, so a gather along the key
+    columns lines every query's keys up by bias column; the bias row depends only on (query row,
+    key row) and a one-hot matmul sums those into the bias rows.
+    """
+    ds = tl.reshape(ds, (BLOCK_M, BLOCK_ROWS, BLOCK_COLS))
+    bias_col = tl.arange(0, BIAS_W)
+    key_col = bias_col[None, None, :] - (KERNEL_W - 1) + q_x[:, None, None] - col0
+    key_col = tl.broadcast_to(key_col, (BLOCK_M, BLOCK_ROWS, BIAS_W))
+    in_block = (key_col >= 0) & (key_col < BLOCK_COLS)
+    by_bias_col = tl.where(in_block, tl.gather(ds, tl.where(in_block, key_col, 0), axis=2), 0.0)
+    bias_row = row0 + tl.arange(0, BLOCK_ROWS)[None, :, None] - q_y[:, None, None] + KERNEL_H - 1
+    one_hot = (bias_row == tl.arange(0, BIAS_H)[None, None, :]).to(tl.float32)
+    one_hot = tl.reshape(one_hot, (BLOCK_M * BLOCK_ROWS, BIAS_H))
+    by_bias_col = tl.reshape(by_bias_col, (BLOCK_M * BLOCK_ROWS, BIAS_W))
+    return tl.dot(tl.trans(one_hot), by_bias_col, input_precision='ieee')
+
+
+@triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """Folds one block of base-2 logits ``s`` (-inf where masked) and its values into (m, l, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing unmasked yet stay at 0
+    p = tl.exp2(s - m_ref[:, None])
+    alpha = tl.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _block_cols(args):
+    """Columns of a block of the other side: a power of two covering the tile plus its halo."""
+    return triton.next_power_of_2(args['TILE_W'] + args['KERNEL_W'] - 1)
+
+
+@triton.jit
+def _forward_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, rpb_ptr, ek_ptr, ev_ptr,
+        sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
+        so_b, so_y, so_x, so_h, so_d, sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d,
+        heads, height, width, dil_h, dil_w, n_extra, qk_scale,
+        HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, AS_F32: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    BLOCK_M: tl.constexpr = TILE_H * TILE_W
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
+    q_y = y0 + offs_m // TILE_W
+    q_x = x0 + offs_m % TILE_W
+    q_valid = (q_y < len_y) & (q_x < len_x)
+    q = _load_tokens(q_ptr + b * sq_b + h * sq_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d,
+                     q_valid, offs_d, HEAD_DIM, AS_F32)
+    win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
+    win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
+    row_lo, row_hi = _key_span(y0, tl.minimum(y0 + TILE_H, len_y) - 1, len_y, KERNEL_H, CLAMP)
+    col_lo, col_hi = _key_span(x0, tl.minimum(x0 + TILE_W, len_x) - 1, len_x, KERNEL_W, CLAMP)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+
+    m_i = tl.full((BLOCK_M,), float('-inf'), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for row0 in range(row_lo, row_hi, BLOCK_ROWS):
+        for col0 in range(col_lo, col_hi, BLOCK_COLS):
+            k_y = row0 + offs_n // BLOCK_COLS
+            k_x = col0 + offs_n % BLOCK_COLS
+            k_valid = (k_y < row_hi) & (k_x < col_hi)
+            k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d,
+                             HEAD_DIM, AS_F32)
+            v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d,
+                             HEAD_DIM, AS_F32)
+            mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
+                              KERNEL_H, KERNEL_W) & k_valid[None, :]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if HAS_RPB:
+                s += _rpb_bias(rpb_base, q_y[:, None], q_x[:, None], k_y[None, :], k_x[None, :], mask,
+                               KERNEL_H, KERNEL_W)
+            s = tl.where(mask, s, float('-inf'))
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+    if HAS_EXTRA:
+        offs_e = tl.arange(0, BLOCK_E)
+        ek_base = ek_ptr + b * sek_b + h * sek_h
+        ev_base = ev_ptr + b * sev_b + h * sev_h
+        for e0 in range(0, n_extra, BLOCK_E):
+            ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
+            ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
+            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
+            s = tl.where((e0 + offs_e < n_extra)[None, :], s, float('-inf'))
+            m_i, l_i, acc = _online_softmax_step(s, ev, m_i, l_i, acc, PRECISION)
+
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # only padding queries of partial tiles see no key
+    out = acc / l_i[:, None]
+    o_offs = ((q_y * dil_h + group_y)[:, None] * so_y + (q_x * dil_w + group_x)[:, None] * so_x
+              + offs_d[None, :] * so_d)
+    tl.store(o_ptr + b * so_b + h * so_h + o_offs, out.to(o_ptr.dtype.element_ty),
+             mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+    lse_offs = (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * height * width + lse_offs, m_i + tl.log2(l_i), mask=q_valid)
+
+
+@triton.jit
+def _backward_dq_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, rpb_ptr, drpb_ptr, ek_ptr, ev_ptr,
+        sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
+        so_b, so_y, so_x, so_h, so_d, sdo_b, sdo_y, sdo_x, sdo_h, sdo_d,
+        sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d, sg_b, sg_y, sg_x, sg_h, sg_d,
+        heads, height, width, dil_h, dil_w, n_extra, qk_scale, scale, drpb_tiles,
+        HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+        HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr, AS_F32: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BIAS_H: tl.constexpr,
+        BIAS_W: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    BLOCK_M: tl.constexpr = TILE_H * TILE_W
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    group_y, group_x, y0, x0, len_y, len_x = _tile_of(pid_tile, height, width, dil_h, dil_w, TILE_H, TILE_W)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
+    q_y = y0 + offs_m // TILE_W
+    q_x = x0 + offs_m % TILE_W
+    q_valid = (q_y < len_y) & (q_x < len_x)
+    q = _load_tokens(q_ptr + b * sq_b + h * sq_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d,
+                     q_valid, offs_d, HEAD_DIM, AS_F32)
+    do = _load_tokens(do_ptr + b * sdo_b + h * sdo_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x,
+                      sdo_d, q_valid, offs_d, HEAD_DIM, AS_F32)
+    o = _load_tokens(o_ptr + b * so_b + h * so_h, q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d,
+                     q_valid, offs_d, HEAD_DIM, True)
+    delta = tl.sum(o * do.to(tl.float32), 1)
+    stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+    tl.store(delta_ptr + stat_offs, delta, mask=q_valid)
+    lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
+
+    win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
+    win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
+    row_lo, row_hi = _key_span(y0, tl.minimum(y0 + TILE_H, len_y) - 1, len_y, KERNEL_H, CLAMP)
+    col_lo, col_hi = _key_span(x0, tl.minimum(x0 + TILE_W, len_x) - 1, len_x, KERNEL_W, CLAMP)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    drpb = tl.zeros((BIAS_H, BIAS_W), tl.float32)
+    for row0 in range(row_lo, row_hi, BLOCK_ROWS):
+        for col0 in range(col_lo, col_hi, BLOCK_COLS):
+            k_y = row0 + offs_n // BLOCK_COLS
+            k_x = col0 + offs_n % BLOCK_COLS
+            k_valid = (k_y < row_hi) & (k_x < col_hi)
+            k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d,
+                             HEAD_DIM, AS_F32)
+            v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d,
+                             HEAD_DIM, AS_F32)
+            mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
+                              KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if HAS_RPB:
+                s += _rpb_bias(rpb_base, q_y[:, None], q_x[:, None], k_y[None, :], k_x[None, :], mask,
+                               KERNEL_H, KERNEL_W)
+            p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            if RPB_GRAD:
+                drpb += _rpb_histogram(ds, q_y, q_x, row0, col0, BLOCK_M, BLOCK_ROWS, BLOCK_COLS, KERNEL_H, KERNEL_W,
+                                       BIAS_H, BIAS_W)
+    if HAS_EXTRA:
+        offs_e = tl.arange(0, BLOCK_E)
+        ek_base = ek_ptr + b * sek_b + h * sek_h
+        ev_base = ev_ptr + b * sev_b + h * sev_h
+        for e0 in range(0, n_extra, BLOCK_E):
+            ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
+            ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
+            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
+            mask = (e0 + offs_e < n_extra)[None, :] & q_valid[:, None]
+            p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(ek.dtype), ek, input_precision=PRECISION)
+
+    dq_offs = (q_y * dil_h + group_y)[:, None] * sg_y + (q_x * dil_w + group_x)[:, None] * sg_x + offs_d[None, :] * sg_d
+    tl.store(dq_ptr + b * sg_b + h * sg_h + dq_offs, (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if RPB_GRAD:
+        bias_y = tl.arange(0, BIAS_H)[:, None]
+        bias_x = tl.arange(0, BIAS_W)[None, :]
+        drpb_offs = (pid_bh.to(tl.int64) * drpb_tiles + pid_tile) * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+        tl.store(drpb_ptr + drpb_offs + bias_y * (2 * KERNEL_W - 1) + bias_x, drpb,
+                 mask=(bias_y < 2 * KERNEL_H - 1) & (bias_x < 2 * KERNEL_W - 1))
+
+
+@triton.jit
+def _backward_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, rpb_ptr,
+        sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
+        sdo_b, sdo_y, sdo_x, sdo_h, sdo_d, sg_b, sg_y, sg_x, sg_h, sg_d,
+        heads, height, width, dil_h, dil_w, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+        HAS_RPB: tl.constexpr, AS_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    BLOCK_N: tl.constexpr = TILE_H * TILE_W
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
+    k_y = y0 + offs_n // TILE_W
+    k_x = x0 + offs_n % TILE_W
+    k_valid = (k_y < len_y) & (k_x < len_x)
+    k = _load_tokens(k_ptr + b * sk_b + h * sk_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d,
+                     k_valid, offs_d, HEAD_DIM, AS_F32)
+    v = _load_tokens(v_ptr + b * sv_b + h * sv_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d,
+                     k_valid, offs_d, HEAD_DIM, AS_F32)
+    row_lo, row_hi = _query_span(y0, tl.minimum(y0 + TILE_H, len_y) - 1, len_y, KERNEL_H, CLAMP)
+    col_lo, col_hi = _query_span(x0, tl.minimum(x0 + TILE_W, len_x) - 1, len_x, KERNEL_W, CLAMP)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = do_ptr + b * sdo_b + h * sdo_h
+    stat_base = pid_bh.to(tl.int64) * height * width
+    rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for row0 in range(row_lo, row_hi, BLOCK_ROWS):
+        for col0 in range(col_lo, col_hi, BLOCK_COLS):
+            q_y = row0 + offs_m // BLOCK_COLS
+            q_x = col0 + offs_m % BLOCK_COLS
+            q_valid = (q_y < row_hi) & (q_x < col_hi)
+            q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
+                             HEAD_DIM, AS_F32)
+            do = _load_tokens(do_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x, sdo_d, q_valid,
+                              offs_d, HEAD_DIM, AS_F32)
+            stat_offs = stat_base + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+            lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
+            delta = tl.load(delta_ptr + stat_offs, mask=q_valid, other=0.0)
+            win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
+            win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
+            mask = _in_window(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :], k_y[:, None], k_x[:, None],
+                              KERNEL_H, KERNEL_W) & q_valid[None, :] & k_valid[:, None]
+            s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale      # [keys, queries]
+            if HAS_RPB:
+                s += _rpb_bias(rpb_base, q_y[None, :], q_x[None, :], k_y[:, None], k_x[:, None], mask,
+                               KERNEL_H, KERNEL_W)
+            p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
+            dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds = p * (dp - delta[None, :])
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+
+    offs = (b * sg_b + h * sg_h + (k_y * dil_h + group_y)[:, None] * sg_y + (k_x * dil_w + group_x)[:, None] * sg_x
+            + offs_d[None, :] * sg_d)
+    store_mask = k_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(dk_ptr + offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _backward_extra_kernel(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, ek_ptr, ev_ptr, dek_ptr, dev_ptr,
+        sq_b, sq_y, sq_x, sq_h, sq_d, sdo_b, sdo_y, sdo_x, sdo_h, sdo_d,
+        sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d, sg_b, sg_l, sg_h, sg_d,
+        heads, height, width, n_extra, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = tl.arange(0, BLOCK_M)
+    ek = _load_extra(ek_ptr + b * sek_b + h * sek_h, offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
+    ev = _load_extra(ev_ptr + b * sev_b + h * sev_h, offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = do_ptr + b * sdo_b + h * sdo_h
+    stat_base = pid_bh.to(tl.int64) * height * width
+
+    dek = tl.zeros((BLOCK_E, BLOCK_D), tl.float32)
+    dev = tl.zeros((BLOCK_E, BLOCK_D), tl.float32)
+    for m0 in range(0, height * width, BLOCK_M):
+        token = m0 + offs_m
+        q_valid = token < height * width
+        q = _load_tokens(q_base, token // width, token % width, 0, 0, 1, 1, sq_y, sq_x, sq_d, q_valid, offs_d,
+                         HEAD_DIM, AS_F32)
+        do = _load_tokens(do_base, token // width, token % width, 0, 0, 1, 1, sdo_y, sdo_x, sdo_d, q_valid, offs_d,
+                          HEAD_DIM, AS_F32)
+        lse = tl.load(lse_ptr + stat_base + token, mask=q_valid, other=0.0)
+        delta = tl.load(delta_ptr + stat_base + token, mask=q_valid, other=0.0)
+        s = tl.dot(ek, tl.trans(q), input_precision=PRECISION) * qk_scale      # [extra, queries]
+        p = tl.where((offs_e < n_extra)[:, None] & q_valid[None, :], tl.exp2(s - lse[None, :]), 0.0)
+        dev += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+        dp = tl.dot(ev, tl.trans(do), input_precision=PRECISION)
+        ds = p * (dp - delta[None, :])
+        dek += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+
+    store_mask = (offs_e < n_extra)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    offs = b * sg_b + h * sg_h + offs_e[:, None] * sg_l + offs_d[None, :] * sg_d
+    tl.store(dek_ptr + offs, (dek * scale).to(dek_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(dev_ptr + offs, dev.to(dev_ptr.dtype.element_ty), mask=store_mask)
+
+
+# ----------------------------------------------------------------------------- tuning
+
+
+def _tile_configs(block_rows, warps_for_tile, stages):
+    """Query / key tile shapes and the rows of the other side's block, for the window kernels."""
+    if triton_interpreted():  # one config: the interpreter cannot benchmark
+        return [triton.Config({'TILE_H': 16, 'TILE_W': 16, 'BLOCK_ROWS': 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({'TILE_H': tile_h, 'TILE_W': tile_w, 'BLOCK_ROWS': rows},
+                          num_warps=warps_for_tile[tile_h * tile_w], num_stages=stage)
+            for tile_h, tile_w in ((8, 8), (16, 8), (8, 16)) for rows in block_rows for stage in stages]
+
+
+TUNING_KEY = ['heads', 'height', 'width', 'dil_h', 'dil_w', 'HEAD_DIM', 'KERNEL_H', 'KERNEL_W', 'CLAMP', 'HAS_RPB',
+              'HAS_EXTRA']
+_FORWARD = triton.autotune(_tile_configs((2, 4), {64: 4, 128: 8}, (1, 2)), key=TUNING_KEY)(
+    triton.heuristics({'BLOCK_COLS': _block_cols})(_forward_kernel))
+_BACKWARD_DQ = triton.autotune(_tile_configs((1, 2), {64: 4, 128: 8}, (1, 2)), key=TUNING_KEY + ['RPB_GRAD'],
+                               reset_to_zero=['drpb_ptr'])(
+    triton.heuristics({'BLOCK_COLS': _block_cols})(_backward_dq_kernel))
+_BACKWARD_DKDV = triton.autotune(_tile_configs((1, 2), {64: 4, 128: 8}, (1, 2)), key=TUNING_KEY[:-1])(
+    triton.heuristics({'BLOCK_COLS': _block_cols})(_backward_dkdv_kernel))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _tiles(height, width, dilation, tile_h, tile_w):
+    rows = triton.cdiv(triton.cdiv(height, dilation[0]), tile_h)
+    cols = triton.cdiv(triton.cdiv(width, dilation[1]), tile_w)
+    return dilation[0] * dilation[1] * rows * cols
+
+
+def _common(q, spec):
+    """Compile-time parameters shared by every kernel of one call."""
+    kernel_h, kernel_w = spec.kernel_size
+    return dict(
+        HEAD_DIM=q.shape[-1], KERNEL_H=kernel_h, KERNEL_W=kernel_w, CLAMP=spec.border == 'clamp',
+        AS_F32=triton_interpreted() and q.dtype == torch.bfloat16,
+        PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',
+        BLOCK_D=max(MIN_DOT, triton.next_power_of_2(q.shape[-1])))
+
+
+def _check_grid(q):
+    batch, _, _, heads, _ = q.shape
+    if batch * heads > MAX_GRID_Y:
+        raise ValueError(f'neighborhood_attention_2d: batch * heads = {batch * heads} exceeds the {MAX_GRID_Y} '
+                         f'programs of a CUDA grid axis; split the batch')
+
+
+def forward(q, k, v, rpb, extra_k, extra_v, spec):
+    """Output ``[B, H, W, heads, D]`` (contiguous) and the base-2 log-sum-exp ``[B, heads, H, W]``."""
+    _check_grid(q)
+    batch, height, width, heads, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=q.device)
+    rpb_arg = rpb.contiguous() if rpb is not None else q
+    ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
+
+    def grid(meta):
+        return _tiles(height, width, spec.dilation, meta['TILE_H'], meta['TILE_W']), batch * heads
+
+    _FORWARD[grid](
+        q, k, v, out, lse, rpb_arg, ek, ev, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *ek.stride(), *ev.stride(),
+        heads, height, width, *spec.dilation, extra_k.shape[1] if extra_k is not None else 0, spec.scale * LOG2E,
+        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BLOCK_E=EXTRA_BLOCK, **_common(q, spec))
+    return out, lse
+
+
+def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad):
+    """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v)``; None where not asked for."""
+    batch, height, width, heads, _ = q.shape
+    kernel_h, kernel_w = spec.kernel_size
+    common = _common(q, spec)
+    has_rpb, has_extra = rpb is not None, extra_k is not None
+    rpb_grad = has_rpb and needs_rpb_grad
+    rpb_arg = rpb.contiguous() if has_rpb else q
+    ek, ev = (extra_k, extra_v) if has_extra else (q[:, 0], q[:, 0])
+    n_extra = extra_k.shape[1] if has_extra else 0
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    delta = torch.empty_like(lse)
+    # one slot per (batch * head, tile) for the config with the most tiles; unused slots stay zero
+    drpb_tiles = max(_tiles(height, width, spec.dilation, c.kwargs['TILE_H'], c.kwargs['TILE_W'])
+                     for c in _BACKWARD_DQ.configs) if rpb_grad else 0
+    drpb_partial = torch.zeros((batch * heads, drpb_tiles, 2 * kernel_h - 1, 2 * kernel_w - 1) if rpb_grad else (1,),
+                               dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return _tiles(height, width, spec.dilation, meta['TILE_H'], meta['TILE_W']), batch * heads
+
+    _BACKWARD_DQ[grid](
+        q, k, v, out, grad_out, lse, delta, dq, rpb_arg, drpb_partial, ek, ev,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *ek.stride(), *ev.stride(),
+        *dq.stride(), heads, height, width, *spec.dilation, n_extra, spec.scale * LOG2E, spec.scale, drpb_tiles,
+        HAS_RPB=has_rpb, RPB_GRAD=rpb_grad, HAS_EXTRA=has_extra, BLOCK_E=EXTRA_BLOCK,
+        BIAS_H=max(MIN_DOT, triton.next_power_of_2(2 * kernel_h - 1)),
+        BIAS_W=max(MIN_DOT, triton.next_power_of_2(2 * kernel_w - 1)), **common)
+    _BACKWARD_DKDV[grid](
+        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
+        heads, height, width, *spec.dilation, spec.scale * LOG2E, spec.scale, HAS_RPB=has_rpb, **common)
+
+    d_rpb = None
+    if rpb_grad:
+        d_rpb = drpb_partial.view(batch, heads, drpb_tiles, 2 * kernel_h - 1, 2 * kernel_w - 1).sum((0, 2))
+        d_rpb = d_rpb.to(rpb.dtype)
+    d_extra_k = d_extra_v = None
+    if has_extra and needs_extra_grad:
+        d_extra_k = torch.empty(extra_k.shape, dtype=q.dtype, device=q.device)
+        d_extra_v = torch.empty_like(d_extra_k)
+        _backward_extra_kernel[(triton.cdiv(n_extra, EXTRA_BLOCK), batch * heads)](
+            q, grad_out, lse, delta, extra_k, extra_v, d_extra_k, d_extra_v,
+            *q.stride(), *grad_out.stride(), *extra_k.stride(), *extra_v.stride(), *d_extra_k.stride(),
+            heads, height, width, n_extra, spec.scale * LOG2E, spec.scale, BLOCK_E=EXTRA_BLOCK, BLOCK_M=64,
+            **{name: common[name] for name in ('HEAD_DIM', 'AS_F32', 'PRECISION', 'BLOCK_D')})
+    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v

@@ -1,0 +1,254 @@
+"""neighborhood_attention_2d: Triton kernels (interpreted on CPU) against the PyTorch reference, the
+reference against independent definitions (dense masked softmax, NATTEN), and input validation."""
+import pytest
+import torch
+
+from attnzoo.kernels import neighborhood_attention_2d
+from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = 'cuda' if CUDA else 'cpu'
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+def make_inputs(shape, kernel_size, rpb=False, n_extra=0, dtype=torch.float32, device='cpu', seed=0):
+    """q, k, v and the optional rpb / extra tokens of one call, as leaves that need gradients."""
+    batch, height, width, heads, head_dim = shape
+    kernel_h, kernel_w = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    gen = torch.Generator().manual_seed(seed)
+
+    def leaf(*size, dtype=dtype):
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    inputs = dict(q=leaf(*shape), k=leaf(*shape), v=leaf(*shape))
+    if rpb:
+        inputs['rpb'] = leaf(heads, 2 * kernel_h - 1, 2 * kernel_w - 1, dtype=torch.float32)
+    if n_extra:
+        inputs['extra_k'] = leaf(batch, n_extra, heads, head_dim)
+        inputs['extra_v'] = leaf(batch, n_extra, heads, head_dim)
+    return inputs
+
+
+def outputs_and_grads(fn, inputs, grad_out, **options):
+    out = fn(**inputs, **options)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out.to(out.dtype))
+    return [out] + list(grads)
+
+
+def reference_in_float64(inputs, grad_out, **options):
+    inputs64 = {name: t.detach().double().requires_grad_() for name, t in inputs.items()}
+    return outputs_and_grads(neighborhood_attention_2d_reference, inputs64, grad_out.double(), **options)
+
+
+def assert_close_to_reference(inputs, options, backend='triton'):
+    grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(1)).to(inputs['q'].device)
+    got = outputs_and_grads(neighborhood_attention_2d, inputs, grad_out, backend=backend, **options)
+    expected = reference_in_float64(inputs, grad_out, **options)
+    tol = TOLERANCE[inputs['q'].dtype]
+    for name, g, e in zip(['out'] + list(inputs), got, expected):
+        assert g.shape == e.shape and g.dtype == inputs.get(name, inputs['q']).dtype, name
+        torch.testing.assert_close(g.double(), e, atol=tol, rtol=tol, msg=lambda m: f'{name}: {m}')
+
+
+# ----------------------------------------------------------------------------- Triton (interpreter on CPU)
+
+TRITON_CASES = [
+    # shape (B, H, W, heads, D), kernel, dilation, border, rpb, extra tokens, dtype
+    ((1, 13, 17, 1, 32), 5, 1, 'clamp', False, 0, torch.float32),
+    ((1, 13, 17, 1, 24), 4, 2, 'zero', True, 0, torch.float32),
+    ((1, 13, 17, 1, 32), (3, 4), (3, 2), 'clamp', True, 5, torch.float32),
+    ((1, 13, 17, 2, 32), 7, 1, 'clamp', True, 0, torch.float16),
+    ((1, 11, 9, 1, 24), 3, 1, 'zero', False, 7, torch.float16),
+    ((2, 9, 10, 1, 32), 6, (1, 1), 'zero', True, 3, torch.float16),
+]
+
+
+@pytest.mark.parametrize('shape, kernel_size, dilation, border, rpb, n_extra, dtype', TRITON_CASES)
+def test_triton_matches_reference(shape, kernel_size, dilation, border, rpb, n_extra, dtype):
+    inputs = make_inputs(shape, kernel_size, rpb, n_extra, dtype, DEVICE)
+    assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=dilation, border=border))
+
+
+def test_triton_strided_views_and_scale():
+    """q, k, v as views into one qkv tensor (no copies), custom scale, rpb without gradient."""
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(1, 10, 12, 3, 1, 24, generator=gen).to(DEVICE).requires_grad_()
+    q, k, v = qkv.unbind(3)
+    rpb = torch.randn(1, 5, 5, generator=gen).to(DEVICE)
+    options = dict(kernel_size=3, dilation=2, scale=0.3, rpb=rpb)
+    grad_out = torch.randn(q.shape, generator=gen).to(DEVICE)
+    out = neighborhood_attention_2d(q, k, v, backend='triton', **options)
+    (grad,) = torch.autograd.grad(out, qkv, grad_out)
+    qkv64 = qkv.detach().double().requires_grad_()
+    out64 = neighborhood_attention_2d_reference(*qkv64.unbind(3), **{**options, 'rpb': rpb.double()})
+    (grad64,) = torch.autograd.grad(out64, qkv64, grad_out.double())
+    torch.testing.assert_close(out.double(), out64, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), grad64, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason='compiled Triton kernels and bf16 need a CUDA GPU')
+class TestGPU:
+    @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize('border, dilation, rpb, n_extra', [('clamp', 1, True, 0), ('clamp', 3, True, 0),
+                                                                ('zero', 1, False, 49)])
+    def test_matches_reference(self, dtype, border, dilation, rpb, n_extra):
+        inputs = make_inputs((2, 56, 56, 2, 32), 7, rpb, n_extra, dtype, 'cuda')
+        assert_close_to_reference(inputs, dict(kernel_size=7, dilation=dilation, border=border))
+
+    @pytest.mark.parametrize('kernel_size, head_dim', [(3, 24), (6, 64), (5, 128)])
+    def test_shapes(self, kernel_size, head_dim):
+        inputs = make_inputs((2, 29, 35, 3, head_dim), kernel_size, True, 16, torch.bfloat16, 'cuda')
+        assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=2, border='zero'))
+
+    def test_default_backend_is_triton_on_cuda(self):
+        inputs = make_inputs((1, 14, 14, 2, 32), 7, dtype=torch.float16, device='cuda')
+        assert_close_to_reference(inputs, dict(kernel_size=7), backend=None)
+
+
+# ----------------------------------------------------------------------------- reference vs independent definitions
+
+
+def natten_axis_mask(length, kernel, dilation):
+    """[length, length] key-in-window mask of one axis, written from NATTEN's own formulas."""
+    left, right = kernel // 2, kernel // 2 + (kernel % 2 - 1)
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    for i in range(length):
+        group, index = i % dilation, i // dilation
+        group_len = length // dilation + (1 if group < length % dilation else 0)
+        start = max(index - left, 0) + (index + right >= group_len) * (group_len - right - index - 1)
+        for j in range(group, length, dilation):
+            mask[i, j] = start <= j // dilation < start + kernel
+    return mask
+
+
+def zero_pad_axis_mask(length, kernel, dilation):
+    """[length, length] mask of a centred, zero-padded (dilated) window: keys outside are just absent."""
+    i = torch.arange(length)[:, None]
+    j = torch.arange(length)[None, :]
+    offset = j - i
+    return (offset % dilation == 0) & (offset // dilation >= -(kernel // 2)) & (offset // dilation < kernel - kernel // 2)
+
+
+def dense_attention(q, k, v, kernel_size, dilation, border, scale, rpb=None, extra_k=None, extra_v=None):
+    """Full [HW, HW (+L)] softmax with the window as a mask and the rpb looked up by key - query offset."""
+    batch, height, width, heads, head_dim = q.shape
+    axis_mask = natten_axis_mask if border == 'clamp' else zero_pad_axis_mask
+    mask = (axis_mask(height, kernel_size[0], dilation[0])[:, None, :, None]
+            & axis_mask(width, kernel_size[1], dilation[1])[None, :, None, :]).reshape(height * width, height * width)
+    logits = torch.einsum('bqhd,bkhd->bhqk', q.flatten(1, 2), k.flatten(1, 2)) * scale
+    if rpb is not None:
+        dy = (torch.arange(height)[None, :] - torch.arange(height)[:, None]) // dilation[0] + kernel_size[0] - 1
+        dx = (torch.arange(width)[None, :] - torch.arange(width)[:, None]) // dilation[1] + kernel_size[1] - 1
+        idx_y = dy.clamp(0, 2 * kernel_size[0] - 2)[:, None, :, None].expand(height, width, height, width)
+        idx_x = dx.clamp(0, 2 * kernel_size[1] - 2)[None, :, None, :].expand(height, width, height, width)
+        logits = logits + rpb[:, idx_y, idx_x].reshape(heads, height * width, height * width)
+    logits = logits.masked_fill(~mask, float('-inf'))
+    values = v.flatten(1, 2)
+    if extra_k is not None:
+        logits = torch.cat([logits, torch.einsum('bqhd,blhd->bhql', q.flatten(1, 2), extra_k) * scale], dim=-1)
+        values = torch.cat([values, extra_v], dim=1)
+    out = torch.einsum('bhqk,bkhd->bqhd', logits.softmax(-1), values)
+    return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize('shape, kernel_size, dilation, border, rpb, n_extra', [
+    ((1, 13, 17, 2, 16), (5, 5), (2, 3), 'clamp', True, 0),
+    ((2, 12, 12, 1, 16), (4, 4), (1, 2), 'clamp', False, 3),
+    ((1, 14, 14, 2, 16), (7, 7), (2, 1), 'clamp', True, 0),
+    ((1, 9, 11, 1, 24), (3, 3), (1, 1), 'zero', True, 4),
+    ((1, 13, 10, 1, 16), (4, 5), (3, 2), 'zero', True, 0),
+])
+def test_reference_matches_dense_masked_softmax(shape, kernel_size, dilation, border, rpb, n_extra):
+    inputs = {name: t.detach().double() for name, t in make_inputs(shape, kernel_size, rpb, n_extra).items()}
+    scale = 0.7
+    out = neighborhood_attention_2d_reference(**inputs, kernel_size=kernel_size, dilation=dilation, border=border,
+                                              scale=scale)
+    expected = dense_attention(**inputs, kernel_size=kernel_size, dilation=dilation, border=border, scale=scale)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize('border, dilation', [('clamp', (1, 2)), ('zero', (2, 1))])
+def test_reference_gradcheck(border, dilation):
+    inputs = {name: t.detach().double().requires_grad_()
+              for name, t in make_inputs((1, 6, 6, 1, 16), 3, rpb=True, n_extra=2).items()}
+
+    def fn(q, k, v, rpb, extra_k, extra_v):
+        return neighborhood_attention_2d_reference(q, k, v, 3, dilation, rpb=rpb, border=border, extra_k=extra_k,
+                                                   extra_v=extra_v)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_reference_matches_natten():
+    natten = pytest.importorskip('natten', reason='natten is not installed')
+    for kernel_size, dilation, n_extra in [((7, 7), (1, 1), 0), ((5, 4), (2, 3), 0), ((3, 3), (1, 1), 4)]:
+        inputs = {name: t.detach() for name, t in make_inputs((1, 13, 17, 2, 32), kernel_size, n_extra=n_extra,
+                                                               device=DEVICE).items()}
+        expected = natten.na2d(inputs['q'], inputs['k'], inputs['v'], kernel_size=kernel_size, dilation=dilation,
+                               additional_keys=inputs.get('extra_k'), additional_values=inputs.get('extra_v'))
+        out = neighborhood_attention_2d_reference(**inputs, kernel_size=kernel_size, dilation=dilation)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- dispatch and validation
+
+
+def test_default_backend_on_cpu_is_reference():
+    inputs = {name: t.detach() for name, t in make_inputs((1, 8, 8, 1, 16), 3).items()}
+    torch.testing.assert_close(neighborhood_attention_2d(**inputs, kernel_size=3),
+                               neighborhood_attention_2d_reference(**inputs, kernel_size=3), atol=0, rtol=0)
+
+
+def test_natten_backend_rejects_what_natten_lacks():
+    inputs = {name: t.detach() for name, t in make_inputs((1, 8, 8, 1, 16), 3, rpb=True).items()}
+    with pytest.raises((RuntimeError, ValueError), match='natten|NATTEN'):
+        neighborhood_attention_2d(**inputs, kernel_size=3, backend='natten')
+
+
+def _bad_calls():
+    q = torch.randn(1, 8, 9, 2, 32)
+    ok = dict(q=q, k=q.clone(), v=q.clone(), kernel_size=3)
+    return [
+        (dict(ok, kernel_size=5, dilation=2), ValueError, 'kernel_size \\* dilation = 5 \\* 2 = 10 is larger than'),
+        (dict(ok, kernel_size=(3, 10)), ValueError, 'larger than the feature map width 9'),
+        (dict(ok, kernel_size=0), ValueError, 'kernel_size must be >= 1'),
+        (dict(ok, kernel_size=(3, 3, 3)), TypeError, 'kernel_size must be an int or a pair'),
+        (dict(ok, k=q[:, :7]), ValueError, 'k has shape'),
+        (dict(ok, v=q.half()), TypeError, 'v is torch.float16 but q is torch.float32'),
+        (dict(ok, q=q[..., 0]), ValueError, 'q must be \\[B, H, W, heads, head_dim\\]'),
+        (dict(ok, q=q[..., :8], k=q[..., :8], v=q[..., :8]), ValueError, 'head_dim 8 is not supported'),
+        (dict(ok, q=torch.randn(1, 8, 9, 2, 160), k=torch.randn(1, 8, 9, 2, 160), v=torch.randn(1, 8, 9, 2, 160)),
+         ValueError, 'head_dim 160 is not supported'),
+        (dict(ok, border='reflect'), ValueError, 'border must be one of'),
+        (dict(ok, rpb=torch.zeros(2, 3, 3)), ValueError, 'rpb must have shape'),
+        (dict(ok, rpb=torch.zeros(2, 5, 5, dtype=torch.float64)), TypeError, 'rpb must be float32'),
+        (dict(ok, extra_k=torch.randn(1, 4, 2, 32)), ValueError, 'extra_k and extra_v must be given together'),
+        (dict(ok, extra_k=torch.randn(1, 4, 3, 32), extra_v=torch.randn(1, 4, 3, 32)), ValueError,
+         'extra_k must be \\[B, L, heads, head_dim\\]'),
+        (dict(ok, extra_k=torch.randn(1, 4, 2, 32), extra_v=torch.randn(1, 5, 2, 32)), ValueError,
+         'must have the same shape'),
+        (dict(ok, extra_k=torch.randn(1, 4, 2, 32).half(), extra_v=torch.randn(1, 4, 2, 32).half()), TypeError,
+         'extra_k is torch.float16'),
+        (dict(ok, backend='cuda'), ValueError, 'unknown backend'),
+        (dict(ok, scale='0.1'), TypeError, 'scale must be a float'),
+    ]
+
+
+@pytest.mark.parametrize('call, error, message', _bad_calls())
+def test_bad_input_raises(call, error, message):
+    with pytest.raises(error, match=message):
+        neighborhood_attention_2d(**call)
+
+
+def test_triton_rejects_float64():
+    q = torch.randn(1, 8, 8, 1, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match='backend="triton" supports'):
+        neighborhood_attention_2d(q, q, q, 3, backend='triton')
+
+
+@pytest.mark.skipif(not CUDA, reason='needs a CUDA device to put one input on another device')
+def test_mixed_devices_raise():
+    q = torch.randn(1, 8, 8, 1, 16)
+    with pytest.raises(ValueError, match='k is on cuda'):
+        neighborhood_attention_2d(q, q.cuda(), q, 3)
