@@ -149,7 +149,7 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 def _block_cols(args):
     """Columns of a block of the other side: a power of two covering the tile plus its halo."""
-    return triton.next_power_of_2(args['TILE_W'] + args['KERNEL_W'] - 1)
+    return max(MIN_DOT, triton.next_power_of_2(args['TILE_W'] + args['KERNEL_W'] - 1))
 
 
 @triton.jit
@@ -464,7 +464,7 @@ def _common(q, spec):
     return dict(
         HEAD_DIM=q.shape[-1], KERNEL_H=kernel_h, KERNEL_W=kernel_w, CLAMP=spec.border == 'clamp',
         AS_F32=triton_interpreted() and q.dtype == torch.bfloat16,
-        PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',
+        PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',  # fp32 exact; 16-bit inputs ignore it
         BLOCK_D=max(MIN_DOT, triton.next_power_of_2(q.shape[-1])))
 
 
