@@ -166,25 +166,30 @@ def test_attention_layer_matches_dense_masked_softmax(height, width, kernel_size
         torch.testing.assert_close(layer(x), dense_layer(layer, x), rtol=1e-9, atol=1e-9)
 
 
-def test_dinat_dilations_follow_official_layout():
-    dilations = [[blk.attn.dilation for blk in stage.blocks] for stage in timm.create_model('dinat_mini').stages]
-    assert dilations == [[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]]
-    nat_dilations = {blk.attn.dilation for stage in timm.create_model('nat_mini').stages for blk in stage.blocks}
-    assert nat_dilations == {1}
-
-
-def test_dinat_small_maps_pad_like_official():
-    """At 64x80 every DiNAT-Mini stage is smaller than its dilated window (16x20 < 56 at stage 0):
-    the layer must equal running it on the explicitly zero-padded map and cropping."""
+@pytest.fixture(scope='module')
+def dinat_mini():
     torch.manual_seed(0)
-    model = timm.create_model('dinat_mini', num_classes=0).eval()
-    layer = model.stages[0].blocks[1].attn
-    assert layer.dilation == 8
-    x = torch.randn(1, 16, 20, 64)
+    return timm.create_model('dinat_mini', num_classes=0).eval()
+
+
+def test_dinat_dilations_follow_official_layout(dinat_mini):
+    dilations = [[blk.attn.dilation for blk in stage.blocks] for stage in dinat_mini.stages]
+    assert dilations == [[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]]
+    nat_mini = timm.create_model('nat_mini', device='meta')
+    assert {blk.attn.dilation for stage in nat_mini.stages for blk in stage.blocks} == {1}
+
+
+def test_dinat_small_maps_pad_like_official(dinat_mini):
+    """At 64x80 every DiNAT-Mini stage is smaller than its dilated window (stage 1: 8x10 < 7*4): the
+    layer must equal running it on the explicitly zero-padded map and cropping."""
+    torch.manual_seed(0)
+    layer = dinat_mini.stages[1].blocks[1].attn
+    assert layer.dilation == 4
+    x = torch.randn(1, 8, 10, 128)
     with torch.no_grad():
-        padded = layer(F.pad(x, (0, 0, 0, 56 - 20, 0, 56 - 16)))[:, :16, :20]
+        padded = layer(F.pad(x, (0, 0, 0, 28 - 10, 0, 28 - 8)))[:, :8, :10]
         torch.testing.assert_close(layer(x), padded)
-        features = model.forward_intermediates(torch.randn(1, 3, 64, 80), intermediates_only=True)
+        features = dinat_mini.forward_intermediates(torch.randn(1, 3, 64, 80), intermediates_only=True)
     assert [tuple(f.shape[1:]) for f in features] == [(64, 16, 20), (128, 8, 10), (256, 4, 5), (512, 2, 3)]
     assert all(torch.isfinite(f).all() for f in features)
 
