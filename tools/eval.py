@@ -1,0 +1,74 @@
+"""Top-1 / top-5 accuracy of a checkpoint on the embedded digits dataset or an ImageFolder split.
+
+    python tools/eval.py --model cswin_tiny_224 --dataset digits --checkpoint runs/digits/model.safetensors
+    python tools/eval.py --model cswin_tiny_224 --dataset /data/imagenet --checkpoint cswin_tiny_224.pth
+
+``--checkpoint`` is a ``model.safetensors`` / ``ema.safetensors`` written by tools/train.py, or
+an official ``.pth`` / ``.pt`` file: it is loaded with ``torch.load(weights_only=True)``,
+unwrapped from ``state_dict`` / ``model`` (``--ema``: ``state_dict_ema`` / ``model_ema``), and
+converted by the model family's ``checkpoint_filter_fn``. Loading is strict: any missing,
+unexpected or mis-shaped key is an error that lists them. The classifier has as many classes
+as the dataset split has. Runs under torchrun too (each process evaluates a shard).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from timm.utils import ParseKwargs
+
+import _common as common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', required=True, help='timm or attnzoo model name, e.g. cswin_tiny_224')
+    p.add_argument('--checkpoint', required=True, help='weights file: .safetensors, .pth, .pt or .bin')
+    p.add_argument('--dataset', default=common.DIGITS,
+                   help="'digits' (embedded, from scikit-learn) or an ImageFolder root")
+    p.add_argument('--split', default='val', help="split to evaluate: 'val' or 'train' for digits, a folder otherwise")
+    p.add_argument('--img-size', type=int, default=None,
+                   help=f'input size; default {common.DIGITS_IMG_SIZE} for digits, the model\'s own otherwise')
+    p.add_argument('--ema', action='store_true', help="take 'state_dict_ema' / 'model_ema' from an official checkpoint")
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model arguments, key=value')
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--amp', action='store_true', help='mixed precision: bfloat16 on CPU, float16 on CUDA')
+    p.add_argument('--amp-dtype', choices=('float16', 'bfloat16'), default=None, help='override the AMP dtype')
+    p.add_argument('--workers', type=int, default=0, help='data loader processes')
+    p.add_argument('--device', default=common.default_device())
+    p.add_argument('--json', default=None, metavar='PATH', help='also write the metrics to this JSON file')
+    return p
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> dict:
+    """Builds the model, loads ``args.checkpoint`` strictly and measures it on ``args.split``."""
+    dist_info = common.init_distributed(args.device)
+    num_classes = common.num_classes_of(args.dataset, args.split)
+    model = common.create_model(args.model, num_classes, model_kwargs=args.model_kwargs)
+    common.load_weights(model, common.read_state_dict(args.checkpoint, use_ema=args.ema), args.checkpoint)
+    model.to(dist_info.device)
+    config = common.data_config(model, args.dataset, args.img_size)
+    loader = common.eval_loader(common.build_dataset(args.dataset, args.split, config, training=False),
+                                args.batch_size, args.workers, dist_info)
+    metrics = common.evaluate(model, loader, dist_info, common.amp_dtype(args.amp, args.amp_dtype, dist_info.device),
+                              desc=f'{args.model} on {args.dataset}/{args.split}')
+    metrics |= {'model': args.model, 'checkpoint': str(args.checkpoint), 'dataset': args.dataset,
+                'split': args.split, 'input_size': list(config['input_size'])}
+    if dist_info.is_main:
+        print(f'{args.model} {args.checkpoint}: top-1 {metrics["top1"]:.2f}%  top-5 {metrics["top5"]:.2f}%  '
+              f'({metrics["num_images"]} images of {args.dataset}/{args.split})')
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(metrics, indent=1) + '\n')
+    if dist_info.enabled:
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def main(argv=None) -> dict:
+    return evaluate_checkpoint(build_parser().parse_args(argv))
+
+
+if __name__ == '__main__':
+    common.run_cli(main)

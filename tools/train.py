@@ -1,0 +1,248 @@
+"""Train a timm/attnzoo classifier on the embedded digits dataset or an ImageFolder directory.
+
+    python tools/train.py --model cswin_tiny_224 --dataset digits --output runs/digits
+    python tools/train.py --resume runs/digits                 # continue a killed run
+    torchrun --nproc_per_node 8 tools/train.py --model ... --dataset /data/imagenet --output ...
+
+AdamW with a per-step cosine schedule after a linear warmup, label smoothing, optional AMP
+(bfloat16 on CPU, float16 with a gradient scaler on CUDA), optional EMA of the weights and
+gradient clipping. ``--batch-size`` is per process; under torchrun every process trains on its
+shard (DistributedDataParallel) and rank 0 writes the checkpoints.
+
+After every epoch the output directory holds ``model.safetensors`` (``ema.safetensors`` with
+``--ema``), ``optimizer.safetensors`` and ``train_state.json`` (epoch, step, arguments,
+optimizer hyper-parameters, gradient-scaler state, metrics). ``--resume DIR`` restarts at the
+epoch after the last complete one and reproduces the uninterrupted run: the learning rate is a
+function of the step, and data order, dropout and augmentation are seeded from
+(seed, epoch, rank) at the start of every epoch.
+"""
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3, ParseKwargs
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import _common as common
+
+# arguments that may differ between a run and its --resume (they do not change the result)
+RESUMABLE_OVERRIDES = ('resume', 'workers', 'device')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--model', help='timm or attnzoo model name, e.g. cswin_tiny_224 (required unless --resume)')
+    p.add_argument('--dataset', default=common.DIGITS,
+                   help="'digits' (embedded, from scikit-learn) or an ImageFolder root with train/ and val/ folders")
+    p.add_argument('--train-split', default='train', help='training folder under an ImageFolder root')
+    p.add_argument('--val-split', default='val', help='validation folder under an ImageFolder root')
+    p.add_argument('--img-size', type=int, default=None,
+                   help=f'input size; default {common.DIGITS_IMG_SIZE} for digits, the model\'s own otherwise')
+    p.add_argument('--output', default=None, help='run directory for checkpoints (default runs/<model>)')
+    p.add_argument('--resume', default=None, metavar='DIR',
+                   help='continue the run in DIR with its saved arguments')
+    p.add_argument('--epochs', type=int, default=4)
+    p.add_argument('--max-steps-per-epoch', type=int, default=None, help='cap on optimizer steps per epoch (quick tests)')
+    p.add_argument('--batch-size', type=int, default=32, help='images per step and process')
+    p.add_argument('--lr', type=float, default=1e-3, help='peak learning rate')
+    p.add_argument('--min-lr', type=float, default=1e-5, help='learning rate at the end of the cosine')
+    p.add_argument('--warmup-epochs', type=float, default=1.0, help='linear warmup length (fractions allowed)')
+    p.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate of the first step')
+    p.add_argument('--weight-decay', type=float, default=0.05)
+    p.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    p.add_argument('--drop-path', type=float, default=None, help="stochastic depth rate (the model's default if unset)")
+    p.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
+    p.add_argument('--ema', action='store_true', help='keep an exponential moving average of the weights')
+    p.add_argument('--ema-decay', type=float, default=0.9998, help='EMA decay (with timm\'s decay warmup)')
+    p.add_argument('--amp', action='store_true', help='mixed precision: bfloat16 on CPU, float16 on CUDA')
+    p.add_argument('--amp-dtype', choices=('float16', 'bfloat16'), default=None, help='override the AMP dtype')
+    p.add_argument('--pretrained', action='store_true', help="start from timm's pretrained weights (downloads)")
+    p.add_argument('--pretrained-file', default=None,
+                   help='start from a local checkpoint (official files go through the checkpoint_filter_fn)')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model arguments, key=value')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--workers', type=int, default=0, help='data loader processes per training process')
+    p.add_argument('--device', default=common.default_device())
+    return p
+
+
+def resolve_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parsed arguments; with ``--resume``, the run's saved ones (conflicting options are an error)."""
+    args = parser.parse_args(argv)
+    if args.resume is None:
+        if args.model is None:
+            parser.error('--model is required (or --resume DIR)')
+        if args.output is None:
+            args.output = str(Path('runs') / args.model)
+        if (Path(args.output) / common.STATE_FILE).exists():
+            raise common.ToolError(f'{args.output} already holds a training run; continue it with --resume {args.output} '
+                                   f'or choose another --output')
+        return args
+    saved = common.read_train_state(args.resume)['args']
+    defaults = vars(parser.parse_args([]))
+    given = json.loads(json.dumps(vars(args)))
+    for key, value in given.items():
+        if key not in RESUMABLE_OVERRIDES + ('output',) and value != defaults[key] and value != saved.get(key):
+            raise common.ToolError(f'--{key.replace("_", "-")} {value} differs from the resumed run\'s {saved.get(key)}; '
+                                   f'--resume continues a run unchanged: drop the option, or start a new run in another --output')
+    if args.output is not None and Path(args.output).resolve() != Path(args.resume).resolve():
+        raise common.ToolError('--output differs from --resume; a resumed run keeps writing into its own directory')
+    merged = {**saved, **{k: given[k] for k in RESUMABLE_OVERRIDES}, 'output': args.resume}
+    return argparse.Namespace(**merged)
+
+
+def save_checkpoint(output: Path, model, ema, optimizer, scaler, args, epoch: int, step: int, history: list) -> None:
+    files = {common.MODEL_FILE: common.tensors_to_bytes(model.state_dict(), step)}
+    if ema is not None:
+        files[common.EMA_FILE] = common.tensors_to_bytes(ema.module.state_dict(), step)
+    files[common.OPTIMIZER_FILE] = common.tensors_to_bytes(common.optimizer_tensors(optimizer), step)
+    state = {
+        'format': common.STATE_FORMAT,
+        'epoch': epoch,
+        'step': step,
+        'args': vars(args),
+        'optimizer_param_groups': optimizer.state_dict()['param_groups'],
+        'grad_scaler': scaler.state_dict() if scaler is not None else None,
+        'history': history,
+    }
+    files[common.STATE_FILE] = json.dumps(state, indent=1).encode()  # last: marks the set complete
+    common.write_files_atomically(output, files)
+
+
+def load_checkpoint(run_dir: Path, model, ema, optimizer, scaler) -> dict:
+    state = common.read_train_state(run_dir)
+    step = state['step']
+    common.load_weights(model, common.read_safetensors(run_dir / common.MODEL_FILE, step), str(run_dir / common.MODEL_FILE))
+    if ema is not None:
+        common.load_weights(ema.module, common.read_safetensors(run_dir / common.EMA_FILE, step), str(run_dir / common.EMA_FILE))
+    common.load_optimizer(optimizer, common.read_safetensors(run_dir / common.OPTIMIZER_FILE, step),
+                          state['optimizer_param_groups'])
+    if scaler is not None:
+        scaler.load_state_dict(state['grad_scaler'])
+    return state
+
+
+def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, criterion, args, dist_info,
+                    autocast_dtype, epoch: int, step: int, steps: int):
+    """Runs ``steps`` optimizer steps; returns the global step after them and the mean loss."""
+    model.train()
+    device = dist_info.device
+    loss_sum = torch.zeros((), device=device)
+    bar = tqdm(total=steps, desc=f'epoch {epoch + 1}/{args.epochs}', disable=not dist_info.is_main, dynamic_ncols=True)
+    start = time.perf_counter()
+    for i, (images, labels) in zip(range(steps), loader):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        scheduler.step_update(num_updates=step)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if args.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        if ema is not None:
+            ema.update(common.unwrap(model), step=step)
+        loss_sum += loss.detach()
+        bar.update()
+        if dist_info.is_main and (i % 10 == 0 or i == steps - 1):
+            rate = (i + 1) * args.batch_size * dist_info.world_size / (time.perf_counter() - start)
+            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}', img_s=f'{rate:.1f}')
+    bar.close()
+    if dist_info.enabled:
+        torch.distributed.all_reduce(loss_sum)
+    return step, loss_sum.item() / (steps * dist_info.world_size)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Trains as ``args`` say and returns the last epoch's metrics."""
+    dist_info = common.init_distributed(args.device)
+    metrics = _train(args, dist_info)
+    if dist_info.enabled:
+        # The DDP wrapper must be gone before the process group: a reducer that holds the group's
+        # last reference destroys it under the GIL, which deadlocks gloo's worker threads.
+        gc.collect()
+        torch.distributed.destroy_process_group()
+    return metrics
+
+
+def _train(args: argparse.Namespace, dist_info: common.DistInfo) -> dict:
+    device = dist_info.device
+    output = Path(args.output)
+    common.seed_everything(args.seed)  # the same initial weights on every rank
+
+    num_classes = common.num_classes_of(args.dataset, args.train_split)
+    common.check_same_classes(args.dataset, args.train_split, args.val_split)
+    model = common.create_model(args.model, num_classes, args.pretrained, args.pretrained_file,
+                                args.drop_path, args.model_kwargs).to(device)
+    config = common.data_config(model, args.dataset, args.img_size)
+    loader = common.train_loader(common.build_dataset(args.dataset, args.train_split, config, training=True),
+                                 args.batch_size, args.workers, dist_info, args.seed)
+    val_loader = common.eval_loader(common.build_dataset(args.dataset, args.val_split, config, training=False),
+                                    args.batch_size, args.workers, dist_info)
+    steps = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
+
+    optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps, lr_min=args.min_lr,
+                                  warmup_t=round(args.warmup_epochs * steps), warmup_lr_init=args.warmup_lr,
+                                  t_in_epochs=False)
+    autocast_dtype = common.amp_dtype(args.amp, args.amp_dtype, device)
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema else None
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
+
+    start_epoch, step, history = 0, 0, []
+    if args.resume is not None:
+        state = load_checkpoint(output, model, ema, optimizer, scaler)
+        start_epoch, step, history = state['epoch'], state['step'], state['history']
+    if dist_info.is_main:
+        print(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, '
+              f'{num_classes} classes, input {config["input_size"]}, {len(loader.dataset)} training images, '
+              f'{steps} steps/epoch x {args.batch_size} x {dist_info.world_size} processes on {device}'
+              + (f', resuming after epoch {start_epoch}' if start_epoch else ''))
+    train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) \
+        if dist_info.enabled else model
+
+    for epoch in range(start_epoch, args.epochs):
+        common.seed_everything(args.seed, epoch + 1, dist_info.rank)
+        loader.sampler.set_epoch(epoch)
+        step, train_loss = train_one_epoch(train_model, ema, loader, optimizer, scheduler, scaler, criterion, args,
+                                           dist_info, autocast_dtype, epoch, step, steps)
+        metrics = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss}
+        metrics |= {f'val_{k}': v for k, v in common.evaluate(model, val_loader, dist_info, autocast_dtype,
+                                                               desc='val', leave=False).items()}
+        if ema is not None:
+            metrics |= {f'ema_val_{k}': v for k, v in common.evaluate(ema.module, val_loader, dist_info, autocast_dtype,
+                                                                      desc='val ema', leave=False).items()}
+        history.append(metrics)
+        if dist_info.is_main:
+            ema_text = f', EMA top-1 {metrics["ema_val_top1"]:.2f}%' if ema is not None else ''
+            print(f'epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val top-1 {metrics["val_top1"]:.2f}% '
+                  f'top-5 {metrics["val_top5"]:.2f}%{ema_text}', flush=True)
+            save_checkpoint(output, model, ema, optimizer, scaler, args, epoch + 1, step, history)
+        if dist_info.enabled:
+            torch.distributed.barrier()
+    return history[-1] if history else {}
+
+
+def main(argv=None) -> dict:
+    return train(resolve_args(build_parser(), argv))
+
+
+if __name__ == '__main__':
+    common.run_cli(main)
