@@ -37,9 +37,10 @@ STRIPE_ORIENTATIONS = ('vertical', 'horizontal', 'full')
 
 
 class ConvEmbed(nn.Module):
-    """Strided convolution, then LayerNorm over channels; NCHW in, NHWC out.
+    """Strided convolution, then LayerNorm over channels; NHWC out.
 
-    The stem (7x7, stride 4, padding 2) and the official ``Merge_Block`` (3x3, stride 2, padding 1).
+    The stem (7x7, stride 4, padding 2) on NCHW images, and the official ``Merge_Block`` (3x3,
+    stride 2, padding 1) that opens stages 2-4, on channels-last maps (``channels_last_input``).
     """
 
     def __init__(
@@ -49,24 +50,21 @@ class ConvEmbed(nn.Module):
             kernel_size: int,
             stride: int,
             padding: int,
+            channels_last_input: bool = False,
             norm_layer=nn.LayerNorm,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        self.channels_last_input = channels_last_input
         self.conv = nn.Conv2d(in_dim, out_dim, kernel_size, stride=stride, padding=padding, **dd)
         self.norm = norm_layer(out_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last_input:
+            x = x.permute(0, 3, 1, 2)
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
-
-
-class MergeBlock(ConvEmbed):
-    """The stage-opening 3x3 stride-2 ``ConvEmbed``, on a channels-last map (NHWC in and out)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2))
 
 
 def centered_padding(size: int, multiple: int) -> Tuple[int, int]:
@@ -192,7 +190,7 @@ class CrossShapedWindowAttention(nn.Module):
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, 3, C)
         parts = qkv.chunk(len(self.branches), dim=-1)
-        x = torch.cat([branch(part) for branch, part in zip(self.branches, parts)], dim=-1)
+        x = torch.cat([branch(parts[i]) for i, branch in enumerate(self.branches)], dim=-1)
         return self.proj(x)
 
 
@@ -257,7 +255,8 @@ class CSWinStage(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.grad_checkpointing = False
         if downsample:
-            self.downsample = MergeBlock(in_dim, dim, 3, 2, 1, norm_layer=norm_layer, **dd)
+            self.downsample = ConvEmbed(
+                in_dim, dim, 3, stride=2, padding=1, channels_last_input=True, norm_layer=norm_layer, **dd)
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(*[
@@ -340,7 +339,9 @@ class CSWinTransformer(nn.Module):
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
 
-        self.stem = ConvEmbed(in_chans, dims[0], kernel_size=7, stride=4, padding=2, norm_layer=norm_layer, **dd)
+        self.stem_stride = 4
+        self.stem = ConvEmbed(
+            in_chans, dims[0], kernel_size=7, stride=self.stem_stride, padding=2, norm_layer=norm_layer, **dd)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         self.feature_info = []
         stages = []
@@ -361,7 +362,7 @@ class CSWinTransformer(nn.Module):
                 norm_layer=norm_layer,
                 **dd,
             ))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=self.stem_stride * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
@@ -407,13 +408,13 @@ class CSWinTransformer(nn.Module):
     def _check_input(self, x: torch.Tensor):
         """Cheap shape checks, so a wrong image fails here and not deep inside a layer."""
         if x.ndim != 4:
-            raise ValueError(f'CSWin expects images [B, C, H, W]; got a tensor of shape {tuple(x.shape)}')
+            raise ValueError(f'CSWin expects images [B, C, H, W]; got a tensor of shape {list(x.shape)}')
         if x.shape[1] != self.in_chans:
             raise ValueError(
                 f'CSWin was built for {self.in_chans}-channel images but got {x.shape[1]} channels '
-                f'(input shape {tuple(x.shape)}); pass images [B, {self.in_chans}, H, W] or create the '
+                f'(input shape {list(x.shape)}); pass images [B, {self.in_chans}, H, W] or create the '
                 f'model with in_chans={x.shape[1]}')
-        min_size = self.feature_info[len(self.stages) - 1]['reduction']
+        min_size = self.stem_stride << (len(self.stages) - 1)  # the last stage's reduction (stages may be pruned)
         if x.shape[2] < min_size or x.shape[3] < min_size:
             raise ValueError(
                 f'CSWin needs images of at least {min_size}x{min_size} pixels (its total stride); '
