@@ -24,9 +24,10 @@ import triton.language as tl
 from ._dispatch import triton_interpreted
 
 LOG2E = 1.4426950408889634
-MIN_TILE = 16        # tl.dot needs M, N, K >= 16 on GPUs
-MAX_QUERY_TILE = 128
-KEY_TILE = 64
+MIN_TILE = 16          # tl.dot needs M, N, K >= 16 on GPUs
+TILE_BYTES = 8192      # rows x padded head_dim x element size of the largest operand tile
+MAX_RESIDENT_TILE = 128
+STREAM_TILE = 64       # rows of the tiles streamed through the loops
 MAX_HEAD_DIM = 128
 
 
@@ -234,19 +235,36 @@ def _routing_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
 
-def _tile(size, cap):
-    """Power-of-two tile covering ``size`` rows, at least the MMA minimum and at most ``cap``."""
-    return max(MIN_TILE, min(cap, triton.next_power_of_2(size)))
+def _tile(rows, cap):
+    """Power-of-two tile covering ``rows``, at least the MMA minimum and at most ``cap``."""
+    return max(MIN_TILE, min(cap, triton.next_power_of_2(rows)))
 
 
-def _launch_options(dtype, query_tile):
+def _tiles(resident_rows, streamed_rows, head_dim, dtype):
+    """Tile sizes and warp count of one kernel.
+
+    ``resident_rows``: the tokens a program keeps for its whole loop (a region, or a part of it);
+    ``streamed_rows``: the length of the routed token list it walks. An operand tile holds at most
+    ``TILE_BYTES``, and 8 warps share the largest ones: both keep the kernels (nearly) free of
+    register spills, as checked by compiling them for sm_80 and sm_90.
+    """
+    block_d = _tile(head_dim, MAX_HEAD_DIM)
+    max_rows = TILE_BYTES // (block_d * dtype.itemsize)
+    block_r = _tile(resident_rows, min(MAX_RESIDENT_TILE, max_rows))
+    block_s = _tile(streamed_rows, min(STREAM_TILE, max_rows))
+    num_warps = 8 if max(block_r, block_s) * block_d * dtype.itemsize >= TILE_BYTES else 4
+    return block_r, block_s, block_d, num_warps
+
+
+def _launch_options(dtype, num_warps):
     """Compile-time options shared by the kernels of one call."""
     interpreted = triton_interpreted()
-    fp32_precision = 'tf32' if torch.backends.cuda.matmul.allow_tf32 and not interpreted else 'ieee'
-    options = dict(UPCAST=interpreted and dtype == torch.bfloat16,
-                   PRECISION=fp32_precision if dtype == torch.float32 else 'ieee')
+    precision = None   # Triton's default; it only matters for float32 operands
+    if dtype == torch.float32:   # follow torch's float32 matmul setting (TF32 only when allowed)
+        precision = 'tf32' if torch.get_float32_matmul_precision() != 'highest' and not interpreted else 'ieee'
+    options = dict(UPCAST=interpreted and dtype == torch.bfloat16, PRECISION=precision)
     if not interpreted:   # launch tuning is meaningless (and partly unsupported) in the interpreter
-        options.update(num_warps=4 if query_tile >= 64 else 2, num_stages=2)
+        options.update(num_warps=num_warps, num_stages=2)
     return options
 
 
@@ -262,7 +280,7 @@ def forward(q, k, v, region_index, regions, scale):
     tokens, topk = region_h * region_w, region_index.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, q.shape[1], width), dtype=torch.float32, device=q.device)
-    block_m, block_n = _tile(tokens, MAX_QUERY_TILE), _tile(topk * tokens, KEY_TILE)
+    block_m, block_n, block_d, num_warps = _tiles(tokens, topk * tokens, head_dim, q.dtype)
     query_blocks = triton.cdiv(tokens, block_m)
     grid = (n_regions * query_blocks, heads, batch)
     _routing_fwd_kernel[grid](
@@ -271,8 +289,8 @@ def forward(q, k, v, region_index, regions, scale):
         lse.stride(0), lse.stride(1), width,
         region_index.stride(0), region_index.stride(1),
         p_w, region_h, region_w, topk, scale * LOG2E, query_blocks,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_tile(head_dim, MAX_HEAD_DIM),
-        **_launch_options(q.dtype, block_m))
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        **_launch_options(q.dtype, num_warps))
     return out, lse
 
 
@@ -285,13 +303,13 @@ def inverse_routing(region_index, n_regions):
     Built with a sort on the index's device; duplicates in a routing list stay duplicated.
     """
     batch, _, topk = region_index.shape
-    image = torch.arange(batch, device=region_index.device).view(batch, 1, 1)
-    key_list = (region_index.long() + image * n_regions).flatten()
-    order = torch.argsort(key_list, stable=True)
+    device = region_index.device
+    image = torch.arange(batch, device=device).view(batch, 1, 1)
+    key_list = (region_index.long() + image * n_regions).flatten()   # entry b*n*topk + r*topk + slot
+    sorted_keys, order = torch.sort(key_list, stable=True)
     query_regions = (order % (n_regions * topk)) // topk
-    counts = torch.bincount(key_list, minlength=batch * n_regions)
-    offsets = torch.zeros(batch * n_regions + 1, dtype=torch.int32, device=region_index.device)
-    offsets[1:] = torch.cumsum(counts, 0)
+    # searchsorted rather than bincount + cumsum: bincount syncs with the host on CUDA
+    offsets = torch.searchsorted(sorted_keys, torch.arange(batch * n_regions + 1, device=device), out_int32=True)
     return query_regions.to(torch.int32), offsets
 
 
@@ -303,28 +321,26 @@ def backward(grad_out, q, k, v, out, lse, region_index, regions, scale):
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
-    block_d = _tile(head_dim, MAX_HEAD_DIM)
 
-    block_m, block_n = _tile(tokens, MAX_QUERY_TILE), _tile(topk * tokens, KEY_TILE)
-    query_blocks = triton.cdiv(tokens, block_m)
+    # dQ: query tiles cover (part of) a region and walk its routed keys, as in the forward; dK/dV:
+    # key tiles cover (part of) a region and walk the queries of the regions routed to it.
+    resident, streamed, block_d, num_warps = _tiles(tokens, topk * tokens, head_dim, q.dtype)
+    options = _launch_options(q.dtype, num_warps)
+    query_blocks = triton.cdiv(tokens, resident)
     _routing_bwd_dq_kernel[(n_regions * query_blocks, heads, batch)](
         q, k, v, out, grad_out, dq, lse, delta, region_index,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(),
         lse.stride(0), lse.stride(1), width,
         region_index.stride(0), region_index.stride(1),
         p_w, region_h, region_w, topk, scale * LOG2E, scale, query_blocks,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        **_launch_options(q.dtype, block_m))
+        HEAD_DIM=head_dim, BLOCK_M=resident, BLOCK_N=streamed, BLOCK_D=block_d, **options)
 
     query_regions, offsets = inverse_routing(region_index, n_regions)
-    # Key tiles cover one region; the query side walks the flattened lists (topk regions on average).
-    block_n, block_m = _tile(tokens, MAX_QUERY_TILE), _tile(topk * tokens, KEY_TILE)
-    key_blocks = triton.cdiv(tokens, block_n)
+    key_blocks = triton.cdiv(tokens, resident)
     _routing_bwd_dkdv_kernel[(n_regions * key_blocks, heads, batch)](
         q, k, v, grad_out, dk, dv, lse, delta, query_regions, offsets,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         lse.stride(0), lse.stride(1), width,
         n_regions, p_w, region_h, region_w, scale * LOG2E, scale, key_blocks,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        **_launch_options(q.dtype, block_n))
+        HEAD_DIM=head_dim, BLOCK_M=streamed, BLOCK_N=resident, BLOCK_D=block_d, **options)
     return dq, dk, dv
