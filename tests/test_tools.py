@@ -148,9 +148,11 @@ def _direct_top1(weights):
 @pytest.mark.parametrize('weights, history_key', [(common.MODEL_FILE, 'val_top1'), (common.EMA_FILE, 'ema_val_top1')])
 def test_eval_top1_matches_a_direct_computation(run_dir, tmp_path, weights, history_key):
     report = tmp_path / 'metrics.json'
-    metrics = eval_tool.main(TINY + ['--checkpoint', str(run_dir / weights), '--json', str(report)])
+    # no --img-size: the run's train_state.json beside the weights gives it
+    argv = ['--model', MODEL, '--device', 'cpu', '--checkpoint', str(run_dir / weights), '--json', str(report)]
+    metrics = eval_tool.main(argv)
     expected = _direct_top1(_tensors(run_dir / weights))
-    assert metrics['num_images'] == 360
+    assert metrics['num_images'] == 360 and metrics['input_size'] == [3, IMG_SIZE, IMG_SIZE]
     assert metrics['top1'] == pytest.approx(expected, abs=1e-9)
     assert metrics['top1'] == pytest.approx(json.loads((run_dir / common.STATE_FILE).read_text())['history'][-1][history_key])
     assert json.loads(report.read_text())['top1'] == metrics['top1']
@@ -168,6 +170,17 @@ def test_eval_of_an_official_layout_checkpoint(run_dir, tmp_path, wrap):
     metrics = eval_tool.main(TINY + ['--checkpoint', str(path)])
     trained = json.loads((run_dir / common.STATE_FILE).read_text())['history'][-1]
     assert (metrics['top1'], metrics['top5']) == pytest.approx((trained['val_top1'], trained['val_top5']))
+
+
+def test_training_can_start_from_an_official_checkpoint_of_another_head(tmp_path):
+    official = timm.create_model(MODEL).state_dict()  # an ImageNet-1k head
+    path = tmp_path / 'official.pth'
+    torch.save({'state_dict': official}, path)
+    model = common.create_model(MODEL, num_classes=10, pretrained_file=str(path))
+    loaded = model.state_dict()
+    assert loaded['head.weight'].shape == (10, 64)
+    _assert_same_tensors({k: v for k, v in loaded.items() if not k.startswith('head.')},
+                         {k: v for k, v in official.items() if not k.startswith('head.')})
 
 
 def test_a_checkpoint_that_does_not_fit_lists_the_keys(run_dir):

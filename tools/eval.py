@@ -8,7 +8,9 @@ an official ``.pth`` / ``.pt`` file: it is loaded with ``torch.load(weights_only
 unwrapped from ``state_dict`` / ``model`` (``--ema``: ``state_dict_ema`` / ``model_ema``), and
 converted by the model family's ``checkpoint_filter_fn``. Loading is strict: any missing,
 unexpected or mis-shaped key is an error that lists them. The classifier has as many classes
-as the dataset split has. Runs under torchrun too (each process evaluates a shard).
+as the dataset split has. For a file written by tools/train.py, ``--img-size`` and
+``--model-kwargs`` default to the run's (read from ``train_state.json`` beside it). Runs under
+torchrun too (each process evaluates a shard).
 """
 import argparse
 import json
@@ -29,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'digits' (embedded, from scikit-learn) or an ImageFolder root")
     p.add_argument('--split', default='val', help="split to evaluate: 'val' or 'train' for digits, a folder otherwise")
     p.add_argument('--img-size', type=int, default=None,
-                   help=f'input size; default {common.DIGITS_IMG_SIZE} for digits, the model\'s own otherwise')
+                   help=f'input size; default: the training run\'s when {common.STATE_FILE} sits beside the checkpoint, '
+                        f'else {common.DIGITS_IMG_SIZE} for digits and the model\'s own otherwise')
     p.add_argument('--ema', action='store_true', help="take 'state_dict_ema' / 'model_ema' from an official checkpoint")
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model arguments, key=value')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='extra create_model arguments, key=value; default: the training run\'s, as for --img-size')
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--amp', action='store_true', help='mixed precision: bfloat16 on CPU, float16 on CUDA')
     p.add_argument('--amp-dtype', choices=('float16', 'bfloat16'), default=None, help='override the AMP dtype')
@@ -41,14 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def training_run_args(checkpoint: str, model: str) -> dict:
+    """Arguments of the tools/train.py run that wrote ``checkpoint`` for ``model``; {} for other files."""
+    state_file = Path(checkpoint).parent / common.STATE_FILE
+    if not state_file.is_file():
+        return {}
+    run_args = common.read_train_state(state_file.parent)['args']
+    return run_args if run_args['model'] == model else {}
+
+
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Builds the model, loads ``args.checkpoint`` strictly and measures it on ``args.split``."""
     dist_info = common.init_distributed(args.device)
+    run_args = training_run_args(args.checkpoint, args.model)
     num_classes = common.num_classes_of(args.dataset, args.split)
-    model = common.create_model(args.model, num_classes, model_kwargs=args.model_kwargs)
+    model = common.create_model(args.model, num_classes, model_kwargs=args.model_kwargs or run_args.get('model_kwargs'))
     common.load_weights(model, common.read_state_dict(args.checkpoint, use_ema=args.ema), args.checkpoint)
     model.to(dist_info.device)
-    config = common.data_config(model, args.dataset, args.img_size)
+    config = common.data_config(model, args.dataset, args.img_size or run_args.get('img_size'))
     loader = common.eval_loader(common.build_dataset(args.dataset, args.split, config, training=False),
                                 args.batch_size, args.workers, dist_info)
     metrics = common.evaluate(model, loader, dist_info, common.amp_dtype(args.amp, args.amp_dtype, dist_info.device),
