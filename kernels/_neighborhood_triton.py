@@ -25,6 +25,7 @@ import triton.language as tl
 from ._dispatch import triton_interpreted
 
 LOG2E = 1.4426950408889634
+LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # kernels read only constexpr globals
 MIN_DOT = 16          # smallest tl.dot dimension on GPUs
 EXTRA_BLOCK = 32      # extra (global) tokens per block
 MAX_GRID_Y = 65535
@@ -102,10 +103,16 @@ def _in_window(q_y, q_x, win_y, win_x, k_y, k_x, KERNEL_H: tl.constexpr, KERNEL_
 
 
 @triton.jit
-def _rpb_bias(rpb_base, q_y, q_x, k_y, k_x, mask, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr):
-    """Relative position bias of each (query, key) pair, scaled to base 2."""
-    idx = (k_y - q_y + KERNEL_H - 1) * (2 * KERNEL_W - 1) + (k_x - q_x + KERNEL_W - 1)
-    return tl.load(rpb_base + idx, mask=mask, other=0.0).to(tl.float32) * LOG2E
+def _rpb_coord(y, x, KERNEL_W: tl.constexpr):
+    """Linear position in a row-major rpb table: a key's minus a query's is the pair's table offset."""
+    return y * (2 * KERNEL_W - 1) + x
+
+
+@triton.jit
+def _rpb_bias(rpb_base, q_coord, k_coord, mask, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr):
+    """Relative position bias of each (query, key) pair (coords broadcast to a grid), scaled to base 2."""
+    centre = (KERNEL_H - 1) * (2 * KERNEL_W - 1) + KERNEL_W - 1
+    return tl.load(rpb_base + centre + (k_coord - q_coord), mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
 
 
 @triton.jit
@@ -182,6 +189,7 @@ def _forward_kernel(
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
     rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
 
     m_i = tl.full((BLOCK_M,), float('-inf'), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -199,7 +207,7 @@ def _forward_kernel(
                               KERNEL_H, KERNEL_W) & k_valid[None, :]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if HAS_RPB:
-                s += _rpb_bias(rpb_base, q_y[:, None], q_x[:, None], k_y[None, :], k_x[None, :], mask,
+                s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask,
                                KERNEL_H, KERNEL_W)
             s = tl.where(mask, s, float('-inf'))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
@@ -266,6 +274,7 @@ def _backward_dq_kernel(
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
     rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     drpb = tl.zeros((BIAS_H, BIAS_W), tl.float32)
@@ -282,7 +291,7 @@ def _backward_dq_kernel(
                               KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if HAS_RPB:
-                s += _rpb_bias(rpb_base, q_y[:, None], q_x[:, None], k_y[None, :], k_x[None, :], mask,
+                s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask,
                                KERNEL_H, KERNEL_W)
             p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -346,6 +355,7 @@ def _backward_dkdv_kernel(
     do_base = do_ptr + b * sdo_b + h * sdo_h
     stat_base = pid_bh.to(tl.int64) * height * width
     rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    k_coord = _rpb_coord(k_y, k_x, KERNEL_W)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -367,7 +377,7 @@ def _backward_dkdv_kernel(
                               KERNEL_H, KERNEL_W) & q_valid[None, :] & k_valid[:, None]
             s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale      # [keys, queries]
             if HAS_RPB:
-                s += _rpb_bias(rpb_base, q_y[None, :], q_x[None, :], k_y[:, None], k_x[:, None], mask,
+                s += _rpb_bias(rpb_base, _rpb_coord(q_y, q_x, KERNEL_W)[None, :], k_coord[:, None], mask,
                                KERNEL_H, KERNEL_W)
             p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
             dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
@@ -429,24 +439,33 @@ def _backward_extra_kernel(
 # ----------------------------------------------------------------------------- tuning
 
 
-def _tile_configs(block_rows, warps_for_tile, stages):
+def _tile_configs():
     """Query / key tile shapes and the rows of the other side's block, for the window kernels."""
     if triton_interpreted():  # one config: the interpreter cannot benchmark
-        return [triton.Config({'TILE_H': 16, 'TILE_W': 16, 'BLOCK_ROWS': 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({'TILE_H': tile_h, 'TILE_W': tile_w, 'BLOCK_ROWS': rows},
-                          num_warps=warps_for_tile[tile_h * tile_w], num_stages=stage)
-            for tile_h, tile_w in ((8, 8), (16, 8), (8, 16)) for rows in block_rows for stage in stages]
+        return [triton.Config({'TILE_H': 16, 'TILE_W': 8, 'BLOCK_ROWS': 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({'TILE_H': tile_h, 'TILE_W': tile_w, 'BLOCK_ROWS': rows}, num_warps=warps, num_stages=stages)
+            for tile_h, tile_w in ((8, 8), (16, 8), (8, 16)) for rows in (1, 2) for warps in (4, 8)
+            for stages in (1, 2)]
 
 
-TUNING_KEY = ['heads', 'height', 'width', 'dil_h', 'dil_w', 'HEAD_DIM', 'KERNEL_H', 'KERNEL_W', 'CLAMP', 'HAS_RPB',
-              'HAS_EXTRA']
-_FORWARD = triton.autotune(_tile_configs((2, 4), {64: 4, 128: 8}, (1, 2)), key=TUNING_KEY)(
-    triton.heuristics({'BLOCK_COLS': _block_cols})(_forward_kernel))
-_BACKWARD_DQ = triton.autotune(_tile_configs((1, 2), {64: 4, 128: 8}, (1, 2)), key=TUNING_KEY + ['RPB_GRAD'],
-                               reset_to_zero=['drpb_ptr'])(
-    triton.heuristics({'BLOCK_COLS': _block_cols})(_backward_dq_kernel))
-_BACKWARD_DKDV = triton.autotune(_tile_configs((1, 2), {64: 4, 128: 8}, (1, 2)), key=TUNING_KEY[:-1])(
-    triton.heuristics({'BLOCK_COLS': _block_cols})(_backward_dkdv_kernel))
+def _warps_for_tile(configs, named_args, **kwargs):
+    """8 warps where (queries x padded head dim) accumulators would spill on 4 (ptxas for sm_90), 4 where
+    they fit; the d_rpb histogram needs more registers, so the dQ kernel tries both when it runs."""
+    def fits(config):
+        big = config.kwargs['TILE_H'] * config.kwargs['TILE_W'] * kwargs['BLOCK_D'] >= 4096
+        return config.num_warps == 8 if big else config.num_warps == 4 or kwargs.get('RPB_GRAD', False)
+    return [c for c in configs if fits(c)]
+
+
+def _tuned(kernel, key, **autotune_options):
+    return triton.autotune(_tile_configs(), key=key, prune_configs_by={'early_config_prune': _warps_for_tile},
+                           **autotune_options)(triton.heuristics({'BLOCK_COLS': _block_cols})(kernel))
+
+
+TUNING_KEY = ['heads', 'height', 'width', 'dil_h', 'dil_w', 'HEAD_DIM', 'KERNEL_H', 'KERNEL_W', 'CLAMP', 'HAS_RPB']
+_FORWARD = _tuned(_forward_kernel, TUNING_KEY + ['HAS_EXTRA'])
+_BACKWARD_DQ = _tuned(_backward_dq_kernel, TUNING_KEY + ['HAS_EXTRA', 'RPB_GRAD'], reset_to_zero=['drpb_ptr'])
+_BACKWARD_DKDV = _tuned(_backward_dkdv_kernel, TUNING_KEY)
 
 
 # ----------------------------------------------------------------------------- launchers
