@@ -189,6 +189,9 @@ def test_reference_matches_natten():
                                additional_keys=inputs.get('extra_k'), additional_values=inputs.get('extra_v'))
         out = neighborhood_attention_2d_reference(**inputs, kernel_size=kernel_size, dilation=dilation)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+        through_dispatch = neighborhood_attention_2d(**inputs, kernel_size=kernel_size, dilation=dilation,
+                                                     backend='natten')
+        torch.testing.assert_close(through_dispatch, expected, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- dispatch and validation
