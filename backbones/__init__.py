@@ -1,3 +1,4 @@
 """attnzoo.backbones: importing this registers every attnzoo family with timm."""
-from . import nat
-from . import cswin
+from . import cswin, nat
+
+__all__ = ['cswin', 'nat']

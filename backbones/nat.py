@@ -14,7 +14,7 @@ Activations stay channels-last ``[B, H, W, C]`` inside the model, as in the offi
 pyramid features of ``forward_intermediates`` / ``features_only`` are NCHW by default.
 """
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from attnzoo.kernels import neighborhood_attention_2d
 
+from ._pyramid import ChannelsLastPyramid, check_checkpoint_keys, unwrap_checkpoint
+
 __all__ = ['NAT']
 
-TOTAL_STRIDE = 32
 
 
 class ConvStem(nn.Module):
@@ -197,7 +197,7 @@ class NATStage(nn.Module):
         return self.blocks(x)
 
 
-class NAT(nn.Module):
+class NAT(ChannelsLastPyramid):
     """NAT / DiNAT: a four-stage hierarchical transformer on (dilated) neighborhood attention.
 
     Args:
@@ -216,6 +216,7 @@ class NAT(nn.Module):
         proj_drop_rate: Dropout after the attention projection and in the MLP.
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
+    family = 'NAT'
 
     def __init__(
             self,
@@ -248,6 +249,7 @@ class NAT(nn.Module):
             raise ValueError(f'NAT: {len(dilations)} dilation lists for {num_stages} stages')
         self.num_classes = num_classes
         self.in_chans = in_chans
+        self.stem_stride = 4
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
@@ -274,7 +276,7 @@ class NAT(nn.Module):
                 norm_layer=norm_layer,
                 **dd,
             ))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=self.stem_stride * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
@@ -301,107 +303,6 @@ class NAT(nn.Module):
                 (r'^norm', (99999,)),
             ],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def _check_input(self, x: torch.Tensor):
-        """Cheap shape checks, so a wrong image fails here and not deep inside a layer."""
-        if x.ndim != 4:
-            raise ValueError(f'NAT expects images [B, C, H, W]; got a tensor of shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'NAT was built for {self.in_chans}-channel images but got {x.shape[1]} channels '
-                f'(input shape {tuple(x.shape)}); pass images [B, {self.in_chans}, H, W] or create the '
-                f'model with in_chans={x.shape[1]}')
-        if x.shape[2] < TOTAL_STRIDE or x.shape[3] < TOTAL_STRIDE:
-            raise ValueError(
-                f'NAT needs images of at least {TOTAL_STRIDE}x{TOTAL_STRIDE} pixels (its total stride); '
-                f'got {x.shape[2]}x{x.shape[3]}; resize the image up')
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates.
-
-        Args:
-            x: Input images [B, C, H, W].
-            indices: Take last n stages if int, all if None, select matching indices if sequence.
-            norm: Apply the final norm to the last stage's intermediate.
-            stop_early: Stop iterating over stages when the last desired intermediate is reached.
-            output_fmt: Layout of the intermediates, 'NCHW' or 'NHWC'.
-            intermediates_only: Only return intermediate features.
-        Returns:
-            The intermediates, or (final NHWC features, intermediates).
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"NAT.forward_intermediates: output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-
-        x = self.stem(x)
-        feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx in take_indices:
-                x_inter = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else x_inter)
-
-        if intermediates_only:
-            return intermediates
-        if feat_idx == last_idx:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and optionally the final norm and head) not needed for ``indices``."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # official key -> ours; applied in order, each to the result of the previous one
@@ -431,25 +332,15 @@ def _convert_official_key(key: str) -> str:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: NAT) -> Dict[str, torch.Tensor]:
     """Converts an official NAT / DiNAT checkpoint (or one of ours) to this model's keys.
 
-    Accepts a plain state dict or one wrapped under 'model' / 'state_dict', with or without a
-    'module.' (DataParallel) prefix. Classifier keys may differ (timm drops or re-creates the head
-    when num_classes changes); any other mismatch raises a ValueError naming the keys.
+    Accepts a plain state dict or one wrapped as the official files are (see
+    :func:`~attnzoo.backbones._pyramid.unwrap_checkpoint`). Our own state dict passes through unchanged.
+    Classifier keys may differ (timm drops or re-creates the head when num_classes changes); any other
+    mismatch raises a ValueError naming the keys.
     """
-    for wrapper in ('state_dict', 'model'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_checkpoint(state_dict)
     if not any(k.startswith('stem.') for k in state_dict):
         state_dict = {_convert_official_key(k): v for k, v in state_dict.items()}
-
-    expected = set(model.state_dict())
-    missing = sorted(k for k in expected - set(state_dict) if not k.startswith('head.'))
-    unexpected = sorted(k for k in set(state_dict) - expected if not k.startswith('head.'))
-    if missing or unexpected:
-        raise ValueError(
-            f'checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:10]}, '
-            f'{len(unexpected)} unexpected keys {unexpected[:10]} (after converting official NAT / DiNAT names); '
-            f'is it a checkpoint of this variant (depths, layer scale)?')
+    check_checkpoint_keys(state_dict, model, hint='(after converting official NAT / DiNAT names) is it a checkpoint of this variant (depths, layer scale)?')
     return state_dict
 
 

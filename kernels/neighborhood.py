@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._dispatch import resolve_backend
+from ._validation import check_qkv, check_tensor, int_pair, softmax_scale
 
 OP_NAME = 'neighborhood_attention_2d'
 BORDERS = ('clamp', 'zero')
@@ -41,47 +42,16 @@ class NeighborhoodSpec:
     border: str
 
 
-def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise TypeError(f'{OP_NAME}: {name} must be an int or a pair of ints (rows, columns), got {value!r}')
-    if min(value) < 1:
-        raise ValueError(f'{OP_NAME}: {name} must be >= 1, got {tuple(value)}')
-    return tuple(value)
-
-
-def _check_tensor(name, tensor, q):
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f'{OP_NAME}: {name} must be a torch.Tensor, got {type(tensor).__name__}')
-    if tensor.device != q.device:
-        raise ValueError(f'{OP_NAME}: {name} is on {tensor.device} but q is on {q.device}; move all inputs '
-                         f'to one device')
-
-
 def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='clamp', extra_k=None,
              extra_v=None) -> NeighborhoodSpec:
     """Checks the arguments of :func:`neighborhood_attention_2d` and returns the call's geometry."""
-    _check_tensor('q', q, q)
-    if q.dim() != 5:
-        raise ValueError(f'{OP_NAME}: q must be [B, H, W, heads, head_dim] (heads-last), got shape '
-                         f'{tuple(q.shape)}')
-    if not q.dtype.is_floating_point:
-        raise TypeError(f'{OP_NAME}: q must be a floating-point tensor, got {q.dtype}')
-    for name, tensor in (('k', k), ('v', v)):
-        _check_tensor(name, tensor, q)
-        if tensor.shape != q.shape:
-            raise ValueError(f'{OP_NAME}: {name} has shape {tuple(tensor.shape)} but q has {tuple(q.shape)}; '
-                             f'q, k and v must have the same [B, H, W, heads, head_dim] shape')
-        if tensor.dtype != q.dtype:
-            raise TypeError(f'{OP_NAME}: {name} is {tensor.dtype} but q is {q.dtype}; cast q, k, v to one dtype')
+    check_qkv(OP_NAME, q, k, v)
     batch, height, width, heads, head_dim = q.shape
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f'{OP_NAME}: head_dim {head_dim} is not supported; it must be between '
                          f'{MIN_HEAD_DIM} and {MAX_HEAD_DIM}')
-    kernel_size = _pair(kernel_size, 'kernel_size')
-    dilation = _pair(dilation, 'dilation')
+    kernel_size = int_pair(OP_NAME, kernel_size, 'kernel_size')
+    dilation = int_pair(OP_NAME, dilation, 'dilation')
     for axis, size, kernel, dil in (('height', height, kernel_size[0], dilation[0]),
                                     ('width', width, kernel_size[1], dilation[1])):
         if kernel * dil > size:
@@ -90,12 +60,9 @@ def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='cla
                              f'or dilation')
     if border not in BORDERS:
         raise ValueError(f'{OP_NAME}: border must be one of {BORDERS}, got {border!r}')
-    if scale is None:
-        scale = head_dim ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f'{OP_NAME}: scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}')
+    scale = softmax_scale(OP_NAME, scale, head_dim)
     if rpb is not None:
-        _check_tensor('rpb', rpb, q)
+        check_tensor(OP_NAME, 'rpb', rpb, q)
         expected = (heads, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
         if tuple(rpb.shape) != expected:
             raise ValueError(f'{OP_NAME}: rpb must have shape [heads, 2 * kernel_h - 1, 2 * kernel_w - 1] = '
@@ -106,7 +73,7 @@ def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='cla
         raise ValueError(f'{OP_NAME}: extra_k and extra_v must be given together (global keys and their values)')
     if extra_k is not None:
         for name, tensor in (('extra_k', extra_k), ('extra_v', extra_v)):
-            _check_tensor(name, tensor, q)
+            check_tensor(OP_NAME, name, tensor, q)
             if (tensor.dim() != 4 or tensor.shape[0] != batch or tensor.shape[2:] != (heads, head_dim)
                     or tensor.shape[1] < 1):
                 raise ValueError(f'{OP_NAME}: {name} must be [B, L, heads, head_dim] = [{batch}, L, {heads}, '
@@ -116,7 +83,7 @@ def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='cla
         if extra_k.shape != extra_v.shape:
             raise ValueError(f'{OP_NAME}: extra_k {tuple(extra_k.shape)} and extra_v {tuple(extra_v.shape)} '
                              f'must have the same shape')
-    return NeighborhoodSpec(kernel_size, dilation, float(scale), border)
+    return NeighborhoodSpec(kernel_size, dilation, scale, border)
 
 
 def axis_neighbors(length, kernel_size, dilation, border, device=None):

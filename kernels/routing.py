@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._dispatch import resolve_backend
+from ._validation import check_qkv, check_tensor, int_pair, softmax_scale
 
 OP_NAME = 'routing_attention'
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,27 +46,11 @@ class RoutingSpec:
 
 def _region_grid(op_name, regions, height, width):
     """``regions`` as ``(p_h, p_w)``, checked against the map size."""
-    if isinstance(regions, int) and not isinstance(regions, bool):
-        regions = (regions, regions)
-    if (not isinstance(regions, (tuple, list)) or len(regions) != 2
-            or not all(isinstance(r, int) and not isinstance(r, bool) for r in regions)):
-        raise TypeError(f'{op_name}: regions must be an int or a pair of ints (p_h, p_w): regions per column and '
-                        f'per row of the map, got {regions!r}')
-    p_h, p_w = regions
-    if p_h < 1 or p_w < 1:
-        raise ValueError(f'{op_name}: regions must be >= 1, got {tuple(regions)}')
+    p_h, p_w = int_pair(op_name, regions, 'regions', '(p_h, p_w): regions per column and per row of the map')
     if height % p_h or width % p_w:
         raise ValueError(f'{op_name}: the map {height}x{width} does not split into {p_h}x{p_w} regions; pad it to '
                          f'a multiple of the region grid first (BiFormer pads before its qkv projection)')
     return p_h, p_w
-
-
-def _check_tensor(name, tensor, q):
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f'{OP_NAME}: {name} must be a torch.Tensor, got {type(tensor).__name__}')
-    if tensor.device != q.device:
-        raise ValueError(f'{OP_NAME}: {name} is on {tensor.device} but q is on {q.device}; move all inputs '
-                         f'to one device')
 
 
 def _check_index_values(region_index, n_regions):
@@ -80,24 +65,12 @@ def _check_index_values(region_index, n_regions):
 
 def validate(q, k, v, region_index, regions, scale=None) -> RoutingSpec:
     """Checks the arguments of :func:`routing_attention` and returns the call's geometry."""
-    _check_tensor('q', q, q)
-    if q.dim() != 5:
-        raise ValueError(f'{OP_NAME}: q must be [B, H, W, heads, head_dim] (heads-last), got shape '
-                         f'{tuple(q.shape)}')
-    if not q.dtype.is_floating_point:
-        raise TypeError(f'{OP_NAME}: q must be a floating-point tensor, got {q.dtype}')
-    for name, tensor in (('k', k), ('v', v)):
-        _check_tensor(name, tensor, q)
-        if tensor.shape != q.shape:
-            raise ValueError(f'{OP_NAME}: {name} has shape {tuple(tensor.shape)} but q has {tuple(q.shape)}; '
-                             f'q, k and v must have the same [B, H, W, heads, head_dim] shape')
-        if tensor.dtype != q.dtype:
-            raise TypeError(f'{OP_NAME}: {name} is {tensor.dtype} but q is {q.dtype}; cast q, k, v to one dtype')
+    check_qkv(OP_NAME, q, k, v)
     batch, height, width, _, head_dim = q.shape
     p_h, p_w = _region_grid(OP_NAME, regions, height, width)
     n_regions = p_h * p_w
 
-    _check_tensor('region_index', region_index, q)
+    check_tensor(OP_NAME, 'region_index', region_index, q)
     if region_index.dtype not in INDEX_DTYPES:
         raise TypeError(f'{OP_NAME}: region_index must be int32 or int64, got {region_index.dtype}')
     if region_index.dim() != 3 or region_index.shape[:2] != (batch, n_regions):
@@ -109,11 +82,8 @@ def validate(q, k, v, region_index, regions, scale=None) -> RoutingSpec:
                          f'{n_regions} regions; use 1 <= topk <= {n_regions}')
     _check_index_values(region_index, n_regions)
 
-    if scale is None:
-        scale = head_dim ** -0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise TypeError(f'{OP_NAME}: scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}')
-    return RoutingSpec((p_h, p_w), (height // p_h, width // p_w), topk, float(scale))
+    scale = softmax_scale(OP_NAME, scale, head_dim)
+    return RoutingSpec((p_h, p_w), (height // p_h, width // p_w), topk, scale)
 
 
 def _region_means(x, regions):

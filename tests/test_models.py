@@ -5,7 +5,6 @@ modules of attnzoo.backbones; the timm-native families attnzoo supports (MaxViT,
 HaloNet) run through the same tests. Full forward / backward runs on the smallest variant of each
 family; parameter counts are checked for every variant on the meta device.
 """
-import importlib
 import pkgutil
 import sys
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.harness import KernelCase, Result, markdown_table, run_case, time_call  # noqa: E402
+from benchlib.harness import Result, markdown_table, run_case, time_call  # noqa: E402
 
 KERNEL_SECTIONS = ('neighborhood', 'routing')
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}

@@ -1,0 +1,155 @@
+"""What the channels-last pyramid backbones of attnzoo share.
+
+A family built as ``stem -> stages -> norm -> head``, with channels-last ``[B, H, W, C]`` activations
+between stages and one stage per output stride (4, 8, 16, 32), gets timm's model API from
+:class:`ChannelsLastPyramid`, and its ``checkpoint_filter_fn`` gets the unwrapping of official
+checkpoint files and the key check from :func:`unwrap_checkpoint` / :func:`check_checkpoint_keys`.
+"""
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
+
+CHECKPOINT_WRAPPERS = ('state_dict', 'state_dict_ema', 'model')
+
+
+class ChannelsLastPyramid(nn.Module):
+    """timm's model API around ``stem -> stages -> norm -> head``.
+
+    A subclass sets ``family`` (its name in error messages) and builds ``in_chans``, ``stem_stride``,
+    ``stem`` (NCHW image -> NHWC map), ``stages`` (an ``nn.Sequential`` of stages, each with a
+    ``grad_checkpointing`` flag, each halving the map but the first), ``norm`` (on NHWC) and ``head``
+    (a timm ``ClassifierHead`` that takes NHWC).
+    """
+    family: str = ''
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def check_input(self, x: torch.Tensor):
+        """Cheap shape checks, so a wrong image fails here and not deep inside a layer."""
+        if x.ndim != 4:
+            raise ValueError(f'{self.family} expects images [B, C, H, W]; got a tensor of shape {list(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'{self.family} was built for {self.in_chans}-channel images but got {x.shape[1]} channels '
+                f'(input shape {list(x.shape)}); pass images [B, {self.in_chans}, H, W] or create the '
+                f'model with in_chans={x.shape[1]}')
+        min_size = self.stem_stride << (len(self.stages) - 1)  # the last stage's reduction (stages may be pruned)
+        if x.shape[2] < min_size or x.shape[3] < min_size:
+            raise ValueError(
+                f'{self.family} needs images of at least {min_size}x{min_size} pixels (its total stride); '
+                f'got {x.shape[2]}x{x.shape[3]}; resize the image up')
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns intermediates.
+
+        Args:
+            x: Input images [B, C, H, W].
+            indices: Take last n stages if int, all if None, select matching indices if sequence.
+            norm: Apply the final norm to the last stage's intermediate.
+            stop_early: Stop iterating over stages when the last desired intermediate is reached.
+            output_fmt: Layout of the intermediates, 'NCHW' or 'NHWC'.
+            intermediates_only: Only return intermediate features.
+        Returns:
+            The intermediates, or (final NHWC features, intermediates).
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"{self.family}.forward_intermediates: output_fmt must be 'NCHW' or 'NHWC', "
+                             f'got {output_fmt!r}')
+        self.check_input(x)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+
+        x = self.stem(x)
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                x_inter = self.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(x_inter.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else x_inter)
+
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last_idx:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and optionally the final norm and head) not needed for ``indices``."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def unwrap_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint file: the first of 'state_dict', 'state_dict_ema', 'model' that
+    holds a dict (the official loaders' order of preference), or the file itself; without the
+    'module.' prefix that (Distributed)DataParallel adds."""
+    for wrapper in CHECKPOINT_WRAPPERS:
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def check_checkpoint_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, hint: str):
+    """Raises a ValueError naming the missing and unexpected keys of ``state_dict`` for ``model``.
+
+    Classifier keys may differ: timm drops or re-creates the head when num_classes changes.
+    """
+    expected = set(model.state_dict())
+    missing = sorted(k for k in expected - set(state_dict) if not k.startswith('head.'))
+    unexpected = sorted(k for k in set(state_dict) - expected if not k.startswith('head.'))
+    if missing or unexpected:
+        raise ValueError(
+            f'checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:10]}, '
+            f'{len(unexpected)} unexpected keys {unexpected[:10]}; {hint}')
