@@ -8,7 +8,7 @@ from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}  # bf16 as NATTEN's own tests
 
 
 def make_inputs(shape, kernel_size, rpb=False, n_extra=0, dtype=torch.float32, device='cpu', seed=0):
