@@ -3,9 +3,9 @@
 A family built as ``stem -> stages -> norm -> head``, with channels-last ``[B, H, W, C]`` activations
 between stages and one stage per output stride (4, 8, 16, 32), gets timm's model API from
 :class:`ChannelsLastPyramid`, and its ``checkpoint_filter_fn`` gets the unwrapping of official
-checkpoint files and the key check from :func:`unwrap_checkpoint` / :func:`check_checkpoint_keys`.
+checkpoint files and the key check from :func:`convert_checkpoint`.
 """
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -128,6 +128,22 @@ class ChannelsLastPyramid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def convert_checkpoint(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        convert_official_key: Callable[[str], str],
+        hint: str,
+) -> Dict[str, torch.Tensor]:
+    """The body of a family's ``checkpoint_filter_fn``: unwraps the file, renames official keys with
+    ``convert_official_key`` (our own state dict, whose keys start with 'stem.', passes through) and
+    checks the result against ``model``; ``hint`` ends the error message of a mismatch."""
+    state_dict = unwrap_checkpoint(state_dict)
+    if not any(k.startswith('stem.') for k in state_dict):
+        state_dict = {convert_official_key(k): v for k, v in state_dict.items()}
+    check_checkpoint_keys(state_dict, model, hint)
+    return state_dict
 
 
 def unwrap_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
-from ._pyramid import ChannelsLastPyramid, check_checkpoint_keys, unwrap_checkpoint
+from ._pyramid import ChannelsLastPyramid, convert_checkpoint
 
 __all__ = ['CSWinTransformer']
 
@@ -424,11 +424,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CSWinTransf
     Classifier keys may differ (timm drops or re-creates the head when num_classes changes); any other
     mismatch raises a ValueError naming the keys.
     """
-    state_dict = unwrap_checkpoint(state_dict)
-    if not any(k.startswith('stem.') for k in state_dict):
-        state_dict = {_convert_official_key(k): v for k, v in state_dict.items()}
-    check_checkpoint_keys(state_dict, model, hint='(after converting official CSWin names) is it a classification checkpoint of this variant (depths, last_stage_full_attention)?')
-    return state_dict
+    return convert_checkpoint(
+        state_dict, model, _convert_official_key,
+        hint='(after converting official CSWin names) is it a classification checkpoint of this '
+             'variant (depths, last_stage_full_attention)?')
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs) -> CSWinTransformer:

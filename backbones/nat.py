@@ -26,7 +26,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._pyramid import ChannelsLastPyramid, check_checkpoint_keys, unwrap_checkpoint
+from ._pyramid import ChannelsLastPyramid, convert_checkpoint
 
 __all__ = ['NAT']
 
@@ -337,11 +337,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: NAT) -> Dic
     Classifier keys may differ (timm drops or re-creates the head when num_classes changes); any other
     mismatch raises a ValueError naming the keys.
     """
-    state_dict = unwrap_checkpoint(state_dict)
-    if not any(k.startswith('stem.') for k in state_dict):
-        state_dict = {_convert_official_key(k): v for k, v in state_dict.items()}
-    check_checkpoint_keys(state_dict, model, hint='(after converting official NAT / DiNAT names) is it a checkpoint of this variant (depths, layer scale)?')
-    return state_dict
+    return convert_checkpoint(
+        state_dict, model, _convert_official_key,
+        hint='(after converting official NAT / DiNAT names) is it a checkpoint of this variant '
+             '(depths, layer scale)?')
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
