@@ -1,0 +1,364 @@
+"""attnzoo.heads: the OpenMMLab backbone wrapper and the configs under configs/.
+
+Needs the OpenMMLab stack (mmengine, mmcv with its compiled ops, mmdet, mmseg); without it the
+module is skipped. Installed but broken (e.g. mmcv without ops) is an error, not a skip.
+The task-model tests build CSWin-T with one block per stage (same channels, a fraction of the time).
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+MM_PACKAGES = ('mmengine', 'mmcv', 'mmdet', 'mmseg')
+_missing = [name for name in MM_PACKAGES if importlib.util.find_spec(name) is None]
+if _missing:
+    pytest.skip(f'OpenMMLab stack not installed ({", ".join(_missing)} missing): pip install "attnzoo[mm]"',
+                allow_module_level=True)
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import mmcv.ops  # noqa: E402,F401  (fails loudly if mmcv was built without its ops)
+from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
+from mmdet.structures import DetDataSample  # noqa: E402
+from mmdet.structures.mask import BitmapMasks  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
+from mmengine.structures import InstanceData, PixelData  # noqa: E402
+from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
+from mmseg.structures import SegDataSample  # noqa: E402
+
+from attnzoo.heads import AttnzooBackbone  # noqa: E402  (registers it into mmdet and mmseg)
+
+pytestmark = pytest.mark.mm
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
+CONFIGS = sorted(CONFIG_DIR.rglob('*.py'))
+REGISTRIES = {'mmdet': DET_MODELS, 'mmseg': SEG_MODELS}
+SHALLOW = dict(depths=(1, 1, 1, 1))  # CSWin-T widths and heads, one block per stage
+NUM_ADE_CLASSES = 150
+
+
+def config_path(prefix: str) -> Path:
+    matches = [path for path in CONFIGS if path.name.startswith(prefix)]
+    assert len(matches) == 1, f'expected one config starting with {prefix!r} under configs/, found {matches}'
+    return matches[0]
+
+
+def load_config(path: Path, shallow: bool = False) -> Config:
+    cfg = Config.fromfile(str(path))
+    cfg.model.backbone.pretrained = False  # no downloads in tests
+    if shallow:
+        cfg.model.backbone.update(SHALLOW)
+    return cfg
+
+
+def build_model(cfg: Config):
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        return REGISTRIES[cfg.default_scope].build(cfg.model)
+
+
+def total_loss(model, losses) -> torch.Tensor:
+    loss, _ = model.parse_losses(losses)
+    assert torch.isfinite(loss), losses
+    return loss
+
+
+def backbone_grads(model):
+    return [p.grad for p in model.backbone.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- registration and configs
+
+def test_registered_in_mmdet_and_mmseg():
+    assert DET_MODELS.get('AttnzooBackbone') is AttnzooBackbone
+    assert SEG_MODELS.get('AttnzooBackbone') is AttnzooBackbone
+
+
+def test_configs_exist():
+    assert CONFIGS, f'no configs under {CONFIG_DIR}'
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
+def test_config_loads_and_builds(path):
+    cfg = load_config(path)
+    assert cfg.default_scope in REGISTRIES, f'{path.name}: default_scope {cfg.default_scope!r}'
+    assert 'attnzoo.heads' in cfg.custom_imports['imports']
+    model = build_model(cfg)
+    backbone = model.backbone
+    assert isinstance(backbone, AttnzooBackbone)
+    # what the backbone returns is what the next module was configured to take
+    if 'neck' in cfg.model:
+        assert list(backbone.out_channels) == list(cfg.model.neck.in_channels)
+    else:
+        assert list(backbone.out_channels) == list(cfg.model.decode_head.in_channels)
+    if 'auxiliary_head' in cfg.model:
+        aux = cfg.model.auxiliary_head
+        assert backbone.out_channels[aux.in_index] == aux.in_channels
+    optimizer = cfg.optim_wrapper.optimizer
+    assert optimizer.type == 'AdamW'
+
+
+# ---------------------------------------------------------------- detection
+
+DET_SIZE = (128, 160)
+
+
+def det_batch(with_masks: bool, seed: int = 0) -> dict:
+    """Two uint8 images with two boxes each (masks: the boxes filled), as a dataloader yields them."""
+    generator = torch.Generator().manual_seed(seed)
+    h, w = DET_SIZE
+    boxes = torch.tensor([[10., 20., 70., 90.], [60., 30., 150., 120.]])
+    inputs, samples = [], []
+    for _ in range(2):
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator))
+        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1., 1.)))
+        gt = InstanceData(bboxes=boxes.clone(), labels=torch.tensor([1, 5]))
+        if with_masks:
+            masks = np.zeros((len(boxes), h, w), dtype=np.uint8)
+            for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+                masks[i, y0:y1, x0:x1] = 1
+            gt.masks = BitmapMasks(masks, h, w)
+        sample.gt_instances = gt
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def check_detections(results, with_masks: bool):
+    h, w = DET_SIZE
+    assert len(results) == 2
+    for result in results:
+        pred = result.pred_instances
+        n = len(pred)
+        assert pred.bboxes.shape == (n, 4) and pred.scores.shape == (n,) and pred.labels.shape == (n,)
+        assert torch.isfinite(pred.bboxes).all()
+        if n:
+            assert (pred.bboxes[:, 0::2] >= 0).all() and (pred.bboxes[:, 0::2] <= w).all()
+            assert (pred.bboxes[:, 1::2] >= 0).all() and (pred.bboxes[:, 1::2] <= h).all()
+        if with_masks:
+            assert tuple(pred.masks.shape) == (n, h, w)
+
+
+@pytest.fixture(scope='module')
+def mask_rcnn():
+    torch.manual_seed(0)
+    cfg = load_config(config_path('mask-rcnn_cswin'), shallow=True)
+    # an untrained box head scores everything below the config's 0.05: keep the top ten, so the mask head runs
+    cfg.model.test_cfg.rcnn.update(score_thr=0., max_per_img=10)
+    return build_model(cfg)
+
+
+def test_mask_rcnn_loss_backward(mask_rcnn):
+    model = mask_rcnn.train()
+    data = model.data_preprocessor(det_batch(with_masks=True), training=True)
+    losses = model(**data, mode='loss')
+    for name in ('loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox', 'loss_mask'):
+        assert name in losses, sorted(losses)
+    model.zero_grad()
+    total_loss(model, losses).backward()
+    grads = backbone_grads(model)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_mask_rcnn_predict(mask_rcnn):
+    model = mask_rcnn.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(det_batch(with_masks=False), training=False)
+        results = model(**data, mode='predict')
+    assert all(len(result.pred_instances) for result in results)
+    check_detections(results, with_masks=True)
+
+
+def test_retinanet_predict_and_loss():
+    torch.manual_seed(0)
+    model = build_model(load_config(config_path('retinanet_cswin'), shallow=True)).eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(det_batch(with_masks=False), training=False)
+        check_detections(model(**data, mode='predict'), with_masks=False)
+        data = model.data_preprocessor(det_batch(with_masks=False), training=True)
+        losses = model.train()(**data, mode='loss')
+    assert {'loss_cls', 'loss_bbox'} <= set(losses)
+    total_loss(model, losses)
+
+
+# ---------------------------------------------------------------- segmentation
+
+SEG_SIZE = (128, 128)
+
+
+def seg_batch(seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    h, w = SEG_SIZE
+    inputs, samples = [], []
+    for _ in range(2):
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator))
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, NUM_ADE_CLASSES, (1, h, w), generator=generator))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+@pytest.mark.parametrize('prefix', ['upernet_cswin', 'fpn_cswin'])
+def test_segmentor_loss_and_predict(prefix):
+    torch.manual_seed(0)
+    cfg = load_config(config_path(prefix), shallow=True)
+    cfg.model.data_preprocessor.size = SEG_SIZE  # the configs pad to the 512x512 training crop
+    model = build_model(cfg).train()
+    data = model.data_preprocessor(seg_batch(), training=True)
+    losses = model(**data, mode='loss')
+    assert 'decode.loss_ce' in losses, sorted(losses)
+    total_loss(model, losses).backward()
+    assert all(g is not None and torch.isfinite(g).all() for g in backbone_grads(model))
+
+    model.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(seg_batch(seed=1), training=False)
+        results = model(**data, mode='predict')
+    assert len(results) == 2
+    for result in results:
+        labels = result.pred_sem_seg.data
+        assert tuple(labels.shape) == (1, *SEG_SIZE)
+        assert labels.min() >= 0 and labels.max() < NUM_ADE_CLASSES
+
+
+# ---------------------------------------------------------------- the wrapper itself
+
+def shallow_cswin(**kwargs) -> AttnzooBackbone:
+    torch.manual_seed(0)
+    return AttnzooBackbone('cswin_tiny_224', **SHALLOW, **kwargs)
+
+
+@pytest.mark.parametrize('name, out_indices, model_kwargs', [
+    ('cswin_tiny_224', (0, 1, 2, 3), SHALLOW),
+    ('cswin_tiny_224', (1, 3), SHALLOW),
+    ('resnet18', (1, 2, 3, 4), {}),  # timm's own model, stride-2 stem at index 0
+])
+def test_outputs_match_timm_features(name, out_indices, model_kwargs):
+    backbone = AttnzooBackbone(name, out_indices=out_indices, **model_kwargs).eval()
+    reference = timm.create_model(name, features_only=True, out_indices=out_indices, **model_kwargs).eval()
+    reference.load_state_dict(backbone.features.state_dict())
+    assert backbone.out_channels == tuple(reference.feature_info.channels())
+    assert backbone.out_strides == tuple(reference.feature_info.reduction())
+
+    images = torch.randn(2, 3, 97, 75)  # odd sizes, not multiples of any stride
+    with torch.no_grad():
+        outputs = backbone(images)
+        expected = reference(images)
+    assert isinstance(outputs, tuple) and len(outputs) == len(out_indices)
+    for out, ref, channels, stride in zip(outputs, expected, backbone.out_channels, backbone.out_strides):
+        assert out.shape[:2] == (2, channels)
+        for size, full in zip(out.shape[2:], images.shape[2:]):
+            assert full // stride <= size <= -(-full // stride)
+        torch.testing.assert_close(out, ref)
+
+
+def test_out_norm_normalises_channels():
+    backbone = shallow_cswin(out_norm=True).eval()
+    with torch.no_grad():
+        outputs = backbone(torch.randn(1, 3, 64, 96))
+    for out in outputs:  # freshly initialised LayerNorm: zero mean, unit variance over channels
+        torch.testing.assert_close(out.mean(1), torch.zeros_like(out[:, 0]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.var(1, unbiased=False), torch.ones_like(out[:, 0]), atol=1e-2, rtol=0)
+
+
+def cswin_param_group(name: str) -> str:
+    """'features.model.stages.1.blocks.0.norm1.weight' -> 'stages.1'; 'features.model.stem...' -> 'stem'."""
+    parts = name.split('.')
+    if parts[0] == 'out_norms':
+        return f'out_norms.{parts[1]}'
+    assert parts[:2] == ['features', 'model'], name
+    return parts[2] if parts[2] == 'stem' else '.'.join(parts[2:4])
+
+
+@pytest.mark.parametrize('frozen_stages, frozen_groups', [
+    (-1, set()),
+    (0, {'stem'}),
+    (2, {'stem', 'stages.0', 'stages.1', 'out_norms.0', 'out_norms.1'}),
+])
+def test_frozen_stages_cswin(frozen_stages, frozen_groups):
+    backbone = shallow_cswin(frozen_stages=frozen_stages, out_norm=True).train()
+    groups = {cswin_param_group(n): p.requires_grad for n, p in backbone.named_parameters()}
+    assert {g for g, trainable in groups.items() if not trainable} == frozen_groups
+    for name, module in backbone.named_modules():
+        if name.startswith('features.model.'):
+            assert module.training == (cswin_param_group(name + '.x') not in frozen_groups), name
+
+    sum(out.sum() for out in backbone(torch.randn(1, 3, 64, 64))).backward()
+    for name, param in backbone.named_parameters():
+        assert (param.grad is None) == (cswin_param_group(name) in frozen_groups), name
+
+
+def test_frozen_stages_and_norm_eval_resnet():
+    # timm's list wrapper flattens the model: levels are act1 (stride 2), layer1 ... layer4
+    backbone = AttnzooBackbone('resnet18', out_indices=(1, 2, 3, 4), frozen_stages=2).train()
+    frozen = {n.split('.')[1] for n, p in backbone.named_parameters() if not p.requires_grad}
+    assert frozen == {'conv1', 'bn1', 'layer1'}
+    assert not backbone.features.bn1.training and not backbone.features.layer1.training
+    assert backbone.features.layer2.training
+
+    backbone = AttnzooBackbone('resnet18', out_indices=(1, 2, 3, 4), norm_eval=True).train()
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(bn.training for bn in bns)
+    running_mean = backbone.features.layer2[0].bn1.running_mean.clone()
+    backbone(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(backbone.features.layer2[0].bn1.running_mean, running_mean)
+
+
+def test_with_cp_gives_same_outputs_and_gradients():
+    images = torch.randn(1, 3, 64, 64)
+    results = []
+    for with_cp in (False, True):
+        backbone = shallow_cswin(with_cp=with_cp).train()
+        outputs = backbone(images)
+        sum(out.square().mean() for out in outputs).backward()
+        results.append((outputs, [p.grad for p in backbone.parameters()]))
+    (plain_out, plain_grads), (cp_out, cp_grads) = results
+    for a, b in zip(plain_out, cp_out):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(plain_grads, cp_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_checkpoint_loads_through_the_family_filter(tmp_path):
+    torch.manual_seed(1)
+    source = timm.create_model('cswin_tiny_224', **SHALLOW)
+    path = tmp_path / 'cswin.pth'
+    # EMA weights under a DataParallel prefix, as the official training script saves them
+    torch.save({'state_dict_ema': {f'module.{k}': v for k, v in source.state_dict().items()}}, path)
+    backbone = shallow_cswin(checkpoint=str(path))
+    expected = source.state_dict()
+    for name, value in backbone.features.model.state_dict().items():
+        torch.testing.assert_close(value, expected[name])
+
+
+def test_init_cfg_pretrained_loads_a_detector_checkpoint(tmp_path):
+    trained = shallow_cswin(out_norm=True)
+    path = tmp_path / 'detector.pth'
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in trained.state_dict().items()}}, path)
+    backbone = shallow_cswin(out_norm=True, init_cfg=dict(type='Pretrained', checkpoint=str(path), prefix='backbone.'))
+    torch.manual_seed(5)
+    for param in backbone.parameters():
+        param.data.normal_()
+    backbone.init_weights()
+    for name, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, trained.state_dict()[name])
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(model_name='cswin_tiny'), ValueError, "unknown model_name 'cswin_tiny'.*cswin_tiny_224"),
+    (dict(model_name='cswin_tiny_224', out_indices=(0, 4)), ValueError, r'outside the feature levels.*stride 32'),
+    (dict(model_name='resnet18', out_indices=(5,)), ValueError, r'outside the feature levels of resnet18'),
+    (dict(model_name='cswin_tiny_224', out_indices=(2, 1)), ValueError, 'increasing'),
+    (dict(model_name='cswin_tiny_224', out_indices=3), ValueError, 'sequence'),
+    (dict(model_name='cswin_tiny_224', frozen_stages=5), ValueError, 'frozen_stages'),
+    (dict(model_name='cswin_tiny_224', pretrained='x.pth'), TypeError, 'checkpoint='),
+    (dict(model_name='cswin_tiny_224', checkpoint='/no/such/file.pth'), FileNotFoundError, 'not a file'),
+    (dict(model_name='cswin_tiny_224', pretrained=True, init_cfg=dict(type='Pretrained', checkpoint='x')),
+     ValueError, 'not both'),
+    (dict(model_name='cswin_tiny_224', features_only=False), ValueError, 'set by the wrapper'),
+])
+def test_bad_arguments(kwargs, error, match):
+    shallow = SHALLOW if kwargs['model_name'].startswith('cswin') else {}
+    with pytest.raises(error, match=match):
+        AttnzooBackbone(**shallow, **kwargs)
