@@ -109,8 +109,9 @@ def _frozen_modules(net: nn.Module, feature_info: List[Dict], frozen_stages: int
         in_range = order[:last + 1]
     # the cut module's ancestors (the wrapper, the model, a stage list) also hold unfrozen levels
     frozen = [name for name in in_range if not _is_ancestor(name, cut)]
-    # keep the outermost ones: eval() and requires_grad_ reach their children
-    outermost = [name for name in frozen if not any(_is_ancestor(other, name) for other in frozen if other != name)]
+    # keep the outermost ones (whose parent is not frozen): eval() and requires_grad_ reach their children
+    frozen_set = set(frozen)
+    outermost = [name for name in frozen if name.rpartition('.')[0] not in frozen_set]
     return [net.get_submodule(name) for name in outermost]
 
 
