@@ -40,6 +40,12 @@ def _token_yx(region, token, p_w, region_h, region_w):
 
 
 @triton.jit
+def _token_ptrs(base, ys, xs, s_y, s_x, s_d, offs_d):
+    """Pointers to a [tokens, head_dim] block of a heads-last map, tokens at (ys, xs)."""
+    return base + (ys * s_y + xs * s_x)[:, None] + offs_d[None, :] * s_d
+
+
+@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # The interpreter multiplies bf16 bit patterns in tl.dot; fp32 operands are exact there.
     if UPCAST:
@@ -71,7 +77,7 @@ def _routing_fwd_kernel(
     m_valid = offs_m < tokens
     d_valid = offs_d < HEAD_DIM
     qy, qx = _token_yx(region, offs_m, p_w, region_h, region_w)
-    q_ptrs = Q + batch * sq_b + head * sq_h + (qy * sq_y + qx * sq_x)[:, None] + offs_d[None, :] * sq_d
+    q_ptrs = _token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d)
     q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
 
     K += batch * sk_b + head * sk_h
@@ -88,8 +94,8 @@ def _routing_fwd_kernel(
         key_region = tl.load(routed + slot, mask=n_valid, other=0)
         ky, kx = _token_yx(key_region, offs_n - slot * tokens, p_w, region_h, region_w)
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + (ky * sk_y + kx * sk_x)[:, None] + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(V + (ky * sv_y + kx * sv_x)[:, None] + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        k = tl.load(_token_ptrs(K, ky, kx, sk_y, sk_x, sk_d, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_token_ptrs(V, ky, kx, sv_y, sv_x, sv_d, offs_d), mask=kv_mask, other=0.0)
 
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale_log2
         s = tl.where(n_valid[None, :], s, float('-inf'))
@@ -101,7 +107,7 @@ def _routing_fwd_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    o_ptrs = O + batch * so_b + head * so_h + (qy * so_y + qx * so_x)[:, None] + offs_d[None, :] * so_d
+    o_ptrs = _token_ptrs(O + batch * so_b + head * so_h, qy, qx, so_y, so_x, so_d, offs_d)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     tl.store(LSE + batch * slse_b + head * slse_h + qy * width + qx, m_i + tl.log2(l_i), mask=m_valid)
 
@@ -132,11 +138,11 @@ def _routing_bwd_dq_kernel(
     d_valid = offs_d < HEAD_DIM
     md_mask = m_valid[:, None] & d_valid[None, :]
     qy, qx = _token_yx(region, offs_m, p_w, region_h, region_w)
-    q = tl.load(Q + batch * sq_b + head * sq_h + (qy * sq_y + qx * sq_x)[:, None] + offs_d[None, :] * sq_d,
+    q = tl.load(_token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d),
                 mask=md_mask, other=0.0)
-    do = tl.load(DO + batch * sdo_b + head * sdo_h + (qy * sdo_y + qx * sdo_x)[:, None] + offs_d[None, :] * sdo_d,
+    do = tl.load(_token_ptrs(DO + batch * sdo_b + head * sdo_h, qy, qx, sdo_y, sdo_x, sdo_d, offs_d),
                  mask=md_mask, other=0.0)
-    o = tl.load(O + batch * so_b + head * so_h + (qy * so_y + qx * so_x)[:, None] + offs_d[None, :] * so_d,
+    o = tl.load(_token_ptrs(O + batch * so_b + head * so_h, qy, qx, so_y, so_x, so_d, offs_d),
                 mask=md_mask, other=0.0)
     # delta = rowsum(dO * O) is needed here and by the dK/dV kernel: computed once, stored for it.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -156,8 +162,8 @@ def _routing_bwd_dq_kernel(
         key_region = tl.load(routed + slot, mask=n_valid, other=0)
         ky, kx = _token_yx(key_region, offs_n - slot * tokens, p_w, region_h, region_w)
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + (ky * sk_y + kx * sk_x)[:, None] + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(V + (ky * sv_y + kx * sv_x)[:, None] + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        k = tl.load(_token_ptrs(K, ky, kx, sk_y, sk_x, sk_d, offs_d), mask=kv_mask, other=0.0)
+        v = tl.load(_token_ptrs(V, ky, kx, sv_y, sv_x, sv_d, offs_d), mask=kv_mask, other=0.0)
 
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale_log2
         p = tl.where(n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
@@ -165,7 +171,7 @@ def _routing_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
 
-    dq_ptrs = DQ + batch * sdq_b + head * sdq_h + (qy * sdq_y + qx * sdq_x)[:, None] + offs_d[None, :] * sdq_d
+    dq_ptrs = _token_ptrs(DQ + batch * sdq_b + head * sdq_h, qy, qx, sdq_y, sdq_x, sdq_d, offs_d)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
@@ -194,9 +200,9 @@ def _routing_bwd_dkdv_kernel(
     d_valid = offs_d < HEAD_DIM
     nd_mask = n_valid[:, None] & d_valid[None, :]
     ky, kx = _token_yx(region, offs_n, p_w, region_h, region_w)
-    k = tl.load(K + batch * sk_b + head * sk_h + (ky * sk_y + kx * sk_x)[:, None] + offs_d[None, :] * sk_d,
+    k = tl.load(_token_ptrs(K + batch * sk_b + head * sk_h, ky, kx, sk_y, sk_x, sk_d, offs_d),
                 mask=nd_mask, other=0.0)
-    v = tl.load(V + batch * sv_b + head * sv_h + (ky * sv_y + kx * sv_x)[:, None] + offs_d[None, :] * sv_d,
+    v = tl.load(_token_ptrs(V + batch * sv_b + head * sv_h, ky, kx, sv_y, sv_x, sv_d, offs_d),
                 mask=nd_mask, other=0.0)
 
     # The query regions that routed to this key region: QUERY_REGIONS[first:last] (one entry per
@@ -217,8 +223,8 @@ def _routing_bwd_dkdv_kernel(
         query_region = tl.load(QUERY_REGIONS + first + slot, mask=m_valid, other=0)
         qy, qx = _token_yx(query_region, offs_m - slot * tokens, p_w, region_h, region_w)
         md_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(Q + (qy * sq_y + qx * sq_x)[:, None] + offs_d[None, :] * sq_d, mask=md_mask, other=0.0)
-        do = tl.load(DO + (qy * sdo_y + qx * sdo_x)[:, None] + offs_d[None, :] * sdo_d, mask=md_mask, other=0.0)
+        q = tl.load(_token_ptrs(Q, qy, qx, sq_y, sq_x, sq_d, offs_d), mask=md_mask, other=0.0)
+        do = tl.load(_token_ptrs(DO, qy, qx, sdo_y, sdo_x, sdo_d, offs_d), mask=md_mask, other=0.0)
         lse = tl.load(LSE + stats + qy * width + qx, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + stats + qy * width + qx, mask=m_valid, other=0.0)
 
@@ -229,8 +235,8 @@ def _routing_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
 
-    dk_ptrs = DK + batch * sdk_b + head * sdk_h + (ky * sdk_y + kx * sdk_x)[:, None] + offs_d[None, :] * sdk_d
-    dv_ptrs = DV + batch * sdv_b + head * sdv_h + (ky * sdv_y + kx * sdv_x)[:, None] + offs_d[None, :] * sdv_d
+    dk_ptrs = _token_ptrs(DK + batch * sdk_b + head * sdk_h, ky, kx, sdk_y, sdk_x, sdk_d, offs_d)
+    dv_ptrs = _token_ptrs(DV + batch * sdv_b + head * sdv_h, ky, kx, sdv_y, sdv_x, sdv_d, offs_d)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
