@@ -59,11 +59,23 @@ def run_kernels(args, device, dtype):
     return results, baseline_of
 
 
-def model_flops(model, size):
+def model_gmacs(name, size):
+    """Multiply-adds of one forward pass at ``size``, counted on the meta device. Fused attention is
+    switched off while the model is built: the counter has no formula for CPU / meta SDPA and would
+    skip the attention matmuls; the explicit path computes the same thing."""
+    import timm
+    from timm.layers import set_fused_attn, use_fused_attn
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, *size))
-    return counter.get_total_flops()
+    fused = use_fused_attn()
+    set_fused_attn(False)
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(name).eval()
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(torch.randn(1, 3, *size))
+    finally:
+        set_fused_attn(fused)
+    return counter.get_total_flops() / 2e9
 
 
 def run_models(args, device, dtype):
@@ -75,7 +87,7 @@ def run_models(args, device, dtype):
         model = timm.create_model(name).to(device)
         size = tuple(model.pretrained_cfg['input_size'][1:])
         params = sum(p.numel() for p in model.parameters())
-        gmacs = model_flops(model.cpu(), size) / 2e9
+        gmacs = model_gmacs(name, size)
         model = model.to(device=device, dtype=dtype)
         x = torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
         for mode in ('fwd', 'fwd+bwd'):
