@@ -77,6 +77,15 @@ def _tile_of(pid, height, width, dil_h, dil_w, TILE_H: tl.constexpr, TILE_W: tl.
 
 
 @triton.jit
+def _tile_tokens(y0, x0, len_y, len_x, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Group coordinates of a tile's TILE_H x TILE_W tokens (row-major) and which lie inside the group."""
+    offs = tl.arange(0, TILE_H * TILE_W)
+    ys = y0 + offs // TILE_W
+    xs = x0 + offs % TILE_W
+    return ys, xs, (ys < len_y) & (xs < len_x)
+
+
+@triton.jit
 def _load_tokens(base, rows, cols, group_y, group_x, dil_h, dil_w, s_y, s_x, s_d, valid, offs_d,
                  HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr):
     """``[tokens, BLOCK_D]`` tile of the map tokens at group coordinates (rows, cols)."""
@@ -174,12 +183,9 @@ def _forward_kernel(
     b = (pid_bh // heads).to(tl.int64)
     h = pid_bh % heads
     group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
-    q_y = y0 + offs_m // TILE_W
-    q_x = x0 + offs_m % TILE_W
-    q_valid = (q_y < len_y) & (q_x < len_x)
+    q_y, q_x, q_valid = _tile_tokens(y0, x0, len_y, len_x, TILE_H, TILE_W)
     q = _load_tokens(q_ptr + b * sq_b + h * sq_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d,
                      q_valid, offs_d, HEAD_DIM, AS_F32)
     win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
@@ -250,12 +256,9 @@ def _backward_dq_kernel(
     b = (pid_bh // heads).to(tl.int64)
     h = pid_bh % heads
     group_y, group_x, y0, x0, len_y, len_x = _tile_of(pid_tile, height, width, dil_h, dil_w, TILE_H, TILE_W)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
-    q_y = y0 + offs_m // TILE_W
-    q_x = x0 + offs_m % TILE_W
-    q_valid = (q_y < len_y) & (q_x < len_x)
+    q_y, q_x, q_valid = _tile_tokens(y0, x0, len_y, len_x, TILE_H, TILE_W)
     q = _load_tokens(q_ptr + b * sq_b + h * sq_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d,
                      q_valid, offs_d, HEAD_DIM, AS_F32)
     do = _load_tokens(do_ptr + b * sdo_b + h * sdo_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x,
@@ -339,12 +342,9 @@ def _backward_dkdv_kernel(
     b = (pid_bh // heads).to(tl.int64)
     h = pid_bh % heads
     group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
-    k_y = y0 + offs_n // TILE_W
-    k_x = x0 + offs_n % TILE_W
-    k_valid = (k_y < len_y) & (k_x < len_x)
+    k_y, k_x, k_valid = _tile_tokens(y0, x0, len_y, len_x, TILE_H, TILE_W)
     k = _load_tokens(k_ptr + b * sk_b + h * sk_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d,
                      k_valid, offs_d, HEAD_DIM, AS_F32)
     v = _load_tokens(v_ptr + b * sv_b + h * sv_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d,
