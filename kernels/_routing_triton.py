@@ -40,6 +40,28 @@ def _token_yx(region, token, p_w, region_h, region_w):
 
 
 @triton.jit
+def _resident_tokens(blocks, p_w, region_h, region_w, BLOCK: tl.constexpr):
+    """This program's region, head and batch, and its block of the region's tokens: (y, x, valid)."""
+    region = tl.program_id(0) // blocks
+    offs = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
+    ys, xs = _token_yx(region, offs, p_w, region_h, region_w)
+    return region, tl.program_id(1), tl.program_id(2).to(tl.int64), ys, xs, offs < region_h * region_w
+
+
+@triton.jit
+def _listed_tokens(region_list, start, n_tokens, p_w, region_h, region_w, BLOCK: tl.constexpr):
+    """Tokens ``start`` .. ``start + BLOCK`` of the regions in ``region_list`` taken as one flat list
+    of ``n_tokens`` tokens, region after region: (y, x, valid)."""
+    tokens = region_h * region_w
+    offs = start + tl.arange(0, BLOCK)
+    valid = offs < n_tokens
+    slot = offs // tokens
+    region = tl.load(region_list + slot, mask=valid, other=0)
+    ys, xs = _token_yx(region, offs - slot * tokens, p_w, region_h, region_w)
+    return ys, xs, valid
+
+
+@triton.jit
 def _token_ptrs(base, ys, xs, s_y, s_x, s_d, offs_d):
     """Pointers to a [tokens, head_dim] block of a heads-last map, tokens at (ys, xs)."""
     return base + (ys * s_y + xs * s_x)[:, None] + offs_d[None, :] * s_d
@@ -66,17 +88,9 @@ def _routing_fwd_kernel(
         p_w, region_h, region_w, topk, qk_scale_log2, query_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    region = tl.program_id(0) // query_blocks
-    query_block = tl.program_id(0) % query_blocks
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    tokens = region_h * region_w
-
-    offs_m = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    region, head, batch, qy, qx, m_valid = _resident_tokens(query_blocks, p_w, region_h, region_w, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < tokens
     d_valid = offs_d < HEAD_DIM
-    qy, qx = _token_yx(region, offs_m, p_w, region_h, region_w)
     q_ptrs = _token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d)
     q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
 
@@ -86,13 +100,9 @@ def _routing_fwd_kernel(
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    keys = topk * tokens
+    keys = topk * region_h * region_w
     for start in range(0, keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < keys
-        slot = offs_n // tokens
-        key_region = tl.load(routed + slot, mask=n_valid, other=0)
-        ky, kx = _token_yx(key_region, offs_n - slot * tokens, p_w, region_h, region_w)
+        ky, kx, n_valid = _listed_tokens(routed, start, keys, p_w, region_h, region_w, BLOCK_N)
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(_token_ptrs(K, ky, kx, sk_y, sk_x, sk_d, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(_token_ptrs(V, ky, kx, sv_y, sv_x, sv_d, offs_d), mask=kv_mask, other=0.0)
@@ -126,18 +136,10 @@ def _routing_bwd_dq_kernel(
         p_w, region_h, region_w, topk, qk_scale_log2, scale, query_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    region = tl.program_id(0) // query_blocks
-    query_block = tl.program_id(0) % query_blocks
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    tokens = region_h * region_w
-
-    offs_m = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    region, head, batch, qy, qx, m_valid = _resident_tokens(query_blocks, p_w, region_h, region_w, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_valid = offs_m < tokens
     d_valid = offs_d < HEAD_DIM
     md_mask = m_valid[:, None] & d_valid[None, :]
-    qy, qx = _token_yx(region, offs_m, p_w, region_h, region_w)
     q = tl.load(_token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d),
                 mask=md_mask, other=0.0)
     do = tl.load(_token_ptrs(DO + batch * sdo_b + head * sdo_h, qy, qx, sdo_y, sdo_x, sdo_d, offs_d),
@@ -154,13 +156,9 @@ def _routing_bwd_dq_kernel(
     V += batch * sv_b + head * sv_h
     routed = INDEX + batch * sidx_b + region * sidx_r
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    keys = topk * tokens
+    keys = topk * region_h * region_w
     for start in range(0, keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < keys
-        slot = offs_n // tokens
-        key_region = tl.load(routed + slot, mask=n_valid, other=0)
-        ky, kx = _token_yx(key_region, offs_n - slot * tokens, p_w, region_h, region_w)
+        ky, kx, n_valid = _listed_tokens(routed, start, keys, p_w, region_h, region_w, BLOCK_N)
         kv_mask = n_valid[:, None] & d_valid[None, :]
         k = tl.load(_token_ptrs(K, ky, kx, sk_y, sk_x, sk_d, offs_d), mask=kv_mask, other=0.0)
         v = tl.load(_token_ptrs(V, ky, kx, sv_y, sv_x, sv_d, offs_d), mask=kv_mask, other=0.0)
@@ -188,18 +186,10 @@ def _routing_bwd_dkdv_kernel(
         regions_per_image, p_w, region_h, region_w, qk_scale_log2, scale, key_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    region = tl.program_id(0) // key_blocks
-    key_block = tl.program_id(0) % key_blocks
-    head = tl.program_id(1)
-    batch = tl.program_id(2).to(tl.int64)
-    tokens = region_h * region_w
-
-    offs_n = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    region, head, batch, ky, kx, n_valid = _resident_tokens(key_blocks, p_w, region_h, region_w, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    n_valid = offs_n < tokens
     d_valid = offs_d < HEAD_DIM
     nd_mask = n_valid[:, None] & d_valid[None, :]
-    ky, kx = _token_yx(region, offs_n, p_w, region_h, region_w)
     k = tl.load(_token_ptrs(K + batch * sk_b + head * sk_h, ky, kx, sk_y, sk_x, sk_d, offs_d),
                 mask=nd_mask, other=0.0)
     v = tl.load(_token_ptrs(V + batch * sv_b + head * sv_h, ky, kx, sv_y, sv_x, sv_d, offs_d),
@@ -215,13 +205,9 @@ def _routing_bwd_dkdv_kernel(
     stats = batch * slse_b + head * slse_h
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    queries = (last - first) * tokens
+    queries = (last - first) * region_h * region_w
     for start in range(0, queries, BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < queries
-        slot = offs_m // tokens
-        query_region = tl.load(QUERY_REGIONS + first + slot, mask=m_valid, other=0)
-        qy, qx = _token_yx(query_region, offs_m - slot * tokens, p_w, region_h, region_w)
+        qy, qx, m_valid = _listed_tokens(QUERY_REGIONS + first, start, queries, p_w, region_h, region_w, BLOCK_M)
         md_mask = m_valid[:, None] & d_valid[None, :]
         q = tl.load(_token_ptrs(Q, qy, qx, sq_y, sq_x, sq_d, offs_d), mask=md_mask, other=0.0)
         do = tl.load(_token_ptrs(DO, qy, qx, sdo_y, sdo_x, sdo_d, offs_d), mask=md_mask, other=0.0)
