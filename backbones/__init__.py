@@ -1,4 +1,13 @@
 """attnzoo.backbones: importing this registers every attnzoo family with timm."""
+import difflib
+
+import timm
+
 from . import cswin, nat
 
-__all__ = ['cswin', 'nat']
+__all__ = ['cswin', 'nat', 'close_model_names']
+
+
+def close_model_names(name, n: int = 5):
+    """The registered timm / attnzoo model names closest to ``name``, for 'did you mean' messages."""
+    return difflib.get_close_matches(str(name), timm.list_models(), n=n, cutoff=0.6)

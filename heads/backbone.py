@@ -6,7 +6,6 @@ take. Level indices are timm's ``feature_info`` indices: for the attnzoo familie
 index 0 is the stride-4 stage, for models whose stem is a feature level (timm's ResNets, MaxViT)
 index 0 is the stride-2 stem and the stride-4..32 stages are ``(1, 2, 3, 4)``.
 """
-import difflib
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -17,7 +16,7 @@ from mmengine.model import BaseModule
 from timm.layers import Format, LayerNorm2d
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import attnzoo.backbones  # noqa: F401  (registers the attnzoo families with timm)
+from attnzoo.backbones import close_model_names  # importing it registers the attnzoo families with timm
 
 __all__ = ['AttnzooBackbone']
 
@@ -27,7 +26,7 @@ _RESERVED_MODEL_KWARGS = ('features_only', 'pretrained_cfg_overlay', 'checkpoint
 
 def _check_model_name(model_name: str):
     if not isinstance(model_name, str) or not timm.is_model(model_name):
-        close = difflib.get_close_matches(str(model_name), timm.list_models(), n=3)
+        close = close_model_names(model_name, n=3)
         hint = f'; did you mean {", ".join(close)}?' if close else ''
         raise ValueError(
             f'AttnzooBackbone: unknown model_name {model_name!r}: neither timm nor attnzoo registers it{hint} '

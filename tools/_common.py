@@ -17,7 +17,6 @@ Checkpoints: a training run's directory holds ``model.safetensors`` (and ``ema.s
 in the same directory, fsynced, then renamed over the old one; the JSON goes last and names
 the step that the tensor files were saved at, so a run killed while saving is detected.
 """
-import difflib
 import json
 import os
 import random
@@ -40,7 +39,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 from tqdm import tqdm
 
-import attnzoo.backbones  # noqa: F401  registers every attnzoo family with timm
+from attnzoo.backbones import close_model_names  # importing it registers every attnzoo family with timm
 
 DIGITS = 'digits'
 DIGITS_IMG_SIZE = 32  # 4x the 8x8 originals: enough for a transformer's stride-4 stem, cheap on a CPU
@@ -133,7 +132,7 @@ def amp_dtype(enabled: bool, name: Optional[str], device: torch.device) -> Optio
 
 
 def unknown_model_message(name: str) -> str:
-    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    close = close_model_names(name)
     hint = f' Close names: {", ".join(close)}.' if close else ''
     return (f'unknown model {name!r}: neither timm nor attnzoo registers it.{hint} '
             f"List names with: python -c \"import attnzoo.backbones, timm; print(timm.list_models('*pattern*'))\"")
