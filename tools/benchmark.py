@@ -84,11 +84,10 @@ def run_models(args, device, dtype):
     names = [args.baseline] + [n for n in args.models if n != args.baseline]
     results = []
     for name in tqdm(names, desc='models', unit='model'):
-        model = timm.create_model(name).to(device)
+        model = timm.create_model(name).to(device=device, dtype=dtype)
         size = tuple(model.pretrained_cfg['input_size'][1:])
         params = sum(p.numel() for p in model.parameters())
         gmacs = model_gmacs(name, size)
-        model = model.to(device=device, dtype=dtype)
         x = torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
         for mode in ('fwd', 'fwd+bwd'):
             row = Result('models', f'{name} @{size[0]}x{size[1]} b{args.batch}', name, mode,
