@@ -5,8 +5,9 @@
     python tools/benchmark.py kernels --quick         # tiny shapes: a smoke run that works on CPU
     python tools/benchmark.py kernels --only routing  # one section
     python tools/benchmark.py models --models cswin_tiny_224 nat_mini --baseline resnet50
+    python tools/benchmark.py models --models biformer_tiny --baseline swin_tiny_patch4_window7_224 --tag biformer
 
-Results go to --out (default model_cards/benchmarks/) as <device>-<section>.md (a table),
+Results go to --out (default model_cards/benchmarks/) as <device>-<section>[-<tag>].md (a table),
 .json (every number) and .png (a plot), the device named in each file.
 """
 import argparse
@@ -151,13 +152,15 @@ def write(results, baseline_of, section, args, device):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
-    stem = out / f'{slug(name)}-{section}{"-quick" if args.quick else ""}'
+    tag = f'-{slug(args.tag)}' if args.tag else ''
+    stem = out / f'{slug(name)}-{section}{tag}{"-quick" if args.quick else ""}'
     header = {
         'device': name,
         'date': datetime.date.today().isoformat(),
         'torch': torch.__version__,
         'dtype': args.dtype,
         'section': section,
+        'tag': args.tag,
         'quick': args.quick,
         'warmup': args.warmup,
         'iters': args.iters,
@@ -185,6 +188,7 @@ def parse_args(argv=None):
     parser.add_argument('--models', nargs='+', default=['cswin_tiny_224'], help='models section: model names')
     parser.add_argument('--baseline', default='resnet50', help='models section: the model every other is compared to')
     parser.add_argument('--batch', type=int, default=32, help='models section: batch size')
+    parser.add_argument('--tag', default='', help='names the result files <device>-<section>-<tag> (e.g. a family)')
     parser.add_argument('--out', default=str(Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'))
     args = parser.parse_args(argv)
     if args.dtype is None:
