@@ -371,23 +371,34 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 _NAT_PAPER = dict(paper_ids='arXiv:2204.07143', paper_name='Neighborhood Attention Transformer')
 _DINAT_PAPER = dict(paper_ids='arXiv:2209.15001', paper_name='Dilated Neighborhood Attention Transformer')
 _NAT_URL = 'https://shi-labs.com/projects/nat/checkpoints/CLS/{}.pth'
-_DINAT_URL = 'https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}_in1k_224.pth'
+_DINAT_URL = 'https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/{}.pth'
+# the official 384 px fine-tuning evaluated with crop_pct 1.0 (classification/configs/dinat_large_384.yml)
+_CFG_384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs({
     **{f'nat_{size}.in1k': _cfg(_NAT_URL.format(f'nat_{size}'), **_NAT_PAPER)
        for size in ('mini', 'tiny', 'small', 'base')},
-    **{f'dinat_{size}.in1k': _cfg(_DINAT_URL.format(f'dinat_{size}'), **_DINAT_PAPER)
+    **{f'dinat_{size}.in1k': _cfg(_DINAT_URL.format(f'dinat_{size}_in1k_224'), **_DINAT_PAPER)
        for size in ('mini', 'tiny', 'small', 'base')},
+    # DiNAT-Large: pre-trained on ImageNet-22k, fine-tuned on ImageNet-1k
+    'dinat_large.in22k_ft_in1k': _cfg(_DINAT_URL.format('dinat_large_in22k_in1k_224'), **_DINAT_PAPER),
+    'dinat_large_384.in22k_ft_in1k': _cfg(_DINAT_URL.format('dinat_large_in22k_in1k_384'), **_CFG_384,
+                                          **_DINAT_PAPER),
+    'dinat_large_384_11x11.in22k_ft_in1k': _cfg(_DINAT_URL.format('dinat_large_in22k_in1k_384_11x11'), **_CFG_384,
+                                                **_DINAT_PAPER),
 })
 
 # DiNAT alternates dense (1) and dilated layers; dilations shrink with the map (56, 28, 14, 7 at 224)
 _DINAT_DILATIONS_MINI = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 3, (1,) * 5)
 _DINAT_DILATIONS = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 9, (1,) * 5)
+# DiNAT-Large at 384 px with 7x7 windows: maps 96, 48, 24, 12, dilations grown to keep the reach
+_DINAT_DILATIONS_384 = ((1, 13, 1), (1, 6, 1, 6), (1, 3) * 9, (1,) * 5)
 
 _MINI = dict(depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.)
 _TINY = dict(depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), embed_dim=64, mlp_ratio=3.)
 _SMALL = dict(depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), embed_dim=96, mlp_ratio=2.)
 _BASE = dict(depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), embed_dim=128, mlp_ratio=2., layer_scale=1e-5)
+_LARGE = dict(depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), embed_dim=192, mlp_ratio=2.)
 
 
 @register_model
@@ -434,3 +445,22 @@ def dinat_small(pretrained: bool = False, **kwargs) -> NAT:
 def dinat_base(pretrained: bool = False, **kwargs) -> NAT:
     model_args = dict(_BASE, dilations=_DINAT_DILATIONS)
     return _create_nat('dinat_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_large(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = dict(_LARGE, dilations=_DINAT_DILATIONS)
+    return _create_nat('dinat_large', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_large_384(pretrained: bool = False, **kwargs) -> NAT:
+    model_args = dict(_LARGE, dilations=_DINAT_DILATIONS_384)
+    return _create_nat('dinat_large_384', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dinat_large_384_11x11(pretrained: bool = False, **kwargs) -> NAT:
+    # 11x11 windows keep the 224 px dilations at 384 px (11 * 8 = 88 fits the 96 px stage-1 map)
+    model_args = dict(_LARGE, kernel_size=11, dilations=_DINAT_DILATIONS)
+    return _create_nat('dinat_large_384_11x11', pretrained=pretrained, **dict(model_args, **kwargs))

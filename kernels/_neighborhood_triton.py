@@ -53,10 +53,17 @@ def _key_span(first, last, group_len, KERNEL: tl.constexpr, CLAMP: tl.constexpr)
 
 @triton.jit
 def _query_span(first, last, group_len, KERNEL: tl.constexpr, CLAMP: tl.constexpr):
-    """Queries ``[lo, hi)`` whose window holds any of the keys ``first..last``."""
+    """Queries ``[lo, hi)`` whose window holds any of the keys ``first..last``.
+
+    Unclamped, key ``j`` is seen by the queries ``j - (KERNEL - 1 - KERNEL // 2) .. j + KERNEL // 2``.
+    A clamped window stops shifting at either border, so every query before the centre of the
+    first window sees keys ``[0, KERNEL)`` and every query past the centre of the last window sees
+    the last ``KERNEL`` keys.
+    """
     lo = tl.maximum(first - (KERNEL - 1 - KERNEL // 2), 0)
     hi = tl.minimum(last + KERNEL // 2, group_len - 1)
-    if CLAMP:  # a window clamped at the far border reaches back to every query past it
+    if CLAMP:
+        lo = tl.where(first < KERNEL, 0, lo)
         hi = tl.where(last >= group_len - KERNEL, group_len - 1, hi)
     return lo, hi + 1
 

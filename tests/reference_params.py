@@ -22,6 +22,9 @@ OFFICIAL_PARAMS = {
     'dinat_tiny': 27_901_582,
     'dinat_small': 50_719_681,
     'dinat_base': 89_769_652,
+    'dinat_large': 200_943_514,
+    'dinat_large_384': 200_943_514,
+    'dinat_large_384_11x11': 201_144_250,
     # timm-native families attnzoo supports (timm 1.0.31)
     'maxvit_tiny_tf_224': 30_916_528,
     'maxvit_tiny_tf_384': 30_977_008,

@@ -154,6 +154,8 @@ def dense_layer(layer, x):
     (10, 13, 3, 3),
     (5, 13, 3, 2),   # rows smaller than kernel*dilation: padded and cropped
     (4, 3, 5, 1),    # both axes smaller than the kernel
+    (24, 23, 11, 2),  # DiNAT-L's 11x11 window, dilated
+    (12, 25, 11, 1),  # rows padded up to the 11x11 window
 ])
 def test_attention_layer_matches_dense_masked_softmax(height, width, kernel_size, dilation):
     torch.manual_seed(0)
@@ -200,3 +202,25 @@ def test_bad_images_raise():
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match='at least 32x32'):
         model(torch.randn(1, 3, 31, 64))
+
+
+# classification/dinat.py of the official repository, written out
+OFFICIAL_DINAT_LARGE = {
+    'dinat_large': (7, [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]),
+    'dinat_large_384': (7, [[1, 13, 1], [1, 6, 1, 6], [1, 3] * 9, [1] * 5]),
+    'dinat_large_384_11x11': (11, [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]),
+}
+
+
+@pytest.mark.parametrize('name', list(OFFICIAL_DINAT_LARGE))
+def test_dinat_large_follows_official_layout(name):
+    kernel_size, dilations = OFFICIAL_DINAT_LARGE[name]
+    model = timm.create_model(name, device='meta')
+    layers = [[blk.attn for blk in stage.blocks] for stage in model.stages]
+    assert [[layer.dilation for layer in stage] for stage in layers] == dilations
+    assert {layer.kernel_size for stage in layers for layer in stage} == {kernel_size}
+    assert [stage[0].num_heads for stage in layers] == [6, 12, 24, 48]
+    size = model.pretrained_cfg['input_size'][1]
+    # every dilated window fits its map at the pretrained size: no padding at the size it was trained at
+    maps = [size // 4 // 2 ** i for i in range(4)]
+    assert all(kernel_size * d <= m for m, stage in zip(maps, dilations) for d in stage)

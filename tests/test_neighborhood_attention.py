@@ -60,6 +60,11 @@ TRITON_CASES = [
     ((1, 12, 22, 2, 32), 7, 1, 'clamp', True, 0, torch.float16),   # inverse neighborhood wider than one block
     ((1, 11, 9, 1, 24), 3, 1, 'zero', False, 7, torch.float16),
     ((2, 9, 10, 1, 32), 6, (1, 1), 'zero', True, 3, torch.float16),
+    # kernels of DiNAT-L (11) and beyond: a key tile that starts inside the first window of a clamped
+    # border (column 8 < kernel) is seen by every query of that border, not only by its centred ones
+    ((1, 10, 20, 1, 16), 9, 1, 'clamp', False, 0, torch.float32),
+    ((1, 14, 26, 1, 16), 13, 1, 'clamp', True, 0, torch.float32),
+    ((1, 23, 24, 1, 16), 11, (2, 2), 'clamp', True, 0, torch.float32),
 ]
 
 
