@@ -30,6 +30,8 @@ from ._pyramid import ChannelsLastPyramid, convert_checkpoint
 
 __all__ = ['NAT']
 
+torch.fx.wrap('neighborhood_attention_2d')   # one leaf call in FX graphs, not traced into
+
 
 
 class ConvStem(nn.Module):

@@ -1,5 +1,13 @@
-"""attnzoo.kernels: attention ops with a fused Triton path and a PyTorch reference of the same signature."""
+"""attnzoo.kernels: attention ops with a fused Triton path and a PyTorch reference of the same signature.
+
+Each op is registered with ``torch.library`` (``torch.ops.attnzoo.neighborhood_attention_2d``,
+``torch.ops.attnzoo.routing_attention``), so ``torch.compile``, TorchScript and FX see one op.
+:func:`use_backend` / :func:`set_backend` (or ``ATTNZOO_KERNEL_BACKEND=reference``) switch every
+call that does not name a backend, models included, to the plain PyTorch reference.
+"""
+from ._dispatch import get_backend, set_backend, use_backend
 from .neighborhood import neighborhood_attention_2d
 from .routing import routing_attention, routing_region_index
 
-__all__ = ['neighborhood_attention_2d', 'routing_attention', 'routing_region_index']
+__all__ = ['neighborhood_attention_2d', 'routing_attention', 'routing_region_index', 'get_backend', 'set_backend',
+           'use_backend']

@@ -1,7 +1,25 @@
-"""Backend choice shared by the attention ops: Triton on CUDA, the PyTorch reference on CPU."""
-import os
+"""What the attention ops share: the choice of implementation (with the process-wide switch), the
+``attnzoo`` operator library, and the autocast rule of the registered ops.
 
-BACKENDS = ('triton', 'reference', 'natten')
+Implementations of an op:
+
+- ``"triton"``: the fused Triton kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``);
+- ``"cpu"``: the op's CPU kernels (what ``backend=None`` runs for CPU tensors; not a user choice);
+- ``"reference"``: the plain PyTorch reference, traced and differentiated like any PyTorch code;
+- ``"natten"``: ``natten.na2d`` (neighborhood attention only).
+
+``backend=None`` in a call means the process-wide default set by :func:`set_backend` /
+:func:`use_backend` or the ``ATTNZOO_KERNEL_BACKEND`` environment variable, and when none is set,
+``"triton"`` for CUDA tensors and ``"cpu"`` for others. An explicit ``backend=`` argument wins.
+"""
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+ENV_VAR = 'ATTNZOO_KERNEL_BACKEND'
+SWITCH_BACKENDS = ('triton', 'reference')
 
 
 def triton_interpreted() -> bool:
@@ -9,18 +27,93 @@ def triton_interpreted() -> bool:
     return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
-def resolve_backend(op_name, backend, tensor, allowed=('triton', 'reference')):
-    """Returns the backend that ``op_name`` runs on for ``tensor``.
+def _checked_switch(value, source):
+    if value is not None and value not in SWITCH_BACKENDS:
+        raise ValueError(f'{source}: unknown kernel backend {value!r}; choose one of {SWITCH_BACKENDS} or None '
+                         f'(automatic: Triton on CUDA, the CPU kernels on CPU)')
+    return value
 
-    ``backend=None`` picks Triton for CUDA tensors and the reference elsewhere. A forced
-    ``'triton'`` on a CPU tensor is only possible under the Triton interpreter.
+
+_default_backend = _checked_switch(os.environ.get(ENV_VAR) or None, f'environment variable {ENV_VAR}')
+
+
+def get_backend() -> Optional[str]:
+    """The process-wide backend of calls that pass ``backend=None`` (None: automatic per device)."""
+    return _default_backend
+
+
+def set_backend(backend: Optional[str]) -> None:
+    """Sets the backend of every attention call that passes ``backend=None``, models included.
+
+    ``"reference"`` runs the plain PyTorch reference everywhere (the fused path off); ``"triton"``
+    forces the Triton kernels (CPU tensors need ``TRITON_INTERPRET=1``); None restores the automatic
+    choice. The environment variable ``ATTNZOO_KERNEL_BACKEND`` sets the initial value.
     """
+    global _default_backend
+    _default_backend = _checked_switch(backend, 'set_backend')
+
+
+@contextlib.contextmanager
+def use_backend(backend: Optional[str]):
+    """Context manager form of :func:`set_backend`; restores the previous default on exit."""
+    previous = get_backend()
+    set_backend(backend)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def requested_backend(op_name: str, backend: Optional[str], allowed=('triton', 'reference')) -> Optional[str]:
+    """The backend a Python call asks for: its own argument, else the process-wide default (may be None)."""
     if backend is None:
-        return 'triton' if tensor.is_cuda else 'reference'
-    if backend not in allowed:
+        backend = _default_backend
+    if backend is not None and backend not in allowed:
         raise ValueError(f'{op_name}: unknown backend {backend!r}; choose one of {allowed} or None (automatic)')
-    if backend == 'triton' and not tensor.is_cuda and not triton_interpreted():
+    return backend
+
+
+def device_backend(op_name: str, backend: Optional[str], device: torch.device) -> str:
+    """The implementation that runs on ``device``: None becomes the default, then Triton (CUDA) or the CPU
+    kernels (elsewhere). Triton on a CPU tensor is only possible under the Triton interpreter."""
+    backend = requested_backend(op_name, backend, allowed=('triton', 'reference', 'natten', 'cpu'))
+    if backend is None:
+        return 'triton' if device.type == 'cuda' else 'cpu'
+    if backend == 'triton' and device.type != 'cuda' and not triton_interpreted():
         raise RuntimeError(
             f'{op_name}: backend="triton" needs CUDA tensors, or TRITON_INTERPRET=1 set before triton '
             f'is imported to run the kernels on CPU; use backend="reference" (or None) for CPU tensors')
+    if backend == 'cpu' and device.type != 'cpu':
+        raise ValueError(f'{op_name}: the "cpu" kernels take CPU tensors, got {device}; use backend=None')
     return backend
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+LIBRARY = torch.library.Library('attnzoo', 'FRAGMENT')   # the public ops are defined here by schema
+AUTOCAST_DEVICES = ('cpu', 'cuda')
+
+
+def _autocast_cast(value, dtype, keep_float32):
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return value   # integers, float64 and non-tensors pass unchanged, as in autocast's own rule
+    return value.to(torch.float32 if keep_float32 else dtype)
+
+
+def register_autocast(name: str, cast: tuple, keep_float32: tuple = ()):
+    """Autocast rule of the public op ``attnzoo::<name>``: under ``torch.autocast`` the arguments at the
+    positions ``cast`` (q, k, v, ...) go to the autocast dtype, those at ``keep_float32`` (biases) to
+    float32, so float32 and low-precision inputs may be mixed as with any autocast op."""
+    op = getattr(torch.ops.attnzoo, name).default
+    for device_type in AUTOCAST_DEVICES:
+        key = 'Autocast' + torch._C._dispatch_key_for_device(device_type)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(*args, device_type=device_type, excluded=excluded):
+            dtype = torch.get_autocast_dtype(device_type)
+            args = [_autocast_cast(a, dtype, i in keep_float32) if i in cast or i in keep_float32 else a
+                    for i, a in enumerate(args)]
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(*args)
+
+        LIBRARY.impl(name, kernel, key)

@@ -2,9 +2,15 @@
 import torch
 
 
+def check_type(op_name, name, value, optional=False):
+    """``value`` is a tensor (or None, when ``optional``)."""
+    if not isinstance(value, torch.Tensor) and not (optional and value is None):
+        raise TypeError(f'{op_name}: {name} must be a torch.Tensor{" or None" if optional else ""}, got '
+                        f'{type(value).__name__}')
+
+
 def check_tensor(op_name, name, tensor, q):
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f'{op_name}: {name} must be a torch.Tensor, got {type(tensor).__name__}')
+    check_type(op_name, name, tensor)
     if tensor.device != q.device:
         raise ValueError(f'{op_name}: {name} is on {tensor.device} but q is on {q.device}; move all inputs '
                          f'to one device')

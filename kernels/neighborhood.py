@@ -20,14 +20,16 @@ The relative position bias (NAT's ``rpb``, ``[heads, 2k - 1, 2k - 1]``) of a key
 offset from the query in group coordinates, ``j' - i' + k - 1`` per axis (NATTEN < 0.20).
 """
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+from timm.layers import register_notrace_function
 
-from ._dispatch import resolve_backend
-from ._validation import check_qkv, check_tensor, int_pair, softmax_scale
+from ._dispatch import LIBRARY, device_backend, register_autocast, requested_backend
+from ._validation import check_qkv, check_tensor, check_type, int_pair, softmax_scale
 
 OP_NAME = 'neighborhood_attention_2d'
+LOG2E = 1.4426950408889634
 BORDERS = ('clamp', 'zero')
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -107,18 +109,18 @@ def axis_neighbors(length, kernel_size, dilation, border, device=None):
     return keys, valid, bias_index
 
 
-def neighborhood_attention_2d_reference(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='clamp',
-                                        extra_k=None, extra_v=None):
-    """Plain PyTorch neighborhood attention: the CPU path and the ground truth of the tests.
+def _attend(q, k, v, spec: NeighborhoodSpec, rpb=None, extra_k=None, extra_v=None, with_lse=False):
+    """The reference computation on checked arguments.
 
     Gathers every query's window (``[B, H, W, kh, kw, heads, D]``, so memory grows with the window
     size), masks keys outside the map, and takes one softmax over the window and the extra tokens.
+    With ``with_lse`` it also returns what the fused forward keeps for its backward: the base-2
+    log-sum-exp of every query's logits, ``[B, heads, H, W]`` float32.
     """
-    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v)
     (kernel_h, kernel_w), (dilation_h, dilation_w) = spec.kernel_size, spec.dilation
     _, height, width, _, _ = q.shape
-    rows, rows_valid, rows_bias = axis_neighbors(height, kernel_h, dilation_h, border, q.device)
-    cols, cols_valid, cols_bias = axis_neighbors(width, kernel_w, dilation_w, border, q.device)
+    rows, rows_valid, rows_bias = axis_neighbors(height, kernel_h, dilation_h, spec.border, q.device)
+    cols, cols_valid, cols_bias = axis_neighbors(width, kernel_w, dilation_w, spec.border, q.device)
 
     window_rows, window_cols = rows[:, None, :, None], cols[None, :, None, :]          # -> [H, W, kh, kw]
     k_window = k[:, window_rows, window_cols]                                            # [B, H, W, kh, kw, heads, D]
@@ -137,27 +139,64 @@ def neighborhood_attention_2d_reference(q, k, v, kernel_size, dilation=1, scale=
     out = torch.einsum('byxhij,byxijhd->byxhd', window_probs, v_window)
     if extra_v is not None:
         out = out + torch.einsum('byxhl,blhd->byxhd', probs[..., kernel_h * kernel_w:], extra_v)
-    return out
-
-
-class _NeighborhoodAttention2d(torch.autograd.Function):
-    """Fused Triton forward (online softmax over window and extra tokens) and backward."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, rpb, extra_k, extra_v, spec):
-        from . import _neighborhood_triton as kernels   # triton is optional on CPU-only installs
-        out, lse = kernels.forward(q, k, v, rpb, extra_k, extra_v, spec)
-        ctx.save_for_backward(q, k, v, rpb, extra_k, extra_v, out, lse)
-        ctx.spec = spec
+    if not with_lse:
         return out
+    lse = torch.logsumexp(logits.float(), dim=-1).permute(0, 3, 1, 2) * LOG2E
+    return out.contiguous(), lse.contiguous()
+
+
+def neighborhood_attention_2d_reference(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='clamp',
+                                        extra_k=None, extra_v=None):
+    """Plain PyTorch neighborhood attention: the ground truth of the tests (and what
+    ``backend="reference"`` runs), differentiable to any order."""
+    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v)
+    return _attend(q, k, v, spec, rpb, extra_k, extra_v)
+
+
+class _ReferenceKernels:
+    """The op's forward / backward pair computed by the reference (the backward is its ``torch.func.vjp``).
+
+    A kernels object (this class, or a module such as ``_neighborhood_triton``) provides
+    ``forward(q, k, v, rpb, extra_k, extra_v, spec) -> (out, lse)`` and ``backward(grad_out, q, k, v,
+    rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad) -> (dq, dk, dv, d_rpb,
+    d_extra_k, d_extra_v)`` (None where not asked for), all outputs contiguous.
+    """
 
     @staticmethod
-    def backward(ctx, grad_out):
-        from . import _neighborhood_triton as kernels
-        q, k, v, rpb, extra_k, extra_v, out, lse = ctx.saved_tensors
-        grads = kernels.backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, ctx.spec,
-                                 needs_rpb_grad=ctx.needs_input_grad[3], needs_extra_grad=any(ctx.needs_input_grad[4:6]))
-        return (*grads, None)
+    def forward(q, k, v, rpb, extra_k, extra_v, spec):
+        return _attend(q, k, v, spec, rpb, extra_k, extra_v, with_lse=True)
+
+    @staticmethod
+    def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad):
+        wanted = dict(q=q, k=k, v=v)
+        if rpb is not None and needs_rpb_grad:
+            wanted['rpb'] = rpb
+        if extra_k is not None and needs_extra_grad:
+            wanted.update(extra_k=extra_k, extra_v=extra_v)
+        fixed = dict(rpb=rpb, extra_k=extra_k, extra_v=extra_v)
+
+        def attend(*tensors):
+            args = {**fixed, **dict(zip(wanted, tensors))}
+            return _attend(args['q'], args['k'], args['v'], spec, args['rpb'], args['extra_k'], args['extra_v'])
+
+        _, vjp = torch.func.vjp(attend, *wanted.values())
+        grads = dict(zip(wanted, (g.contiguous() for g in vjp(grad_out.to(q.dtype)))))
+        return tuple(grads.get(name) for name in ('q', 'k', 'v', 'rpb', 'extra_k', 'extra_v'))
+
+
+def _cpu_kernels():
+    """The kernels behind ``backend=None`` for CPU tensors (interface: :class:`_ReferenceKernels`).
+
+    This is where a faster CPU implementation plugs in; until then, the reference.
+    """
+    return _ReferenceKernels
+
+
+def _kernels(backend):
+    if backend == 'triton':
+        from . import _neighborhood_triton   # triton is optional on CPU-only installs
+        return _neighborhood_triton
+    return _cpu_kernels()
 
 
 def _natten(q, k, v, spec, rpb, extra_k, extra_v):
@@ -173,6 +212,113 @@ def _natten(q, k, v, spec, rpb, extra_k, extra_v):
                        additional_keys=extra_k, additional_values=extra_v)
 
 
+# ----------------------------------------------------------------------------- registered ops
+#
+# attnzoo::neighborhood_attention_2d            the public op (CompositeImplicitAutograd): checks the
+#                                               arguments, picks the implementation, autocast rule
+# attnzoo::neighborhood_attention_2d_forward    (out, lse) of the fused / CPU kernels; fake impl, autograd
+# attnzoo::neighborhood_attention_2d_backward   [dq, dk, dv (, d_rpb) (, d_extra_k, d_extra_v)]
+
+
+def _spec(kernel_size, dilation, scale, border):
+    return NeighborhoodSpec(tuple(kernel_size), tuple(dilation), scale, border)
+
+
+@torch.library.custom_op('attnzoo::neighborhood_attention_2d_forward', mutates_args=(), device_types=('cpu', 'cuda'))
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List[int], dilation: List[int],
+                scale: float, rpb: Optional[torch.Tensor], border: str, extra_k: Optional[torch.Tensor],
+                extra_v: Optional[torch.Tensor], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Output and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked arguments."""
+    return _kernels(backend).forward(q, k, v, rpb, extra_k, extra_v, _spec(kernel_size, dilation, scale, border))
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend):
+    batch, height, width, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
+
+
+@torch.library.custom_op('attnzoo::neighborhood_attention_2d_backward', mutates_args=(), device_types=('cpu', 'cuda'))
+def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, kernel_size: List[int], dilation: List[int], scale: float,
+                 rpb: Optional[torch.Tensor], border: str, extra_k: Optional[torch.Tensor],
+                 extra_v: Optional[torch.Tensor], backend: str, rpb_grad: bool, extra_grad: bool) -> List[torch.Tensor]:
+    """``[dq, dk, dv]``, then ``d_rpb`` if ``rpb_grad``, then ``d_extra_k, d_extra_v`` if ``extra_grad``."""
+    dq, dk, dv, d_rpb, d_extra_k, d_extra_v = _kernels(backend).backward(
+        grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, _spec(kernel_size, dilation, scale, border),
+        rpb_grad, extra_grad)
+    return [dq, dk, dv] + ([d_rpb] if rpb_grad else []) + ([d_extra_k, d_extra_v] if extra_grad else [])
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend,
+                   rpb_grad, extra_grad):
+    grads = [q.new_empty(q.shape) for _ in range(3)]
+    if rpb_grad:
+        grads.append(rpb.new_empty(rpb.shape))
+    if extra_grad:
+        grads += [extra_k.new_empty(extra_k.shape, dtype=q.dtype), extra_v.new_empty(extra_v.shape, dtype=q.dtype)]
+    return grads
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rpb, extra_k, extra_v, out, lse)
+    ctx.geometry = (kernel_size, dilation, scale, border, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _forward_backward(ctx, grad_out, grad_lse):
+    q, k, v, rpb, extra_k, extra_v, out, lse = ctx.saved_tensors
+    kernel_size, dilation, scale, border, backend = ctx.geometry
+    rpb_grad = rpb is not None and ctx.needs_input_grad[6]
+    extra_grad = extra_k is not None and (ctx.needs_input_grad[8] or ctx.needs_input_grad[9])
+    grads = torch.ops.attnzoo.neighborhood_attention_2d_backward(
+        grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend, rpb_grad,
+        extra_grad)
+    d_rpb = grads[3] if rpb_grad else None
+    d_extra_k, d_extra_v = grads[-2:] if extra_grad else (None, None)
+    return grads[0], grads[1], grads[2], None, None, None, d_rpb, None, d_extra_k, d_extra_v, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(f'{OP_NAME}: gradients of gradients (double backward) are not implemented by the fused and '
+                       f'CPU kernels; use backend="reference" (or attnzoo.kernels.use_backend("reference")), whose '
+                       f'plain PyTorch ops differentiate to any order')
+
+
+torch.library.register_autograd(_forward_op, _forward_backward, setup_context=_save_for_backward)
+torch.library.register_autograd(_backward_op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+LIBRARY.define(
+    'neighborhood_attention_2d(Tensor q, Tensor k, Tensor v, int[2] kernel_size, int[2] dilation=1, '
+    'float? scale=None, Tensor? rpb=None, str border="clamp", Tensor? extra_k=None, Tensor? extra_v=None, '
+    'str? backend=None) -> Tensor')
+
+
+def _neighborhood_op(q, k, v, kernel_size, dilation=(1, 1), scale=None, rpb=None, border='clamp', extra_k=None,
+                     extra_v=None, backend=None):
+    # the dispatcher leaves out trailing arguments equal to the schema's defaults
+    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v)
+    backend = device_backend(OP_NAME, backend, q.device)
+    if backend == 'reference':
+        return _attend(q, k, v, spec, rpb, extra_k, extra_v)
+    if backend == 'natten':
+        return _natten(q, k, v, spec, rpb, extra_k, extra_v)
+    if backend == 'triton' and q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f'{OP_NAME}: backend="triton" supports {[str(t) for t in KERNEL_DTYPES]}, got {q.dtype}; '
+                        f'use backend="reference" for other dtypes')
+    out, _ = torch.ops.attnzoo.neighborhood_attention_2d_forward(
+        q, k, v, list(spec.kernel_size), list(spec.dilation), spec.scale, rpb, border, extra_k, extra_v, backend)
+    return out
+
+
+LIBRARY.impl('neighborhood_attention_2d', _neighborhood_op, 'CompositeImplicitAutograd')
+register_autocast('neighborhood_attention_2d', cast=(0, 1, 2, 8, 9), keep_float32=(6,))
+
+
+@register_notrace_function   # a leaf for timm's FX feature extraction
 def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb: Optional[torch.Tensor] = None,
                               border: str = 'clamp', extra_k: Optional[torch.Tensor] = None,
                               extra_v: Optional[torch.Tensor] = None, backend: Optional[str] = None):
@@ -180,7 +326,8 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
 
     Args:
         q, k, v: ``[B, H, W, heads, head_dim]`` (strided views accepted), one dtype (float32,
-            float16, bfloat16; float64 on the reference only), ``16 <= head_dim <= 128``.
+            float16, bfloat16; float64 off the Triton path), ``16 <= head_dim <= 128``. Under
+            ``torch.autocast`` they are cast to the autocast dtype (rpb to float32).
         kernel_size: window size, int or ``(rows, cols)``; odd or even.
         dilation: int or ``(rows, cols)``; ``kernel_size * dilation`` must fit in the map.
         scale: logit scale, ``head_dim ** -0.5`` when None.
@@ -190,20 +337,26 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
             (centred window, out-of-map keys masked).
         extra_k, extra_v: optional global tokens ``[B, L, heads, head_dim]`` every query also attends
             to, in the same softmax.
-        backend: None (Triton on CUDA, reference on CPU), ``"triton"``, ``"reference"`` or
-            ``"natten"`` (``natten.na2d``; clamp border, no rpb).
+        backend: None (the process-wide default of :func:`attnzoo.kernels.use_backend`, else Triton
+            on CUDA and the CPU kernels on CPU), ``"triton"``, ``"reference"`` or ``"natten"``
+            (``natten.na2d``; clamp border, no rpb).
 
     Returns:
         ``[B, H, W, heads, head_dim]`` in q's dtype.
+
+    The op is ``torch.ops.attnzoo.neighborhood_attention_2d`` (same arguments, ``kernel_size`` and
+    ``dilation`` as lists), which TorchScript and ``torch.compile`` see as one op.
     """
-    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v)
-    backend = resolve_backend(OP_NAME, backend, q, allowed=('triton', 'reference', 'natten'))
-    if backend == 'reference':
-        return neighborhood_attention_2d_reference(q, k, v, spec.kernel_size, spec.dilation, spec.scale, rpb, border,
-                                                   extra_k, extra_v)
-    if backend == 'natten':
-        return _natten(q, k, v, spec, rpb, extra_k, extra_v)
-    if q.dtype not in KERNEL_DTYPES:
-        raise TypeError(f'{OP_NAME}: backend="triton" supports {[str(t) for t in KERNEL_DTYPES]}, got {q.dtype}; '
-                        f'use backend="reference" for other dtypes')
-    return _NeighborhoodAttention2d.apply(q, k, v, rpb, extra_k, extra_v, spec)
+    for name, tensor in (('q', q), ('k', k), ('v', v)):
+        check_type(OP_NAME, name, tensor)
+    for name, tensor in (('rpb', rpb), ('extra_k', extra_k), ('extra_v', extra_v)):
+        check_type(OP_NAME, name, tensor, optional=True)
+    kernel_size = int_pair(OP_NAME, kernel_size, 'kernel_size')
+    dilation = int_pair(OP_NAME, dilation, 'dilation')
+    if scale is not None:
+        scale = softmax_scale(OP_NAME, scale, 1)
+    if border not in BORDERS:
+        raise ValueError(f'{OP_NAME}: border must be one of {BORDERS}, got {border!r}')
+    backend = requested_backend(OP_NAME, backend, allowed=('triton', 'reference', 'natten'))
+    return torch.ops.attnzoo.neighborhood_attention_2d(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k,
+                                                       extra_v, backend)
