@@ -10,6 +10,7 @@ f111ae2 and d334f5b, NATTEN's attention module replaced by one with its paramete
 
 Tensors are random (seeded), or shape-only on the ``meta`` device for the large variants.
 """
+import re
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -147,3 +148,38 @@ def nat_official_state_dict(embed_dim: int, depths: Sequence[int], num_heads: Se
                    'head.weight': (num_classes, final_dim), 'head.bias': (num_classes,)})
     tensor = _tensor_factory(device, seed)
     return {key: tensor(*shape) for key, shape in shapes.items()}
+
+
+# our key -> the official one, the first matching rule per key (the inverse of the families' converters,
+# written from the official code; the tests check its key set against the builders above)
+_TO_OFFICIAL_RULES = {
+    'cswin': (
+        (r'^stem\.conv\.', lambda m: 'stage1_conv_embed.0.'),
+        (r'^stem\.norm\.', lambda m: 'stage1_conv_embed.2.'),
+        (r'^stages\.(\d+)\.downsample\.', lambda m: f'merge{m[1]}.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.branches\.(\d+)\.lepe\.',
+         lambda m: f'stage{int(m[1]) + 1}.{m[2]}.attns.{m[3]}.get_v.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.(attn\.)?', lambda m: f'stage{int(m[1]) + 1}.{m[2]}.'),
+        (r'^head\.fc\.', lambda m: 'head.'),
+    ),
+    'nat': (
+        (r'^stem\.conv([12])\.', lambda m: f'patch_embed.proj.{int(m[1]) - 1}.'),
+        (r'^stem\.norm\.', lambda m: 'patch_embed.norm.'),
+        (r'^stages\.(\d+)\.downsample\.conv\.', lambda m: f'levels.{int(m[1]) - 1}.downsample.reduction.'),
+        (r'^stages\.(\d+)\.downsample\.norm\.', lambda m: f'levels.{int(m[1]) - 1}.downsample.norm.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.ls([12])\.gamma$', lambda m: f'levels.{m[1]}.blocks.{m[2]}.gamma{m[3]}'),
+        (r'^stages\.(\d+)\.blocks\.', lambda m: f'levels.{m[1]}.blocks.'),
+        (r'^head\.fc\.', lambda m: 'head.'),
+    ),
+}
+
+
+def to_official_layout(family: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our state dict of a CSWin (``family='cswin'``) or NAT / DiNAT (``'nat'``) model under the official names."""
+    def rename(key):
+        for pattern, replacement in _TO_OFFICIAL_RULES[family]:
+            renamed, count = re.subn(pattern, replacement, key)
+            if count:
+                return renamed
+        return key
+    return {rename(k): v for k, v in state_dict.items()}
