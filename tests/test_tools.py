@@ -1,7 +1,8 @@
-"""tools/train.py and tools/eval.py on timm's tiny ``test_vit`` and the embedded digits dataset.
+"""tools/train.py and tools/eval.py on timm's tiny ``test_vit`` (and small CSWin / NAT models for
+official checkpoints) and the embedded digits dataset.
 
-The tools run in-process (their ``main(argv)``), except the two-process torchrun run and one
-command-line error check. Every training run is capped at a few steps.
+The tools run in-process (their ``main(argv)``), except the two-process torchrun runs (killed, then
+resumed) and one command-line error check. Every training run is capped at a few steps.
 """
 import importlib.util
 import json
