@@ -11,9 +11,12 @@ f111ae2 and d334f5b, NATTEN's attention module replaced by one with its paramete
 Tensors are random (seeded), or shape-only on the ``meta`` device for the large variants.
 """
 import re
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
+import torch.nn as nn
+
+from reference_params import OFFICIAL_PARAMS
 
 # len(official_model.state_dict()) of each variant, 1000-class head
 OFFICIAL_KEY_COUNTS = {
@@ -183,3 +186,16 @@ def to_official_layout(family: str, state_dict: Dict[str, torch.Tensor]) -> Dict
                 return renamed
         return key
     return {rename(k): v for k, v in state_dict.items()}
+
+
+def assert_official_layout_converts(name: str, model: nn.Module, checkpoint_filter_fn: Callable):
+    """The official key set of variant ``name`` (as many keys and parameters as the official model has)
+    converts onto exactly the keys and shapes of ``model``."""
+    if name in CSWIN_OFFICIAL_ARCH:
+        official = cswin_official_state_dict(**CSWIN_OFFICIAL_ARCH[name], device='meta')
+    else:
+        official = nat_official_state_dict(**NAT_OFFICIAL_ARCH[name], device='meta')
+    assert len(official) == OFFICIAL_KEY_COUNTS[name]
+    assert sum(v.numel() for v in official.values()) == OFFICIAL_PARAMS[name]
+    converted = checkpoint_filter_fn(official, model)
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}

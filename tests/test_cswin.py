@@ -11,8 +11,8 @@ import timm
 
 import attnzoo.backbones  # noqa: F401  (registers the cswin_* models)
 from attnzoo.backbones.cswin import CrossShapedWindowAttention, StripeAttention, checkpoint_filter_fn
-from official_checkpoints import CSWIN_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, cswin_official_state_dict
-from reference_params import OFFICIAL_PARAMS
+from official_checkpoints import (CSWIN_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, assert_official_layout_converts,
+                                  cswin_official_state_dict)
 
 TINY_ARCH = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4))
 
@@ -235,14 +235,7 @@ def test_official_cswin_tiny_checkpoint_loads_strictly(cswin_tiny, official_tiny
 
 @pytest.mark.parametrize('name', sorted(CSWIN_OFFICIAL_ARCH))
 def test_official_layout_of_every_size_converts(name):
-    """The official key set of each size (its size and parameter total from the official code)
-    converts onto exactly our model's keys and shapes."""
-    official = cswin_official_state_dict(**CSWIN_OFFICIAL_ARCH[name], device='meta')
-    assert len(official) == OFFICIAL_KEY_COUNTS[name]
-    assert sum(v.numel() for v in official.values()) == OFFICIAL_PARAMS[name]
-    model = timm.create_model(name, device='meta')
-    converted = checkpoint_filter_fn({'state_dict': official, 'epoch': 300}, model)
-    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert_official_layout_converts(name, timm.create_model(name, device='meta'), checkpoint_filter_fn)
 
 
 def test_a_file_with_both_weights_gives_the_ema_ones(tmp_path):

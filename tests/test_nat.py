@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 import attnzoo.backbones  # noqa: F401  (registers the models)
 from attnzoo.backbones.nat import NAT, NeighborhoodAttention, checkpoint_filter_fn
-from official_checkpoints import NAT_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, nat_official_state_dict
-from reference_params import OFFICIAL_PARAMS
+from official_checkpoints import NAT_OFFICIAL_ARCH, assert_official_layout_converts, nat_official_state_dict
 
 @functools.lru_cache(maxsize=None)
 def meta_model(name):
@@ -48,14 +47,7 @@ def test_official_checkpoint_converts_and_loads_strictly(wrap):
 
 @pytest.mark.parametrize('name', sorted(NAT_OFFICIAL_ARCH))
 def test_official_layout_of_every_variant_converts(name):
-    """The official key set of each variant (its size and parameter total from the official code)
-    converts onto exactly our model's keys and shapes."""
-    official = nat_official_state_dict(**NAT_OFFICIAL_ARCH[name], device='meta')
-    assert len(official) == OFFICIAL_KEY_COUNTS[name]
-    assert sum(v.numel() for v in official.values()) == OFFICIAL_PARAMS[name]
-    model = meta_model(name)
-    converted = checkpoint_filter_fn(official, model)
-    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert_official_layout_converts(name, meta_model(name), checkpoint_filter_fn)
 
 
 def test_own_state_dict_passes_through_and_mismatch_raises():
