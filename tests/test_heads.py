@@ -189,8 +189,10 @@ def test_retinanet_predict_and_loss():
     total_loss(model, losses)
 
 
+@pytest.mark.slow
 def test_dinat_backbone_in_a_detector_loss_backward():
-    """A config's backbone swapped for DiNAT: loss and gradients through the dilated attention."""
+    """A config's backbone swapped for DiNAT: loss and gradients through the dilated attention (the wrapper
+    is the same for every family, so CI's budget leaves this out; the wrapper tests run DiNAT)."""
     torch.manual_seed(0)
     cfg = load_config(config_path('retinanet_cswin'))
     cfg.model.backbone = dict(type='AttnzooBackbone', model_name='dinat_mini', out_indices=(1, 2, 3), out_norm=True,
@@ -293,13 +295,13 @@ def pyramid_param_group(name: str) -> str:
     return parts[2] if parts[2] == 'stem' else '.'.join(parts[2:4])
 
 
-@pytest.mark.parametrize('name, model_kwargs', [('cswin_tiny_224', SHALLOW), ('dinat_mini', DINAT_SHALLOW)])
-@pytest.mark.parametrize('frozen_stages, frozen_groups', [
-    (-1, set()),
-    (0, {'stem'}),
-    (2, {'stem', 'stages.0', 'stages.1', 'out_norms.0', 'out_norms.1'}),
+@pytest.mark.parametrize('name, model_kwargs, frozen_stages, frozen_groups', [
+    ('cswin_tiny_224', SHALLOW, -1, set()),
+    ('cswin_tiny_224', SHALLOW, 0, {'stem'}),
+    ('cswin_tiny_224', SHALLOW, 2, {'stem', 'stages.0', 'stages.1', 'out_norms.0', 'out_norms.1'}),
+    ('dinat_mini', DINAT_SHALLOW, 2, {'stem', 'stages.0', 'stages.1', 'out_norms.0', 'out_norms.1'}),
 ])
-def test_frozen_stages(frozen_stages, frozen_groups, name, model_kwargs):
+def test_frozen_stages(name, model_kwargs, frozen_stages, frozen_groups):
     torch.manual_seed(0)
     backbone = AttnzooBackbone(name, frozen_stages=frozen_stages, out_norm=True, **model_kwargs).train()
     groups = {pyramid_param_group(n): p.requires_grad for n, p in backbone.named_parameters()}
