@@ -13,7 +13,9 @@ import torch.nn as nn
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-CHECKPOINT_WRAPPERS = ('state_dict', 'state_dict_ema', 'model')
+# timm's load_state_dict order (EMA first), so an official file gives the same weights through a URL
+# (whole file through the filter) as through pretrained_cfg_overlay=dict(file=...) (unwrapped by timm)
+CHECKPOINT_WRAPPERS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 
 class ChannelsLastPyramid(nn.Module):
@@ -147,9 +149,13 @@ def convert_checkpoint(
 
 
 def unwrap_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The weights of a checkpoint file: the first of 'state_dict', 'state_dict_ema', 'model' that
-    holds a dict (the official loaders' order of preference), or the file itself; without the
-    'module.' prefix that (Distributed)DataParallel adds."""
+    """The weights of a checkpoint file: the first of :data:`CHECKPOINT_WRAPPERS` that holds a dict, or
+    the file itself; without the 'module.' prefix that (Distributed)DataParallel adds.
+
+    EMA weights win where a file holds both: the official CSWin training (timm's saver: 'state_dict'
+    and 'state_dict_ema') evaluated, selected and fine-tuned from the EMA weights (main.py,
+    --model-ema on by default; finetune.py --ema-finetune), as timm's file loader prefers them.
+    """
     for wrapper in CHECKPOINT_WRAPPERS:
         if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]

@@ -11,6 +11,8 @@ import timm
 
 import attnzoo.backbones  # noqa: F401  (registers the cswin_* models)
 from attnzoo.backbones.cswin import CrossShapedWindowAttention, StripeAttention, checkpoint_filter_fn
+from official_checkpoints import (CSWIN_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, assert_official_layout_converts,
+                                  cswin_official_state_dict)
 
 TINY_ARCH = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4))
 
@@ -186,50 +188,6 @@ def test_in_chans_is_respected():
 
 # ---------------------------------------------------------------- official checkpoints
 
-def official_state_dict(embed_dim, depths, num_classes=1000, in_chans=3, mlp_ratio=4):
-    """A random state dict named and shaped like the official classification ``CSWinTransformer``."""
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
-
-    def add(name, *shape):
-        sd[name] = torch.randn(*shape, generator=gen)
-
-    dims = [embed_dim * 2 ** i for i in range(4)]
-    add('stage1_conv_embed.0.weight', dims[0], in_chans, 7, 7)
-    add('stage1_conv_embed.0.bias', dims[0])
-    add('stage1_conv_embed.2.weight', dims[0])
-    add('stage1_conv_embed.2.bias', dims[0])
-    for s, (dim, depth) in enumerate(zip(dims, depths), start=1):
-        if s > 1:
-            add(f'merge{s - 1}.conv.weight', dim, dim // 2, 3, 3)
-            add(f'merge{s - 1}.conv.bias', dim)
-            add(f'merge{s - 1}.norm.weight', dim)
-            add(f'merge{s - 1}.norm.bias', dim)
-        num_branches = 1 if s == 4 else 2
-        for b in range(depth):
-            p = f'stage{s}.{b}.'
-            add(p + 'qkv.weight', 3 * dim, dim)
-            add(p + 'qkv.bias', 3 * dim)
-            add(p + 'norm1.weight', dim)
-            add(p + 'norm1.bias', dim)
-            add(p + 'proj.weight', dim, dim)
-            add(p + 'proj.bias', dim)
-            for a in range(num_branches):
-                add(p + f'attns.{a}.get_v.weight', dim // num_branches, 1, 3, 3)
-                add(p + f'attns.{a}.get_v.bias', dim // num_branches)
-            add(p + 'mlp.fc1.weight', mlp_ratio * dim, dim)
-            add(p + 'mlp.fc1.bias', mlp_ratio * dim)
-            add(p + 'mlp.fc2.weight', dim, mlp_ratio * dim)
-            add(p + 'mlp.fc2.bias', dim)
-            add(p + 'norm2.weight', dim)
-            add(p + 'norm2.bias', dim)
-    add('norm.weight', dims[3])
-    add('norm.bias', dims[3])
-    add('head.weight', num_classes, dims[3])
-    add('head.bias', num_classes)
-    return sd
-
-
 # official key -> ours, for a few keys of every kind
 KEY_SAMPLES = {
     'stage1_conv_embed.0.weight': 'stem.conv.weight',
@@ -255,12 +213,12 @@ def cswin_tiny():
 
 @pytest.fixture(scope='module')
 def official_tiny():
-    return official_state_dict(64, (1, 2, 21, 1))
+    return cswin_official_state_dict(**CSWIN_OFFICIAL_ARCH['cswin_tiny_224'])
 
 
 @pytest.mark.parametrize('wrap', ['plain', 'state_dict', 'state_dict_ema', 'model', 'module_prefix'])
 def test_official_cswin_tiny_checkpoint_loads_strictly(cswin_tiny, official_tiny, wrap):
-    assert len(official_tiny) == 418
+    assert len(official_tiny) == OFFICIAL_KEY_COUNTS['cswin_tiny_224']
     if wrap == 'module_prefix':
         checkpoint = {'state_dict': {'module.' + k: v for k, v in official_tiny.items()}}
     elif wrap == 'plain':
@@ -268,11 +226,36 @@ def test_official_cswin_tiny_checkpoint_loads_strictly(cswin_tiny, official_tiny
     else:
         checkpoint = {wrap: official_tiny, 'epoch': 300}
     converted = checkpoint_filter_fn(checkpoint, cswin_tiny)
-    assert len(converted) == 418
+    assert len(converted) == len(official_tiny)
     cswin_tiny.load_state_dict(converted, strict=True)
     ours = cswin_tiny.state_dict()
     for official_key, our_key in KEY_SAMPLES.items():
         assert torch.equal(ours[our_key], official_tiny[official_key]), official_key
+
+
+@pytest.mark.parametrize('name', sorted(CSWIN_OFFICIAL_ARCH))
+def test_official_layout_of_every_size_converts(name):
+    assert_official_layout_converts(name, timm.create_model(name, device='meta'), checkpoint_filter_fn)
+
+
+def test_a_file_with_both_weights_gives_the_ema_ones(tmp_path):
+    """The official saver writes 'state_dict' and 'state_dict_ema'; the official evaluation (main.py,
+    --model-ema on by default) and fine-tuning recipes (--ema-finetune) take the EMA weights, as timm's
+    own file loader does: a URL (whole file through the filter) and a local file must agree."""
+    weights = cswin_official_state_dict(16, TINY_ARCH['depths'], seed=1)
+    ema = cswin_official_state_dict(16, TINY_ARCH['depths'], seed=2)
+    checkpoint = {'state_dict': weights, 'state_dict_ema': ema, 'epoch': 300}
+    model = timm.create_model('cswin_tiny_224', pretrained=False, **TINY_ARCH)
+    converted = checkpoint_filter_fn(checkpoint, model)
+    assert torch.equal(converted['stem.conv.weight'], ema['stage1_conv_embed.0.weight'])
+    assert torch.equal(converted['stages.2.blocks.1.attn.branches.1.lepe.weight'], ema['stage3.1.attns.1.get_v.weight'])
+
+    path = tmp_path / 'official_with_ema.pth'
+    torch.save(checkpoint, path)
+    from_file = timm.create_model(
+        'cswin_tiny_224', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **TINY_ARCH)
+    for name, value in from_file.state_dict().items():
+        assert torch.equal(value, converted[name]), name
 
 
 def test_own_state_dict_passes_through_unchanged():
@@ -285,7 +268,7 @@ def test_own_state_dict_passes_through_unchanged():
 
 def test_mismatched_checkpoint_names_the_keys():
     model = timm.create_model('cswin_tiny_224', pretrained=False, **TINY_ARCH)
-    sd = official_state_dict(16, TINY_ARCH['depths'])
+    sd = cswin_official_state_dict(16, TINY_ARCH['depths'])
     del sd['stage2.0.attns.1.get_v.weight']
     sd['stage2.0.attns.2.get_v.weight'] = torch.zeros(16, 1, 3, 3)
     with pytest.raises(ValueError, match=r'1 missing keys .*stages\.1\.blocks\.0\.attn\.branches\.1\.lepe\.weight'
@@ -296,11 +279,11 @@ def test_mismatched_checkpoint_names_the_keys():
 def test_official_checkpoint_needs_full_attention_last_stage():
     model = timm.create_model('cswin_tiny_224', pretrained=False, last_stage_full_attention=False, **TINY_ARCH)
     with pytest.raises(ValueError, match=r'missing keys .*stages\.3\.blocks\.0\.attn\.branches\.1\.lepe'):
-        checkpoint_filter_fn(official_state_dict(16, TINY_ARCH['depths']), model)
+        checkpoint_filter_fn(cswin_official_state_dict(16, TINY_ARCH['depths']), model)
 
 
 def test_pretrained_loads_official_file(tmp_path):
-    sd = official_state_dict(16, TINY_ARCH['depths'])
+    sd = cswin_official_state_dict(16, TINY_ARCH['depths'])
     path = tmp_path / 'cswin_official_format.pth'
     torch.save({'state_dict': sd, 'epoch': 300}, path)
     model = timm.create_model(

@@ -2,9 +2,11 @@
 
 Needs the OpenMMLab stack (mmengine, mmcv with its compiled ops, mmdet, mmseg); without it the
 module is skipped. Installed but broken (e.g. mmcv without ops) is an error, not a skip.
-The task-model tests build CSWin-T with one block per stage (same channels, a fraction of the time).
+The task-model tests build CSWin-T (and DiNAT-Mini) with one block per stage (same channels, a fraction
+of the time).
 """
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
 from attnzoo.heads import AttnzooBackbone  # noqa: E402  (registers it into mmdet and mmseg)
+from official_checkpoints import cswin_official_state_dict, nat_official_state_dict, to_official_layout  # noqa: E402
 
 pytestmark = pytest.mark.mm
 
@@ -36,6 +39,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 CONFIGS = sorted(CONFIG_DIR.rglob('*.py'))
 REGISTRIES = {'mmdet': DET_MODELS, 'mmseg': SEG_MODELS}
 SHALLOW = dict(depths=(1, 1, 1, 1))  # CSWin-T widths and heads, one block per stage
+# DiNAT-Mini widths and heads (the same channels as CSWin-T), one block per stage; dilation 2 in the
+# first two stages (at 64 x 64 the second stage's 8 x 8 map is padded to the 14 x 14 dilated window;
+# the official dilations would pad every map to 56 x 56 at such sizes, a lot of CPU time)
+DINAT_SHALLOW = dict(depths=(1, 1, 1, 1), dilations=((2,), (2,), (1,), (1,)))
 NUM_ADE_CLASSES = 150
 
 
@@ -182,6 +189,22 @@ def test_retinanet_predict_and_loss():
     total_loss(model, losses)
 
 
+@pytest.mark.slow
+def test_dinat_backbone_in_a_detector_loss_backward():
+    """A config's backbone swapped for DiNAT: loss and gradients through the dilated attention (the wrapper
+    is the same for every family, so CI's budget leaves this out; the wrapper tests run DiNAT)."""
+    torch.manual_seed(0)
+    cfg = load_config(config_path('retinanet_cswin'))
+    cfg.model.backbone = dict(type='AttnzooBackbone', model_name='dinat_mini', out_indices=(1, 2, 3), out_norm=True,
+                              **DINAT_SHALLOW)
+    model = build_model(cfg).train()
+    assert model.backbone.features.model.stages[0].blocks[0].attn.dilation == 2
+    data = model.data_preprocessor(det_batch(with_masks=False), training=True)
+    total_loss(model, model(**data, mode='loss')).backward()
+    for name, param in model.backbone.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
 # ---------------------------------------------------------------- segmentation
 
 SEG_SIZE = (128, 128)
@@ -232,6 +255,7 @@ def shallow_cswin(**kwargs) -> AttnzooBackbone:
 @pytest.mark.parametrize('name, out_indices, model_kwargs', [
     ('cswin_tiny_224', (0, 1, 2, 3), SHALLOW),
     ('cswin_tiny_224', (1, 3), SHALLOW),
+    ('dinat_mini', (0, 2), DINAT_SHALLOW),
     ('resnet18', (1, 2, 3, 4), {}),  # timm's own model, stride-2 stem at index 0
 ])
 def test_outputs_match_timm_features(name, out_indices, model_kwargs):
@@ -262,7 +286,7 @@ def test_out_norm_normalises_channels():
         torch.testing.assert_close(out.var(1, unbiased=False), torch.ones_like(out[:, 0]), atol=1e-2, rtol=0)
 
 
-def cswin_param_group(name: str) -> str:
+def pyramid_param_group(name: str) -> str:
     """'features.model.stages.1.blocks.0.norm1.weight' -> 'stages.1'; 'features.model.stem...' -> 'stem'."""
     parts = name.split('.')
     if parts[0] == 'out_norms':
@@ -271,22 +295,24 @@ def cswin_param_group(name: str) -> str:
     return parts[2] if parts[2] == 'stem' else '.'.join(parts[2:4])
 
 
-@pytest.mark.parametrize('frozen_stages, frozen_groups', [
-    (-1, set()),
-    (0, {'stem'}),
-    (2, {'stem', 'stages.0', 'stages.1', 'out_norms.0', 'out_norms.1'}),
+@pytest.mark.parametrize('name, model_kwargs, frozen_stages, frozen_groups', [
+    ('cswin_tiny_224', SHALLOW, -1, set()),
+    ('cswin_tiny_224', SHALLOW, 0, {'stem'}),
+    ('cswin_tiny_224', SHALLOW, 2, {'stem', 'stages.0', 'stages.1', 'out_norms.0', 'out_norms.1'}),
+    ('dinat_mini', DINAT_SHALLOW, 2, {'stem', 'stages.0', 'stages.1', 'out_norms.0', 'out_norms.1'}),
 ])
-def test_frozen_stages_cswin(frozen_stages, frozen_groups):
-    backbone = shallow_cswin(frozen_stages=frozen_stages, out_norm=True).train()
-    groups = {cswin_param_group(n): p.requires_grad for n, p in backbone.named_parameters()}
+def test_frozen_stages(name, model_kwargs, frozen_stages, frozen_groups):
+    torch.manual_seed(0)
+    backbone = AttnzooBackbone(name, frozen_stages=frozen_stages, out_norm=True, **model_kwargs).train()
+    groups = {pyramid_param_group(n): p.requires_grad for n, p in backbone.named_parameters()}
     assert {g for g, trainable in groups.items() if not trainable} == frozen_groups
-    for name, module in backbone.named_modules():
-        if name.startswith('features.model.'):
-            assert module.training == (cswin_param_group(name + '.x') not in frozen_groups), name
+    for module_name, module in backbone.named_modules():
+        if module_name.startswith('features.model.'):
+            assert module.training == (pyramid_param_group(module_name + '.x') not in frozen_groups), module_name
 
     sum(out.sum() for out in backbone(torch.randn(1, 3, 64, 64))).backward()
-    for name, param in backbone.named_parameters():
-        assert (param.grad is None) == (cswin_param_group(name) in frozen_groups), name
+    for param_name, param in backbone.named_parameters():
+        assert (param.grad is None) == (pyramid_param_group(param_name) in frozen_groups), param_name
 
 
 def test_frozen_stages_and_norm_eval_resnet():
@@ -305,14 +331,35 @@ def test_frozen_stages_and_norm_eval_resnet():
     torch.testing.assert_close(backbone.features.layer2[0].bn1.running_mean, running_mean)
 
 
-def test_with_cp_gives_same_outputs_and_gradients():
+def training_step_block_runs(backbone: AttnzooBackbone, images: torch.Tensor):
+    """One training step (forward and backward): the outputs, the gradients, the number of transformer
+    blocks and how many times they ran."""
+    blocks = [m for name, m in backbone.named_modules() if re.fullmatch(r'.*stages\.\d+\.blocks\.\d+', name)]
+    runs = []
+    # pre-hooks: a checkpointed recomputation stops early, once it has what backward needs, so a
+    # block's forward hook may never fire the second time
+    hooks = [block.register_forward_pre_hook(lambda *_: runs.append(1)) for block in blocks]
+    try:
+        outputs = backbone(images)
+        sum(out.square().mean() for out in outputs).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, [p.grad for p in backbone.parameters()], len(blocks), len(runs)
+
+
+@pytest.mark.parametrize('name, model_kwargs', [('cswin_tiny_224', SHALLOW), ('dinat_mini', DINAT_SHALLOW)])
+def test_with_cp_recomputes_the_blocks_with_the_same_results(name, model_kwargs):
+    """with_cp: the blocks run again in the backward pass (their activations were not kept), and the
+    outputs and gradients are those of the plain backbone."""
     images = torch.randn(1, 3, 64, 64)
     results = []
     for with_cp in (False, True):
-        backbone = shallow_cswin(with_cp=with_cp).train()
-        outputs = backbone(images)
-        sum(out.square().mean() for out in outputs).backward()
-        results.append((outputs, [p.grad for p in backbone.parameters()]))
+        torch.manual_seed(0)
+        backbone = AttnzooBackbone(name, with_cp=with_cp, **model_kwargs).train()
+        outputs, grads, num_blocks, runs = training_step_block_runs(backbone, images)
+        assert num_blocks == 4 and runs == (2 if with_cp else 1) * num_blocks
+        results.append((outputs, grads))
     (plain_out, plain_grads), (cp_out, cp_grads) = results
     for a, b in zip(plain_out, cp_out):
         torch.testing.assert_close(a, b)
@@ -320,16 +367,28 @@ def test_with_cp_gives_same_outputs_and_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_checkpoint_loads_through_the_family_filter(tmp_path):
+@pytest.mark.parametrize('family, name, model_kwargs, official_keys', [
+    ('cswin', 'cswin_tiny_224', SHALLOW, lambda: cswin_official_state_dict(64, (1, 1, 1, 1), device='meta')),
+    ('nat', 'dinat_mini', DINAT_SHALLOW,
+     lambda: nat_official_state_dict(64, (1, 1, 1, 1), (2, 4, 8, 16), mlp_ratio=3., layer_scale=None, device='meta')),
+])
+def test_official_checkpoint_loads_through_the_family_filter(tmp_path, family, name, model_kwargs, official_keys):
+    """An official-layout file: CSWin's as its training script saves it (weights and EMA weights under
+    DataParallel names: the EMA ones load, as timm prefers them), NAT's a plain state dict."""
     torch.manual_seed(1)
-    source = timm.create_model('cswin_tiny_224', **SHALLOW)
-    path = tmp_path / 'cswin.pth'
-    # EMA weights under a DataParallel prefix, as the official training script saves them
-    torch.save({'state_dict_ema': {f'module.{k}': v for k, v in source.state_dict().items()}}, path)
-    backbone = shallow_cswin(checkpoint=str(path))
-    expected = source.state_dict()
-    for name, value in backbone.features.model.state_dict().items():
-        torch.testing.assert_close(value, expected[name])
+    wanted, other = (timm.create_model(name, **model_kwargs).state_dict() for _ in range(2))
+    official = to_official_layout(family, wanted)
+    assert official.keys() == official_keys().keys()
+    if family == 'cswin':
+        checkpoint = {'state_dict': {f'module.{k}': v for k, v in to_official_layout(family, other).items()},
+                      'state_dict_ema': {f'module.{k}': v for k, v in official.items()}, 'epoch': 300}
+    else:
+        checkpoint = official
+    path = tmp_path / 'official.pth'
+    torch.save(checkpoint, path)
+    backbone = AttnzooBackbone(name, checkpoint=str(path), **model_kwargs)
+    for key, value in backbone.features.model.state_dict().items():
+        assert torch.equal(value, wanted[key]), key
 
 
 def test_init_cfg_pretrained_loads_a_detector_checkpoint(tmp_path):

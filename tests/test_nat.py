@@ -3,6 +3,8 @@ with NATTEN's window and bias rule, and DiNAT's dilated layers on maps smaller t
 
 The generic timm API and the parameter counts are covered by the conformance suite.
 """
+import functools
+
 import pytest
 import timm
 import torch
@@ -10,54 +12,22 @@ import torch.nn.functional as F
 
 import attnzoo.backbones  # noqa: F401  (registers the models)
 from attnzoo.backbones.nat import NAT, NeighborhoodAttention, checkpoint_filter_fn
+from official_checkpoints import NAT_OFFICIAL_ARCH, assert_official_layout_converts, nat_official_state_dict
+
+@functools.lru_cache(maxsize=None)
+def meta_model(name):
+    """The variant on the meta device: its structure, built in a fraction of the time."""
+    return timm.create_model(name, device='meta')
+
 
 # a small NAT with LayerScale (head_dim 16, the smallest the op takes)
 TINY_ARGS = dict(embed_dim=32, depths=(1, 2, 1, 1), num_heads=(2, 4, 8, 16), mlp_ratio=2., kernel_size=3,
                  layer_scale=1e-5, num_classes=10)
 
 
-def official_state_dict(embed_dim, depths, num_heads, mlp_ratio, kernel_size, layer_scale, num_classes,
-                        in_chans=3):
-    """Random tensors under the key names and shapes of the official classification/nat.py."""
-    shapes = {
-        'patch_embed.proj.0.weight': (embed_dim // 2, in_chans, 3, 3),
-        'patch_embed.proj.0.bias': (embed_dim // 2,),
-        'patch_embed.proj.1.weight': (embed_dim, embed_dim // 2, 3, 3),
-        'patch_embed.proj.1.bias': (embed_dim,),
-        'patch_embed.norm.weight': (embed_dim,),
-        'patch_embed.norm.bias': (embed_dim,),
-    }
-    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
-        dim, hidden = embed_dim * 2 ** i, int(embed_dim * 2 ** i * mlp_ratio)
-        for j in range(depth):
-            block = f'levels.{i}.blocks.{j}.'
-            shapes.update({
-                block + 'norm1.weight': (dim,), block + 'norm1.bias': (dim,),
-                block + 'attn.qkv.weight': (3 * dim, dim), block + 'attn.qkv.bias': (3 * dim,),
-                block + 'attn.rpb': (heads, 2 * kernel_size - 1, 2 * kernel_size - 1),
-                block + 'attn.proj.weight': (dim, dim), block + 'attn.proj.bias': (dim,),
-                block + 'norm2.weight': (dim,), block + 'norm2.bias': (dim,),
-                block + 'mlp.fc1.weight': (hidden, dim), block + 'mlp.fc1.bias': (hidden,),
-                block + 'mlp.fc2.weight': (dim, hidden), block + 'mlp.fc2.bias': (dim,),
-            })
-            if layer_scale is not None:
-                shapes.update({block + 'gamma1': (dim,), block + 'gamma2': (dim,)})
-        if i < len(depths) - 1:
-            shapes.update({
-                f'levels.{i}.downsample.reduction.weight': (2 * dim, dim, 3, 3),
-                f'levels.{i}.downsample.norm.weight': (2 * dim,),
-                f'levels.{i}.downsample.norm.bias': (2 * dim,),
-            })
-    final_dim = embed_dim * 2 ** (len(depths) - 1)
-    shapes.update({'norm.weight': (final_dim,), 'norm.bias': (final_dim,),
-                   'head.weight': (num_classes, final_dim), 'head.bias': (num_classes,)})
-    generator = torch.Generator().manual_seed(0)
-    return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
-
-
 @pytest.mark.parametrize('wrap', ['plain', 'model', 'state_dict_module'])
 def test_official_checkpoint_converts_and_loads_strictly(wrap):
-    official = official_state_dict(**TINY_ARGS)
+    official = nat_official_state_dict(**TINY_ARGS)
     checkpoint = {
         'plain': official,
         'model': {'model': official},
@@ -75,14 +45,9 @@ def test_official_checkpoint_converts_and_loads_strictly(wrap):
     assert torch.equal(model.head.fc.weight, official['head.weight'])
 
 
-def test_official_nat_mini_layout_converts():
-    """The real NAT-Mini key set (253 tensors, no LayerScale) maps onto nat_mini."""
-    args = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3., kernel_size=7,
-                layer_scale=None, num_classes=1000)
-    official = official_state_dict(**args)
-    assert len(official) == 253
-    model = timm.create_model('nat_mini')
-    model.load_state_dict(checkpoint_filter_fn(official, model), strict=True)
+@pytest.mark.parametrize('name', sorted(NAT_OFFICIAL_ARCH))
+def test_official_layout_of_every_variant_converts(name):
+    assert_official_layout_converts(name, meta_model(name), checkpoint_filter_fn)
 
 
 def test_own_state_dict_passes_through_and_mismatch_raises():
@@ -90,7 +55,7 @@ def test_own_state_dict_passes_through_and_mismatch_raises():
     own = model.state_dict()
     assert checkpoint_filter_fn(own, model).keys() == own.keys()
 
-    official = official_state_dict(**TINY_ARGS)
+    official = nat_official_state_dict(**TINY_ARGS)
     del official['levels.1.blocks.0.attn.rpb']
     official['levels.1.blocks.0.attn.relative_bias'] = torch.zeros(1)
     with pytest.raises(ValueError, match=r'stages\.1\.blocks\.0\.attn\.rpb.*relative_bias'):
@@ -174,11 +139,28 @@ def dinat_mini():
     return timm.create_model('dinat_mini', num_classes=0).eval()
 
 
-def test_dinat_dilations_follow_official_layout(dinat_mini):
-    dilations = [[blk.attn.dilation for blk in stage.blocks] for stage in dinat_mini.stages]
-    assert dilations == [[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]]
-    nat_mini = timm.create_model('nat_mini', device='meta')
-    assert {blk.attn.dilation for stage in nat_mini.stages for blk in stage.blocks} == {1}
+# the per-layer dilations of the official dinat.py (commit d334f5b), as written there; NAT: 1 everywhere
+_DINAT_OFFICIAL_DILATIONS = [
+    [1, 8, 1],
+    [1, 4, 1, 4],
+    [1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2, 1, 2],
+    [1, 1, 1, 1, 1],
+]
+OFFICIAL_DILATIONS = {
+    'dinat_mini': [[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]],
+    'dinat_tiny': _DINAT_OFFICIAL_DILATIONS,
+    'dinat_small': _DINAT_OFFICIAL_DILATIONS,
+    'dinat_base': _DINAT_OFFICIAL_DILATIONS,
+    **{name: [[1] * depth for depth in NAT_OFFICIAL_ARCH[name]['depths']]
+       for name in ('nat_mini', 'nat_tiny', 'nat_small', 'nat_base')},
+}
+
+
+@pytest.mark.parametrize('name', sorted(OFFICIAL_DILATIONS))
+def test_dilation_of_every_layer_follows_the_official_model(name):
+    model = meta_model(name)
+    assert [[blk.attn.dilation for blk in stage.blocks] for stage in model.stages] == OFFICIAL_DILATIONS[name]
+    assert {blk.attn.kernel_size for stage in model.stages for blk in stage.blocks} == {7}
 
 
 def test_dinat_small_maps_pad_like_official(dinat_mini):

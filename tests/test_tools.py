@@ -1,7 +1,8 @@
-"""tools/train.py and tools/eval.py on timm's tiny ``test_vit`` and the embedded digits dataset.
+"""tools/train.py and tools/eval.py on timm's tiny ``test_vit`` (and small CSWin / NAT models for
+official checkpoints) and the embedded digits dataset.
 
-The tools run in-process (their ``main(argv)``), except the two-process torchrun run and one
-command-line error check. Every training run is capped at a few steps.
+The tools run in-process (their ``main(argv)``), except the two-process torchrun runs (killed, then
+resumed) and one command-line error check. Every training run is capped at a few steps.
 """
 import importlib.util
 import json
@@ -21,6 +22,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from official_checkpoints import cswin_official_state_dict, nat_official_state_dict, to_official_layout
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 sys.path.insert(0, str(TOOLS))
@@ -53,12 +57,50 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class _RecordingLoader:
+    """A training loader that notes the labels of every batch it yields (the data order)."""
+
+    def __init__(self, loader, batches):
+        self.loader, self.batches = loader, batches
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            self.batches.append(labels.tolist())
+            yield images, labels
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def record_batches(monkeypatch) -> list:
+    """From now on, each epoch of tools/train.py appends the label lists of its batches to the returned list."""
+    epochs = []
+    train_one_epoch = train_tool.train_one_epoch
+
+    def recording(model, ema, loader, *args, **kwargs):
+        epochs.append([])
+        return train_one_epoch(model, ema, _RecordingLoader(loader, epochs[-1]), *args, **kwargs)
+
+    monkeypatch.setattr(train_tool, 'train_one_epoch', recording)
+    return epochs
+
+
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-    """An uninterrupted two-epoch run with EMA; the tests below only read it."""
+def straight_run(tmp_path_factory):
+    """An uninterrupted two-epoch run with EMA, and the batches each epoch saw; the tests below only read it."""
     out = tmp_path_factory.mktemp('runs') / 'digits'
-    train_tool.main(RUN + ['--output', str(out)])
-    return out
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        batches = record_batches(monkeypatch)
+        train_tool.main(RUN + ['--output', str(out)])
+    return out, batches
+
+
+@pytest.fixture(scope='module')
+def run_dir(straight_run):
+    return straight_run[0]
 
 
 def _tensors(path):
@@ -85,32 +127,62 @@ def test_every_epoch_leaves_a_complete_checkpoint(run_dir):
     assert all(v.item() == 6 for k, v in optimizer_state.items() if k.endswith('.step'))
 
 
+def test_every_epoch_reshuffles(straight_run):
+    _, batches = straight_run
+    assert [len(epoch) for epoch in batches] == [3, 3]
+    assert batches[0] != batches[1]
+
+
 class _Killed(Exception):
     pass
 
 
-def test_resume_after_a_kill_reproduces_the_uninterrupted_run(run_dir, tmp_path, monkeypatch):
-    out = tmp_path / 'killed'
+def train_until_killed(argv, monkeypatch):
+    """tools/train.py with ``argv``, killed right after its first checkpoint was written."""
     save = train_tool.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         save(*args, **kwargs)
         raise _Killed
 
-    monkeypatch.setattr(train_tool, 'save_checkpoint', save_then_die)
-    with pytest.raises(_Killed):
-        train_tool.main(RUN + ['--output', str(out)])
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(train_tool, 'save_checkpoint', save_then_die)
+        with pytest.raises(_Killed):
+            train_tool.main(argv)
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(straight_run, tmp_path, monkeypatch):
+    run_dir, straight_batches = straight_run
+    out = tmp_path / 'killed'
+    batches = record_batches(monkeypatch)
+    train_until_killed(RUN + ['--output', str(out)], monkeypatch)
     assert json.loads((out / common.STATE_FILE).read_text())['epoch'] == 1
 
     torch.manual_seed(1234)  # a resumed process starts with other random state
     train_tool.main(['--resume', str(out), '--device', 'cpu'])
+    assert batches == straight_batches  # the resumed epoch sees the second epoch's order, not the first's
     for name in (common.MODEL_FILE, common.EMA_FILE, common.OPTIMIZER_FILE):
         _assert_same_tensors(_tensors(out / name), _tensors(run_dir / name))
     resumed = json.loads((out / common.STATE_FILE).read_text())
     straight = json.loads((run_dir / common.STATE_FILE).read_text())
     assert resumed['history'] == straight['history']
     assert resumed['optimizer_param_groups'] == straight['optimizer_param_groups']
+
+
+def test_resume_with_a_float16_grad_scaler(tmp_path, monkeypatch):
+    """The scaler's state (scale, steps since the last overflow) carries over a kill, as the weights do."""
+    # validation adds nothing here and float16 is slow on a CPU
+    monkeypatch.setattr(common, 'evaluate', lambda *args, **kwargs: {'top1': 0., 'top5': 0., 'num_images': 0})
+    run = TINY + ['--epochs', '2', '--max-steps-per-epoch', '1', '--amp', '--amp-dtype', 'float16']
+    train_tool.main(run + ['--output', str(tmp_path / 'straight')])
+    train_until_killed(run + ['--output', str(tmp_path / 'killed')], monkeypatch)
+    train_tool.main(['--resume', str(tmp_path / 'killed'), '--device', 'cpu'])
+    straight = json.loads((tmp_path / 'straight' / common.STATE_FILE).read_text())
+    resumed = json.loads((tmp_path / 'killed' / common.STATE_FILE).read_text())
+    assert straight['grad_scaler'] is not None and straight['grad_scaler']['_growth_tracker'] > 0
+    assert resumed['grad_scaler'] == straight['grad_scaler']
+    for name in (common.MODEL_FILE, common.OPTIMIZER_FILE):
+        _assert_same_tensors(_tensors(tmp_path / 'killed' / name), _tensors(tmp_path / 'straight' / name))
 
 
 def test_resume_keeps_the_run_unchanged(run_dir):
@@ -129,14 +201,14 @@ def test_resume_refuses_a_checkpoint_torn_by_a_kill(run_dir, tmp_path):
         train_tool.main(['--resume', str(torn), '--device', 'cpu'])
 
 
-def _direct_top1(weights):
+def _direct_top1(weights, name=MODEL, img_size=IMG_SIZE, **model_kwargs):
     """Top-1 on the digits validation split computed without the tools' data and eval code."""
-    model = timm.create_model(MODEL, num_classes=10).eval()
+    model = timm.create_model(name, num_classes=10, **model_kwargs).eval()
     model.load_state_dict(weights)
     pixels, labels = load_digits(return_X_y=True)
     _, val = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
     images = torch.tensor(pixels[val], dtype=torch.float32).view(-1, 1, 8, 8) / 16
-    images = F.interpolate(images, size=(IMG_SIZE, IMG_SIZE), mode='bilinear').expand(-1, 3, -1, -1)
+    images = F.interpolate(images, size=(img_size, img_size), mode='bilinear').expand(-1, 3, -1, -1)
     mean = torch.tensor(model.pretrained_cfg['mean']).view(1, 3, 1, 1)
     std = torch.tensor(model.pretrained_cfg['std']).view(1, 3, 1, 1)
     images = (images - mean) / std
@@ -158,18 +230,47 @@ def test_eval_top1_matches_a_direct_computation(run_dir, tmp_path, weights, hist
     assert json.loads(report.read_text())['top1'] == metrics['top1']
 
 
-@pytest.mark.parametrize('wrap', ['openclip_prefix', 'ddp_prefix_in_model_key'])
-def test_eval_of_an_official_layout_checkpoint(run_dir, tmp_path, wrap):
-    weights = _tensors(run_dir / common.MODEL_FILE)
-    if wrap == 'openclip_prefix':  # only vision_transformer.checkpoint_filter_fn knows this layout
-        checkpoint = {'state_dict': {f'visual.trunk.{k}': v for k, v in weights.items()}, 'epoch': 300}
+# small models of the two families with official checkpoints, and their official key sets
+OFFICIAL_LAYOUT_MODELS = {
+    'cswin': ('cswin_tiny_224', dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4)),
+              lambda: cswin_official_state_dict(16, (1, 1, 1, 1), num_classes=10, device='meta')),
+    'nat': ('nat_small', dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), kernel_size=3),  # LayerScale
+            lambda: nat_official_state_dict(32, (1, 1, 1, 1), (2, 2, 2, 2), mlp_ratio=2., layer_scale=1e-5,
+                                            kernel_size=3, num_classes=10, device='meta')),
+}
+
+
+@pytest.mark.parametrize('family, ema', [('cswin', False), ('cswin', True), ('nat', False)])
+def test_eval_of_an_official_layout_checkpoint(tmp_path, monkeypatch, family, ema):
+    """An official file evaluates with exactly the weights it holds: CSWin's as its training script saves
+    it (weights and EMA weights, DataParallel names; --ema picks the EMA ones), NAT's a plain state dict."""
+    name, arch, official_keys = OFFICIAL_LAYOUT_MODELS[family]
+    torch.manual_seed(0)
+    wanted, other = (timm.create_model(name, num_classes=10, **arch).state_dict() for _ in range(2))
+    official = to_official_layout(family, wanted)
+    assert official.keys() == official_keys().keys()
+    if family == 'cswin':
+        weights, ema_weights = (to_official_layout(family, other), official) if ema else (official, to_official_layout(family, other))
+        checkpoint = {'state_dict': {f'module.{k}': v for k, v in weights.items()},
+                      'state_dict_ema': {f'module.{k}': v for k, v in ema_weights.items()}, 'epoch': 300}
     else:
-        checkpoint = {'model': {f'module.{k}': v for k, v in weights.items()}}
+        checkpoint = official
     path = tmp_path / 'official.pth'
     torch.save(checkpoint, path)
-    metrics = eval_tool.main(TINY + ['--checkpoint', str(path)])
-    trained = json.loads((run_dir / common.STATE_FILE).read_text())['history'][-1]
-    assert (metrics['top1'], metrics['top5']) == pytest.approx((trained['val_top1'], trained['val_top5']))
+
+    loaded = {}
+    load_weights = common.load_weights
+
+    def load_and_keep(model, state_dict, source):
+        load_weights(model, state_dict, source)
+        loaded.update(model.state_dict())
+
+    monkeypatch.setattr(common, 'load_weights', load_and_keep)
+    kwargs = [f'{k}={v!r}'.replace(' ', '') for k, v in arch.items()]
+    metrics = eval_tool.main(['--model', name, '--img-size', '32', '--device', 'cpu', '--checkpoint', str(path),
+                              '--model-kwargs', *kwargs] + (['--ema'] if ema else []))
+    _assert_same_tensors(loaded, wanted)
+    assert metrics['top1'] == pytest.approx(_direct_top1(wanted, name, 32, **arch), abs=1e-9)
 
 
 def test_training_can_start_from_an_official_checkpoint_of_another_head(tmp_path):
@@ -225,9 +326,25 @@ def test_an_unknown_model_name_suggests_close_ones():
         common.create_model('test_vitt', num_classes=10)
 
 
+class _MatmulDtypes(TorchDispatchMode):
+    """Notes the input dtypes of every matrix product torch runs (below autocast, so after its casts)."""
+    MATMULS = ('mm', 'addmm', 'bmm', 'baddbmm')
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.MATMULS:
+            self.dtypes.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
 def test_amp_training_step_on_cpu(tmp_path):
     out = tmp_path / 'amp'
-    metrics = train_tool.main(TINY + ['--epochs', '1', '--max-steps-per-epoch', '2', '--amp', '--output', str(out)])
+    with _MatmulDtypes() as matmuls:
+        metrics = train_tool.main(TINY + ['--epochs', '1', '--max-steps-per-epoch', '2', '--amp', '--output', str(out)])
+    assert matmuls.dtypes == {torch.bfloat16}  # forward, backward and evaluation
     assert np.isfinite(metrics['train_loss'])
     common.seed_everything(0)  # the run's --seed: the same initial weights
     initial = common.create_model(MODEL, num_classes=10)
@@ -267,18 +384,50 @@ def _run_process_group(command, env, timeout):
     return process.returncode, stderr
 
 
-def test_two_process_torchrun_equals_one_process_with_the_combined_batch(tmp_path):
-    """DDP averages gradients over ranks, whose shards of a batch make up the one-process batch."""
-    steps = ['--epochs', '1', '--max-steps-per-epoch', '2', '--warmup-epochs', '0']
+# tools/train.py whose process dies right after writing its first checkpoint (rank 0; the other ranks are
+# then stopped by torchrun)
+_TRAIN_UNTIL_FIRST_CHECKPOINT = """
+import os
+import sys
+
+sys.path.insert(0, {tools!r})
+import train
+
+save = train.save_checkpoint
+
+
+def save_then_die(*args, **kwargs):
+    save(*args, **kwargs)
+    os._exit(3)
+
+
+train.save_checkpoint = save_then_die
+train.common.run_cli(train.main)
+"""
+
+
+def test_two_process_torchrun_resumed_equals_one_process_with_the_combined_batch(tmp_path):
+    """DDP averages gradients over ranks, whose shards of a batch make up the one-process batch; a torchrun
+    run killed after its first epoch and resumed under torchrun ends where the one-process run does."""
+    steps = ['--epochs', '2', '--max-steps-per-epoch', '1', '--warmup-epochs', '0']
     common_args = ['--model', MODEL, '--img-size', str(IMG_SIZE), '--device', 'cpu'] + steps
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-               str(TOOLS / 'train.py'), *common_args, '--batch-size', str(BATCH // 2), '--output', str(tmp_path / 'ddp')]
-    returncode, stderr = _run_process_group(command, dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    ddp = tmp_path / 'ddp'
+    killer = tmp_path / 'train_until_first_checkpoint.py'
+    killer.write_text(_TRAIN_UNTIL_FIRST_CHECKPOINT.format(tools=str(TOOLS)))
+    returncode, stderr = _run_process_group(
+        torchrun + [str(killer), *common_args, '--batch-size', str(BATCH // 2), '--output', str(ddp)], env, timeout=300)
+    assert returncode != 0 and json.loads((ddp / common.STATE_FILE).read_text())['epoch'] == 1, stderr[-3000:]
+    returncode, stderr = _run_process_group(
+        torchrun + [str(TOOLS / 'train.py'), '--resume', str(ddp), '--device', 'cpu'], env, timeout=300)
     assert returncode == 0, stderr[-3000:]
+
     train_tool.main(common_args + ['--batch-size', str(BATCH), '--output', str(tmp_path / 'single')])
-    ddp = _tensors(tmp_path / 'ddp' / common.MODEL_FILE)
+    ddp_weights = _tensors(ddp / common.MODEL_FILE)
     single = _tensors(tmp_path / 'single' / common.MODEL_FILE)
     for key in single:
-        torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
-    ddp_state = json.loads((tmp_path / 'ddp' / common.STATE_FILE).read_text())
-    assert ddp_state['args']['batch_size'] == BATCH // 2 and ddp_state['history'][0]['val_num_images'] == 360
+        torch.testing.assert_close(ddp_weights[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+    ddp_state = json.loads((ddp / common.STATE_FILE).read_text())
+    assert ddp_state['epoch'] == 2 and ddp_state['args']['batch_size'] == BATCH // 2
+    assert [h['val_num_images'] for h in ddp_state['history']] == [360, 360]

@@ -1,0 +1,201 @@
+"""State dicts laid out as the official repositories' checkpoints, for the conversion tests.
+
+The key names and shapes are written from the official model code (CSWin:
+``microsoft/CSWin-Transformer`` ``models/cswin.py``; NAT / DiNAT:
+``SHI-Labs/Neighborhood-Attention-Transformer`` ``classification/nat.py``, ``dinat.py``), not from
+attnzoo's converters. ``OFFICIAL_KEY_COUNTS`` comes from instantiating that official code (commits
+f111ae2 and d334f5b, NATTEN's attention module replaced by one with its parameters ``qkv``, ``rpb``,
+``proj``; timm 1.0.31): its state dict has that many entries and exactly
+``reference_params.OFFICIAL_PARAMS`` parameters, which the tests check these builders against.
+
+Tensors are random (seeded), or shape-only on the ``meta`` device for the large variants.
+"""
+import re
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from reference_params import OFFICIAL_PARAMS
+
+# len(official_model.state_dict()) of each variant, 1000-class head
+OFFICIAL_KEY_COUNTS = {
+    'cswin_tiny_224': 418,
+    'cswin_small_224': 656,
+    'cswin_base_224': 656,
+    'cswin_large_224': 656,
+    'cswin_base_384': 656,
+    'cswin_large_384': 656,
+    'nat_mini': 253,
+    'nat_tiny': 409,
+    'nat_small': 469,
+    'nat_base': 469,
+    'dinat_mini': 253,
+    'dinat_tiny': 409,
+    'dinat_small': 409,
+    'dinat_base': 469,
+}
+
+# the official constructors' arguments (CSWin: models/cswin.py; NAT: nat.py, dinat.py)
+CSWIN_OFFICIAL_ARCH = {
+    'cswin_tiny_224': dict(embed_dim=64, depths=(1, 2, 21, 1)),
+    'cswin_small_224': dict(embed_dim=64, depths=(2, 4, 32, 2)),
+    'cswin_base_224': dict(embed_dim=96, depths=(2, 4, 32, 2)),
+    'cswin_large_224': dict(embed_dim=144, depths=(2, 4, 32, 2)),
+    'cswin_base_384': dict(embed_dim=96, depths=(2, 4, 32, 2)),
+    'cswin_large_384': dict(embed_dim=144, depths=(2, 4, 32, 2)),
+}
+_NAT_MINI = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3., layer_scale=None)
+_NAT_TINY = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3., layer_scale=None)
+_NAT_SMALL = dict(embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2., layer_scale=1e-5)
+_NAT_BASE = dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2., layer_scale=1e-5)
+NAT_OFFICIAL_ARCH = {
+    'nat_mini': _NAT_MINI,
+    'nat_tiny': _NAT_TINY,
+    'nat_small': _NAT_SMALL,
+    'nat_base': _NAT_BASE,
+    'dinat_mini': _NAT_MINI,
+    'dinat_tiny': _NAT_TINY,
+    'dinat_small': dict(_NAT_SMALL, layer_scale=None),  # dinat.py's Small has no layer_scale argument
+    'dinat_base': _NAT_BASE,
+}
+
+
+def _tensor_factory(device: Optional[str], seed: int):
+    if device == 'meta':
+        return lambda *shape: torch.empty(*shape, device='meta')
+    generator = torch.Generator().manual_seed(seed)
+    return lambda *shape: torch.randn(*shape, generator=generator)
+
+
+def cswin_official_state_dict(embed_dim: int, depths: Sequence[int], num_classes: int = 1000, in_chans: int = 3,
+                              mlp_ratio: int = 4, device: Optional[str] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Named and shaped like the official classification ``CSWinTransformer`` (last stage: one branch)."""
+    tensor = _tensor_factory(device, seed)
+    sd = {}
+
+    def add(name, *shape):
+        sd[name] = tensor(*shape)
+
+    dims = [embed_dim * 2 ** i for i in range(4)]
+    add('stage1_conv_embed.0.weight', dims[0], in_chans, 7, 7)
+    add('stage1_conv_embed.0.bias', dims[0])
+    add('stage1_conv_embed.2.weight', dims[0])
+    add('stage1_conv_embed.2.bias', dims[0])
+    for s, (dim, depth) in enumerate(zip(dims, depths), start=1):
+        if s > 1:
+            add(f'merge{s - 1}.conv.weight', dim, dim // 2, 3, 3)
+            add(f'merge{s - 1}.conv.bias', dim)
+            add(f'merge{s - 1}.norm.weight', dim)
+            add(f'merge{s - 1}.norm.bias', dim)
+        num_branches = 1 if s == 4 else 2
+        for b in range(depth):
+            p = f'stage{s}.{b}.'
+            add(p + 'qkv.weight', 3 * dim, dim)
+            add(p + 'qkv.bias', 3 * dim)
+            add(p + 'norm1.weight', dim)
+            add(p + 'norm1.bias', dim)
+            add(p + 'proj.weight', dim, dim)
+            add(p + 'proj.bias', dim)
+            for a in range(num_branches):
+                add(p + f'attns.{a}.get_v.weight', dim // num_branches, 1, 3, 3)
+                add(p + f'attns.{a}.get_v.bias', dim // num_branches)
+            add(p + 'mlp.fc1.weight', mlp_ratio * dim, dim)
+            add(p + 'mlp.fc1.bias', mlp_ratio * dim)
+            add(p + 'mlp.fc2.weight', dim, mlp_ratio * dim)
+            add(p + 'mlp.fc2.bias', dim)
+            add(p + 'norm2.weight', dim)
+            add(p + 'norm2.bias', dim)
+    add('norm.weight', dims[3])
+    add('norm.bias', dims[3])
+    add('head.weight', num_classes, dims[3])
+    add('head.bias', num_classes)
+    return sd
+
+
+def nat_official_state_dict(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], mlp_ratio: float,
+                            layer_scale: Optional[float], kernel_size: int = 7, num_classes: int = 1000,
+                            in_chans: int = 3, device: Optional[str] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Named and shaped like the official classification/nat.py ``NAT`` (DiNAT has the same keys)."""
+    shapes = {
+        'patch_embed.proj.0.weight': (embed_dim // 2, in_chans, 3, 3),
+        'patch_embed.proj.0.bias': (embed_dim // 2,),
+        'patch_embed.proj.1.weight': (embed_dim, embed_dim // 2, 3, 3),
+        'patch_embed.proj.1.bias': (embed_dim,),
+        'patch_embed.norm.weight': (embed_dim,),
+        'patch_embed.norm.bias': (embed_dim,),
+    }
+    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        dim, hidden = embed_dim * 2 ** i, int(embed_dim * 2 ** i * mlp_ratio)
+        for j in range(depth):
+            block = f'levels.{i}.blocks.{j}.'
+            shapes.update({
+                block + 'norm1.weight': (dim,), block + 'norm1.bias': (dim,),
+                block + 'attn.qkv.weight': (3 * dim, dim), block + 'attn.qkv.bias': (3 * dim,),
+                block + 'attn.rpb': (heads, 2 * kernel_size - 1, 2 * kernel_size - 1),
+                block + 'attn.proj.weight': (dim, dim), block + 'attn.proj.bias': (dim,),
+                block + 'norm2.weight': (dim,), block + 'norm2.bias': (dim,),
+                block + 'mlp.fc1.weight': (hidden, dim), block + 'mlp.fc1.bias': (hidden,),
+                block + 'mlp.fc2.weight': (dim, hidden), block + 'mlp.fc2.bias': (dim,),
+            })
+            if layer_scale is not None:
+                shapes.update({block + 'gamma1': (dim,), block + 'gamma2': (dim,)})
+        if i < len(depths) - 1:
+            shapes.update({
+                f'levels.{i}.downsample.reduction.weight': (2 * dim, dim, 3, 3),
+                f'levels.{i}.downsample.norm.weight': (2 * dim,),
+                f'levels.{i}.downsample.norm.bias': (2 * dim,),
+            })
+    final_dim = embed_dim * 2 ** (len(depths) - 1)
+    shapes.update({'norm.weight': (final_dim,), 'norm.bias': (final_dim,),
+                   'head.weight': (num_classes, final_dim), 'head.bias': (num_classes,)})
+    tensor = _tensor_factory(device, seed)
+    return {key: tensor(*shape) for key, shape in shapes.items()}
+
+
+# our key -> the official one, the first matching rule per key (the inverse of the families' converters,
+# written from the official code; the tests check its key set against the builders above)
+_TO_OFFICIAL_RULES = {
+    'cswin': (
+        (r'^stem\.conv\.', lambda m: 'stage1_conv_embed.0.'),
+        (r'^stem\.norm\.', lambda m: 'stage1_conv_embed.2.'),
+        (r'^stages\.(\d+)\.downsample\.', lambda m: f'merge{m[1]}.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.branches\.(\d+)\.lepe\.',
+         lambda m: f'stage{int(m[1]) + 1}.{m[2]}.attns.{m[3]}.get_v.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.(attn\.)?', lambda m: f'stage{int(m[1]) + 1}.{m[2]}.'),
+        (r'^head\.fc\.', lambda m: 'head.'),
+    ),
+    'nat': (
+        (r'^stem\.conv([12])\.', lambda m: f'patch_embed.proj.{int(m[1]) - 1}.'),
+        (r'^stem\.norm\.', lambda m: 'patch_embed.norm.'),
+        (r'^stages\.(\d+)\.downsample\.conv\.', lambda m: f'levels.{int(m[1]) - 1}.downsample.reduction.'),
+        (r'^stages\.(\d+)\.downsample\.norm\.', lambda m: f'levels.{int(m[1]) - 1}.downsample.norm.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.ls([12])\.gamma$', lambda m: f'levels.{m[1]}.blocks.{m[2]}.gamma{m[3]}'),
+        (r'^stages\.(\d+)\.blocks\.', lambda m: f'levels.{m[1]}.blocks.'),
+        (r'^head\.fc\.', lambda m: 'head.'),
+    ),
+}
+
+
+def to_official_layout(family: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our state dict of a CSWin (``family='cswin'``) or NAT / DiNAT (``'nat'``) model under the official names."""
+    def rename(key):
+        for pattern, replacement in _TO_OFFICIAL_RULES[family]:
+            renamed, count = re.subn(pattern, replacement, key)
+            if count:
+                return renamed
+        return key
+    return {rename(k): v for k, v in state_dict.items()}
+
+
+def assert_official_layout_converts(name: str, model: nn.Module, checkpoint_filter_fn: Callable):
+    """The official key set of variant ``name`` (as many keys and parameters as the official model has)
+    converts onto exactly the keys and shapes of ``model``."""
+    if name in CSWIN_OFFICIAL_ARCH:
+        official = cswin_official_state_dict(**CSWIN_OFFICIAL_ARCH[name], device='meta')
+    else:
+        official = nat_official_state_dict(**NAT_OFFICIAL_ARCH[name], device='meta')
+    assert len(official) == OFFICIAL_KEY_COUNTS[name]
+    assert sum(v.numel() for v in official.values()) == OFFICIAL_PARAMS[name]
+    converted = checkpoint_filter_fn(official, model)
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
