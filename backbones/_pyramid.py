@@ -2,15 +2,22 @@
 
 A family built as ``stem -> stages -> norm -> head``, with channels-last ``[B, H, W, C]`` activations
 between stages and one stage per output stride (4, 8, 16, 32), gets timm's model API from
-:class:`ChannelsLastPyramid`, and its ``checkpoint_filter_fn`` gets the unwrapping of official
-checkpoint files and the key check from :func:`convert_checkpoint`.
+:class:`ChannelsLastPyramid` and its stages' forward (and gradient checkpointing) from
+:class:`PyramidStage`; its ``checkpoint_filter_fn`` gets the unwrapping of official checkpoint files
+and the key check from :func:`convert_checkpoint`.
+
+TorchScript, FX and ``torch.compile`` see the same model: Python control flow on tensor shapes lives
+in small functions that FX records as one call (:func:`check_image` here; a family marks its own the
+same way, with timm's ``register_notrace_function`` for timm's tracer and ``torch.fx.wrap`` at the top
+level of its module for ``torch.fx.symbolic_trace``), and everything the forward reaches is scriptable.
 """
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 
-from timm.models import checkpoint_seq
+from timm.models import checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
 
 # timm's load_state_dict order (EMA first), so an official file gives the same weights through a URL
@@ -18,15 +25,57 @@ from timm.models._features import feature_take_indices
 CHECKPOINT_WRAPPERS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 
+@torch.fx.wrap
+@register_notrace_function  # reason: checks concrete shapes, which FX's proxies do not have
+def check_image(x: torch.Tensor, family: str, in_chans: int, min_size: int) -> None:
+    """Cheap shape checks, so a wrong image fails here and not deep inside a layer."""
+    if x.ndim != 4:
+        raise ValueError(f'{family} expects images [B, C, H, W]; got a tensor of shape {list(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'{family} was built for {in_chans}-channel images but got {x.shape[1]} channels '
+            f'(input shape {list(x.shape)}); pass images [B, {in_chans}, H, W] or create the '
+            f'model with in_chans={x.shape[1]}')
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(
+            f'{family} needs images of at least {min_size}x{min_size} pixels (its total stride); '
+            f'got {x.shape[2]}x{x.shape[3]}; resize the image up')
+
+
+class PyramidStage(nn.Module):
+    """One stage: ``downsample`` (an ``nn.Identity`` in the first stage), then ``blocks``; NHWC.
+
+    Gradient checkpointing happens here and only here, one block at a time: with
+    ``grad_checkpointing`` on, every block's forward runs twice per training step (the forward pass
+    and its recomputation in the backward pass), never more.
+    """
+
+    def __init__(self, downsample: nn.Module, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
 class ChannelsLastPyramid(nn.Module):
     """timm's model API around ``stem -> stages -> norm -> head``.
 
     A subclass sets ``family`` (its name in error messages) and builds ``in_chans``, ``stem_stride``,
-    ``stem`` (NCHW image -> NHWC map), ``stages`` (an ``nn.Sequential`` of stages, each with a
-    ``grad_checkpointing`` flag, each halving the map but the first), ``norm`` (on NHWC) and ``head``
-    (a timm ``ClassifierHead`` that takes NHWC).
+    ``num_features``, ``head_hidden_size``, ``feature_info``, ``stem`` (NCHW image -> NHWC map),
+    ``stages`` (an ``nn.Sequential`` of :class:`PyramidStage`, each halving the map but the first),
+    ``norm`` (on NHWC) and ``head`` (a timm ``ClassifierHead`` with ``input_fmt=self.output_fmt``).
+
+    ``forward_features`` returns the NHWC map, declared by ``output_fmt`` as timm's channels-last
+    models (Swin) declare it; ``forward_intermediates`` and ``features_only`` give NCHW by default.
     """
-    family: str = ''
+    family: torch.jit.Final[str] = ''
+    output_fmt: torch.jit.Final[str] = 'NHWC'
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -40,22 +89,11 @@ class ChannelsLastPyramid(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, in_features=self.num_features)
 
     def check_input(self, x: torch.Tensor):
-        """Cheap shape checks, so a wrong image fails here and not deep inside a layer."""
-        if x.ndim != 4:
-            raise ValueError(f'{self.family} expects images [B, C, H, W]; got a tensor of shape {list(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'{self.family} was built for {self.in_chans}-channel images but got {x.shape[1]} channels '
-                f'(input shape {list(x.shape)}); pass images [B, {self.in_chans}, H, W] or create the '
-                f'model with in_chans={x.shape[1]}')
-        min_size = self.stem_stride << (len(self.stages) - 1)  # the last stage's reduction (stages may be pruned)
-        if x.shape[2] < min_size or x.shape[3] < min_size:
-            raise ValueError(
-                f'{self.family} needs images of at least {min_size}x{min_size} pixels (its total stride); '
-                f'got {x.shape[2]}x{x.shape[3]}; resize the image up')
+        # the last stage's reduction (stages may be pruned)
+        check_image(x, self.family, self.in_chans, self.stem_stride << (len(self.stages) - 1))
 
     def forward_intermediates(
             self,
@@ -80,7 +118,7 @@ class ChannelsLastPyramid(nn.Module):
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"{self.family}.forward_intermediates: output_fmt must be 'NCHW' or 'NHWC', "
-                             f'got {output_fmt!r}')
+                             f"got '{output_fmt}'")
         self.check_input(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
@@ -107,23 +145,26 @@ class ChannelsLastPyramid(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop the stages (and optionally the final norm and head) not needed for ``indices``."""
+        """Drop the stages (and optionally the final norm and head) not needed for ``indices``.
+
+        As in timm's models, pruning stages drops the final norm and the classifier too (both are
+        sized for the last stage), and ``num_features`` becomes the width of the last stage kept.
+        """
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        prune_end = max_index < len(self.stages) - 1
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self.norm(x)
+        # no checkpointing at this level: the stages checkpoint their blocks (PyramidStage)
+        return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._pyramid import ChannelsLastPyramid, convert_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint
 
 __all__ = ['CSWinTransformer']
 
@@ -123,8 +123,8 @@ class StripeAttention(nn.Module):
         win_h, win_w = self.window_size(H, W)
         pad_top, pad_bottom = centered_padding(H, win_h)
         pad_left, pad_right = centered_padding(W, win_w)
-        if pad_top + pad_bottom + pad_left + pad_right:
-            qkv = F.pad(qkv, (0, 0, 0, 0, pad_left, pad_right, pad_top, pad_bottom))
+        # unconditional (a no-op pad when the map fits): no branch on the map size, for FX
+        qkv = F.pad(qkv, (0, 0, 0, 0, pad_left, pad_right, pad_top, pad_bottom))
         padded_h, padded_w = H + pad_top + pad_bottom, W + pad_left + pad_right
         num_h, num_w = padded_h // win_h, padded_w // win_w
 
@@ -191,8 +191,10 @@ class CrossShapedWindowAttention(nn.Module):
         B, H, W, C = x.shape
         qkv = self.qkv(x).reshape(B, H, W, 3, C)
         parts = qkv.chunk(len(self.branches), dim=-1)
-        x = torch.cat([branch(parts[i]) for i, branch in enumerate(self.branches)], dim=-1)
-        return self.proj(x)
+        outputs = []
+        for i, branch in enumerate(self.branches):
+            outputs.append(branch(parts[i]))
+        return self.proj(torch.cat(outputs, dim=-1))
 
 
 class CSWinBlock(nn.Module):
@@ -231,7 +233,7 @@ class CSWinBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class CSWinStage(nn.Module):
+class CSWinStage(PyramidStage):
     """Optional merge (stride-2 conv) then CSWin blocks; NHWC in and out."""
 
     def __init__(
@@ -252,35 +254,27 @@ class CSWinStage(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.grad_checkpointing = False
-        if downsample:
-            self.downsample = ConvEmbed(
-                in_dim, dim, 3, stride=2, padding=1, channels_last_input=True, norm_layer=norm_layer, **dd)
-        else:
-            self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*[
-            CSWinBlock(
-                dim,
-                num_heads,
-                split_size,
-                full_attention=full_attention,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path_rates[i],
-                norm_layer=norm_layer,
-                **dd,
-            )
-            for i in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        super().__init__(
+            downsample=ConvEmbed(
+                in_dim, dim, 3, stride=2, padding=1, channels_last_input=True, norm_layer=norm_layer, **dd,
+            ) if downsample else nn.Identity(),
+            blocks=[
+                CSWinBlock(
+                    dim,
+                    num_heads,
+                    split_size,
+                    full_attention=full_attention,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop,
+                    attn_drop=attn_drop,
+                    drop_path=drop_path_rates[i],
+                    norm_layer=norm_layer,
+                    **dd,
+                )
+                for i in range(depth)],
+        )
 
 
 class CSWinTransformer(ChannelsLastPyramid):
@@ -368,7 +362,7 @@ class CSWinTransformer(ChannelsLastPyramid):
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC', **dd)
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module):

@@ -17,21 +17,46 @@ import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._pyramid import ChannelsLastPyramid, convert_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint
 
 __all__ = ['NAT']
 
 torch.fx.wrap('neighborhood_attention_2d')   # one leaf call in FX graphs, not traced into
 
+
+@torch.fx.wrap
+@register_notrace_function  # reason: the padding depends on the map size, which FX's proxies do not have
+def pad_to_window(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Zero-pads an NHWC map at the bottom / right to at least ``window`` rows and columns."""
+    pad_h, pad_w = max(0, window - x.shape[1]), max(0, window - x.shape[2])
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+def neighborhood_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rpb: torch.Tensor,
+        kernel_size: int,
+        dilation: int,
+) -> torch.Tensor:
+    """NAT's attention call: the registered op under TorchScript (which cannot compile the public
+    function's Python argument checks), the public function (one leaf call under FX) otherwise."""
+    if torch.jit.is_scripting():
+        return torch.ops.attnzoo.neighborhood_attention_2d(q, k, v, kernel_size, dilation, None, rpb)
+    return neighborhood_attention_2d(q, k, v, kernel_size, dilation=dilation, rpb=rpb)
 
 
 class ConvStem(nn.Module):
@@ -97,14 +122,10 @@ class NeighborhoodAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        window = self.kernel_size * self.dilation
-        pad_h, pad_w = max(0, window - H), max(0, window - W)
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        Hp, Wp = H + pad_h, W + pad_w
+        x = pad_to_window(x, self.kernel_size * self.dilation)
         # heads-last views of one qkv tensor: the op reads them without a permute copy
-        q, k, v = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
-        x = neighborhood_attention_2d(q, k, v, self.kernel_size, dilation=self.dilation, rpb=self.rpb)
+        q, k, v = self.qkv(x).view(B, x.shape[1], x.shape[2], 3, self.num_heads, self.head_dim).unbind(3)
+        x = neighborhood_attention(q, k, v, self.rpb, self.kernel_size, self.dilation)
         x = x[:, :H, :W].reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
 
@@ -149,7 +170,7 @@ class NATBlock(nn.Module):
         return x
 
 
-class NATStage(nn.Module):
+class NATStage(PyramidStage):
     """Optional stride-2 downsample, then ``depth`` blocks; NHWC."""
 
     def __init__(
@@ -170,33 +191,27 @@ class NATStage(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
         if len(dilations) != depth:
             raise ValueError(f'NATStage: {len(dilations)} dilations given for {depth} blocks; give one per block')
-        self.grad_checkpointing = False
-        self.downsample = ConvDownsample(in_dim, dim, norm_layer, **dd) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            NATBlock(
-                dim,
-                num_heads,
-                kernel_size=kernel_size,
-                dilation=dilations[i],
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                layer_scale=layer_scale,
-                proj_drop=proj_drop,
-                drop_path=drop_path_rates[i],
-                norm_layer=norm_layer,
-                **dd,
-            )
-            for i in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        super().__init__(
+            downsample=ConvDownsample(in_dim, dim, norm_layer, **dd) if downsample else nn.Identity(),
+            blocks=[
+                NATBlock(
+                    dim,
+                    num_heads,
+                    kernel_size=kernel_size,
+                    dilation=dilations[i],
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    layer_scale=layer_scale,
+                    proj_drop=proj_drop,
+                    drop_path=drop_path_rates[i],
+                    norm_layer=norm_layer,
+                    **dd,
+                )
+                for i in range(depth)],
+        )
 
 
 class NAT(ChannelsLastPyramid):
@@ -282,7 +297,7 @@ class NAT(ChannelsLastPyramid):
         self.stages = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC', **dd)
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module):

@@ -1,8 +1,18 @@
 """Exact parameter counts (1000-class head) of the official models.
 
 Copied from ../shared/reference/backbones.md, where they were computed by instantiating the
-official code (or timm's, for the families timm implements) and summing ``p.numel()``. A faithful
-re-implementation must hit the same integer.
+official code and summing ``p.numel()``. A faithful re-implementation must hit the same integer.
+
+Where each count comes from, for the timm-native families (attnzoo does not re-implement them):
+- DaViT: the official code (dingmyu/davit, a vendored timm fork); its file also prints these exact
+  counts in comments ("params: 28360168", ...). An independent source: timm must match it.
+- SHViT: the official code (ysj9909/SHViT) instantiated, unfused (as its checkpoints are). Independent.
+- MaxViT: the official code is TensorFlow and was not run; the exact counts are **timm's own**, so that
+  test compares timm with itself. The independent check is the rounded count the official README
+  prints (``README_PARAMS_M``).
+- HaloNet: there is no official code (the paper's was never released); the exact counts are **timm's
+  own** and nothing independent exists to check them against (the paper's H1 figure of 8.1M could
+  not be confirmed from a stored source, so it is not used).
 """
 
 OFFICIAL_PARAMS = {
@@ -25,23 +35,38 @@ OFFICIAL_PARAMS = {
     'dinat_large': 200_943_514,
     'dinat_large_384': 200_943_514,
     'dinat_large_384_11x11': 201_144_250,
-    # timm-native families attnzoo supports (timm 1.0.31)
+    # timm-native families attnzoo supports (timm 1.0.31); provenance in the docstring above
+    # MaxViT: timm's own counts (official code is TensorFlow)
     'maxvit_tiny_tf_224': 30_916_528,
     'maxvit_tiny_tf_384': 30_977_008,
     'maxvit_tiny_tf_512': 31_049_584,
     'maxvit_small_tf_224': 68_927_956,
     'maxvit_base_tf_224': 119_467_708,
     'maxvit_large_tf_224': 211_785_560,
+    # DaViT: official code (and the counts printed in its file)
     'davit_tiny': 28_360_168,
     'davit_small': 49_745_896,
     'davit_base': 87_954_408,
+    # SHViT: official code, unfused
     'shvit_s1': 6_330_808,
     'shvit_s2': 11_483_072,
     'shvit_s3': 14_245_273,
     'shvit_s4': 16_588_484,
+    # HaloNet: timm's own counts (no official code exists)
     'halonet_h1': 8_100_056,
     'halonet26t': 12_480_288,
     'sehalonet33ts': 13_691_712,
     'halonet50ts': 22_733_280,
     'eca_halonext26ts': 10_756_885,
+}
+
+# The rounded counts (millions) the official MaxViT README prints ("#Params"): the independent check of
+# the MaxViT counts above, which only timm could give.
+README_PARAMS_M = {
+    'maxvit_tiny_tf_224': 31,
+    'maxvit_tiny_tf_384': 31,
+    'maxvit_tiny_tf_512': 31,
+    'maxvit_small_tf_224': 69,
+    'maxvit_base_tf_224': 119,
+    'maxvit_large_tf_224': 212,
 }
