@@ -64,15 +64,17 @@ def run_kernels(args, device, dtypes):
 
 def model_gmacs(name, size):
     """Multiply-adds of one forward pass at ``size``, counted on the meta device. Fused attention is
-    switched off while the model is built: the counter has no formula for CPU / meta SDPA and would
-    skip the attention matmuls; the explicit path computes the same thing."""
+    switched off while the model is built and run (timm's SDPA and attnzoo's kernels alike): the
+    counter has no formula for CPU / meta SDPA or for attnzoo's custom ops and would skip the
+    attention matmuls; the explicit path computes the same thing."""
     import timm
     from timm.layers import set_fused_attn, use_fused_attn
     from torch.utils.flop_counter import FlopCounterMode
+    from attnzoo.kernels import use_backend
     fused = use_fused_attn()
     set_fused_attn(False)
     try:
-        with torch.device('meta'):
+        with torch.device('meta'), use_backend('reference'):
             model = timm.create_model(name).eval()
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 model(torch.randn(1, 3, *size))
