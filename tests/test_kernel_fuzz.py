@@ -267,18 +267,6 @@ NEIGHBORHOOD_CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize('corruption', list(NEIGHBORHOOD_CORRUPTIONS))
-def test_neighborhood_invalid_calls_name_the_argument(corruption):
-    change, error, argument = NEIGHBORHOOD_CORRUPTIONS[corruption]
-    for seed in range(3):
-        args = _nbhd_base(random.Random(seed))
-        args.update(change(args))
-        for backend in ((args.pop('backend'),) if 'backend' in args else (None, 'reference', 'triton')):
-            with pytest.raises(error) as info:
-                neighborhood_attention_2d(**args, backend=backend)
-            assert argument in str(info.value) and 'neighborhood_attention_2d' in str(info.value), info.value
-
-
 def _routing_base(rng):
     regions = (rng.randint(1, 3), rng.randint(1, 3))
     shape = (rng.randint(1, 2), regions[0] * rng.randint(1, 3), regions[1] * rng.randint(1, 3), rng.randint(1, 2), 16)
@@ -313,16 +301,25 @@ ROUTING_CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize('corruption', list(ROUTING_CORRUPTIONS))
-def test_routing_invalid_calls_name_the_argument(corruption):
-    change, error, argument = ROUTING_CORRUPTIONS[corruption]
+INVALID_CALLS = [(neighborhood_attention_2d, _nbhd_base, name, corruption)
+                 for name, corruption in NEIGHBORHOOD_CORRUPTIONS.items()]
+INVALID_CALLS += [(routing_attention, _routing_base, name, corruption)
+                  for name, corruption in ROUTING_CORRUPTIONS.items()]
+
+
+@pytest.mark.parametrize('op, make_base, name, corruption', INVALID_CALLS,
+                         ids=[f'{op.__name__}-{name}' for op, _, name, _ in INVALID_CALLS])
+def test_invalid_calls_name_the_argument(op, make_base, name, corruption):
+    """Each corruption of a valid call (three random bases, every backend) raises the expected error,
+    and its message names the op and the argument."""
+    change, error, argument = corruption
     for seed in range(3):
-        args = _routing_base(random.Random(seed))
+        args = make_base(random.Random(seed))
         args.update(change(args))
         for backend in ((args.pop('backend'),) if 'backend' in args else (None, 'reference', 'triton')):
             with pytest.raises(error) as info:
-                routing_attention(**args, backend=backend)
-            assert argument in str(info.value) and 'routing_attention' in str(info.value), info.value
+                op(**args, backend=backend)
+            assert argument in str(info.value) and op.__name__ in str(info.value), info.value
 
 
 # ----------------------------------------------------------------------------- launch limits and precision
