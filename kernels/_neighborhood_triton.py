@@ -470,10 +470,15 @@ def _tile_configs():
 
 
 def _warps_for_tile(configs, named_args, **kwargs):
-    """8 warps where (queries x padded head dim) accumulators would spill on 4 (ptxas for sm_90), 4 where
-    they fit; the d_rpb histogram needs more registers, so the dQ kernel tries both when it runs."""
+    """Warps per tile from ptxas spill counts for sm_90: 8 where the (queries x padded head dim)
+    accumulators, or with float32 operands the scores of 32-column key blocks (windows of 11 and
+    more), would spill on 4; 4 where they fit. The d_rpb histogram needs more registers, so the dQ
+    kernel tries both when it runs."""
+    float32 = named_args['q_ptr'].dtype == torch.float32
+
     def fits(config):
         big = config.kwargs['TILE_H'] * config.kwargs['TILE_W'] * kwargs['BLOCK_D'] >= 4096
+        big = big or float32 and _block_cols(dict(config.kwargs, KERNEL_W=kwargs['KERNEL_W'])) >= 32
         return config.num_warps == 8 if big else config.num_warps == 4 or kwargs.get('RPB_GRAD', False)
     return [c for c in configs if fits(c)]
 
