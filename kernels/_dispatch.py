@@ -88,6 +88,44 @@ def device_backend(op_name: str, backend: Optional[str], device: torch.device) -
     return backend
 
 
+# ----------------------------------------------------------------------------- Triton launches
+
+MAX_GRID_YZ = 65535        # programs along a CUDA grid's y and z axes (x takes 2**31 - 1)
+INT32_LIMIT = 2 ** 31
+
+
+def check_heads_fit_grid(op_name: str, heads: int):
+    if heads > MAX_GRID_YZ:
+        raise ValueError(f'{op_name}: {heads} heads exceed the {MAX_GRID_YZ} programs of a CUDA grid axis; '
+                         f'use fewer heads or backend="reference"')
+
+
+def batch_chunks(op_name: str, batch: int, per_image: int):
+    """Slices of the batch whose ``len * per_image`` programs fit one grid axis (y or z); one slice when
+    the whole batch fits. ``per_image`` is 1 (batch alone on the axis) or the heads (batch * heads)."""
+    check_heads_fit_grid(op_name, per_image)
+    step = MAX_GRID_YZ // per_image
+    return [slice(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def needs_wide_offsets(*tensors) -> bool:
+    """True when one image of a tensor (everything but the batch axis, whose offset is always 64-bit)
+    spans 2**31 elements or more, so element offsets inside it need 64-bit arithmetic."""
+    return any(sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:])) >= INT32_LIMIT
+               for t in tensors if t is not None)
+
+
+def dot_precision(dtype: torch.dtype):
+    """``input_precision`` of the kernels' ``tl.dot``: for float32, TF32 only where torch's float32 matmul
+    setting allows it for ``torch.matmul`` (never in the interpreter), IEEE otherwise; None (Triton's
+    default, the only choice) for 16-bit inputs."""
+    if dtype != torch.float32:
+        return None
+    if torch.get_float32_matmul_precision() != 'highest' and not triton_interpreted():
+        return 'tf32'
+    return 'ieee'
+
+
 # ----------------------------------------------------------------------------- registered ops
 
 LIBRARY = torch.library.Library('attnzoo', 'FRAGMENT')   # the public ops are defined here by schema

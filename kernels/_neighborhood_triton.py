@@ -22,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import triton_interpreted
+from ._dispatch import batch_chunks, dot_precision, needs_wide_offsets, triton_interpreted
 
 LOG2E = 1.4426950408889634
 LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # kernels read only constexpr globals
 MIN_DOT = 16          # smallest tl.dot dimension on GPUs
 EXTRA_BLOCK = 32      # extra (global) tokens per block
-MAX_GRID_Y = 65535
+OP_NAME = 'neighborhood_attention_2d'
 
 
 # ----------------------------------------------------------------------------- geometry helpers
@@ -93,10 +93,22 @@ def _tile_tokens(y0, x0, len_y, len_x, TILE_H: tl.constexpr, TILE_W: tl.constexp
 
 
 @triton.jit
+def _token_offsets(rows, cols, group_y, group_x, dil_h, dil_w, s_y, s_x, s_d, offs_d, WIDE: tl.constexpr):
+    """Element offsets of a ``[tokens, BLOCK_D]`` tile at group coordinates (rows, cols) of one image and
+    head; 64-bit where one image spans 2**31 elements or more (``WIDE``), 32-bit (cheaper) otherwise."""
+    y = rows * dil_h + group_y
+    x = cols * dil_w + group_x
+    if WIDE:
+        y = y.to(tl.int64)
+        x = x.to(tl.int64)
+    return y[:, None] * s_y + x[:, None] * s_x + offs_d[None, :] * s_d
+
+
+@triton.jit
 def _load_tokens(base, rows, cols, group_y, group_x, dil_h, dil_w, s_y, s_x, s_d, valid, offs_d,
-                 HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr):
     """``[tokens, BLOCK_D]`` tile of the map tokens at group coordinates (rows, cols)."""
-    offs = (rows * dil_h + group_y)[:, None] * s_y + (cols * dil_w + group_x)[:, None] * s_x + offs_d[None, :] * s_d
+    offs = _token_offsets(rows, cols, group_y, group_x, dil_h, dil_w, s_y, s_x, s_d, offs_d, WIDE)
     tile = tl.load(base + offs, mask=valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     if AS_F32:  # the interpreter's bf16 tl.dot is wrong
         tile = tile.to(tl.float32)
@@ -182,7 +194,8 @@ def _forward_kernel(
         so_b, so_y, so_x, so_h, so_d, sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d,
         heads, height, width, dil_h, dil_w, n_extra, qk_scale,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
-        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, AS_F32: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+        PRECISION: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     BLOCK_M: tl.constexpr = TILE_H * TILE_W
@@ -194,7 +207,7 @@ def _forward_kernel(
     offs_n = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
     q_y, q_x, q_valid = _tile_tokens(y0, x0, len_y, len_x, TILE_H, TILE_W)
     q = _load_tokens(q_ptr + b * sq_b + h * sq_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d,
-                     q_valid, offs_d, HEAD_DIM, AS_F32)
+                     q_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
     win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
     win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
     row_lo, row_hi = _key_span(y0, tl.minimum(y0 + TILE_H, len_y) - 1, len_y, KERNEL_H, CLAMP)
@@ -213,9 +226,9 @@ def _forward_kernel(
             k_x = col0 + offs_n % BLOCK_COLS
             k_valid = (k_y < row_hi) & (k_x < col_hi)
             k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d,
-                             HEAD_DIM, AS_F32)
+                             HEAD_DIM, AS_F32, WIDE)
             v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d,
-                             HEAD_DIM, AS_F32)
+                             HEAD_DIM, AS_F32, WIDE)
             mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
                               KERNEL_H, KERNEL_W) & k_valid[None, :]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -237,8 +250,7 @@ def _forward_kernel(
 
     l_i = tl.where(l_i > 0, l_i, 1.0)  # only padding queries of partial tiles see no key
     out = acc / l_i[:, None]
-    o_offs = ((q_y * dil_h + group_y)[:, None] * so_y + (q_x * dil_w + group_x)[:, None] * so_x
-              + offs_d[None, :] * so_d)
+    o_offs = _token_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d, offs_d, WIDE)
     tl.store(o_ptr + b * so_b + h * so_h + o_offs, out.to(o_ptr.dtype.element_ty),
              mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
     lse_offs = (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
@@ -254,6 +266,7 @@ def _backward_dq_kernel(
         heads, height, width, dil_h, dil_w, n_extra, qk_scale, scale, drpb_tiles,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
         HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr, AS_F32: tl.constexpr,
+        WIDE: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BIAS_H: tl.constexpr,
         BIAS_W: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
@@ -267,11 +280,11 @@ def _backward_dq_kernel(
     offs_n = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
     q_y, q_x, q_valid = _tile_tokens(y0, x0, len_y, len_x, TILE_H, TILE_W)
     q = _load_tokens(q_ptr + b * sq_b + h * sq_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d,
-                     q_valid, offs_d, HEAD_DIM, AS_F32)
+                     q_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
     do = _load_tokens(do_ptr + b * sdo_b + h * sdo_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x,
-                      sdo_d, q_valid, offs_d, HEAD_DIM, AS_F32)
+                      sdo_d, q_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
     o = _load_tokens(o_ptr + b * so_b + h * so_h, q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d,
-                     q_valid, offs_d, HEAD_DIM, True)
+                     q_valid, offs_d, HEAD_DIM, True, WIDE)
     delta = tl.sum(o * do.to(tl.float32), 1)
     stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
     tl.store(delta_ptr + stat_offs, delta, mask=q_valid)
@@ -294,9 +307,9 @@ def _backward_dq_kernel(
             k_x = col0 + offs_n % BLOCK_COLS
             k_valid = (k_y < row_hi) & (k_x < col_hi)
             k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d,
-                             HEAD_DIM, AS_F32)
+                             HEAD_DIM, AS_F32, WIDE)
             v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d,
-                             HEAD_DIM, AS_F32)
+                             HEAD_DIM, AS_F32, WIDE)
             mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
                               KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -324,7 +337,7 @@ def _backward_dq_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(ek.dtype), ek, input_precision=PRECISION)
 
-    dq_offs = (q_y * dil_h + group_y)[:, None] * sg_y + (q_x * dil_w + group_x)[:, None] * sg_x + offs_d[None, :] * sg_d
+    dq_offs = _token_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d, WIDE)
     tl.store(dq_ptr + b * sg_b + h * sg_h + dq_offs, (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
     if RPB_GRAD:
@@ -342,7 +355,8 @@ def _backward_dkdv_kernel(
         sdo_b, sdo_y, sdo_x, sdo_h, sdo_d, sg_b, sg_y, sg_x, sg_h, sg_d,
         heads, height, width, dil_h, dil_w, qk_scale, scale,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
-        HAS_RPB: tl.constexpr, AS_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_RPB: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     BLOCK_N: tl.constexpr = TILE_H * TILE_W
     pid_bh = tl.program_id(1)
@@ -353,9 +367,9 @@ def _backward_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
     k_y, k_x, k_valid = _tile_tokens(y0, x0, len_y, len_x, TILE_H, TILE_W)
     k = _load_tokens(k_ptr + b * sk_b + h * sk_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d,
-                     k_valid, offs_d, HEAD_DIM, AS_F32)
+                     k_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
     v = _load_tokens(v_ptr + b * sv_b + h * sv_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d,
-                     k_valid, offs_d, HEAD_DIM, AS_F32)
+                     k_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
     row_lo, row_hi = _query_span(y0, tl.minimum(y0 + TILE_H, len_y) - 1, len_y, KERNEL_H, CLAMP)
     col_lo, col_hi = _query_span(x0, tl.minimum(x0 + TILE_W, len_x) - 1, len_x, KERNEL_W, CLAMP)
     q_base = q_ptr + b * sq_b + h * sq_h
@@ -372,9 +386,9 @@ def _backward_dkdv_kernel(
             q_x = col0 + offs_m % BLOCK_COLS
             q_valid = (q_y < row_hi) & (q_x < col_hi)
             q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
-                             HEAD_DIM, AS_F32)
+                             HEAD_DIM, AS_F32, WIDE)
             do = _load_tokens(do_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x, sdo_d, q_valid,
-                              offs_d, HEAD_DIM, AS_F32)
+                              offs_d, HEAD_DIM, AS_F32, WIDE)
             stat_offs = stat_base + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
             lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
             delta = tl.load(delta_ptr + stat_offs, mask=q_valid, other=0.0)
@@ -392,8 +406,8 @@ def _backward_dkdv_kernel(
             ds = p * (dp - delta[None, :])
             dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
 
-    offs = (b * sg_b + h * sg_h + (k_y * dil_h + group_y)[:, None] * sg_y + (k_x * dil_w + group_x)[:, None] * sg_x
-            + offs_d[None, :] * sg_d)
+    offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d,
+                                                WIDE)
     store_mask = k_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     tl.store(dk_ptr + offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
     tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
@@ -405,8 +419,8 @@ def _backward_extra_kernel(
         sq_b, sq_y, sq_x, sq_h, sq_d, sdo_b, sdo_y, sdo_x, sdo_h, sdo_d,
         sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d, sg_b, sg_l, sg_h, sg_d,
         heads, height, width, n_extra, qk_scale, scale,
-        HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+        HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     h = pid_bh % heads
@@ -425,9 +439,9 @@ def _backward_extra_kernel(
         token = m0 + offs_m
         q_valid = token < height * width
         q = _load_tokens(q_base, token // width, token % width, 0, 0, 1, 1, sq_y, sq_x, sq_d, q_valid, offs_d,
-                         HEAD_DIM, AS_F32)
+                         HEAD_DIM, AS_F32, WIDE)
         do = _load_tokens(do_base, token // width, token % width, 0, 0, 1, 1, sdo_y, sdo_x, sdo_d, q_valid, offs_d,
-                          HEAD_DIM, AS_F32)
+                          HEAD_DIM, AS_F32, WIDE)
         lse = tl.load(lse_ptr + stat_base + token, mask=q_valid, other=0.0)
         delta = tl.load(delta_ptr + stat_base + token, mask=q_valid, other=0.0)
         s = tl.dot(ek, tl.trans(q), input_precision=PRECISION) * qk_scale      # [extra, queries]
@@ -456,10 +470,15 @@ def _tile_configs():
 
 
 def _warps_for_tile(configs, named_args, **kwargs):
-    """8 warps where (queries x padded head dim) accumulators would spill on 4 (ptxas for sm_90), 4 where
-    they fit; the d_rpb histogram needs more registers, so the dQ kernel tries both when it runs."""
+    """Warps per tile from ptxas spill counts for sm_90: 8 where the (queries x padded head dim)
+    accumulators, or with float32 operands the scores of 32-column key blocks (windows of 11 and
+    more), would spill on 4; 4 where they fit. The d_rpb histogram needs more registers, so the dQ
+    kernel tries both when it runs."""
+    float32 = named_args['q_ptr'].dtype == torch.float32
+
     def fits(config):
         big = config.kwargs['TILE_H'] * config.kwargs['TILE_W'] * kwargs['BLOCK_D'] >= 4096
+        big = big or float32 and _block_cols(dict(config.kwargs, KERNEL_W=kwargs['KERNEL_W'])) >= 32
         return config.num_warps == 8 if big else config.num_warps == 4 or kwargs.get('RPB_GRAD', False)
     return [c for c in configs if fits(c)]
 
@@ -484,87 +503,97 @@ def _tiles(height, width, dilation, tile_h, tile_w):
     return dilation[0] * dilation[1] * rows * cols
 
 
-def _common(q, spec):
-    """Compile-time parameters shared by every kernel of one call."""
+def _common(q, spec, *tensors):
+    """Compile-time parameters shared by every kernel of one call on ``q`` and ``tensors``."""
     kernel_h, kernel_w = spec.kernel_size
     return dict(
         HEAD_DIM=q.shape[-1], KERNEL_H=kernel_h, KERNEL_W=kernel_w, CLAMP=spec.border == 'clamp',
-        AS_F32=triton_interpreted() and q.dtype == torch.bfloat16,
-        PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',  # fp32 exact; 16-bit inputs ignore it
-        BLOCK_D=max(MIN_DOT, triton.next_power_of_2(q.shape[-1])))
+        AS_F32=triton_interpreted() and q.dtype == torch.bfloat16, WIDE=needs_wide_offsets(q, *tensors),
+        PRECISION=dot_precision(q.dtype), BLOCK_D=max(MIN_DOT, triton.next_power_of_2(q.shape[-1])))
 
 
-def _check_grid(q):
-    batch, _, _, heads, _ = q.shape
-    if batch * heads > MAX_GRID_Y:
-        raise ValueError(f'neighborhood_attention_2d: batch * heads = {batch * heads} exceeds the {MAX_GRID_Y} '
-                         f'programs of a CUDA grid axis; split the batch')
+def _rows(tensor, rows):
+    return tensor[rows] if tensor is not None else None
+
+
+def _grid(spec, height, width, batch, heads):
+    def grid(meta):
+        return _tiles(height, width, spec.dilation, meta['TILE_H'], meta['TILE_W']), batch * heads
+    return grid
 
 
 def forward(q, k, v, rpb, extra_k, extra_v, spec):
     """Output ``[B, H, W, heads, D]`` (contiguous) and the base-2 log-sum-exp ``[B, heads, H, W]``."""
-    _check_grid(q)
     batch, height, width, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=q.device)
-    rpb_arg = rpb.contiguous() if rpb is not None else q
-    ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
-
-    def grid(meta):
-        return _tiles(height, width, spec.dilation, meta['TILE_H'], meta['TILE_W']), batch * heads
-
-    _FORWARD[grid](
-        q, k, v, out, lse, rpb_arg, ek, ev, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *ek.stride(), *ev.stride(),
-        heads, height, width, *spec.dilation, extra_k.shape[1] if extra_k is not None else 0, spec.scale * LOG2E,
-        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BLOCK_E=EXTRA_BLOCK, **_common(q, spec))
+    rpb = rpb.contiguous() if rpb is not None else None
+    common = _common(q, spec, k, v, out)
+    for rows in batch_chunks(OP_NAME, batch, heads):   # batch * heads programs on grid axis y
+        _forward_launch(q[rows], k[rows], v[rows], out[rows], lse[rows], rpb, _rows(extra_k, rows),
+                        _rows(extra_v, rows), spec, common)
     return out, lse
+
+
+def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, spec, common):
+    batch, height, width, heads, _ = q.shape
+    ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
+    _FORWARD[_grid(spec, height, width, batch, heads)](
+        q, k, v, out, lse, rpb if rpb is not None else q, ek, ev, *q.stride(), *k.stride(), *v.stride(),
+        *out.stride(), *ek.stride(), *ev.stride(),
+        heads, height, width, *spec.dilation, extra_k.shape[1] if extra_k is not None else 0, spec.scale * LOG2E,
+        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BLOCK_E=EXTRA_BLOCK, **common)
 
 
 def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad):
     """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v)``; None where not asked for."""
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
-    common = _common(q, spec)
-    has_rpb, has_extra = rpb is not None, extra_k is not None
-    rpb_grad = has_rpb and needs_rpb_grad
-    rpb_arg = rpb.contiguous() if has_rpb else q
-    ek, ev = (extra_k, extra_v) if has_extra else (q[:, 0], q[:, 0])
-    n_extra = extra_k.shape[1] if has_extra else 0
+    rpb = rpb.contiguous() if rpb is not None else None
+    rpb_grad = rpb is not None and needs_rpb_grad
+    extra_grad = extra_k is not None and needs_extra_grad
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty_like(lse)
-    # one slot per (batch * head, tile) for the config with the most tiles; unused slots stay zero
+    # one slot per (image, head, tile) for the config with the most tiles; unused slots stay zero (a
+    # placeholder per image without rpb gradient: the autotuner zeroes it between its trial runs)
     drpb_tiles = max(_tiles(height, width, spec.dilation, c.kwargs['TILE_H'], c.kwargs['TILE_W'])
                      for c in _BACKWARD_DQ.configs) if rpb_grad else 0
-    drpb_partial = torch.zeros((batch * heads, drpb_tiles, 2 * kernel_h - 1, 2 * kernel_w - 1) if rpb_grad else (1,),
-                               dtype=torch.float32, device=q.device)
+    drpb_partial = torch.zeros((batch, heads, drpb_tiles, 2 * kernel_h - 1, 2 * kernel_w - 1) if rpb_grad
+                               else (batch, 1), dtype=torch.float32, device=q.device)
+    d_extra_k = torch.empty(extra_k.shape, dtype=q.dtype, device=q.device) if extra_grad else None
+    d_extra_v = torch.empty(extra_v.shape, dtype=q.dtype, device=q.device) if extra_grad else None
+    common = _common(q, spec, k, v, out, grad_out, dq)
+    for rows in batch_chunks(OP_NAME, batch, heads):   # batch * heads programs on grid axis y
+        _backward_launch(grad_out[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], delta[rows], dq[rows],
+                         dk[rows], dv[rows], rpb, drpb_partial[rows], rpb_grad, drpb_tiles,
+                         _rows(extra_k, rows), _rows(extra_v, rows), _rows(d_extra_k, rows), _rows(d_extra_v, rows),
+                         spec, common)
+    d_rpb = drpb_partial.sum((0, 2)).to(rpb.dtype) if rpb_grad else None
+    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v
 
-    def grid(meta):
-        return _tiles(height, width, spec.dilation, meta['TILE_H'], meta['TILE_W']), batch * heads
 
+def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_partial, rpb_grad, drpb_tiles, extra_k,
+                     extra_v, d_extra_k, d_extra_v, spec, common):
+    batch, height, width, heads, _ = q.shape
+    kernel_h, kernel_w = spec.kernel_size
+    rpb_arg = rpb if rpb is not None else q
+    ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
+    n_extra = extra_k.shape[1] if extra_k is not None else 0
+    grid = _grid(spec, height, width, batch, heads)
     _BACKWARD_DQ[grid](
         q, k, v, out, grad_out, lse, delta, dq, rpb_arg, drpb_partial, ek, ev,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *ek.stride(), *ev.stride(),
         *dq.stride(), heads, height, width, *spec.dilation, n_extra, spec.scale * LOG2E, spec.scale, drpb_tiles,
-        HAS_RPB=has_rpb, RPB_GRAD=rpb_grad, HAS_EXTRA=has_extra, BLOCK_E=EXTRA_BLOCK,
-        BIAS_H=max(MIN_DOT, triton.next_power_of_2(2 * kernel_h - 1)),
+        HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, HAS_EXTRA=extra_k is not None,
+        BLOCK_E=EXTRA_BLOCK, BIAS_H=max(MIN_DOT, triton.next_power_of_2(2 * kernel_h - 1)),
         BIAS_W=max(MIN_DOT, triton.next_power_of_2(2 * kernel_w - 1)), **common)
     _BACKWARD_DKDV[grid](
         q, k, v, grad_out, lse, delta, dk, dv, rpb_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
-        heads, height, width, *spec.dilation, spec.scale * LOG2E, spec.scale, HAS_RPB=has_rpb, **common)
-
-    d_rpb = None
-    if rpb_grad:
-        d_rpb = drpb_partial.view(batch, heads, drpb_tiles, 2 * kernel_h - 1, 2 * kernel_w - 1).sum((0, 2))
-        d_rpb = d_rpb.to(rpb.dtype)
-    d_extra_k = d_extra_v = None
-    if has_extra and needs_extra_grad:
-        d_extra_k = torch.empty(extra_k.shape, dtype=q.dtype, device=q.device)
-        d_extra_v = torch.empty_like(d_extra_k)
+        heads, height, width, *spec.dilation, spec.scale * LOG2E, spec.scale, HAS_RPB=rpb is not None, **common)
+    if d_extra_k is not None:
         _backward_extra_kernel[(triton.cdiv(n_extra, EXTRA_BLOCK), batch * heads)](
             q, grad_out, lse, delta, extra_k, extra_v, d_extra_k, d_extra_v,
             *q.stride(), *grad_out.stride(), *extra_k.stride(), *extra_v.stride(), *d_extra_k.stride(),
             heads, height, width, n_extra, spec.scale * LOG2E, spec.scale, BLOCK_E=EXTRA_BLOCK, BLOCK_M=64,
-            **{name: common[name] for name in ('HEAD_DIM', 'AS_F32', 'PRECISION', 'BLOCK_D')})
-    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v
+            **{name: common[name] for name in ('HEAD_DIM', 'AS_F32', 'WIDE', 'PRECISION', 'BLOCK_D')})

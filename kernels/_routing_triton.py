@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import triton_interpreted
+from ._dispatch import batch_chunks, check_heads_fit_grid, dot_precision, needs_wide_offsets, triton_interpreted
 
+OP_NAME = 'routing_attention'
 LOG2E = 1.4426950408889634
 MIN_TILE = 16          # tl.dot needs M, N, K >= 16 on GPUs
 TILE_BYTES = 8192      # rows x padded head_dim x element size of the largest operand tile
@@ -62,8 +63,12 @@ def _listed_tokens(region_list, start, n_tokens, p_w, region_h, region_w, BLOCK:
 
 
 @triton.jit
-def _token_ptrs(base, ys, xs, s_y, s_x, s_d, offs_d):
-    """Pointers to a [tokens, head_dim] block of a heads-last map, tokens at (ys, xs)."""
+def _token_ptrs(base, ys, xs, s_y, s_x, s_d, offs_d, WIDE: tl.constexpr):
+    """Pointers to a [tokens, head_dim] block of a heads-last map, tokens at (ys, xs); 64-bit offsets
+    where one image spans 2**31 elements or more (``WIDE``), 32-bit (cheaper) otherwise."""
+    if WIDE:
+        ys = ys.to(tl.int64)
+        xs = xs.to(tl.int64)
     return base + (ys * s_y + xs * s_x)[:, None] + offs_d[None, :] * s_d
 
 
@@ -87,11 +92,11 @@ def _routing_fwd_kernel(
         sidx_b, sidx_r,
         p_w, region_h, region_w, topk, qk_scale_log2, query_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     region, head, batch, qy, qx, m_valid = _resident_tokens(query_blocks, p_w, region_h, region_w, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
-    q_ptrs = _token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d)
+    q_ptrs = _token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d, WIDE)
     q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
 
     K += batch * sk_b + head * sk_h
@@ -104,8 +109,8 @@ def _routing_fwd_kernel(
     for start in range(0, keys, BLOCK_N):
         ky, kx, n_valid = _listed_tokens(routed, start, keys, p_w, region_h, region_w, BLOCK_N)
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(_token_ptrs(K, ky, kx, sk_y, sk_x, sk_d, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(_token_ptrs(V, ky, kx, sv_y, sv_x, sv_d, offs_d), mask=kv_mask, other=0.0)
+        k = tl.load(_token_ptrs(K, ky, kx, sk_y, sk_x, sk_d, offs_d, WIDE), mask=kv_mask, other=0.0)
+        v = tl.load(_token_ptrs(V, ky, kx, sv_y, sv_x, sv_d, offs_d, WIDE), mask=kv_mask, other=0.0)
 
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale_log2
         s = tl.where(n_valid[None, :], s, float('-inf'))
@@ -117,7 +122,7 @@ def _routing_fwd_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    o_ptrs = _token_ptrs(O + batch * so_b + head * so_h, qy, qx, so_y, so_x, so_d, offs_d)
+    o_ptrs = _token_ptrs(O + batch * so_b + head * so_h, qy, qx, so_y, so_x, so_d, offs_d, WIDE)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     tl.store(LSE + batch * slse_b + head * slse_h + qy * width + qx, m_i + tl.log2(l_i), mask=m_valid)
 
@@ -135,16 +140,16 @@ def _routing_bwd_dq_kernel(
         sidx_b, sidx_r,
         p_w, region_h, region_w, topk, qk_scale_log2, scale, query_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     region, head, batch, qy, qx, m_valid = _resident_tokens(query_blocks, p_w, region_h, region_w, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     md_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(_token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d),
+    q = tl.load(_token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d, WIDE),
                 mask=md_mask, other=0.0)
-    do = tl.load(_token_ptrs(DO + batch * sdo_b + head * sdo_h, qy, qx, sdo_y, sdo_x, sdo_d, offs_d),
+    do = tl.load(_token_ptrs(DO + batch * sdo_b + head * sdo_h, qy, qx, sdo_y, sdo_x, sdo_d, offs_d, WIDE),
                  mask=md_mask, other=0.0)
-    o = tl.load(_token_ptrs(O + batch * so_b + head * so_h, qy, qx, so_y, so_x, so_d, offs_d),
+    o = tl.load(_token_ptrs(O + batch * so_b + head * so_h, qy, qx, so_y, so_x, so_d, offs_d, WIDE),
                 mask=md_mask, other=0.0)
     # delta = rowsum(dO * O) is needed here and by the dK/dV kernel: computed once, stored for it.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
@@ -160,8 +165,8 @@ def _routing_bwd_dq_kernel(
     for start in range(0, keys, BLOCK_N):
         ky, kx, n_valid = _listed_tokens(routed, start, keys, p_w, region_h, region_w, BLOCK_N)
         kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(_token_ptrs(K, ky, kx, sk_y, sk_x, sk_d, offs_d), mask=kv_mask, other=0.0)
-        v = tl.load(_token_ptrs(V, ky, kx, sv_y, sv_x, sv_d, offs_d), mask=kv_mask, other=0.0)
+        k = tl.load(_token_ptrs(K, ky, kx, sk_y, sk_x, sk_d, offs_d, WIDE), mask=kv_mask, other=0.0)
+        v = tl.load(_token_ptrs(V, ky, kx, sv_y, sv_x, sv_d, offs_d, WIDE), mask=kv_mask, other=0.0)
 
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale_log2
         p = tl.where(n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
@@ -169,7 +174,7 @@ def _routing_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
 
-    dq_ptrs = _token_ptrs(DQ + batch * sdq_b + head * sdq_h, qy, qx, sdq_y, sdq_x, sdq_d, offs_d)
+    dq_ptrs = _token_ptrs(DQ + batch * sdq_b + head * sdq_h, qy, qx, sdq_y, sdq_x, sdq_d, offs_d, WIDE)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=md_mask)
 
 
@@ -185,14 +190,14 @@ def _routing_bwd_dkdv_kernel(
         slse_b, slse_h, width,
         regions_per_image, p_w, region_h, region_w, qk_scale_log2, scale, key_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
     region, head, batch, ky, kx, n_valid = _resident_tokens(key_blocks, p_w, region_h, region_w, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     nd_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(_token_ptrs(K + batch * sk_b + head * sk_h, ky, kx, sk_y, sk_x, sk_d, offs_d),
+    k = tl.load(_token_ptrs(K + batch * sk_b + head * sk_h, ky, kx, sk_y, sk_x, sk_d, offs_d, WIDE),
                 mask=nd_mask, other=0.0)
-    v = tl.load(_token_ptrs(V + batch * sv_b + head * sv_h, ky, kx, sv_y, sv_x, sv_d, offs_d),
+    v = tl.load(_token_ptrs(V + batch * sv_b + head * sv_h, ky, kx, sv_y, sv_x, sv_d, offs_d, WIDE),
                 mask=nd_mask, other=0.0)
 
     # The query regions that routed to this key region: QUERY_REGIONS[first:last] (one entry per
@@ -209,8 +214,8 @@ def _routing_bwd_dkdv_kernel(
     for start in range(0, queries, BLOCK_M):
         qy, qx, m_valid = _listed_tokens(QUERY_REGIONS + first, start, queries, p_w, region_h, region_w, BLOCK_M)
         md_mask = m_valid[:, None] & d_valid[None, :]
-        q = tl.load(_token_ptrs(Q, qy, qx, sq_y, sq_x, sq_d, offs_d), mask=md_mask, other=0.0)
-        do = tl.load(_token_ptrs(DO, qy, qx, sdo_y, sdo_x, sdo_d, offs_d), mask=md_mask, other=0.0)
+        q = tl.load(_token_ptrs(Q, qy, qx, sq_y, sq_x, sq_d, offs_d, WIDE), mask=md_mask, other=0.0)
+        do = tl.load(_token_ptrs(DO, qy, qx, sdo_y, sdo_x, sdo_d, offs_d, WIDE), mask=md_mask, other=0.0)
         lse = tl.load(LSE + stats + qy * width + qx, mask=m_valid, other=0.0)
         delta = tl.load(DELTA + stats + qy * width + qx, mask=m_valid, other=0.0)
 
@@ -221,8 +226,8 @@ def _routing_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, UPCAST, PRECISION)
 
-    dk_ptrs = _token_ptrs(DK + batch * sdk_b + head * sdk_h, ky, kx, sdk_y, sdk_x, sdk_d, offs_d)
-    dv_ptrs = _token_ptrs(DV + batch * sdv_b + head * sdv_h, ky, kx, sdv_y, sdv_x, sdv_d, offs_d)
+    dk_ptrs = _token_ptrs(DK + batch * sdk_b + head * sdk_h, ky, kx, sdk_y, sdk_x, sdk_d, offs_d, WIDE)
+    dv_ptrs = _token_ptrs(DV + batch * sdv_b + head * sdv_h, ky, kx, sdv_y, sdv_x, sdv_d, offs_d, WIDE)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=nd_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=nd_mask)
 
@@ -248,13 +253,11 @@ def _tiles(resident_rows, streamed_rows, head_dim, dtype):
     return block_r, block_s, block_d, num_warps
 
 
-def _launch_options(dtype, num_warps):
-    """Compile-time options shared by the kernels of one call."""
+def _launch_options(dtype, num_warps, *tensors):
+    """Compile-time options shared by the kernels of one call on ``tensors``."""
     interpreted = triton_interpreted()
-    precision = None   # Triton's default; it only matters for float32 operands
-    if dtype == torch.float32:   # follow torch's float32 matmul setting (TF32 only when allowed)
-        precision = 'tf32' if torch.get_float32_matmul_precision() != 'highest' and not interpreted else 'ieee'
-    options = dict(UPCAST=interpreted and dtype == torch.bfloat16, PRECISION=precision)
+    options = dict(UPCAST=interpreted and dtype == torch.bfloat16, PRECISION=dot_precision(dtype),
+                   WIDE=needs_wide_offsets(*tensors))
     if not interpreted:   # launch tuning is meaningless (and partly unsupported) in the interpreter
         options.update(num_warps=num_warps, num_stages=2)
     return options
@@ -268,22 +271,28 @@ def _geometry(q, regions):
 
 def forward(q, k, v, region_index, regions, scale):
     """Output ``[B, H, W, heads, D]`` and the per-query log2-sum-exp ``[B, heads, H, W]`` (float32)."""
+    batch, heads = q.shape[0], q.shape[3]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, q.shape[1], q.shape[2]), dtype=torch.float32, device=q.device)
+    check_heads_fit_grid(OP_NAME, heads)                 # heads on grid axis y
+    for rows in batch_chunks(OP_NAME, batch, 1):         # images on grid axis z
+        _forward_launch(q[rows], k[rows], v[rows], out[rows], lse[rows], region_index[rows], regions, scale)
+    return out, lse
+
+
+def _forward_launch(q, k, v, out, lse, region_index, regions, scale):
     batch, heads, head_dim, width, n_regions, p_w, region_h, region_w = _geometry(q, regions)
     tokens, topk = region_h * region_w, region_index.shape[-1]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, q.shape[1], width), dtype=torch.float32, device=q.device)
     block_m, block_n, block_d, num_warps = _tiles(tokens, topk * tokens, head_dim, q.dtype)
     query_blocks = triton.cdiv(tokens, block_m)
-    grid = (n_regions * query_blocks, heads, batch)
-    _routing_fwd_kernel[grid](
+    _routing_fwd_kernel[(n_regions * query_blocks, heads, batch)](
         q, k, v, out, lse, region_index,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1), width,
         region_index.stride(0), region_index.stride(1),
         p_w, region_h, region_w, topk, scale * LOG2E, query_blocks,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        **_launch_options(q.dtype, num_warps))
-    return out, lse
+        **_launch_options(q.dtype, num_warps, q, k, v, out))
 
 
 def inverse_routing(region_index, n_regions):
@@ -307,17 +316,24 @@ def inverse_routing(region_index, n_regions):
 
 def backward(grad_out, q, k, v, out, lse, region_index, regions, scale):
     """Gradients of q, k and v (each ``[B, H, W, heads, D]`` in the input dtype)."""
-    batch, heads, head_dim, width, n_regions, p_w, region_h, region_w = _geometry(q, regions)
-    tokens, topk = region_h * region_w, region_index.shape[-1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty_like(lse)
+    check_heads_fit_grid(OP_NAME, q.shape[3])             # heads on grid axis y
+    for rows in batch_chunks(OP_NAME, q.shape[0], 1):     # images on grid axis z
+        _backward_launch(grad_out[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], delta[rows],
+                         region_index[rows], dq[rows], dk[rows], dv[rows], regions, scale)
+    return dq, dk, dv
 
+
+def _backward_launch(grad_out, q, k, v, out, lse, delta, region_index, dq, dk, dv, regions, scale):
+    batch, heads, head_dim, width, n_regions, p_w, region_h, region_w = _geometry(q, regions)
+    tokens, topk = region_h * region_w, region_index.shape[-1]
     # dQ: query tiles cover (part of) a region and walk its routed keys, as in the forward; dK/dV:
     # key tiles cover (part of) a region and walk the queries of the regions routed to it.
     resident, streamed, block_d, num_warps = _tiles(tokens, topk * tokens, head_dim, q.dtype)
-    options = _launch_options(q.dtype, num_warps)
+    options = _launch_options(q.dtype, num_warps, q, k, v, out, grad_out, dq)
     query_blocks = triton.cdiv(tokens, resident)
     _routing_bwd_dq_kernel[(n_regions * query_blocks, heads, batch)](
         q, k, v, out, grad_out, dq, lse, delta, region_index,
@@ -335,4 +351,3 @@ def backward(grad_out, q, k, v, out, lse, region_index, regions, scale):
         lse.stride(0), lse.stride(1), width,
         n_regions, p_w, region_h, region_w, scale * LOG2E, scale, key_blocks,
         HEAD_DIM=head_dim, BLOCK_M=streamed, BLOCK_N=resident, BLOCK_D=block_d, **options)
-    return dq, dk, dv

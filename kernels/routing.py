@@ -87,8 +87,8 @@ def validate(q, k, v, region_index, regions, scale=None) -> RoutingSpec:
                          f'got {tuple(region_index.shape)}')
     topk = region_index.shape[2]
     if not 1 <= topk <= n_regions:
-        raise ValueError(f'{OP_NAME}: topk = {topk} routed regions per query region, but the grid has '
-                         f'{n_regions} regions; use 1 <= topk <= {n_regions}')
+        raise ValueError(f'{OP_NAME}: region_index lists topk = {topk} routed regions per query region, but the grid '
+                         f'has {n_regions} regions; use 1 <= topk <= {n_regions}')
     scale = softmax_scale(OP_NAME, scale, head_dim)
     return RoutingSpec((p_h, p_w), (height // p_h, width // p_w), topk, scale)
 

@@ -3,6 +3,7 @@ with NATTEN's window and bias rule, and DiNAT's dilated layers on maps smaller t
 
 The generic timm API and the parameter counts are covered by the conformance suite.
 """
+import copy
 import functools
 
 import pytest
@@ -11,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo.backbones  # noqa: F401  (registers the models)
-from attnzoo.backbones.nat import NAT, NeighborhoodAttention, checkpoint_filter_fn
+import attnzoo.kernels
+from attnzoo.backbones.nat import NAT, NATBlock, NeighborhoodAttention, checkpoint_filter_fn
 from official_checkpoints import NAT_OFFICIAL_ARCH, assert_official_layout_converts, nat_official_state_dict
+
 
 @functools.lru_cache(maxsize=None)
 def meta_model(name):
@@ -206,3 +209,31 @@ def test_dinat_large_follows_official_layout(name):
     # every dilated window fits its map at the pretrained size: no padding at the size it was trained at
     maps = [size // 4 // 2 ** i for i in range(4)]
     assert all(kernel_size * d <= m for m, stage in zip(maps, dilations) for d in stage)
+
+
+@pytest.mark.skipif(not attnzoo.kernels._dispatch.triton_interpreted() and not torch.cuda.is_available(),
+                    reason='the Triton path needs a GPU or TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU)')
+@pytest.mark.parametrize('height, width, kernel_size, dilation', [
+    (9, 11, 3, 2),    # dilated, uneven groups
+    (8, 13, 11, 1),   # DiNAT-L's window; rows padded up to it
+])
+def test_block_on_the_triton_path_trains_like_the_reference(height, width, kernel_size, dilation):
+    """A NAT block with the fused kernels (rpb a trained parameter, q / k / v strided views of the qkv
+    projection) gives the output and every parameter gradient of the same block on the reference."""
+    torch.manual_seed(0)
+    block = NATBlock(32, num_heads=2, kernel_size=kernel_size, dilation=dilation, layer_scale=0.5)
+    with torch.no_grad():
+        block.attn.rpb.normal_()
+        block.attn.qkv.bias.normal_()
+    reference = copy.deepcopy(block).double()
+    x = torch.randn(2, height, width, 32)
+    with attnzoo.kernels.use_backend('triton'):
+        out = block(x)
+    with attnzoo.kernels.use_backend('reference'):
+        expected = reference(x.double())
+    grad_out = torch.randn(out.shape)
+    out.backward(grad_out)
+    expected.backward(grad_out.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    for (name, p), p64 in zip(block.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad.double(), p64.grad, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f'{n}: {m}')

@@ -11,7 +11,8 @@ DEVICE = 'cuda' if CUDA else 'cpu'
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}  # bf16 as NATTEN's own tests
 
 
-def make_inputs(shape, kernel_size, rpb=False, n_extra=0, dtype=torch.float32, device='cpu', seed=0):
+def make_inputs(shape, kernel_size, rpb=False, n_extra=0, dtype=torch.float32, device='cpu', seed=0,
+                rpb_dtype=torch.float32):
     """q, k, v and the optional rpb / extra tokens of one call, as leaves that need gradients."""
     batch, height, width, heads, head_dim = shape
     kernel_h, kernel_w = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
@@ -22,7 +23,7 @@ def make_inputs(shape, kernel_size, rpb=False, n_extra=0, dtype=torch.float32, d
 
     inputs = dict(q=leaf(*shape), k=leaf(*shape), v=leaf(*shape))
     if rpb:
-        inputs['rpb'] = leaf(heads, 2 * kernel_h - 1, 2 * kernel_w - 1, dtype=torch.float32)
+        inputs['rpb'] = leaf(heads, 2 * kernel_h - 1, 2 * kernel_w - 1, dtype=rpb_dtype)
     if n_extra:
         inputs['extra_k'] = leaf(batch, n_extra, heads, head_dim)
         inputs['extra_v'] = leaf(batch, n_extra, heads, head_dim)
@@ -74,6 +75,18 @@ def test_triton_matches_reference(shape, kernel_size, dilation, border, rpb, n_e
     assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=dilation, border=border))
 
 
+@pytest.mark.parametrize('dtype, head_dim, rpb_dtype', [(torch.bfloat16, 128, 'q'), (torch.float16, 64, 'q'),
+                                                        (torch.bfloat16, 32, torch.float32)],
+                         ids=['bf16-d128-rpb_bf16', 'fp16-d64-rpb_fp16', 'bf16-d32-rpb_fp32'])
+def test_triton_low_precision_and_wide_heads(dtype, head_dim, rpb_dtype):
+    """bf16 / fp16 with head dims 64 and 128 (padded tiles of the other sizes are covered above), the rpb
+    in q's dtype or float32; every gradient, rpb's included, against the float64 reference."""
+    rpb_dtype = dtype if rpb_dtype == 'q' else rpb_dtype
+    inputs = make_inputs((1, 9, 11, 2, head_dim), 5, rpb=True, n_extra=3, dtype=dtype, device=DEVICE,
+                         rpb_dtype=rpb_dtype)
+    assert_close_to_reference(inputs, dict(kernel_size=5, dilation=(1, 2), border='clamp'))
+
+
 def test_triton_strided_views_and_scale():
     """q, k, v as views into one qkv tensor (no copies), custom scale, rpb without gradient."""
     gen = torch.Generator().manual_seed(2)
@@ -92,7 +105,8 @@ def test_triton_strided_views_and_scale():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason='compiled Triton kernels and bf16 need a CUDA GPU')
+@pytest.mark.skipif(not CUDA,
+                    reason='compiled kernels (autotuning, tensor-core dots) at model shapes need a CUDA GPU')
 class TestGPU:
     @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
     @pytest.mark.parametrize('border, dilation, rpb, n_extra', [('clamp', 1, True, 0), ('clamp', 3, True, 0),
@@ -255,8 +269,9 @@ def test_triton_rejects_float64():
         neighborhood_attention_2d(q, q, q, 3, backend='triton')
 
 
-@pytest.mark.skipif(not CUDA, reason='needs a CUDA device to put one input on another device')
-def test_mixed_devices_raise():
-    q = torch.randn(1, 8, 8, 1, 16)
-    with pytest.raises(ValueError, match='k is on cuda'):
-        neighborhood_attention_2d(q, q.cuda(), q, 3)
+@pytest.mark.parametrize('name', ['k', 'v', 'rpb', 'extra_k'])
+def test_mixed_devices_raise(name):
+    inputs = {name: t.detach() for name, t in make_inputs((1, 8, 8, 1, 16), 3, rpb=True, n_extra=2).items()}
+    inputs[name] = inputs[name].to('meta')
+    with pytest.raises(ValueError, match=f'{name} is on meta but q is on cpu'):
+        neighborhood_attention_2d(**inputs, kernel_size=3)

@@ -97,8 +97,10 @@ def test_triton_matches_reference(geometry, dtype):
 
 
 @needs_interpreter
-def test_triton_bf16_matches_reference():
-    q, k, v = make_qkv(1, 8, 8, 2, 16, torch.bfloat16)
+@pytest.mark.parametrize('dtype, head_dim', [(torch.bfloat16, 16), (torch.bfloat16, 64), (torch.float16, 128)],
+                         ids=['bf16-d16', 'bf16-d64', 'fp16-d128'])
+def test_triton_low_precision_and_wide_heads(dtype, head_dim):
+    q, k, v = make_qkv(1, 8, 8, 2, head_dim, dtype)
     assert_matches_reference(q, k, v, routing_region_index(q, k, 2, 2), (2, 2), biformer_scale(q))
 
 
@@ -246,7 +248,8 @@ def test_triton_rejects_float64():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason='compiled kernels (tensor-core dots, tiles, warps) at BiFormer shapes need a CUDA GPU')
 class TestRoutingAttentionGPU:
     """Compiled kernels on a GPU at BiFormer's shapes (batch 2): 224 px stages 1-3, the detection
     stages' 13x19- and 4x5-token regions, and strided views."""

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Speed and memory of attnzoo's kernels and backbones, as ratios to a baseline measured in the same run.
 
-    python tools/benchmark.py kernels                 # every kernel case, the issues' shapes
+    python tools/benchmark.py kernels                 # every kernel case, bf16 and fp32 on CUDA
     python tools/benchmark.py kernels --quick         # tiny shapes: a smoke run that works on CPU
     python tools/benchmark.py kernels --only routing  # one section
+    python tools/benchmark.py kernels --cases 'k13|dil2' --dtype bf16   # cases whose name matches
     python tools/benchmark.py models --models cswin_tiny_224 nat_mini --baseline resnet50
     python tools/benchmark.py models --models biformer_tiny --baseline swin_tiny_patch4_window7_224 --tag biformer
 
@@ -39,38 +40,41 @@ def slug(text):
     return re.sub(r'[^A-Za-z0-9]+', '-', text).strip('-').lower()
 
 
-def kernel_cases(sections, quick):
+def kernel_cases(sections, quick, pattern=None):
     import importlib
     cases = []
     for section in sections:
         module = importlib.import_module(f'benchlib.{section}')
-        cases.extend(module.cases(quick))
+        cases.extend(case for case in module.cases(quick) if pattern is None or re.search(pattern, case.name))
     return cases
 
 
-def run_kernels(args, device, dtype):
-    cases = kernel_cases(args.only or KERNEL_SECTIONS, args.quick)
-    total = sum(2 * len(case.impls) for case in cases)
+def run_kernels(args, device, dtypes):
+    cases = kernel_cases(args.only or KERNEL_SECTIONS, args.quick, args.cases)
+    total = sum(2 * len(case.impls) for case in cases) * len(dtypes)
     results = []
     with tqdm(total=total, desc='kernels', unit='run') as progress:
-        for case in cases:
-            progress.set_postfix_str(f'{case.section}: {case.name}')
-            results.extend(run_case(case, device, dtype, args.warmup, args.iters, progress))
+        for dtype in dtypes:
+            for case in cases:
+                progress.set_postfix_str(f'{case.section}: {case.name} {dtype}')
+                results.extend(run_case(case, device, dtype, args.warmup, args.iters, progress))
     baseline_of = {case.name: case.baseline for case in cases}
     return results, baseline_of
 
 
 def model_gmacs(name, size):
     """Multiply-adds of one forward pass at ``size``, counted on the meta device. Fused attention is
-    switched off while the model is built: the counter has no formula for CPU / meta SDPA and would
-    skip the attention matmuls; the explicit path computes the same thing."""
+    switched off while the model is built and run (timm's SDPA and attnzoo's kernels alike): the
+    counter has no formula for CPU / meta SDPA or for attnzoo's custom ops and would skip the
+    attention matmuls; the explicit path computes the same thing."""
     import timm
     from timm.layers import set_fused_attn, use_fused_attn
     from torch.utils.flop_counter import FlopCounterMode
+    from attnzoo.kernels import use_backend
     fused = use_fused_attn()
     set_fused_attn(False)
     try:
-        with torch.device('meta'):
+        with torch.device('meta'), use_backend('reference'):
             model = timm.create_model(name).eval()
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 model(torch.randn(1, 3, *size))
@@ -79,12 +83,19 @@ def model_gmacs(name, size):
     return counter.get_total_flops() / 2e9
 
 
-def run_models(args, device, dtype):
+def run_models(args, device, dtypes):
+    results = []
+    for dtype in dtypes:
+        results += _run_models(args, device, dtype)
+    return results, {r.case: args.baseline for r in results}
+
+
+def _run_models(args, device, dtype):
     import timm
     import attnzoo.backbones  # noqa: F401  registers the attnzoo families
     names = [args.baseline] + [n for n in args.models if n != args.baseline]
     results = []
-    for name in tqdm(names, desc='models', unit='model'):
+    for name in tqdm(names, desc=f'models {dtype}', unit='model'):
         model = timm.create_model(name).to(device=device, dtype=dtype)
         size = tuple(model.pretrained_cfg['input_size'][1:])
         params = sum(p.numel() for p in model.parameters())
@@ -92,7 +103,7 @@ def run_models(args, device, dtype):
         x = torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
         for mode in ('fwd', 'fwd+bwd'):
             row = Result('models', f'{name} @{size[0]}x{size[1]} b{args.batch}', name, mode,
-                         extra={'params_m': params / 1e6, 'gmacs': gmacs})
+                         str(dtype).replace('torch.', ''), extra={'params_m': params / 1e6, 'gmacs': gmacs})
             model.train(mode != 'fwd')
 
             def step():
@@ -113,7 +124,7 @@ def run_models(args, device, dtype):
             row.speedup_vs_baseline = base[row.mode].ms / row.ms
         if row.peak_mib is not None and base[row.mode].peak_mib:
             row.memory_vs_baseline = row.peak_mib / base[row.mode].peak_mib
-    return results, {r.case: args.baseline for r in results}
+    return results
 
 
 def plot(results, section, path, title):
@@ -130,11 +141,11 @@ def plot(results, section, path, title):
             ax.set_xlabel('parameters (M)')
             ax.set_ylabel('images / s')
         else:
-            cases = list(dict.fromkeys(r.case for r in rows))
+            cases = list(dict.fromkeys(f'{r.case} {r.dtype}' for r in rows))
             impls = list(dict.fromkeys(r.impl for r in rows))
             width = 0.8 / max(len(impls), 1)
             for i, impl in enumerate(impls):
-                ms = {r.case: r.ms for r in rows if r.impl == impl}
+                ms = {f'{r.case} {r.dtype}': r.ms for r in rows if r.impl == impl}
                 ax.bar([c + i * width for c in range(len(cases))], [ms.get(c, 0) for c in cases], width, label=impl)
             ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
             ax.set_xticklabels(cases, rotation=60, ha='right', fontsize=6)
@@ -158,7 +169,7 @@ def write(results, baseline_of, section, args, device):
         'device': name,
         'date': datetime.date.today().isoformat(),
         'torch': torch.__version__,
-        'dtype': args.dtype,
+        'dtype': ' '.join(args.dtype),
         'section': section,
         'tag': args.tag,
         'quick': args.quick,
@@ -169,10 +180,12 @@ def write(results, baseline_of, section, args, device):
     lines = [f'# {section} benchmark on {name}', '',
              ', '.join(f'{k}: {v}' for k, v in header.items() if k not in ('device', 'section')), '',
              'Times are medians; "x vs baseline" > 1 means faster than the baseline of the case, measured in the '
-             'same run. GB/s counts the least traffic (inputs read once, outputs written once).', '',
+             'same run. GB/s counts the least traffic: forward = inputs read once + output written once; '
+             'forward+backward adds dO read once + input gradients written once (model_cards/benchmarks/README.md).',
+             '',
              markdown_table(results, baseline_of), '']
     stem.with_suffix('.md').write_text('\n'.join(lines))
-    plot(results, section, stem.with_suffix('.png'), f'{section} on {name} ({args.dtype})')
+    plot(results, section, stem.with_suffix('.png'), f'{section} on {name} ({" ".join(args.dtype)})')
     print(f'wrote {stem}.md / .json / .png')
 
 
@@ -181,7 +194,9 @@ def parse_args(argv=None):
     parser.add_argument('section', choices=('kernels', 'models'))
     parser.add_argument('--only', nargs='+', choices=KERNEL_SECTIONS, help='kernel sections to run (default: all)')
     parser.add_argument('--quick', action='store_true', help='tiny shapes: a smoke run, also on CPU')
-    parser.add_argument('--dtype', choices=DTYPES, default=None, help='default: bf16 on CUDA, fp32 on CPU')
+    parser.add_argument('--dtype', nargs='+', choices=DTYPES, default=None,
+                        help='one or more; default: bf16 and fp32 on CUDA, fp32 on CPU')
+    parser.add_argument('--cases', default=None, help='kernels section: only cases whose name matches this regex')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--iters', type=int, default=10)
@@ -192,16 +207,16 @@ def parse_args(argv=None):
     parser.add_argument('--out', default=str(Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'))
     args = parser.parse_args(argv)
     if args.dtype is None:
-        args.dtype = 'bf16' if args.device.startswith('cuda') else 'fp32'
+        args.dtype = ['bf16', 'fp32'] if args.device.startswith('cuda') else ['fp32']
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtypes = [DTYPES[name] for name in args.dtype]
     runner = run_kernels if args.section == 'kernels' else run_models
-    results, baseline_of = runner(args, device, dtype)
+    results, baseline_of = runner(args, device, dtypes)
     print(markdown_table(results, baseline_of))
     write(results, baseline_of, args.section, args, device)
 

@@ -4,6 +4,15 @@ A section is a list of :class:`KernelCase`. Each case names the implementations 
 the baseline they are compared against; the harness times every implementation's forward and
 forward+backward in the same run and reports ratios to the baseline, peak memory and, on CUDA,
 achieved bandwidth against the device's HBM peak.
+
+Byte model (the least HBM traffic any implementation could have; model_cards/benchmarks/README.md):
+
+    forward          = inputs read once + output written once                 (KernelCase.min_bytes)
+    forward+backward = forward + dO read once + every input gradient written once
+
+A real backward also re-reads q, k, v, the output and per-query statistics; those are not minimal
+(a kernel could keep them on chip), so they are left out and "% of HBM roofline" is an upper bound
+on how close to the memory limit an implementation could still get.
 """
 import math
 import time
@@ -25,9 +34,9 @@ class KernelCase:
     """One problem shape and the implementations that solve it.
 
     ``make_inputs(device, dtype)`` returns the keyword arguments of every implementation (leaf
-    tensors that need gradients have ``requires_grad`` set). ``min_bytes(inputs)`` is the least
-    HBM traffic of the forward (inputs read once, output written once); the backward's is taken
-    as twice that plus the gradient writes, see :func:`fwd_bwd_bytes`.
+    tensors that need gradients have ``requires_grad`` set; every implementation uses all of them).
+    ``min_bytes(inputs)`` is the least HBM traffic of the forward (inputs read once, output written
+    once); forward+backward adds :func:`fwd_bwd_bytes`.
     """
     section: str
     name: str
@@ -43,6 +52,7 @@ class Result:
     case: str
     impl: str
     mode: str
+    dtype: str = ''
     ms: Optional[float] = None
     peak_mib: Optional[float] = None
     gbps: Optional[float] = None
@@ -66,11 +76,11 @@ def device_hbm_bytes_per_s(device: torch.device) -> Optional[float]:
     return None
 
 
-def fwd_bwd_bytes(inputs: Dict[str, torch.Tensor], fwd_bytes: int) -> int:
-    """Forward traffic, plus a backward that reads inputs, output and its gradient and writes input gradients."""
+def fwd_bwd_bytes(inputs: Dict[str, torch.Tensor], fwd_bytes: int, out_bytes: int) -> int:
+    """The forward's least traffic, plus dO read once and every input gradient written once."""
     grad_bytes = sum(t.numel() * t.element_size() for t in inputs.values()
                      if isinstance(t, torch.Tensor) and t.requires_grad)
-    return 2 * fwd_bytes + grad_bytes + fwd_bytes
+    return fwd_bytes + out_bytes + grad_bytes
 
 
 def _sync(device):
@@ -114,24 +124,37 @@ def _runner(impl, inputs, mode):
     return fwd if mode == 'fwd' else fwd_bwd
 
 
+def _output_bytes(case: KernelCase, inputs) -> Optional[int]:
+    """Bytes of the output (dO has the same), from one forward of the baseline (or any that runs)."""
+    for name in [case.baseline] + [n for n in case.impls if n != case.baseline]:
+        try:
+            with torch.no_grad():
+                out = case.impls[name](**inputs)
+        except Exception:  # noqa: BLE001  (an implementation that cannot run this shape)
+            continue
+        return out.numel() * out.element_size()
+    return None
+
+
 def run_case(case: KernelCase, device, dtype, warmup=3, iters=10, progress=None) -> List[Result]:
     inputs = case.make_inputs(device, dtype)
     hbm = device_hbm_bytes_per_s(device)
+    out_bytes = _output_bytes(case, inputs)
     results = []
     for mode in ('fwd', 'fwd+bwd'):
         by_impl = {}
         for impl_name, impl in case.impls.items():
-            row = Result(case.section, case.name, impl_name, mode)
+            row = Result(case.section, case.name, impl_name, mode, str(dtype).replace('torch.', ''))
             try:
                 row.ms, row.peak_mib = time_call(_runner(impl, inputs, mode), device, warmup, iters)
             except Exception as exc:  # an implementation that cannot run a shape is reported, not fatal
                 row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
                 if device.type == 'cuda':
                     torch.cuda.empty_cache()
-            if row.ms is not None:
+            if row.ms is not None and out_bytes is not None:
                 nbytes = case.min_bytes(inputs)
                 if mode == 'fwd+bwd':
-                    nbytes = fwd_bwd_bytes(inputs, nbytes)
+                    nbytes = fwd_bwd_bytes(inputs, nbytes, out_bytes)
                 row.gbps = nbytes / (row.ms * 1e-3) / 1e9
                 if hbm:
                     row.roofline_pct = 100 * nbytes / (row.ms * 1e-3) / hbm
@@ -153,11 +176,13 @@ def _fmt(value, spec):
 
 
 def markdown_table(results: List[Result], baseline_of: Dict[str, str]) -> str:
-    lines = ['| case | impl | mode | ms | x vs baseline | peak MiB | mem vs baseline | GB/s | % HBM roofline | note |',
-             '|---|---|---|---:|---:|---:|---:|---:|---:|---|']
+    lines = ['| case | impl | dtype | mode | ms | x vs baseline | peak MiB | mem vs baseline | GB/s | % HBM roofline '
+             '| note |',
+             '|---|---|---|---|---:|---:|---:|---:|---:|---:|---|']
     for r in results:
         impl = r.impl + (' (baseline)' if baseline_of.get(r.case) == r.impl else '')
-        lines.append(f'| {r.case} | {impl} | {r.mode} | {_fmt(r.ms, ".3f")} | {_fmt(r.speedup_vs_baseline, ".2f")} '
+        lines.append(f'| {r.case} | {impl} | {r.dtype} | {r.mode} | {_fmt(r.ms, ".3f")} '
+                     f'| {_fmt(r.speedup_vs_baseline, ".2f")} '
                      f'| {_fmt(r.peak_mib, ".1f")} | {_fmt(r.memory_vs_baseline, ".2f")} | {_fmt(r.gbps, ".0f")} '
                      f'| {_fmt(r.roofline_pct, ".0f")} | {r.error} |')
     return '\n'.join(lines)

@@ -1,12 +1,30 @@
-"""Benchmark cases of neighborhood_attention_2d: attnzoo's Triton kernel, its PyTorch reference, compiled
-FlexAttention with a neighborhood mask_mod (the baseline) and NATTEN where its CUDA library is present.
+"""Benchmark cases of neighborhood_attention_2d, like for like.
 
-Shapes: NAT-Tiny stages 1-3 at 224 px (56², 28², 14², k=7, head_dim 32, rpb) and TransNeXt-Tiny stages
-1-3 at 224 px (zero-padded 3x3 window, head_dim 24, 49 pooled tokens as extra keys, rpb), batch 128.
+Every case fixes one problem (shape, window, dilation, border, with or without rpb and extra tokens)
+and times every implementation that computes exactly that problem:
+
+- ``attnzoo-triton``: the fused kernels;
+- ``natten``: ``natten.na2d`` (cases without rpb and with the clamped border only: NATTEN >= 0.20
+  has no rpb), where NATTEN's CUDA library is installed;
+- ``flex-tiled``: FlexAttention (compiled on CUDA) on tokens permuted into 8 x 8 spatial tiles, one
+  64-token sparse block per tile, so a window touches few blocks; the permutation and its inverse
+  are part of its time (as NATTEN's token permutation is part of NATTEN's). The baseline;
+- ``flex-raster``: the same mask on raster-order tokens and 128-token blocks (what a direct port
+  gets: a 2-D window touches many partial blocks);
+- ``reference``: the PyTorch reference (the quick CPU smoke cases only; it gathers every window).
+
+The rpb, where a case has one, is added by every implementation (a FlexAttention ``score_mod``).
+
+Shapes: NAT-Tiny stages 1-3 at 224 px (batch 128, head dim 32) with kernels 7, 9 and 13, dilation 2
+(DiNAT), DiNAT-L's 11 x 11 window at 384 px (batch 32), and TransNeXt-Tiny stages 1-3 (zero border,
+3 x 3 window, 49 pooled tokens as extra keys, rpb).
 """
+from dataclasses import dataclass
 from functools import partial
+from typing import List
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from attnzoo.kernels import neighborhood_attention_2d
@@ -17,6 +35,23 @@ from .harness import KernelCase
 SECTION = 'neighborhood'
 # every case compiles flex_attention for its own mask and score mods, in grad and no-grad mode
 FLEX_RECOMPILES = 64
+TILE = 8                # flex-tiled: 8 x 8 token tiles, one 64-token sparse block each
+RASTER_BLOCK = 128      # flex-raster: FlexAttention's default sparse block
+
+
+@dataclass(frozen=True)
+class NeighborhoodShape:
+    name: str
+    batch: int
+    height: int
+    width: int
+    heads: int
+    head_dim: int
+    kernel: int
+    dilation: int = 1
+    border: str = 'clamp'
+    rpb: bool = False
+    n_extra: int = 0
 
 
 def _axis_tables(length, kernel, dilation, border, device):
@@ -30,54 +65,111 @@ def _axis_tables(length, kernel, dilation, border, device):
     return allowed, rel
 
 
-class FlexNeighborhood:
-    """FlexAttention with the window as a mask_mod and the rpb as a score_mod, extra tokens appended to the
-    keys. Block mask and compiled function are built once per case and device."""
+class TokenOrder:
+    """Where token ``(y, x)`` of the map sits in FlexAttention's sequence, and back.
 
-    def __init__(self, height, width, kernel, dilation, border, n_extra):
-        self.geometry = (height, width, kernel, dilation, border)
-        self.n_extra = n_extra
+    ``tile=None``: raster order. ``tile=t``: the map padded to multiples of ``t`` and cut into
+    ``t x t`` tiles, tile after tile (raster order inside a tile); padded positions are tokens that
+    no query attends to. ``coords(idx)`` gives (y, x, inside the map) of sequence positions.
+    """
+
+    def __init__(self, height, width, tile, device):
+        self.height, self.width, self.tile = height, width, tile
+        if tile is None:
+            self.length = height * width
+            self.gather = None
+            return
+        self.tiles_y, self.tiles_x = -(-height // tile), -(-width // tile)
+        self.length = self.tiles_y * self.tiles_x * tile * tile
+        y, x, inside = self.coords(torch.arange(self.length, device=device))
+        # sequence position -> map token (padding reads the extra zero row appended by to_sequence)
+        self.gather = torch.where(inside, y.clamp(max=height - 1) * width + x.clamp(max=width - 1), height * width)
+        self.scatter = torch.nonzero(inside).flatten()   # map token t sits at position scatter[t]
+        order = torch.argsort(self.gather[self.scatter])
+        self.scatter = self.scatter[order]
+
+    def coords(self, idx):
+        if self.tile is None:
+            return idx // self.width, idx % self.width, idx < self.length
+        tile, within = idx // (self.tile * self.tile), idx % (self.tile * self.tile)
+        y = (tile // self.tiles_x) * self.tile + within // self.tile
+        x = (tile % self.tiles_x) * self.tile + within % self.tile
+        return y, x, (y < self.height) & (x < self.width)
+
+    def to_sequence(self, t):
+        """``[B, H, W, heads, D]`` -> ``[B, heads, length, D]``."""
+        t = t.flatten(1, 2)
+        if self.gather is not None:
+            t = F.pad(t, (0, 0, 0, 0, 0, 1))[:, self.gather]
+        return t.transpose(1, 2)
+
+    def from_sequence(self, t):
+        t = t.transpose(1, 2)
+        if self.gather is not None:
+            t = t[:, self.scatter]
+        return t.unflatten(1, (self.height, self.width))
+
+
+class FlexNeighborhood:
+    """FlexAttention with the window as a mask_mod and the rpb as a score_mod, extra tokens appended
+    to the keys, in raster or tiled token order. Block mask and compiled function are built once per
+    device."""
+
+    def __init__(self, shape: NeighborhoodShape, tile):
+        self.shape, self.tile = shape, tile
         self.built = {}
 
     def _build(self, device):
-        height, width, kernel, dilation, border = self.geometry
-        rows, rel_rows = _axis_tables(height, kernel, dilation, border, device)
-        cols, rel_cols = _axis_tables(width, kernel, dilation, border, device)
-        tokens = height * width
+        s = self.shape
+        order = TokenOrder(s.height, s.width, self.tile, device)
+        rows, rel_rows = _axis_tables(s.height, s.kernel, s.dilation, s.border, device)
+        cols, rel_cols = _axis_tables(s.width, s.kernel, s.dilation, s.border, device)
+        length = order.length
 
-        def split(idx):
-            inside = idx < tokens
-            idx = torch.where(inside, idx, 0)
-            return inside, idx // width, idx % width
+        def key_coords(kv_idx):
+            is_token = kv_idx < length
+            ky, kx, inside = order.coords(torch.where(is_token, kv_idx, 0))
+            return is_token, inside, ky.clamp(max=s.height - 1), kx.clamp(max=s.width - 1)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            inside, ky, kx = split(kv_idx)
-            return ~inside | (rows[q_idx // width, ky] & cols[q_idx % width, kx])
+            qy, qx, _ = order.coords(q_idx)
+            qy, qx = qy.clamp(max=s.height - 1), qx.clamp(max=s.width - 1)
+            is_token, inside, ky, kx = key_coords(kv_idx)
+            return ~is_token | (inside & rows[qy, ky] & cols[qx, kx])
 
         def bias_mod(rpb, score, b, h, q_idx, kv_idx):
-            inside, ky, kx = split(kv_idx)
-            bias = rpb[h, rel_rows[q_idx // width, ky], rel_cols[q_idx % width, kx]]
-            return score + torch.where(inside, bias, 0.0)
+            qy, qx, _ = order.coords(q_idx)
+            qy, qx = qy.clamp(max=s.height - 1), qx.clamp(max=s.width - 1)
+            is_token, _, ky, kx = key_coords(kv_idx)
+            bias = rpb[h, rel_rows[qy, ky], rel_cols[qx, kx]]
+            return score + torch.where(is_token, bias, 0.0)
 
-        block_mask = create_block_mask(mask_mod, None, None, tokens, tokens + self.n_extra, device=device)
-        # the compiled kernel needs a GPU; CPU smoke runs take the eager (dense) path
-        fn = torch.compile(flex_attention, dynamic=False) if device.type == 'cuda' else flex_attention
-        return block_mask, bias_mod, fn
+        block = self.tile * self.tile if self.tile else RASTER_BLOCK
+        block_mask = create_block_mask(mask_mod, None, None, length, length + s.n_extra, device=device,
+                                       BLOCK_SIZE=block)
+        options = None
+        if device.type == 'cuda':
+            # the compiled kernel's tiles must match the 64-token blocks of the tiled order
+            fn = torch.compile(flex_attention, dynamic=False)
+            options = {'BLOCK_M': block, 'BLOCK_N': block} if self.tile else None
+        else:
+            fn = flex_attention   # CPU smoke runs take the eager (dense) path
+        return order, block_mask, bias_mod, fn, options
 
     def __call__(self, q, k, v, rpb=None, extra_k=None, extra_v=None):
         if q.device not in self.built:
             self.built[q.device] = self._build(q.device)
-        block_mask, bias_mod, fn = self.built[q.device]
+        order, block_mask, bias_mod, fn, options = self.built[q.device]
         if q.device.type == 'cpu' and not torch.is_grad_enabled():
             # FlexAttention refuses CPU inputs that require grad even under no_grad
             q, k, v, extra_k, extra_v = (t.detach() if t is not None else None for t in (q, k, v, extra_k, extra_v))
-        batch, height, width, heads, head_dim = q.shape
-        k, v = k.flatten(1, 2), v.flatten(1, 2)
+        k, v = order.to_sequence(k), order.to_sequence(v)
         if extra_k is not None:
-            k, v = torch.cat([k, extra_k], dim=1), torch.cat([v, extra_v], dim=1)
-        out = fn(q.flatten(1, 2).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                 score_mod=partial(bias_mod, rpb) if rpb is not None else None, block_mask=block_mask)
-        return out.transpose(1, 2).unflatten(1, (height, width))
+            k = torch.cat([k, extra_k.transpose(1, 2)], dim=2)
+            v = torch.cat([v, extra_v.transpose(1, 2)], dim=2)
+        out = fn(order.to_sequence(q), k, v, score_mod=partial(bias_mod, rpb) if rpb is not None else None,
+                 block_mask=block_mask, kernel_options=options)
+        return order.from_sequence(out)
 
 
 def _natten_available():
@@ -88,44 +180,67 @@ def _natten_available():
     return bool(natten.HAS_LIBNATTEN)
 
 
-def _case(name, batch, height, heads, head_dim, kernel, border, n_extra, with_natten):
-    def make_inputs(device, dtype):
+def _make_inputs(s: NeighborhoodShape):
+    def make(device, dtype):
         def leaf(*shape, dtype=dtype):
             return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
-        inputs = dict(q=leaf(batch, height, height, heads, head_dim), k=leaf(batch, height, height, heads, head_dim),
-                      v=leaf(batch, height, height, heads, head_dim),
-                      rpb=leaf(heads, 2 * kernel - 1, 2 * kernel - 1, dtype=torch.float32))
-        if n_extra:
-            inputs.update(extra_k=leaf(batch, n_extra, heads, head_dim), extra_v=leaf(batch, n_extra, heads, head_dim))
+        qkv_shape = (s.batch, s.height, s.width, s.heads, s.head_dim)
+        inputs = dict(q=leaf(*qkv_shape), k=leaf(*qkv_shape), v=leaf(*qkv_shape))
+        if s.rpb:
+            inputs['rpb'] = leaf(s.heads, 2 * s.kernel - 1, 2 * s.kernel - 1, dtype=torch.float32)
+        if s.n_extra:
+            inputs.update(extra_k=leaf(s.batch, s.n_extra, s.heads, s.head_dim),
+                          extra_v=leaf(s.batch, s.n_extra, s.heads, s.head_dim))
         return inputs
+    return make
 
-    def min_bytes(inputs):
-        q = inputs['q']
-        return sum(t.numel() * t.element_size() for t in inputs.values()) + q.numel() * q.element_size()
 
-    impls = {
-        'attnzoo-triton': partial(neighborhood_attention_2d, kernel_size=kernel, border=border, backend='triton'),
-        'reference': partial(neighborhood_attention_2d, kernel_size=kernel, border=border, backend='reference'),
-        'flex': FlexNeighborhood(height, height, kernel, 1, border, n_extra),
-    }
-    if with_natten:
-        def natten_no_rpb(q, k, v, rpb=None, extra_k=None, extra_v=None):
-            return neighborhood_attention_2d(q, k, v, kernel, extra_k=extra_k, extra_v=extra_v, backend='natten')
-        impls['natten-no-rpb'] = natten_no_rpb   # NATTEN >= 0.20 has no rpb: a lower bound of its cost
-    return KernelCase(SECTION, name, make_inputs, impls, 'flex', min_bytes)
+def _min_bytes(inputs):
+    """Every input read once, the output (q's shape and dtype) written once."""
+    q = inputs['q']
+    return sum(t.numel() * t.element_size() for t in inputs.values()) + q.numel() * q.element_size()
+
+
+def _case(s: NeighborhoodShape, natten: bool, with_reference: bool):
+    options = dict(kernel_size=s.kernel, dilation=s.dilation, border=s.border)
+    impls = {'attnzoo-triton': partial(neighborhood_attention_2d, **options, backend='triton'),
+             'flex-tiled': FlexNeighborhood(s, TILE),
+             'flex-raster': FlexNeighborhood(s, None)}
+    if natten and not s.rpb and s.border == 'clamp':
+        impls['natten'] = partial(neighborhood_attention_2d, **options, backend='natten')
+    if with_reference:
+        impls['reference'] = partial(neighborhood_attention_2d, **options, backend='reference')
+    return KernelCase(SECTION, s.name, _make_inputs(s), impls, 'flex-tiled', _min_bytes)
+
+
+def shapes(quick: bool) -> List[NeighborhoodShape]:
+    if quick:
+        return [NeighborhoodShape('nat 14x14 h1 d32 k7 b1', 1, 14, 14, 1, 32, 7),
+                NeighborhoodShape('nat 14x14 h1 d32 k5 dil2 +rpb b1', 1, 14, 14, 1, 32, 5, dilation=2, rpb=True),
+                NeighborhoodShape('transnext 9x9 h1 d24 k3 +4 b1', 1, 9, 9, 1, 24, 3, border='zero', rpb=True,
+                                  n_extra=4)]
+    # NAT-Tiny at 224 px, batch 128: stages 1-3 are 56, 28, 14 px with 2, 4, 8 heads of 32
+    nat_stages = ((1, 56, 2), (2, 28, 4), (3, 14, 8))
+    cases = [NeighborhoodShape(f'nat_tiny s{stage} {size}x{size} h{heads} d32 k7 b128', 128, size, size, heads, 32, 7)
+             for stage, size, heads in nat_stages]
+    cases += [NeighborhoodShape(f'nat_tiny s{stage} {size}x{size} h{heads} d32 k{kernel} b128', 128, size, size,
+                                heads, 32, kernel)
+              for kernel in (9, 13) for stage, size, heads in nat_stages[:2]]
+    cases += [NeighborhoodShape(f'dinat_tiny s{stage} {size}x{size} h{heads} d32 k7 dil2 b128', 128, size, size,
+                                heads, 32, 7, dilation=2)
+              for stage, size, heads in nat_stages[:2]]
+    cases += [NeighborhoodShape(f'nat_tiny s1 56x56 h2 d32 k{kernel} +rpb b128', 128, 56, 56, 2, 32, kernel, rpb=True)
+              for kernel in (7, 13)]
+    # DiNAT-L at 384 px with 11x11 windows: stage 1 is 96 px with 6 heads of 32
+    cases.append(NeighborhoodShape('dinat_large_384_11x11 s1 96x96 h6 d32 k11 b32', 32, 96, 96, 6, 32, 11))
+    # TransNeXt-Tiny at 224 px: 3x3 zero-padded window, 49 pooled tokens, heads of 24, batch 128
+    cases += [NeighborhoodShape(f'transnext_tiny s{stage} {size}x{size} h{heads} d24 k3 +49 b128', 128, size, size,
+                                heads, 24, 3, border='zero', rpb=True, n_extra=49)
+              for stage, size, heads in ((1, 56, 3), (2, 28, 6), (3, 14, 12))]
+    return cases
 
 
 def cases(quick: bool):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILES)
     natten = _natten_available()
-    if quick:
-        return [_case('nat 14x14 h1 d32 k7 b1', 1, 14, 1, 32, 7, 'clamp', 0, natten),
-                _case('transnext 9x9 h1 d24 k3 +4 b1', 1, 9, 1, 24, 3, 'zero', 4, False)]
-    # NAT-Tiny: 64 channels, heads 2 / 4 / 8, k = 7; TransNeXt-Tiny: 72 channels, heads 3 / 6 / 12,
-    # 3x3 zero-padded window plus the 7x7 pooled tokens; both at 224 px, batch 128
-    nat = [_case(f'nat_tiny s{stage} {size}x{size} h{heads} d32 k7 b128', 128, size, heads, 32, 7, 'clamp', 0, natten)
-           for stage, size, heads in ((1, 56, 2), (2, 28, 4), (3, 14, 8))]
-    transnext = [_case(f'transnext_tiny s{stage} {size}x{size} h{heads} d24 k3 +49 b128', 128, size, heads, 24, 3,
-                       'zero', 49, False)
-                 for stage, size, heads in ((1, 56, 3), (2, 28, 6), (3, 14, 12))]
-    return nat + transnext
+    return [_case(s, natten, with_reference=quick) for s in shapes(quick)]
