@@ -14,8 +14,9 @@ in exchange every step is a dense batched matmul or a strided copy, which is wha
 Memory is linear in the map: K / V spans are ``span / tile`` copies per axis of K / V, logits are
 ``span_h * span_w`` per query (the reference stores ``kh * kw * head_dim`` per query for K and V).
 
-Differentiable through autograd of the copies, matmuls and softmax; the bias gather's backward
-is a ``scatter_add`` into the small ``rpb`` table.
+The op's kernels interface (as the Triton kernels'): :func:`forward` returns the output and the
+log-sum-exp of every query, :func:`backward` recomputes the probabilities tile by tile from them
+(written out: no autograd graph, nothing saved but the op's inputs and outputs).
 """
 import functools
 from dataclasses import dataclass
@@ -126,120 +127,200 @@ def _tables(rows: AxisTiling, cols: AxisTiling, border, device):
 
 
 def _grouped(x, rows: AxisTiling, cols: AxisTiling):
-    """``[B, H, W, heads, D]`` -> ``[B, heads, gh, gw, Lh, Lw, D]`` (a view unless the map needs padding
+    """``[B, H, W, heads, C]`` -> ``[B, heads, gh, gw, Lh, Lw, C]`` (a view unless the map needs padding
     to a multiple of the dilation): dilation group ``g`` of an axis holds positions ``g, g + d, ...``."""
-    batch, height, width, heads, head_dim = x.shape
+    batch, height, width, heads, channels = x.shape
     pad_h, pad_w = rows.groups * rows.group_length - height, cols.groups * cols.group_length - width
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, 0, 0, pad_w, 0, pad_h))
-    x = x.view(batch, rows.group_length, rows.groups, cols.group_length, cols.groups, heads, head_dim)
+    x = x.view(batch, rows.group_length, rows.groups, cols.group_length, cols.groups, heads, channels)
     return x.permute(0, 5, 2, 4, 1, 3, 6)
 
 
-def _query_tiles(q, rows, cols):
-    """``[B * heads * tiles, T, D]``: every tile's queries (a copy), padded slots zero."""
-    x = _grouped(q, rows, cols)
+def _ungrouped(x, shape, rows: AxisTiling, cols: AxisTiling):
+    """Inverse of :func:`_grouped`: ``[B, heads, gh, gw, Lh, Lw, C]`` -> ``[B, H, W, heads, C]`` contiguous."""
+    batch, height, width, heads, channels = shape
+    x = x.permute(0, 4, 2, 5, 3, 1, 6).reshape(batch, rows.group_length * rows.groups,
+                                                cols.group_length * cols.groups, heads, channels)
+    return x[:, :height, :width].contiguous()
+
+
+def _tiles(x, rows, cols, pad_value=0.0):
+    """``[B, H, W, heads, C]`` -> ``[B * heads * tiles, T, C]`` (a copy): every tile's query slots,
+    padding slots filled with ``pad_value``."""
+    x = _grouped(x, rows, cols)
     pads = (0, 0, cols.query_pad, cols.query_pad_after, rows.query_pad, rows.query_pad_after)
     if any(pads):
-        x = F.pad(x, pads)
-    batch, heads, head_dim = q.shape[0], q.shape[3], q.shape[4]
-    x = x.reshape(batch, heads, rows.groups, cols.groups, rows.tiles, rows.tile, cols.tiles, cols.tile, head_dim)
-    x = x.transpose(5, 6)
-    return x.reshape(-1, rows.tile * cols.tile, head_dim)
+        x = F.pad(x, pads, value=pad_value)
+    batch, heads, channels = x.shape[0], x.shape[1], x.shape[-1]
+    x = x.reshape(batch, heads, rows.groups, cols.groups, rows.tiles, rows.tile, cols.tiles, cols.tile, channels)
+    return x.transpose(5, 6).reshape(-1, rows.tile * cols.tile, channels).contiguous()   # a view in edge cases
 
 
-class _KeySpans(torch.autograd.Function):
-    """Every tile's span of keys, ``[B, heads, gh, gw, Lh, Lw, D]`` -> ``[B * heads * tiles, S, D]``
-    (zero keys around each group, a copy of overlapping windows). The backward adds the span
-    gradients back block by block: spans start every ``tile`` keys, so their ``tile x tile`` blocks
-    land on a regular grid and ``ceil(span / tile) ** 2`` strided additions replace
-    ``unfold``'s generic backward (measured 5x slower here)."""
-
-    @staticmethod
-    def forward(ctx, x, rows: AxisTiling, cols: AxisTiling):
-        ctx.rows, ctx.cols, ctx.shape = rows, cols, x.shape
-        pads = (0, 0, cols.key_pad, cols.key_pad_after, rows.key_pad, rows.key_pad_after)
-        if any(pads):
-            x = F.pad(x, pads)
-        x = x.unfold(4, rows.span, rows.tile).unfold(5, cols.span, cols.tile)   # [B, heads, gh, gw, nh, nw, D, sh, sw]
-        return x.permute(0, 1, 2, 3, 4, 5, 7, 8, 6).reshape(-1, rows.span * cols.span, x.shape[6])
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, cols = ctx.rows, ctx.cols
-        batch, heads, groups_h, groups_w, _, _, head_dim = ctx.shape
-        blocks_h, blocks_w = -(-rows.span // rows.tile), -(-cols.span // cols.tile)
-        # [.., nh, sh, nw, sw, D]: span key s of tile i sits at padded position i * tile + s
-        grad = grad.view(batch, heads, groups_h, groups_w, rows.tiles, cols.tiles, rows.span, cols.span, head_dim)
-        grad = grad.transpose(5, 6)
-        padded = grad.new_zeros(batch, heads, groups_h, groups_w, (rows.tiles + blocks_h - 1) * rows.tile,
-                                (cols.tiles + blocks_w - 1) * cols.tile, head_dim)
-        for block_h in range(blocks_h):
-            size_h = min(rows.tile, rows.span - block_h * rows.tile)
-            for block_w in range(blocks_w):
-                size_w = min(cols.tile, cols.span - block_w * cols.tile)
-                target = padded[:, :, :, :, block_h * rows.tile:(block_h + rows.tiles) * rows.tile,
-                                block_w * cols.tile:(block_w + cols.tiles) * cols.tile]
-                target = target.unflatten(5, (cols.tiles, cols.tile)).unflatten(4, (rows.tiles, rows.tile))
-                target[..., :size_h, :, :size_w, :] += grad[..., block_h * rows.tile:block_h * rows.tile + size_h, :,
-                                                            block_w * cols.tile:block_w * cols.tile + size_w, :]
-        lh, lw = rows.group_length, cols.group_length
-        return padded[:, :, :, :, rows.key_pad:rows.key_pad + lh, cols.key_pad:cols.key_pad + lw], None, None
-
-
-def _key_spans(k, rows, cols):
-    """``[B * heads * tiles, S, D]``: every tile's span of keys (a copy of strided windows)."""
-    return _KeySpans.apply(_grouped(k, rows, cols), rows, cols)
-
-
-def _untile(out, q_shape, rows, cols):
-    """``[B * heads * tiles, T, D]`` -> ``[B, H, W, heads, D]``."""
-    batch, height, width, heads, head_dim = q_shape
-    out = out.view(batch, heads, rows.groups, cols.groups, rows.tiles, cols.tiles, rows.tile, cols.tile, head_dim)
-    out = out.permute(0, 4, 6, 2, 5, 7, 3, 1, 8)     # [B, nh, th, gh, nw, tw, gw, heads, D]
-    out = out.reshape(batch, rows.tiles * rows.tile * rows.groups, cols.tiles * cols.tile * cols.groups, heads,
-                      head_dim)
+def _untile(x, shape, rows, cols):
+    """Inverse of :func:`_tiles` (padding slots dropped): ``[B * heads * tiles, T, C]`` -> ``[B, H, W, heads, C]``."""
+    batch, height, width, heads, channels = shape
+    x = x.view(batch, heads, rows.groups, cols.groups, rows.tiles, cols.tiles, rows.tile, cols.tile, channels)
+    x = x.permute(0, 4, 6, 2, 5, 7, 3, 1, 8)     # [B, nh, th, gh, nw, tw, gw, heads, C]
+    x = x.reshape(batch, rows.tiles * rows.tile * rows.groups, cols.tiles * cols.tile * cols.groups, heads, channels)
     # slot p of group g holds map position (p - query_pad) * d + g
     top, left = rows.query_pad * rows.groups, cols.query_pad * cols.groups
-    return out[:, top:top + height, left:left + width]
+    return x[:, top:top + height, left:left + width].contiguous()
+
+
+def _spans(x, rows, cols):
+    """``[B, H, W, heads, D]`` -> ``[B * heads * tiles, S, D]`` (a copy): every tile's span of keys, zero
+    outside the map. Spans start every ``tile`` keys on the padded groups: strided windows."""
+    x = _grouped(x, rows, cols)
+    pads = (0, 0, cols.key_pad, cols.key_pad_after, rows.key_pad, rows.key_pad_after)
+    if any(pads):
+        x = F.pad(x, pads)
+    x = x.unfold(4, rows.span, rows.tile).unfold(5, cols.span, cols.tile)   # [B, heads, gh, gw, nh, nw, D, sh, sw]
+    return x.permute(0, 1, 2, 3, 4, 5, 7, 8, 6).reshape(-1, rows.span * cols.span, x.shape[6]).contiguous()
+
+
+def _unspan(grad, shape, rows, cols):
+    """Adjoint of :func:`_spans`: sums every span's gradient back onto the map, ``[B, H, W, heads, D]``.
+
+    A span covers ``ceil(span / tile)`` blocks of ``tile`` keys per axis that land on a regular grid,
+    so the sum is one strided addition per block pair (``unfold``'s generic backward was 5x slower)."""
+    batch, _, _, heads, head_dim = shape
+    blocks_h, blocks_w = -(-rows.span // rows.tile), -(-cols.span // cols.tile)
+    grad = grad.view(batch, heads, rows.groups, cols.groups, rows.tiles, cols.tiles, rows.span, cols.span, head_dim)
+    grad = grad.transpose(5, 6)                   # [.., nh, sh, nw, sw, D]
+    padded = grad.new_zeros(batch, heads, rows.groups, cols.groups, (rows.tiles + blocks_h - 1) * rows.tile,
+                            (cols.tiles + blocks_w - 1) * cols.tile, head_dim)
+    for block_h in range(blocks_h):
+        size_h = min(rows.tile, rows.span - block_h * rows.tile)
+        for block_w in range(blocks_w):
+            size_w = min(cols.tile, cols.span - block_w * cols.tile)
+            target = padded[:, :, :, :, block_h * rows.tile:(block_h + rows.tiles) * rows.tile,
+                            block_w * cols.tile:(block_w + cols.tiles) * cols.tile]
+            target = target.unflatten(5, (cols.tiles, cols.tile)).unflatten(4, (rows.tiles, rows.tile))
+            target[..., :size_h, :, :size_w, :] += grad[..., block_h * rows.tile:block_h * rows.tile + size_h, :,
+                                                        block_w * cols.tile:block_w * cols.tile + size_w, :]
+    groups = padded[:, :, :, :, rows.key_pad:rows.key_pad + rows.group_length,
+                    cols.key_pad:cols.key_pad + cols.group_length]
+    return _ungrouped(groups, shape, rows, cols)
 
 
 def default_tile(kernel):
-    """Queries per tile along an axis for a window of ``kernel``: measured on CPU (tools/benchmark.py cpu)."""
+    """Fewest queries per tile along an axis (the tiling may take more): measured on CPU, see the
+    CPU section of tools/benchmark.py."""
     return max(kernel // 2 + 1, 4)
 
 
-def neighborhood_attention_2d_cpu(q, k, v, kernel_size, dilation, scale, rpb=None, border='clamp', extra_k=None,
-                                  extra_v=None, tile=None):
-    """Tiled neighborhood attention; arguments as :func:`neighborhood_attention_2d_reference`, already
-    validated (``kernel_size`` and ``dilation`` pairs, ``scale`` a float). ``tile``: queries per tile
-    ``(rows, cols)``, :func:`default_tile` per axis when None."""
-    batch, height, width, heads, head_dim = q.shape
+def _tilings(q, spec, tile):
     if tile is None:
-        tile = (default_tile(kernel_size[0]), default_tile(kernel_size[1]))
-    rows = axis_tiling(height, kernel_size[0], dilation[0], border, tile[0])
-    cols = axis_tiling(width, kernel_size[1], dilation[1], border, tile[1])
-    mask, bias_index = _tables(rows, cols, border, q.device)
+        tile = tuple(default_tile(kernel) for kernel in spec.kernel_size)
+    height, width = q.shape[1:3]
+    return (axis_tiling(height, spec.kernel_size[0], spec.dilation[0], spec.border, tile[0]),
+            axis_tiling(width, spec.kernel_size[1], spec.dilation[1], spec.border, tile[1]))
 
-    queries = _query_tiles(q, rows, cols) * scale
-    keys, values = _key_spans(k, rows, cols), _key_spans(v, rows, cols)
-    mask = mask.flatten(0, 3)                                   # [tiles, T, S]
-    logits = torch.bmm(queries, keys.transpose(1, 2)).view(batch, heads, *mask.shape)
-    if rpb is not None:
-        # masked logits index the -inf entry appended to every head's table
-        table = torch.cat([rpb.flatten(1), rpb.new_full((heads, 1), float('-inf'))], 1)
-        bias = table.gather(1, bias_index.expand(heads, -1)).view(heads, *mask.shape)
-    else:
-        bias = mask
-    logits = logits + bias   # a float32 rpb promotes bf16 / fp16 logits, as in the reference
+
+class _Tiled:
+    """The tiled problem of one call: scaled query tiles, key / value spans and the logits over
+    ``[window span | extra tokens]`` (``[B, heads, tiles * T, S (+ L)]``, float32 or wider)."""
+
+    def __init__(self, q, k, v, rpb, extra_k, spec, tile):
+        batch, _, _, heads, head_dim = q.shape
+        self.rows, self.cols = _tilings(q, spec, tile)
+        mask, self.bias_index = _tables(self.rows, self.cols, spec.border, q.device)
+        self.queries = _tiles(q, self.rows, self.cols) * spec.scale               # [B * heads * tiles, T, D]
+        self.keys, self.values = _spans(k, self.rows, self.cols), _spans(v, self.rows, self.cols)
+        tiles, span = mask.shape[0] * mask.shape[1] * mask.shape[2] * mask.shape[3], mask.shape[-1]
+        logits = torch.bmm(self.queries, self.keys.transpose(1, 2)).view(batch, heads, tiles, -1, span)
+        if rpb is not None:
+            # masked logits index the -inf entry appended to every head's table
+            table = torch.cat([rpb.flatten(1), rpb.new_full((heads, 1), float('-inf'))], 1)
+            bias = table.gather(1, self.bias_index.expand(heads, -1)).view(heads, tiles, -1, span)
+        else:
+            bias = mask.view(tiles, -1, span)
+        dtype = torch.promote_types(torch.promote_types(q.dtype, bias.dtype), torch.float32)
+        logits = logits.to(dtype).add_(bias).view(batch, heads, -1, span)
+        if extra_k is not None:
+            flat_queries = self.queries.view(batch, heads, -1, head_dim)
+            extra_logits = torch.matmul(flat_queries, extra_k.permute(0, 2, 3, 1)).to(dtype)
+            logits = torch.cat([logits, extra_logits], -1)
+        self.logits, self.span = logits, span
+
+    def softmax(self):
+        """The probabilities (float32 or wider) and, for the op's output, their log-sum-exp
+        ``[B, heads, tiles * T, 1]``, read off the largest probability: ``max(logits) - log(max(probs))``
+        (torch.softmax's vectorized exp costs half of a separate logsumexp)."""
+        probs = self.logits.softmax(-1)
+        lse = self.logits.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log()
+        return probs, lse
+
+    def tile_rows(self, x, pad_value=0.0):
+        """``[B, H, W, heads]`` -> ``[B, heads, tiles * T, 1]``, the layout of the logits' rows."""
+        batch, heads = x.shape[0], x.shape[3]
+        return _tiles(x.unsqueeze(-1), self.rows, self.cols, pad_value).view(batch, heads, -1, 1)
+
+    def untile_rows(self, x, shape):
+        """``[B, heads, tiles * T, 1]`` -> ``[B, heads, H, W]``."""
+        batch, height, width, heads, _ = shape
+        rows = _untile(x.reshape(-1, self.rows.tile * self.cols.tile, 1), (batch, height, width, heads, 1),
+                       self.rows, self.cols)
+        return rows[..., 0].permute(0, 3, 1, 2).contiguous()
+
+
+LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 domain)
+
+
+@torch.no_grad()
+def forward(q, k, v, rpb, extra_k, extra_v, spec, tile=None):
+    """Output ``[B, H, W, heads, D]`` and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked
+    arguments (``spec``: kernel_size, dilation, scale, border). ``tile``: fewest queries per tile
+    ``(rows, cols)``, :func:`default_tile` when None."""
+    batch, _, _, heads, head_dim = q.shape
+    tiled = _Tiled(q, k, v, rpb, extra_k, spec, tile)
+    probs, lse = tiled.softmax()
+    probs = probs.to(q.dtype)
+    out = torch.bmm(probs[..., :tiled.span].reshape(tiled.queries.shape[0], -1, tiled.span), tiled.values)
     if extra_k is not None:
-        queries_flat = queries.view(batch, heads, -1, head_dim)                    # [B, heads, tiles * T, D]
-        extra_logits = torch.matmul(queries_flat, extra_k.permute(0, 2, 3, 1))
-        logits = torch.cat([logits.view(batch, heads, -1, logits.shape[-1]), extra_logits.to(logits.dtype)], -1)
-    probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
-    span = rows.span * cols.span
-    window_probs = probs[..., :span].reshape(-1, rows.tile * cols.tile, span)
-    out = torch.bmm(window_probs, values)
+        out = out + torch.matmul(probs[..., tiled.span:], extra_v.transpose(1, 2)).view(out.shape)
+    out = _untile(out, q.shape, tiled.rows, tiled.cols)
+    return out, (tiled.untile_rows(lse, q.shape) * LOG2E).float()
+
+
+@torch.no_grad()
+def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad, tile=None):
+    """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v)`` (None where not asked for) from the forward's
+    output. The probabilities are recomputed by a softmax over the recomputed logits: cheaper on CPU
+    than ``exp(logits - lse)`` from the op's float32 ``lse``, and exact in float64."""
+    batch, _, _, heads, head_dim = q.shape
+    tiled = _Tiled(q, k, v, rpb, extra_k, spec, tile)
+    probs = tiled.logits.softmax(-1)                                               # [B, heads, tiles * T, S (+ L)]
+    grad_out = grad_out.to(q.dtype)
+    delta = tiled.tile_rows((grad_out.to(probs.dtype) * out.to(probs.dtype)).sum(-1))
+    grad_tiles = _tiles(grad_out, tiled.rows, tiled.cols)                       # [B * heads * tiles, T, D]
+    flat_grad = grad_tiles.view(batch, heads, -1, head_dim)
+
+    grad_probs = torch.bmm(grad_tiles, tiled.values.transpose(1, 2)).view(batch, heads, -1, tiled.span)
     if extra_k is not None:
-        out = out + torch.matmul(probs[..., span:], extra_v.transpose(1, 2)).view(out.shape)
-    return _untile(out, q.shape, rows, cols)
+        grad_probs = torch.cat([grad_probs, torch.matmul(flat_grad, extra_v.permute(0, 2, 3, 1))], -1)
+    grad_logits = grad_probs.to(probs.dtype).sub_(delta).mul_(probs)             # softmax backward
+    probs, grad_logits_low = probs.to(q.dtype), grad_logits.to(q.dtype)
+
+    def window(x):   # [B, heads, tiles * T, S (+ L)] -> [B * heads * tiles, T, S]
+        return x[..., :tiled.span].reshape(tiled.queries.shape[0], -1, tiled.span)
+
+    dv = _unspan(torch.bmm(window(probs).transpose(1, 2), grad_tiles), q.shape, tiled.rows, tiled.cols)
+    dk = _unspan(torch.bmm(window(grad_logits_low).transpose(1, 2), tiled.queries), q.shape, tiled.rows, tiled.cols)
+    dq = torch.bmm(window(grad_logits_low), tiled.keys)
+    d_rpb = d_extra_k = d_extra_v = None
+    if extra_k is not None:
+        extra_grad_logits = grad_logits_low[..., tiled.span:]
+        dq = dq + torch.matmul(extra_grad_logits, extra_k.transpose(1, 2)).view(dq.shape)
+        if needs_extra_grad:
+            flat_queries = tiled.queries.view(batch, heads, -1, head_dim)
+            d_extra_k = torch.matmul(extra_grad_logits.transpose(2, 3), flat_queries).transpose(1, 2).contiguous()
+            d_extra_v = torch.matmul(probs[..., tiled.span:].transpose(2, 3), flat_grad).transpose(1, 2).contiguous()
+    dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
+    if rpb is not None and needs_rpb_grad:
+        per_logit = grad_logits[..., :tiled.span].sum(0).reshape(heads, -1)
+        table = per_logit.new_zeros(heads, rpb[0].numel() + 1)
+        table.scatter_add_(1, tiled.bias_index.expand(heads, -1), per_logit)
+        d_rpb = table[:, :-1].reshape(rpb.shape).to(rpb.dtype).contiguous()
+    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v
