@@ -15,11 +15,14 @@ A real backward also re-reads q, k, v, the output and per-query statistics; thos
 on how close to the memory limit an implementation could still get.
 """
 import math
+import statistics
 import time
+import weakref
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # HBM peak bandwidth (bytes/s) of the devices the project benchmarks on (vendor datasheets).
 HBM_BYTES_PER_S = {
@@ -186,3 +189,60 @@ def markdown_table(results: List[Result], baseline_of: Dict[str, str]) -> str:
                      f'| {_fmt(r.peak_mib, ".1f")} | {_fmt(r.memory_vs_baseline, ".2f")} | {_fmt(r.gbps, ".0f")} '
                      f'| {_fmt(r.roofline_pct, ".0f")} | {r.error} |')
     return '\n'.join(lines)
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """Peak bytes of tensor storage alive during a block, for the CPU, which keeps no allocator
+    statistics: every storage an op allocates (outputs that alias no input) counts from its creation
+    until it is freed, autograd's saved tensors included (the finalizer is on the storage, which
+    lives as long as anything holds it). Temporary buffers inside a kernel are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = set(), 0, 0
+
+    def _free(self, key, nbytes):
+        self.live.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else (out,)
+        for spec, tensor in zip(func._schema.returns, outputs):
+            if spec.alias_info is not None or not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and key not in self.live:
+                self.live.add(key)
+                self.current += nbytes
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def cpu_peak_mib(fn: Callable[[], object]) -> float:
+    """MiB of tensor storage at the peak of one call of ``fn`` (see :class:`LiveTensorPeak`)."""
+    with LiveTensorPeak() as counter:
+        fn()
+    return counter.peak / 2 ** 20
+
+
+def time_interleaved(calls: Dict[str, Callable[[], object]], warmup: int, iters: int, progress=None):
+    """Median wall and process-CPU milliseconds of every call, timed in turns (one call of each per
+    round), so that the load of a shared machine falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, fn in calls.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
+            wall[name].append((time.perf_counter() - start_wall) * 1e3)
+        if progress is not None:
+            progress.update(1)
+    return ({name: statistics.median(t) for name, t in wall.items()},
+            {name: statistics.median(t) for name, t in cpu.items()})
