@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from attnzoo.kernels import _neighborhood_cpu, _routing_cpu
+from attnzoo.kernels import neighborhood as neighborhood_module, routing as routing_module
 from attnzoo.kernels._neighborhood_cpu import _axis_windows, axis_tiling
-from attnzoo.kernels.neighborhood import axis_neighbors, neighborhood_attention_2d_reference, validate
-from attnzoo.kernels.routing import routing_attention_reference, routing_region_index
+from attnzoo.kernels.neighborhood import (axis_neighbors, neighborhood_attention_2d, neighborhood_attention_2d_reference,
+                                          validate)
+from attnzoo.kernels.routing import routing_attention, routing_attention_reference, routing_region_index
 from test_neighborhood_attention import dense_attention
 from test_routing_attention import dense_routed_attention
 
@@ -292,3 +294,60 @@ def test_routing_strided_views_of_a_qkv_projection(path):
         lambda **t: routing_attention_reference(**t, region_index=region_index, regions=(2, 3), scale=0.3), inputs,
         grad_out, atol=1e-12)
     assert torch.equal(qkv.detach(), before)
+
+
+# ----------------------------------------------------------------------------- the op's lse output
+
+
+@pytest.mark.parametrize('border, n_extra, tile', [('clamp', 0, None), ('zero', 3, (3, 5))])
+def test_neighborhood_lse_matches_reference_kernels(border, n_extra, tile):
+    """The base-2 log-sum-exp the forward returns (padding slots dropped) equals the reference kernels'."""
+    inputs = {n: t.detach() for n, t in neighborhood_inputs((2, 13, 11, 2, 16), (5, 5), True, n_extra).items()}
+    spec = validate(**inputs, kernel_size=5, dilation=(2, 1), border=border)
+    tensors = [inputs.get(name) for name in ('q', 'k', 'v', 'rpb', 'extra_k', 'extra_v')]
+    _, lse = _neighborhood_cpu.forward(*tensors, spec, tile=tile)
+    _, expected = neighborhood_module._ReferenceKernels.forward(*tensors, spec)
+    torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize('path', ['gathered', 'dense'])
+def test_routing_lse_matches_reference_kernels(path):
+    case = dict(shape=(2, 6, 15, 2, 16), regions=(2, 5), topk=4, repeats=True, index_dtype=torch.int32, scale=0.4)
+    inputs, region_index = routing_inputs(case)
+    q, k, v = (t.detach() for t in inputs.values())
+    _, lse = _routing_cpu.forward(q, k, v, region_index, (2, 5), 0.4, dense=ROUTING_PATHS[path])
+    _, expected = routing_module._ReferenceKernels.forward(q, k, v, region_index, (2, 5), 0.4)
+    torch.testing.assert_close(lse, expected, atol=1e-5, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- through the registered ops
+
+
+def test_neighborhood_op_runs_the_cpu_kernels_by_default():
+    """The public op on CPU tensors (backend=None, through its autograd formula) against backend="reference"."""
+    inputs = neighborhood_inputs((2, 12, 15, 2, 16), (7, 5), True, 2)
+    geometry = dict(kernel_size=(7, 5), dilation=(1, 2), border='clamp')
+    grad_out = torch.randn(2, 12, 15, 2, 16, dtype=torch.float64)
+
+    def op(inputs, grad, backend):
+        out = neighborhood_attention_2d(**inputs, **geometry, backend=backend)
+        return out, torch.autograd.grad(out, list(inputs.values()), grad)
+
+    _assert_same_outputs_and_grads(lambda t, g: op(t, g, None),
+                                   lambda **t: neighborhood_attention_2d(**t, **geometry, backend='reference'), inputs,
+                                   grad_out, atol=1e-10)
+
+
+def test_routing_op_runs_the_cpu_kernels_by_default():
+    case = dict(shape=(2, 14, 14, 8, 16), regions=(7, 7), topk=16, repeats=False, index_dtype=torch.int64, scale=0.2)
+    inputs, region_index = routing_inputs(case)
+    grad_out = torch.randn(case['shape'], dtype=torch.float64)
+
+    def op(inputs, grad, backend):
+        out = routing_attention(**inputs, region_index=region_index, regions=(7, 7), scale=0.2, backend=backend)
+        return out, torch.autograd.grad(out, list(inputs.values()), grad)
+
+    _assert_same_outputs_and_grads(
+        lambda t, g: op(t, g, None),
+        lambda **t: routing_attention(**t, region_index=region_index, regions=(7, 7), scale=0.2, backend='reference'),
+        inputs, grad_out, atol=1e-10)
