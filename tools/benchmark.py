@@ -139,7 +139,7 @@ def run_cpu(args, device, dtype):
     ratios from process CPU time (wall time is in the table too)."""
     from benchlib import cpu
     cases = cpu.kernel_cases(args.quick)
-    steps = cpu.MODEL_STEPS[:1] if args.quick else cpu.MODEL_STEPS
+    steps = ((32, 2),) if args.quick else cpu.MODEL_STEPS
     results = []
     with tqdm(total=args.iters * (2 * len(cases) + len(steps)), desc='cpu', unit='round') as progress:
         for case in cases:
@@ -153,7 +153,7 @@ def run_cpu(args, device, dtype):
                     row.extra['speedup_vs_sdpa_dense'] = _ratio(dense.extra['cpu_ms'], row.extra['cpu_ms']) \
                         if dense else None
                 results.extend(rows.values())
-        for size, batch in (((64, 2),) if args.quick else steps):
+        for size, batch in steps:
             name = f'train step {size}x{size} b{batch}'
             progress.set_postfix_str(name)
             rows = _cpu_rows('models', name, 'fwd+bwd', cpu.model_calls(size, batch, dtype), args, progress)
@@ -267,8 +267,8 @@ LEGEND = ('Times are medians; "x vs baseline" > 1 means faster than the baseline
 CPU_LEGEND = ('Medians of calls timed in turns (one call of every implementation per round), so that the load of a '
               'shared machine falls on all alike. Ratios are from process CPU time, which that load inflates less '
               'than wall time: "x vs reference" / "x vs sdpa-dense" > 1 means faster than it; "time vs baseline" < 1 '
-              'means a train step faster than the baseline model\'s. Peak MiB: live tensor storage at the peak of one '
-              'call (tools/benchlib/harness.py, LiveTensorPeak).')
+              'means a train step faster than the baseline model\'s. Peak MiB: CPU memory allocated at the peak of one '
+              'call, from the profiler\'s memory events (tools/benchlib/harness.py, cpu_peak_mib).')
 
 
 def write(results, baseline_of, section, args, device, table=markdown_table, plotter=plot, notes=None,

@@ -17,7 +17,7 @@ demo's digits), and ``nat_mini`` again with the reference kernels (``use_backend
 
 On a shared machine every case's implementations are timed in turns (one call of each per round)
 and medians are reported: wall time, and process CPU time, which the other processes' load
-inflates less. Peak memory is the peak of live tensor storage (:func:`harness.cpu_peak_mib`).
+inflates less. Peak memory: CPU memory allocated at the peak of one call (:func:`harness.cpu_peak_mib`).
 """
 import contextlib
 from dataclasses import dataclass

@@ -14,15 +14,16 @@ A real backward also re-reads q, k, v, the output and per-query statistics; thos
 (a kernel could keep them on chip), so they are left out and "% of HBM roofline" is an upper bound
 on how close to the memory limit an implementation could still get.
 """
+import json
 import math
+import os
 import statistics
+import tempfile
 import time
-import weakref
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # HBM peak bandwidth (bytes/s) of the devices the project benchmarks on (vendor datasheets).
 HBM_BYTES_PER_S = {
@@ -191,41 +192,20 @@ def markdown_table(results: List[Result], baseline_of: Dict[str, str]) -> str:
     return '\n'.join(lines)
 
 
-class LiveTensorPeak(TorchDispatchMode):
-    """Peak bytes of tensor storage alive during a block, for the CPU, which keeps no allocator
-    statistics: every storage an op allocates (outputs that alias no input) counts from its creation
-    until it is freed, autograd's saved tensors included (the finalizer is on the storage, which
-    lives as long as anything holds it). Temporary buffers inside a kernel are not seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = set(), 0, 0
-
-    def _free(self, key, nbytes):
-        self.live.discard(key)
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        for spec, tensor in zip(func._schema.returns, outputs):
-            if spec.alias_info is not None or not isinstance(tensor, torch.Tensor):
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes and key not in self.live:
-                self.live.add(key)
-                self.current += nbytes
-                self.peak = max(self.peak, self.current)
-                weakref.finalize(storage, self._free, key, nbytes)
-        return out
-
-
 def cpu_peak_mib(fn: Callable[[], object]) -> float:
-    """MiB of tensor storage at the peak of one call of ``fn`` (see :class:`LiveTensorPeak`)."""
-    with LiveTensorPeak() as counter:
+    """MiB allocated at the peak of one call of ``fn`` on the CPU, which keeps no allocator statistics:
+    the profiler's memory events (every CPU allocation and free, inside custom ops and autograd
+    included) carry the running total since profiling started."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    return counter.peak / 2 ** 20
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'trace.json')
+        prof.export_chrome_trace(path)
+        with open(path) as trace:
+            events = json.load(trace)['traceEvents']
+    totals = [e['args']['Total Allocated'] for e in events if e.get('name') == '[memory]']
+    return max(totals, default=0) / 2 ** 20
 
 
 def time_interleaved(calls: Dict[str, Callable[[], object]], warmup: int, iters: int, progress=None):
