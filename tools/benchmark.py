@@ -33,10 +33,22 @@ KERNEL_SECTIONS = ('neighborhood', 'routing')
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
+def cpu_model():
+    """The processor's model name (Linux /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open('/proc/cpuinfo') as info:
+            for line in info:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device):
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    return f'CPU {platform.processor() or platform.machine()} x{os.cpu_count()}'
+    return f'CPU {cpu_model()} x{os.cpu_count()}'
 
 
 def slug(text):
