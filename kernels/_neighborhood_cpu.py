@@ -1,22 +1,25 @@
-"""Neighborhood attention on CPU: query tiles against the union of their windows, as batched matmuls.
+"""Neighborhood attention on CPU: query tiles against the union of their windows.
 
 The reference gathers every query's ``kh x kw`` window (a ``kh * kw``-fold copy of K and V whose
 backward scatters token by token). Here the map is cut into tiles of ``tile_h x tile_w`` queries;
 the windows of one tile's queries all lie inside a ``(tile_h + kh - 1) x (tile_w + kw - 1)`` block
-of keys (its *span*), so each tile is one small dense attention: ``q_tile @ k_span^T``, a mask for
-the window / border rule and the relative position bias added, softmax (over the window and the
-extra tokens together), ``@ v_span``. Spans start every ``tile`` tokens on a zero-padded map, so
-they are strided views (``unfold``) and their backward is a fold, not a scatter. Dilation splits
-each axis into ``d`` interleaved groups, each an undilated problem, handled as a batch dimension.
+of keys (its *span*), so each tile is one small dense attention: its queries against its span
+(and the extra tokens, in the same softmax) with an additive bias that holds the relative position
+bias and -inf outside each query's window / the map. Spans start every ``tile`` tokens on a
+zero-padded map, so they are strided windows (``unfold``) and their backward is a sum of a few
+strided blocks, not a scatter. Dilation splits each axis into ``d`` interleaved groups, each an
+undilated problem, handled as a batch dimension; a map no wider than a few windows is one tile.
 
-Per query this computes ``span_h * span_w`` logits instead of ``kh * kw`` (about 2.5x at k = 7);
-in exchange every step is a dense batched matmul or a strided copy, which is what a CPU is fast at.
-Memory is linear in the map: K / V spans are ``span / tile`` copies per axis of K / V, logits are
-``span_h * span_w`` per query (the reference stores ``kh * kw * head_dim`` per query for K and V).
+Per query this computes ``span_h * span_w`` logits instead of ``kh * kw`` (about 2x at k = 7);
+in exchange every step is a dense (batched) matmul or a strided copy, which a CPU is fast at.
+Memory is linear in the map: K / V spans are ``(span / tile) ** 2`` copies of K / V, the backward's
+logits ``span_h * span_w`` per query (the reference keeps ``kh * kw * head_dim`` per query for K and
+for V, plus its logits).
 
 The op's kernels interface (as the Triton kernels'): :func:`forward` returns the output and the
-log-sum-exp of every query, :func:`backward` recomputes the probabilities tile by tile from them
-(written out: no autograd graph, nothing saved but the op's inputs and outputs).
+log-sum-exp of every query (tiles as the heads of PyTorch's fused CPU flash attention);
+:func:`backward` recomputes the probabilities tile by tile and writes the gradients out with
+batched matmuls (no autograd graph; nothing saved but the op's inputs and outputs).
 """
 import functools
 from dataclasses import dataclass
@@ -220,49 +223,48 @@ def _tilings(q, spec, tile):
 
 
 class _Tiled:
-    """The tiled problem of one call: scaled query tiles, key / value spans and the logits over
-    ``[window span | extra tokens]`` (``[B, heads, tiles * T, S (+ L)]``, float32 or wider)."""
+    """The tiled problem of one call: query tiles ``[B * heads * tiles, T, D]``, key / value spans
+    ``[B * heads * tiles, S, D]`` and the additive bias of every (query slot, key slot): the rpb,
+    and -inf outside the window (``[heads, tiles, T, S]``, float32 or wider)."""
 
-    def __init__(self, q, k, v, rpb, extra_k, spec, tile):
-        batch, _, _, heads, head_dim = q.shape
+    def __init__(self, q, k, v, rpb, spec, tile):
+        heads = q.shape[3]
         self.rows, self.cols = _tilings(q, spec, tile)
-        mask, self.bias_index = _tables(self.rows, self.cols, spec.border, q.device)
-        self.queries = _tiles(q, self.rows, self.cols) * spec.scale               # [B * heads * tiles, T, D]
+        mask, bias_index = _tables(self.rows, self.cols, spec.border, q.device)
+        self.bias_index, self.tiles = bias_index, mask.shape[0] * mask.shape[1] * mask.shape[2] * mask.shape[3]
+        self.tile, self.span = mask.shape[-2], mask.shape[-1]
+        self.queries = _tiles(q, self.rows, self.cols)
         self.keys, self.values = _spans(k, self.rows, self.cols), _spans(v, self.rows, self.cols)
-        tiles, span = mask.shape[0] * mask.shape[1] * mask.shape[2] * mask.shape[3], mask.shape[-1]
-        logits = torch.bmm(self.queries, self.keys.transpose(1, 2)).view(batch, heads, tiles, -1, span)
+        dtype = torch.promote_types(q.dtype, torch.float32)
         if rpb is not None:
             # masked logits index the -inf entry appended to every head's table
             table = torch.cat([rpb.flatten(1), rpb.new_full((heads, 1), float('-inf'))], 1)
-            bias = table.gather(1, self.bias_index.expand(heads, -1)).view(heads, tiles, -1, span)
+            bias = table.gather(1, bias_index.expand(heads, -1))
+            self.bias = bias.view(heads, self.tiles, self.tile, self.span).to(torch.promote_types(dtype, rpb.dtype))
         else:
-            bias = mask.view(tiles, -1, span)
-        dtype = torch.promote_types(torch.promote_types(q.dtype, bias.dtype), torch.float32)
-        logits = logits.to(dtype).add_(bias).view(batch, heads, -1, span)
+            self.bias = mask.view(1, self.tiles, self.tile, self.span).to(dtype)
+
+    def logits(self, q, scale, extra_k):
+        """``[B, heads, tiles * T, S (+ L)]`` logits over ``[window span | extra tokens]``, float32 or wider,
+        and the scaled query tiles they came from."""
+        batch, heads, head_dim = q.shape[0], q.shape[3], q.shape[4]
+        queries = self.queries * scale
+        logits = torch.bmm(queries, self.keys.transpose(1, 2)).view(batch, heads, self.tiles, self.tile, self.span)
+        logits = logits.to(self.bias.dtype).add_(self.bias).view(batch, heads, -1, self.span)
         if extra_k is not None:
-            flat_queries = self.queries.view(batch, heads, -1, head_dim)
-            extra_logits = torch.matmul(flat_queries, extra_k.permute(0, 2, 3, 1)).to(dtype)
-            logits = torch.cat([logits, extra_logits], -1)
-        self.logits, self.span = logits, span
+            extra_logits = torch.matmul(queries.view(batch, heads, -1, head_dim), extra_k.permute(0, 2, 3, 1))
+            logits = torch.cat([logits, extra_logits.to(logits.dtype)], -1)
+        return logits, queries
 
-    def softmax(self):
-        """The probabilities (float32 or wider) and, for the op's output, their log-sum-exp
-        ``[B, heads, tiles * T, 1]``, read off the largest probability: ``max(logits) - log(max(probs))``
-        (torch.softmax's vectorized exp costs half of a separate logsumexp)."""
-        probs = self.logits.softmax(-1)
-        lse = self.logits.amax(-1, keepdim=True) - probs.amax(-1, keepdim=True).log()
-        return probs, lse
-
-    def tile_rows(self, x, pad_value=0.0):
+    def tile_rows(self, x):
         """``[B, H, W, heads]`` -> ``[B, heads, tiles * T, 1]``, the layout of the logits' rows."""
         batch, heads = x.shape[0], x.shape[3]
-        return _tiles(x.unsqueeze(-1), self.rows, self.cols, pad_value).view(batch, heads, -1, 1)
+        return _tiles(x.unsqueeze(-1), self.rows, self.cols).view(batch, heads, -1, 1)
 
     def untile_rows(self, x, shape):
-        """``[B, heads, tiles * T, 1]`` -> ``[B, heads, H, W]``."""
+        """``[B, heads, tiles * T]`` -> ``[B, heads, H, W]``."""
         batch, height, width, heads, _ = shape
-        rows = _untile(x.reshape(-1, self.rows.tile * self.cols.tile, 1), (batch, height, width, heads, 1),
-                       self.rows, self.cols)
+        rows = _untile(x.reshape(-1, self.tile, 1), (batch, height, width, heads, 1), self.rows, self.cols)
         return rows[..., 0].permute(0, 3, 1, 2).contiguous()
 
 
@@ -273,16 +275,26 @@ LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 d
 def forward(q, k, v, rpb, extra_k, extra_v, spec, tile=None):
     """Output ``[B, H, W, heads, D]`` and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked
     arguments (``spec``: kernel_size, dilation, scale, border). ``tile``: fewest queries per tile
-    ``(rows, cols)``, :func:`default_tile` when None."""
+    ``(rows, cols)``, :func:`default_tile` when None.
+
+    Every tile is one attention of its queries over its span (and the extra tokens) with the bias
+    as an additive mask, in PyTorch's fused CPU flash attention (tiles as its heads): measured 20-45%
+    faster than batched matmuls and a softmax, and no logits in memory."""
     batch, _, _, heads, head_dim = q.shape
-    tiled = _Tiled(q, k, v, rpb, extra_k, spec, tile)
-    probs, lse = tiled.softmax()
-    probs = probs.to(q.dtype)
-    out = torch.bmm(probs[..., :tiled.span].reshape(tiled.queries.shape[0], -1, tiled.span), tiled.values)
-    if extra_k is not None:
-        out = out + torch.matmul(probs[..., tiled.span:], extra_v.transpose(1, 2)).view(out.shape)
-    out = _untile(out, q.shape, tiled.rows, tiled.cols)
-    return out, (tiled.untile_rows(lse, q.shape) * LOG2E).float()
+    tiled = _Tiled(q, k, v, rpb, spec, tile)
+    keys, values = (x.view(batch, heads * tiled.tiles, tiled.span, head_dim) for x in (tiled.keys, tiled.values))
+    bias = tiled.bias.expand(heads, -1, -1, -1).reshape(1, heads * tiled.tiles, tiled.tile, tiled.span)
+    if extra_k is not None:   # the extra tokens join every tile's keys, unmasked
+        def with_extra(spans, extra):
+            extra = extra.permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, tiled.tiles, -1, -1)
+            return torch.cat([spans.view(batch, heads, tiled.tiles, tiled.span, head_dim), extra], 3).flatten(1, 2)
+        keys, values = with_extra(keys, extra_k), with_extra(values, extra_v)
+        bias = F.pad(bias, (0, extra_k.shape[1]))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        tiled.queries.view(batch, heads * tiled.tiles, tiled.tile, head_dim), keys, values, 0.0, False,
+        attn_mask=bias, scale=spec.scale)
+    out = _untile(out.reshape(-1, tiled.tile, head_dim), q.shape, tiled.rows, tiled.cols)
+    return out, (tiled.untile_rows(lse.reshape(batch, heads, -1), q.shape) * LOG2E).float()
 
 
 @torch.no_grad()
@@ -291,8 +303,10 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     output. The probabilities are recomputed by a softmax over the recomputed logits: cheaper on CPU
     than ``exp(logits - lse)`` from the op's float32 ``lse``, and exact in float64."""
     batch, _, _, heads, head_dim = q.shape
-    tiled = _Tiled(q, k, v, rpb, extra_k, spec, tile)
-    probs = tiled.logits.softmax(-1)                                               # [B, heads, tiles * T, S (+ L)]
+    tiled = _Tiled(q, k, v, rpb, spec, tile)
+    logits, queries = tiled.logits(q, spec.scale, extra_k)
+    probs = logits.softmax(-1)                                                     # [B, heads, tiles * T, S (+ L)]
+    del logits
     grad_out = grad_out.to(q.dtype)
     delta = tiled.tile_rows((grad_out.to(probs.dtype) * out.to(probs.dtype)).sum(-1))
     grad_tiles = _tiles(grad_out, tiled.rows, tiled.cols)                       # [B * heads * tiles, T, D]
@@ -305,17 +319,17 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     probs, grad_logits_low = probs.to(q.dtype), grad_logits.to(q.dtype)
 
     def window(x):   # [B, heads, tiles * T, S (+ L)] -> [B * heads * tiles, T, S]
-        return x[..., :tiled.span].reshape(tiled.queries.shape[0], -1, tiled.span)
+        return x[..., :tiled.span].reshape(queries.shape[0], -1, tiled.span)
 
     dv = _unspan(torch.bmm(window(probs).transpose(1, 2), grad_tiles), q.shape, tiled.rows, tiled.cols)
-    dk = _unspan(torch.bmm(window(grad_logits_low).transpose(1, 2), tiled.queries), q.shape, tiled.rows, tiled.cols)
+    dk = _unspan(torch.bmm(window(grad_logits_low).transpose(1, 2), queries), q.shape, tiled.rows, tiled.cols)
     dq = torch.bmm(window(grad_logits_low), tiled.keys)
     d_rpb = d_extra_k = d_extra_v = None
     if extra_k is not None:
         extra_grad_logits = grad_logits_low[..., tiled.span:]
         dq = dq + torch.matmul(extra_grad_logits, extra_k.transpose(1, 2)).view(dq.shape)
         if needs_extra_grad:
-            flat_queries = tiled.queries.view(batch, heads, -1, head_dim)
+            flat_queries = queries.view(batch, heads, -1, head_dim)
             d_extra_k = torch.matmul(extra_grad_logits.transpose(2, 3), flat_queries).transpose(1, 2).contiguous()
             d_extra_v = torch.matmul(probs[..., tiled.span:].transpose(2, 3), flat_grad).transpose(1, 2).contiguous()
     dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
