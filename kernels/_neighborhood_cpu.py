@@ -245,16 +245,19 @@ class _Tiled:
             self.bias = mask.view(1, self.tiles, self.tile, self.span).to(dtype)
 
     def logits(self, q, scale, extra_k):
-        """``[B, heads, tiles * T, S (+ L)]`` logits over ``[window span | extra tokens]``, float32 or wider,
-        and the scaled query tiles they came from."""
+        """``[B, heads, tiles * T, S (+ L)]`` logits over ``[window span | extra tokens]`` and the scaled query
+        tiles they came from. Computed in float32 (or wider) from bf16 / fp16 inputs too, as the forward's
+        flash kernel does: probabilities that differ from the forward's would skew every gradient."""
         batch, heads, head_dim = q.shape[0], q.shape[3], q.shape[4]
-        queries = self.queries * scale
-        logits = torch.bmm(queries, self.keys.transpose(1, 2)).view(batch, heads, self.tiles, self.tile, self.span)
-        logits = logits.to(self.bias.dtype).add_(self.bias).view(batch, heads, -1, self.span)
+        wide = self.bias.dtype
+        queries = self.queries.to(wide) * scale
+        logits = torch.bmm(queries, self.keys.to(wide).transpose(1, 2))
+        logits = logits.view(batch, heads, self.tiles, self.tile, self.span).add_(self.bias)
+        logits = logits.view(batch, heads, -1, self.span)
         if extra_k is not None:
-            extra_logits = torch.matmul(queries.view(batch, heads, -1, head_dim), extra_k.permute(0, 2, 3, 1))
-            logits = torch.cat([logits, extra_logits.to(logits.dtype)], -1)
-        return logits, queries
+            extra_logits = torch.matmul(queries.view(batch, heads, -1, head_dim), extra_k.to(wide).permute(0, 2, 3, 1))
+            logits = torch.cat([logits, extra_logits], -1)
+        return logits, queries.to(q.dtype)
 
     def tile_rows(self, x):
         """``[B, H, W, heads]`` -> ``[B, heads, tiles * T, 1]``, the layout of the logits' rows."""
@@ -316,7 +319,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     if extra_k is not None:
         grad_probs = torch.cat([grad_probs, torch.matmul(flat_grad, extra_v.permute(0, 2, 3, 1))], -1)
     grad_logits = grad_probs.to(probs.dtype).sub_(delta).mul_(probs)             # softmax backward
-    probs, grad_logits_low = probs.to(q.dtype), grad_logits.to(q.dtype)
+    probs_wide, probs, grad_logits_low = probs, probs.to(q.dtype), grad_logits.to(q.dtype)
 
     def window(x):   # [B, heads, tiles * T, S (+ L)] -> [B * heads * tiles, T, S]
         return x[..., :tiled.span].reshape(queries.shape[0], -1, tiled.span)
@@ -326,12 +329,15 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     dq = torch.bmm(window(grad_logits_low), tiled.keys)
     d_rpb = d_extra_k = d_extra_v = None
     if extra_k is not None:
-        extra_grad_logits = grad_logits_low[..., tiled.span:]
-        dq = dq + torch.matmul(extra_grad_logits, extra_k.transpose(1, 2)).view(dq.shape)
+        dq = dq + torch.matmul(grad_logits_low[..., tiled.span:], extra_k.transpose(1, 2)).view(dq.shape)
         if needs_extra_grad:
-            flat_queries = queries.view(batch, heads, -1, head_dim)
-            d_extra_k = torch.matmul(extra_grad_logits.transpose(2, 3), flat_queries).transpose(1, 2).contiguous()
-            d_extra_v = torch.matmul(probs[..., tiled.span:].transpose(2, 3), flat_grad).transpose(1, 2).contiguous()
+            # sums over every query of the map: in float32 (or wider), where bf16 / fp16 terms would cancel badly
+            wide = grad_logits.dtype
+            extra_grad_logits, extra_probs = grad_logits[..., tiled.span:], probs_wide[..., tiled.span:]
+            flat_queries = queries.view(batch, heads, -1, head_dim).to(wide)
+            d_extra_k = torch.matmul(extra_grad_logits.transpose(2, 3), flat_queries)
+            d_extra_v = torch.matmul(extra_probs.transpose(2, 3), flat_grad.to(wide))
+            d_extra_k, d_extra_v = (g.transpose(1, 2).to(q.dtype).contiguous() for g in (d_extra_k, d_extra_v))
     dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
     if rpb is not None and needs_rpb_grad:
         per_logit = grad_logits[..., :tiled.span].sum(0).reshape(heads, -1)

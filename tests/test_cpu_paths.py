@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from attnzoo.kernels import _neighborhood_cpu, _routing_cpu
-from attnzoo.kernels import neighborhood as neighborhood_module, routing as routing_module
+from attnzoo.kernels import neighborhood as neighborhood_module
+from attnzoo.kernels import routing as routing_module
 from attnzoo.kernels._neighborhood_cpu import _axis_windows, axis_tiling
 from attnzoo.kernels.neighborhood import (axis_neighbors, neighborhood_attention_2d, neighborhood_attention_2d_reference,
                                           validate)
