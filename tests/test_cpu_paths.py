@@ -181,6 +181,25 @@ def test_neighborhood_low_precision(dtype):
     assert_neighborhood_matches_reference(case, dtype, atol=LOW_PRECISION_TOLERANCE[dtype])
 
 
+def test_neighborhood_bf16_peaked_softmax():
+    """bf16, head_dim 128, a large scale (near one-hot probabilities), extra tokens: the backward must use
+    the probabilities the forward used (a bf16 recomputation of the logits was off by 5%)."""
+    gen = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 18, 28, 3, 2, 128, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+    inputs = dict(zip('qkv', (t.requires_grad_() for t in qkv.unbind(3))))
+    inputs.update(extra_k=_leaf(2, 4, 2, 128, gen=gen, dtype=torch.bfloat16),
+                  extra_v=_leaf(2, 4, 2, 128, gen=gen, dtype=torch.bfloat16))
+    geometry = dict(kernel_size=(5, 8), dilation=(3, 3), scale=0.83)
+    grad_out = torch.randn(2, 18, 28, 2, 128, generator=gen, dtype=torch.float64)
+    out, grads = neighborhood_pair(inputs, grad_out.to(torch.bfloat16), **geometry)
+    inputs64 = {name: t.detach().double().requires_grad_() for name, t in inputs.items()}
+    expected = neighborhood_attention_2d_reference(**inputs64, **geometry)
+    expected_grads = torch.autograd.grad(expected, list(inputs64.values()), grad_out)
+    for name, got, want in zip(['out'] + list(inputs), [out, *grads], [expected, *expected_grads]):
+        error = (got.double() - want).abs().max().item()
+        assert error <= 0.02 * max(1.0, want.abs().max().item()), (name, error)
+
+
 def test_neighborhood_strided_views_of_a_qkv_projection():
     """q, k, v as views into one qkv tensor (the layout NAT hands over); the inputs are left untouched."""
     gen = torch.Generator().manual_seed(3)
