@@ -66,6 +66,7 @@ def _covers_clamped_windows(kernel, tile, tiles, query_pad, group_length, shorte
     return tile - query_pad > kernel // 2 and last_tile_queries >= kernel - kernel // 2
 
 
+@functools.lru_cache(maxsize=256)
 def axis_tiling(length, kernel, dilation, border, tile):
     """The cheapest tiling of one axis with at least ``tile`` queries per tile, counting
     ``query slots * span`` (logits per row of tiles): either each dilation group as one tile whose
@@ -76,6 +77,8 @@ def axis_tiling(length, kernel, dilation, border, tile):
     best = AxisTiling(length, kernel, dilation, group_length, group_length, 1, group_length, 0, 0)
     cost = group_length * group_length
     for t in range(tile, group_length):
+        if group_length * (t + kernel - 1) >= cost:   # the least any t' >= t can cost
+            break
         for query_pad in range(t if border == 'clamp' else 1):
             tiles = -(-(group_length + query_pad) // t)
             if tiles * t * (t + kernel - 1) >= cost:
@@ -88,9 +91,11 @@ def axis_tiling(length, kernel, dilation, border, tile):
     return best
 
 
+@functools.lru_cache(maxsize=256)
 def _axis_windows(axis: AxisTiling, border):
     """``inside`` (``[groups, tiles, tile, span]``: key slot in the query slot's window) and the
-    relative-position-bias row of every (query slot, key slot), ``key' - query' + kernel - 1``.
+    relative-position-bias row of every (query slot, key slot), ``key' - query' + kernel - 1``
+    (clamped into the table where the key is outside the window). Small: one axis.
 
     Query slots past the end of their group (padding) see every key slot: their outputs are
     dropped, and a row with at least one finite logit keeps the softmax and its backward finite.
@@ -111,22 +116,17 @@ def _axis_windows(axis: AxisTiling, border):
     return inside, bias_row
 
 
-@functools.lru_cache(maxsize=128)
-def _tables(rows: AxisTiling, cols: AxisTiling, border, device):
-    """Per-tile additive mask (0 inside the window, -inf outside) ``[gh, gw, nh, nw, T, S]`` and the
-    flat rpb index of every logit (``row * (2 kw - 1) + col``; one past the table outside the window)."""
-    inside_r, bias_r = _axis_windows(rows, border)
-    inside_c, bias_c = _axis_windows(cols, border)
+class _AxisBias:
+    """One axis's share of the additive bias, on ``device`` in ``dtype``: ``mask`` (0 inside the window,
+    -inf outside, ``[groups, tiles, tile, span]``) and ``one_hot`` (``[groups * tiles * tile * span,
+    2 * kernel - 1]``: the rpb row or column of every slot pair). The 2-D bias of a (query, key) pair is
+    the sum of the axes' masks plus ``rpb[row, col]``, which is ``one_hot_rows @ rpb @ one_hot_cols^T``:
+    separable, so nothing of the size of the logits is kept between calls."""
 
-    def outer(op, a, b):   # [gh, nh, th, sh] x [gw, nw, tw, sw] -> [gh, gw, nh, nw, th * tw, sh * sw]
-        out = op(a[:, None, :, None, :, None, :, None], b[None, :, None, :, None, :, None, :])
-        return out.reshape(*out.shape[:4], rows.tile * cols.tile, rows.span * cols.span)
-
-    inside = outer(torch.logical_and, inside_r, inside_c)
-    mask = torch.zeros(inside.shape).masked_fill_(~inside, float('-inf'))
-    bias_index = outer(torch.add, bias_r * (2 * cols.kernel - 1), bias_c)
-    bias_index = bias_index.masked_fill_(~inside, (2 * rows.kernel - 1) * (2 * cols.kernel - 1))
-    return mask.to(device), bias_index.flatten().to(device)
+    def __init__(self, axis: AxisTiling, border, device, dtype):
+        inside, bias_row = _axis_windows(axis, border)
+        self.mask = torch.zeros(inside.shape, dtype=dtype).masked_fill_(~inside, float('-inf')).to(device)
+        self.one_hot = F.one_hot(bias_row.flatten(), 2 * axis.kernel - 1).to(device, dtype)
 
 
 def _grouped(x, rows: AxisTiling, cols: AxisTiling):
@@ -222,6 +222,11 @@ def _tilings(q, spec, tile):
             axis_tiling(width, spec.kernel_size[1], spec.dilation[1], spec.border, tile[1]))
 
 
+def _slots(axis: AxisTiling):
+    """The (query slot, key slot) table shape of one axis."""
+    return axis.groups, axis.tiles, axis.tile, axis.span
+
+
 class _Tiled:
     """The tiled problem of one call: query tiles ``[B * heads * tiles, T, D]``, key / value spans
     ``[B * heads * tiles, S, D]`` and the additive bias of every (query slot, key slot): the rpb,
@@ -229,20 +234,30 @@ class _Tiled:
 
     def __init__(self, q, k, v, rpb, spec, tile):
         heads = q.shape[3]
-        self.rows, self.cols = _tilings(q, spec, tile)
-        mask, bias_index = _tables(self.rows, self.cols, spec.border, q.device)
-        self.bias_index, self.tiles = bias_index, mask.shape[0] * mask.shape[1] * mask.shape[2] * mask.shape[3]
-        self.tile, self.span = mask.shape[-2], mask.shape[-1]
-        self.queries = _tiles(q, self.rows, self.cols)
-        self.keys, self.values = _spans(k, self.rows, self.cols), _spans(v, self.rows, self.cols)
-        dtype = torch.promote_types(q.dtype, torch.float32)
+        rows, cols = self.rows, self.cols = _tilings(q, spec, tile)
+        self.tiles = rows.groups * cols.groups * rows.tiles * cols.tiles
+        self.tile, self.span = rows.tile * cols.tile, rows.span * cols.span
+        self.queries = _tiles(q, rows, cols)
+        self.keys, self.values = _spans(k, rows, cols), _spans(v, rows, cols)
+        dtype = torch.promote_types(torch.promote_types(q.dtype, torch.float32),
+                                    rpb.dtype if rpb is not None else torch.float32)
+        self.row_bias, self.col_bias = (_AxisBias(axis, spec.border, q.device, dtype) for axis in (rows, cols))
+        # [heads or 1, gh, nh, th, sh, gw, nw, tw, sw]: one row of the bias matrix per (row slot pair)
+        shape = (-1, rows.groups, rows.tiles, rows.tile, rows.span, cols.groups, cols.tiles, cols.tile, cols.span)
+        bias = (self.row_bias.mask.view(1, *_slots(rows), 1, 1, 1, 1)
+                + self.col_bias.mask.view(1, 1, 1, 1, 1, *_slots(cols)))
         if rpb is not None:
-            # masked logits index the -inf entry appended to every head's table
-            table = torch.cat([rpb.flatten(1), rpb.new_full((heads, 1), float('-inf'))], 1)
-            bias = table.gather(1, bias_index.expand(heads, -1))
-            self.bias = bias.view(heads, self.tiles, self.tile, self.span).to(torch.promote_types(dtype, rpb.dtype))
-        else:
-            self.bias = mask.view(1, self.tiles, self.tile, self.span).to(dtype)
+            bias = bias + (self.row_bias.one_hot @ rpb.to(dtype) @ self.col_bias.one_hot.T).view(shape)
+        self.bias = bias.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(-1, self.tiles, self.tile, self.span)
+
+    def rpb_grad(self, grad_logits):
+        """``d rpb = one_hot_rows^T @ (sum over the batch of d logits) @ one_hot_cols``, ``[heads, 2kh-1, 2kw-1]``."""
+        batch, heads = grad_logits.shape[:2]
+        rows, cols = self.rows, self.cols
+        grad = grad_logits[..., :self.span].sum(0).view(heads, rows.groups, cols.groups, rows.tiles, cols.tiles,
+                                                        rows.tile, cols.tile, rows.span, cols.span)
+        grad = grad.permute(0, 1, 3, 5, 7, 2, 4, 6, 8).reshape(heads, self.row_bias.one_hot.shape[0], -1)
+        return self.row_bias.one_hot.T @ grad @ self.col_bias.one_hot
 
     def logits(self, q, scale, extra_k):
         """``[B, heads, tiles * T, S (+ L)]`` logits over ``[window span | extra tokens]`` and the scaled query
@@ -340,8 +355,5 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
             d_extra_k, d_extra_v = (g.transpose(1, 2).to(q.dtype).contiguous() for g in (d_extra_k, d_extra_v))
     dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
     if rpb is not None and needs_rpb_grad:
-        per_logit = grad_logits[..., :tiled.span].sum(0).reshape(heads, -1)
-        table = per_logit.new_zeros(heads, rpb[0].numel() + 1)
-        table.scatter_add_(1, tiled.bias_index.expand(heads, -1), per_logit)
-        d_rpb = table[:, :-1].reshape(rpb.shape).to(rpb.dtype).contiguous()
+        d_rpb = tiled.rpb_grad(grad_logits).to(rpb.dtype).contiguous()
     return dq, dk, dv, d_rpb, d_extra_k, d_extra_v
