@@ -157,7 +157,7 @@ def run_cpu(args, device, dtype):
         for case in cases:
             progress.set_postfix_str(case.name)
             for mode, calls in zip(('fwd', 'fwd+bwd'), cpu.kernel_calls(case, dtype)):
-                rows = _cpu_rows(case.kind, case.name, mode, calls, args, progress)
+                rows = _cpu_rows(case.kind, case.name, mode, dtype, calls, args, progress)
                 base, dense = rows[case.baseline], rows.get('sdpa-dense')
                 for row in rows.values():
                     row.speedup_vs_baseline = _ratio(base.extra['cpu_ms'], row.extra['cpu_ms'])
@@ -168,7 +168,7 @@ def run_cpu(args, device, dtype):
         for size, batch in steps:
             name = f'train step {size}x{size} b{batch}'
             progress.set_postfix_str(name)
-            rows = _cpu_rows('models', name, 'fwd+bwd', cpu.model_calls(size, batch, dtype), args, progress)
+            rows = _cpu_rows('models', name, 'fwd+bwd', dtype, cpu.model_calls(size, batch, dtype), args, progress)
             base = rows[cpu.MODEL_BASELINE]
             for row in rows.values():
                 row.extra['time_vs_baseline'] = _ratio(row.extra['cpu_ms'], base.extra['cpu_ms'])
@@ -179,11 +179,12 @@ def run_cpu(args, device, dtype):
     return results, baseline_of
 
 
-def _cpu_rows(section, case, mode, calls, args, progress):
+def _cpu_rows(section, case, mode, dtype, calls, args, progress):
     wall, cpu_ms = time_interleaved(calls, args.warmup, args.iters, progress)
     rows = {}
     for impl, fn in calls.items():
-        row = Result(section, case, impl, mode, ms=wall[impl], extra={'cpu_ms': cpu_ms[impl]})
+        row = Result(section, case, impl, mode, str(dtype).replace('torch.', ''), ms=wall[impl],
+                     extra={'cpu_ms': cpu_ms[impl]})
         row.peak_mib = cpu_peak_mib(fn)
         rows[impl] = row
     return rows
