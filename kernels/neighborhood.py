@@ -18,6 +18,11 @@ group the query sits at ``i' = i // d`` of ``L_g`` positions and sees the keys `
 
 The relative position bias (NAT's ``rpb``, ``[heads, 2k - 1, 2k - 1]``) of a key is indexed by its
 offset from the query in group coordinates, ``j' - i' + k - 1`` per axis (NATTEN < 0.20).
+
+Implementations of one signature: :func:`neighborhood_attention_2d_reference` (a gather of every
+query's window, the ground truth of the tests), the fused Triton kernels (``_neighborhood_triton.py``,
+the default on CUDA), the CPU kernels (``_neighborhood_cpu.py``, the default on CPU: query tiles
+against the union of their windows, batched, no per-query gather) and NATTEN (``backend="natten"``: clamp border, no rpb).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple

@@ -214,6 +214,21 @@ def cpu_table(results, baseline_of):
     return '\n'.join(lines)
 
 
+def _bars(ax, rows, case_of, value_of, ylabel, rotation=60, fontsize=6):
+    """Grouped bars on a log scale: one group per case, one bar per implementation."""
+    cases = list(dict.fromkeys(case_of(r) for r in rows))
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        values = {case_of(r): value_of(r) for r in rows if r.impl == impl}
+        ax.bar([c + i * width for c in range(len(cases))], [values.get(c, 0) for c in cases], width, label=impl)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=rotation, ha='right', fontsize=fontsize)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale('log')
+    ax.legend(fontsize=7)
+
+
 def plot_cpu(results, section, path, title):
     """Kernel cases (forward, forward + backward) and model train steps, CPU milliseconds, log scale."""
     import matplotlib
@@ -224,17 +239,8 @@ def plot_cpu(results, section, path, title):
               ('train steps', [r for r in results if r.section == 'models'])]
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     for ax, (label, rows) in zip(axes, panels):
-        cases = list(dict.fromkeys(r.case for r in rows))
-        impls = list(dict.fromkeys(r.impl for r in rows))
-        width = 0.8 / max(len(impls), 1)
-        for i, impl in enumerate(impls):
-            ms = {r.case: r.extra['cpu_ms'] for r in rows if r.impl == impl}
-            ax.bar([c + i * width for c in range(len(cases))], [ms.get(c, 0) for c in cases], width, label=impl)
-        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-        ax.set_xticklabels(cases, rotation=50, ha='right', fontsize=7)
-        ax.set_ylabel('CPU ms per call (lower is better)')
-        ax.set_yscale('log')
-        ax.legend(fontsize=7)
+        _bars(ax, rows, lambda r: r.case, lambda r: r.extra['cpu_ms'], 'CPU ms per call (lower is better)',
+              rotation=50, fontsize=7)
         ax.set_title(label)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -256,17 +262,7 @@ def plot(results, section, path, title):
             ax.set_xlabel('parameters (M)')
             ax.set_ylabel('images / s')
         else:
-            cases = list(dict.fromkeys(f'{r.case} {r.dtype}' for r in rows))
-            impls = list(dict.fromkeys(r.impl for r in rows))
-            width = 0.8 / max(len(impls), 1)
-            for i, impl in enumerate(impls):
-                ms = {f'{r.case} {r.dtype}': r.ms for r in rows if r.impl == impl}
-                ax.bar([c + i * width for c in range(len(cases))], [ms.get(c, 0) for c in cases], width, label=impl)
-            ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-            ax.set_xticklabels(cases, rotation=60, ha='right', fontsize=6)
-            ax.set_ylabel('ms (lower is better)')
-            ax.set_yscale('log')
-            ax.legend(fontsize=7)
+            _bars(ax, rows, lambda r: f'{r.case} {r.dtype}', lambda r: r.ms, 'ms (lower is better)')
         ax.set_title(f'{mode}')
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
