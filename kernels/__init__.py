@@ -2,6 +2,9 @@
 
 Each op is registered with ``torch.library`` (``torch.ops.attnzoo.neighborhood_attention_2d``,
 ``torch.ops.attnzoo.routing_attention``), so ``torch.compile``, TorchScript and FX see one op.
+What runs when no backend is named: the Triton kernels on CUDA tensors, the ops' CPU kernels
+(``_neighborhood_cpu``, ``_routing_cpu``: tiles / whole regions on PyTorch's fused CPU attention,
+backward written out) on CPU tensors; ``backend="reference"`` runs the reference anywhere.
 :func:`use_backend` / :func:`set_backend` (or ``ATTNZOO_KERNEL_BACKEND=reference``) switch every
 call that does not name a backend, models included, to the plain PyTorch reference.
 """

@@ -18,6 +18,11 @@ group the query sits at ``i' = i // d`` of ``L_g`` positions and sees the keys `
 
 The relative position bias (NAT's ``rpb``, ``[heads, 2k - 1, 2k - 1]``) of a key is indexed by its
 offset from the query in group coordinates, ``j' - i' + k - 1`` per axis (NATTEN < 0.20).
+
+Implementations of one signature: :func:`neighborhood_attention_2d_reference` (a gather of every
+query's window, the ground truth of the tests), the fused Triton kernels (``_neighborhood_triton.py``,
+the default on CUDA), the CPU kernels (``_neighborhood_cpu.py``, the default on CPU: query tiles
+against the union of their windows, batched, no per-query gather) and NATTEN (``backend="natten"``: clamp border, no rpb).
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -25,6 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from timm.layers import register_notrace_function
 
+from . import _neighborhood_cpu
 from ._dispatch import LIBRARY, device_backend, register_autocast, requested_backend
 from ._validation import check_qkv, check_tensor, check_type, int_pair, softmax_scale
 
@@ -185,11 +191,10 @@ class _ReferenceKernels:
 
 
 def _cpu_kernels():
-    """The kernels behind ``backend=None`` for CPU tensors (interface: :class:`_ReferenceKernels`).
-
-    This is where a faster CPU implementation plugs in; until then, the reference.
-    """
-    return _ReferenceKernels
+    """The kernels behind ``backend=None`` for CPU tensors (interface: :class:`_ReferenceKernels`):
+    ``_neighborhood_cpu``, which the tests hold to :class:`_ReferenceKernels` (the reference's own output, lse
+    and gradients)."""
+    return _neighborhood_cpu
 
 
 def _kernels(backend):

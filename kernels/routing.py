@@ -7,12 +7,14 @@ region ``r`` attends, in one softmax, to all tokens of the ``topk`` regions
 BiFormer's gather formulation. No gradient flows into ``region_index``: BiFormer routes on
 detached region descriptors (:func:`routing_region_index`).
 
-Two implementations of one signature:
+Three implementations of one signature:
 
 - :func:`routing_attention_reference`: BiFormer's own formulation (``ops/bra_legacy.py``: gather
-  ``topk`` copies of the routed key/value regions, then dense attention per region), the CPU path
-  and the ground truth of the tests;
-- the fused Triton kernels (``_routing_triton.py``), which read the routed regions in place.
+  ``topk`` copies of the routed key/value regions, then dense attention per region), the ground
+  truth of the tests;
+- the fused Triton kernels (``_routing_triton.py``), which read the routed regions in place;
+- the CPU kernels (``_routing_cpu.py``): whole routed regions gathered once, or dense masked
+  flash attention where the routed regions are most of the map.
 
 BiFormer pads the input *before* its qkv projection, so padded tokens are ordinary tokens here:
 the caller pads the map to a multiple of the grid, and nothing is masked.
@@ -23,6 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 from timm.layers import register_notrace_function
 
+from . import _routing_cpu
 from ._dispatch import LIBRARY, device_backend, register_autocast, requested_backend
 from ._validation import check_qkv, check_tensor, check_type, int_pair, softmax_scale
 
@@ -212,11 +215,10 @@ class _ReferenceKernels:
 
 
 def _cpu_kernels():
-    """The kernels behind ``backend=None`` for CPU tensors (interface: :class:`_ReferenceKernels`).
-
-    This is where a faster CPU implementation plugs in; until then, the reference.
-    """
-    return _ReferenceKernels
+    """The kernels behind ``backend=None`` for CPU tensors (interface: :class:`_ReferenceKernels`):
+    ``_routing_cpu``, which the tests hold to :class:`_ReferenceKernels` (the reference's own output, lse
+    and gradients)."""
+    return _routing_cpu
 
 
 def _kernels(backend):

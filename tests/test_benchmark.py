@@ -92,3 +92,22 @@ def test_model_section_quick(tmp_path):
         assert not row['error'] and row['ms'] > 0 and row['extra']['gmacs'] > 0, row
     baseline = [r for r in rows if r['impl'] == 'cswin_tiny_224']
     assert all(r['speedup_vs_baseline'] == pytest.approx(1.0) for r in baseline)
+
+
+def test_cpu_section_quick(tmp_path):
+    """Every kernel case and train step row of the cpu section is timed, with its ratios and peak memory."""
+    benchmark.main(['cpu', '--quick', '--warmup', '0', '--iters', '1', '--out', str(tmp_path)])
+    report = _load(tmp_path, 'cpu')
+    rows = report['results']
+    assert report['threads'] >= 1 and len(report['load_average_at_start']) == 3
+    kernel_rows = [r for r in rows if r['section'] != 'models']
+    assert {r['section'] for r in kernel_rows} == {'neighborhood', 'routing'}
+    assert {(r['impl'], r['mode']) for r in kernel_rows} == {(i, m) for i in ('attnzoo-cpu', 'reference', 'sdpa-dense')
+                                                             for m in ('fwd', 'fwd+bwd')}
+    for row in kernel_rows:
+        assert row['ms'] > 0 and row['extra']['cpu_ms'] > 0 and row['peak_mib'] > 0, row
+        assert row['speedup_vs_baseline'] > 0 and row['extra']['speedup_vs_sdpa_dense'] > 0, row
+    model_rows = {r['impl']: r for r in rows if r['section'] == 'models'}
+    assert set(model_rows) == {'cswin_tiny_224', 'nat_mini', 'nat_mini (reference kernels)'}
+    assert model_rows['cswin_tiny_224']['extra']['time_vs_baseline'] == pytest.approx(1.0)
+    assert all(r['extra']['time_vs_baseline'] > 0 and r['peak_mib'] > 0 for r in model_rows.values())

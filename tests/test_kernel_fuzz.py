@@ -1,4 +1,6 @@
-"""Seeded property tests of both ops' Triton path (the interpreter on CPU) against the float64 reference.
+"""Seeded property tests of both ops' Triton path (the interpreter on CPU) and of their CPU kernels (what
+``backend=None`` runs on CPU tensors: kernels/_neighborhood_cpu.py, kernels/_routing_cpu.py) against the
+float64 reference.
 
 Every drawn case runs forward and backward and compares the output and every gradient with the
 reference evaluated in float64 on the same (rounded) inputs. CI runs a small draw; ``-m slow`` runs a
@@ -41,23 +43,27 @@ def assert_matches(name, got, expected, dtype):
     assert error <= TOLERANCE[dtype] * scale, f'{name}: max error {error:.3g} > {TOLERANCE[dtype]} * {scale:.3g}'
 
 
-def heads_last(generator, shape, dtype, layout):
+# the paths under test: (device of the tensors, backend argument)
+PATHS = {'triton': (DEVICE, 'triton'), 'cpu': ('cpu', None)}
+
+
+def heads_last(generator, shape, dtype, layout, device):
     """q, k, v ``[B, H, W, heads, D]``: contiguous, views into one qkv tensor, or a transposed map."""
     batch, height, width, heads, head_dim = shape
     if layout == 'qkv_views':
         qkv = torch.randn(batch, height, width, 3, heads, head_dim, generator=generator)
-        return list(qkv.to(DEVICE, dtype).unbind(3))
+        return list(qkv.to(device, dtype).unbind(3))
     if layout == 'transposed':
-        return [torch.randn(batch, width, height, heads, head_dim, generator=generator).to(DEVICE, dtype)
+        return [torch.randn(batch, width, height, heads, head_dim, generator=generator).to(device, dtype)
                 .transpose(1, 2) for _ in range(3)]
-    return [torch.randn(shape, generator=generator).to(DEVICE, dtype) for _ in range(3)]
+    return [torch.randn(shape, generator=generator).to(device, dtype) for _ in range(3)]
 
 
-def check_against_reference(op, reference, tensors, options, grad_names, dtype, generator):
-    """Output and the gradients of ``grad_names`` of the Triton path vs the float64 reference."""
+def check_against_reference(op, reference, tensors, options, grad_names, dtype, generator, backend='triton'):
+    """Output and the gradients of ``grad_names`` of the path that ``backend`` selects vs the float64 reference."""
     leaves = {name: (t.detach().requires_grad_() if name in grad_names else t) for name, t in tensors.items()}
-    out = op(**leaves, **options, backend='triton')
-    grad_out = torch.randn(out.shape, generator=generator).to(DEVICE)
+    out = op(**leaves, **options, backend=backend)
+    grad_out = torch.randn(out.shape, generator=generator).to(out.device)
     grads = torch.autograd.grad(out, [leaves[n] for n in grad_names], grad_out.to(out.dtype))
     assert out.dtype == dtype and all(g.dtype == leaves[n].dtype for n, g in zip(grad_names, grads))
     leaves64 = {name: (t.detach().double().requires_grad_() if name in grad_names
@@ -124,22 +130,23 @@ def _draw_neighborhood_case(rng: random.Random) -> NeighborhoodCase:
     return case
 
 
-def run_neighborhood_case(case: NeighborhoodCase, seed: int):
+def run_neighborhood_case(case: NeighborhoodCase, seed: int, path='triton'):
+    device, backend = PATHS[path]
     generator = torch.Generator().manual_seed(seed)
     batch, height, width, heads, head_dim = case.shape
-    q, k, v = heads_last(generator, case.shape, case.dtype, case.layout)
+    q, k, v = heads_last(generator, case.shape, case.dtype, case.layout, device)
     tensors = dict(q=q, k=k, v=v)
     if case.rpb != 'none':
         rpb_dtype = torch.float32 if case.rpb == 'float32' else case.dtype
         tensors['rpb'] = torch.randn(heads, 2 * case.kernel_size[0] - 1, 2 * case.kernel_size[1] - 1,
-                                     generator=generator).to(DEVICE, rpb_dtype)
+                                     generator=generator).to(device, rpb_dtype)
     if case.n_extra:
-        tensors.update({name: torch.randn(batch, case.n_extra, heads, head_dim, generator=generator).to(DEVICE,
+        tensors.update({name: torch.randn(batch, case.n_extra, heads, head_dim, generator=generator).to(device,
                                                                                                        case.dtype)
                         for name in ('extra_k', 'extra_v')})
     options = dict(kernel_size=case.kernel_size, dilation=case.dilation, border=case.border, scale=case.scale)
     check_against_reference(neighborhood_attention_2d, neighborhood_attention_2d_reference, tensors, options,
-                            case.grads, case.dtype, generator)
+                            case.grads, case.dtype, generator, backend)
 
 
 def seed_id(value):
@@ -161,6 +168,19 @@ def test_neighborhood_fuzz(seed, case):
                          ids=seed_id)
 def test_neighborhood_fuzz_thorough(seed, case):
     run_neighborhood_case(case, seed)
+
+
+# the CPU kernels: no interpreter to wait for, so larger maps, and draws of their own
+@pytest.mark.parametrize('seed, case', neighborhood_draw(2 * FAST_DRAW, SEED + 20_000, max_programs=64), ids=seed_id)
+def test_neighborhood_fuzz_cpu_kernels(seed, case):
+    run_neighborhood_case(case, seed, path='cpu')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed, case', neighborhood_draw(SLOW_DRAW, SEED + 30_000, max_programs=10 ** 6),
+                         ids=seed_id)
+def test_neighborhood_fuzz_cpu_kernels_thorough(seed, case):
+    run_neighborhood_case(case, seed, path='cpu')
 
 
 # ----------------------------------------------------------------------------- routing_attention
@@ -193,18 +213,20 @@ def draw_routing_case(rng: random.Random) -> RoutingCase:
                        rng.choice((None, rng.uniform(0.05, 1.0))))
 
 
-def run_routing_case(case: RoutingCase, seed: int):
+def run_routing_case(case: RoutingCase, seed: int, path='triton'):
+    device, backend = PATHS[path]
     generator = torch.Generator().manual_seed(seed)
-    q, k, v = heads_last(generator, case.shape, case.dtype, case.layout)
+    q, k, v = heads_last(generator, case.shape, case.dtype, case.layout, device)
     batch, n_regions = case.shape[0], case.regions[0] * case.regions[1]
     if case.index == 'routed':
         from attnzoo.kernels import routing_region_index
         region_index = routing_region_index(q, k, case.regions, case.topk)
     else:
-        region_index = torch.randint(0, n_regions, (batch, n_regions, case.topk), generator=generator).to(DEVICE)
+        region_index = torch.randint(0, n_regions, (batch, n_regions, case.topk), generator=generator).to(device)
     tensors = dict(q=q, k=k, v=v, region_index=region_index.to(case.index_dtype))
     check_against_reference(routing_attention, routing_attention_reference, tensors,
-                            dict(regions=case.regions, scale=case.scale), ['q', 'k', 'v'], case.dtype, generator)
+                            dict(regions=case.regions, scale=case.scale), ['q', 'k', 'v'], case.dtype, generator,
+                            backend)
 
 
 def routing_draw(count, first_seed):
@@ -221,6 +243,17 @@ def test_routing_fuzz(seed, case):
                          ids=seed_id)
 def test_routing_fuzz_thorough(seed, case):
     run_routing_case(case, seed)
+
+
+@pytest.mark.parametrize('seed, case', routing_draw(2 * FAST_DRAW, SEED + 20_000), ids=seed_id)
+def test_routing_fuzz_cpu_kernels(seed, case):
+    run_routing_case(case, seed, path='cpu')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed, case', routing_draw(SLOW_DRAW, SEED + 30_000), ids=seed_id)
+def test_routing_fuzz_cpu_kernels_thorough(seed, case):
+    run_routing_case(case, seed, path='cpu')
 
 
 # ----------------------------------------------------------------------------- invalid calls

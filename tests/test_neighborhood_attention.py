@@ -3,8 +3,8 @@ reference against independent definitions (dense masked softmax, NATTEN), and in
 import pytest
 import torch
 
-from attnzoo.kernels import neighborhood_attention_2d
-from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
+from attnzoo.kernels import _neighborhood_cpu, neighborhood_attention_2d
+from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference, validate
 
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
@@ -216,10 +216,11 @@ def test_reference_matches_natten():
 # ----------------------------------------------------------------------------- dispatch and validation
 
 
-def test_default_backend_on_cpu_is_reference():
+def test_default_backend_on_cpu_is_the_cpu_kernels():
     inputs = {name: t.detach() for name, t in make_inputs((1, 8, 8, 1, 16), 3).items()}
-    torch.testing.assert_close(neighborhood_attention_2d(**inputs, kernel_size=3),
-                               neighborhood_attention_2d_reference(**inputs, kernel_size=3), atol=0, rtol=0)
+    spec = validate(**inputs, kernel_size=3)
+    expected, _ = _neighborhood_cpu.forward(inputs['q'], inputs['k'], inputs['v'], None, None, None, spec)
+    torch.testing.assert_close(neighborhood_attention_2d(**inputs, kernel_size=3), expected, atol=0, rtol=0)
 
 
 def test_natten_backend_rejects_what_natten_lacks():

@@ -7,6 +7,8 @@
     python tools/benchmark.py kernels --cases 'k13|dil2' --dtype bf16   # cases whose name matches
     python tools/benchmark.py models --models cswin_tiny_224 nat_mini --baseline resnet50
     python tools/benchmark.py models --models biformer_tiny --baseline swin_tiny_patch4_window7_224 --tag biformer
+    python tools/benchmark.py cpu                     # CPU kernels vs reference vs dense SDPA; NAT vs CSWin train steps
+    python tools/benchmark.py cpu --threads 1         # fewer threads than cores: steadier on a loaded machine
 
 Results go to --out (default model_cards/benchmarks/) as <device>-<section>[-<tag>].md (a table),
 .json (every number) and .png (a plot), the device named in each file.
@@ -24,16 +26,29 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.harness import Result, markdown_table, run_case, time_call  # noqa: E402
+from benchlib.harness import (Result, cpu_peak_mib, markdown_table, run_case, time_call,  # noqa: E402
+                              time_interleaved)
 
 KERNEL_SECTIONS = ('neighborhood', 'routing')
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
+def cpu_model():
+    """The processor's model name (Linux /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open('/proc/cpuinfo') as info:
+            for line in info:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device):
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    return f'CPU {platform.processor() or platform.machine()} x{os.cpu_count()}'
+    return f'CPU {cpu_model()} x{os.cpu_count()}'
 
 
 def slug(text):
@@ -127,6 +142,112 @@ def _run_models(args, device, dtype):
     return results
 
 
+def _ratio(numerator, denominator):
+    return numerator / denominator if numerator and denominator else None
+
+
+def run_cpu(args, device, dtype):
+    """Kernel cases and model train steps on the CPU, every case's implementations timed in turns;
+    ratios from process CPU time (wall time is in the table too)."""
+    from benchlib import cpu
+    cases = cpu.kernel_cases(args.quick)
+    steps = ((32, 2),) if args.quick else cpu.MODEL_STEPS
+    results = []
+    with tqdm(total=args.iters * (2 * len(cases) + len(steps)), desc='cpu', unit='round') as progress:
+        for case in cases:
+            progress.set_postfix_str(case.name)
+            for mode, calls in zip(('fwd', 'fwd+bwd'), cpu.kernel_calls(case, dtype)):
+                rows = _cpu_rows(case.kind, case.name, mode, dtype, calls, args, progress)
+                base, dense = rows[case.baseline], rows.get('sdpa-dense')
+                for row in rows.values():
+                    row.speedup_vs_baseline = _ratio(base.extra['cpu_ms'], row.extra['cpu_ms'])
+                    row.memory_vs_baseline = _ratio(row.peak_mib, base.peak_mib)
+                    row.extra['speedup_vs_sdpa_dense'] = _ratio(dense.extra['cpu_ms'], row.extra['cpu_ms']) \
+                        if dense else None
+                results.extend(rows.values())
+        for size, batch in steps:
+            name = f'train step {size}x{size} b{batch}'
+            progress.set_postfix_str(name)
+            rows = _cpu_rows('models', name, 'fwd+bwd', dtype, cpu.model_calls(size, batch, dtype), args, progress)
+            base = rows[cpu.MODEL_BASELINE]
+            for row in rows.values():
+                row.extra['time_vs_baseline'] = _ratio(row.extra['cpu_ms'], base.extra['cpu_ms'])
+                row.memory_vs_baseline = _ratio(row.peak_mib, base.peak_mib)
+            results.extend(rows.values())
+    baseline_of = {case.name: case.baseline for case in cases}
+    baseline_of.update({r.case: cpu.MODEL_BASELINE for r in results if r.section == 'models'})
+    return results, baseline_of
+
+
+def _cpu_rows(section, case, mode, dtype, calls, args, progress):
+    wall, cpu_ms = time_interleaved(calls, args.warmup, args.iters, progress)
+    rows = {}
+    for impl, fn in calls.items():
+        row = Result(section, case, impl, mode, str(dtype).replace('torch.', ''), ms=wall[impl],
+                     extra={'cpu_ms': cpu_ms[impl]})
+        row.peak_mib = cpu_peak_mib(fn)
+        rows[impl] = row
+    return rows
+
+
+def cpu_table(results, baseline_of):
+    """Kernel rows: speed-ups over the reference and over dense SDPA; model rows: time over the baseline model."""
+    def fmt(value, spec):
+        return '-' if value is None else format(value, spec)
+    lines = ['| case | impl | mode | ms (wall) | ms (CPU) | x vs reference | x vs sdpa-dense | peak MiB '
+             '| mem vs reference |', '|---|---|---|---:|---:|---:|---:|---:|---:|']
+    for r in results:
+        if r.section == 'models':
+            continue
+        impl = r.impl + (' (baseline)' if baseline_of.get(r.case) == r.impl else '')
+        lines.append(f'| {r.case} | {impl} | {r.mode} | {r.ms:.1f} | {r.extra["cpu_ms"]:.1f} '
+                     f'| {fmt(r.speedup_vs_baseline, ".2f")} | {fmt(r.extra["speedup_vs_sdpa_dense"], ".2f")} '
+                     f'| {fmt(r.peak_mib, ".1f")} | {fmt(r.memory_vs_baseline, ".2f")} |')
+    lines += ['', '| train step | model | ms (wall) | ms (CPU) | time vs baseline | peak MiB | mem vs baseline |',
+              '|---|---|---:|---:|---:|---:|---:|']
+    for r in results:
+        if r.section == 'models':
+            model = r.impl + (' (baseline)' if baseline_of.get(r.case) == r.impl else '')
+            lines.append(f'| {r.case} | {model} | {r.ms:.1f} | {r.extra["cpu_ms"]:.1f} '
+                         f'| {fmt(r.extra["time_vs_baseline"], ".2f")} | {fmt(r.peak_mib, ".1f")} '
+                         f'| {fmt(r.memory_vs_baseline, ".2f")} |')
+    return '\n'.join(lines)
+
+
+def _bars(ax, rows, case_of, value_of, ylabel, rotation=60, fontsize=6):
+    """Grouped bars on a log scale: one group per case, one bar per implementation."""
+    cases = list(dict.fromkeys(case_of(r) for r in rows))
+    impls = list(dict.fromkeys(r.impl for r in rows))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        values = {case_of(r): value_of(r) for r in rows if r.impl == impl}
+        ax.bar([c + i * width for c in range(len(cases))], [values.get(c, 0) for c in cases], width, label=impl)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=rotation, ha='right', fontsize=fontsize)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale('log')
+    ax.legend(fontsize=7)
+
+
+def plot_cpu(results, section, path, title):
+    """Kernel cases (forward, forward + backward) and model train steps, CPU milliseconds, log scale."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    panels = [('kernels, fwd', [r for r in results if r.section != 'models' and r.mode == 'fwd']),
+              ('kernels, fwd+bwd', [r for r in results if r.section != 'models' and r.mode == 'fwd+bwd']),
+              ('train steps', [r for r in results if r.section == 'models'])]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    for ax, (label, rows) in zip(axes, panels):
+        _bars(ax, rows, lambda r: r.case, lambda r: r.extra['cpu_ms'], 'CPU ms per call (lower is better)',
+              rotation=50, fontsize=7)
+        ax.set_title(label)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot(results, section, path, title):
     import matplotlib
     matplotlib.use('Agg')
@@ -141,17 +262,7 @@ def plot(results, section, path, title):
             ax.set_xlabel('parameters (M)')
             ax.set_ylabel('images / s')
         else:
-            cases = list(dict.fromkeys(f'{r.case} {r.dtype}' for r in rows))
-            impls = list(dict.fromkeys(r.impl for r in rows))
-            width = 0.8 / max(len(impls), 1)
-            for i, impl in enumerate(impls):
-                ms = {f'{r.case} {r.dtype}': r.ms for r in rows if r.impl == impl}
-                ax.bar([c + i * width for c in range(len(cases))], [ms.get(c, 0) for c in cases], width, label=impl)
-            ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-            ax.set_xticklabels(cases, rotation=60, ha='right', fontsize=6)
-            ax.set_ylabel('ms (lower is better)')
-            ax.set_yscale('log')
-            ax.legend(fontsize=7)
+            _bars(ax, rows, lambda r: f'{r.case} {r.dtype}', lambda r: r.ms, 'ms (lower is better)')
         ax.set_title(f'{mode}')
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -159,7 +270,18 @@ def plot(results, section, path, title):
     plt.close(fig)
 
 
-def write(results, baseline_of, section, args, device):
+LEGEND = ('Times are medians; "x vs baseline" > 1 means faster than the baseline of the case, measured in the same '
+          'run. GB/s counts the least traffic: forward = inputs read once + output written once; forward+backward '
+          'adds dO read once + input gradients written once (model_cards/benchmarks/README.md).')
+CPU_LEGEND = ('Medians of calls timed in turns (one call of every implementation per round), so that the load of a '
+              'shared machine falls on all alike. Ratios are from process CPU time, which that load inflates less '
+              'than wall time: "x vs reference" / "x vs sdpa-dense" > 1 means faster than it; "time vs baseline" < 1 '
+              'means a train step faster than the baseline model\'s. Peak MiB: CPU memory allocated at the peak of one '
+              'call, from the profiler\'s memory events (tools/benchlib/harness.py, cpu_peak_mib).')
+
+
+def write(results, baseline_of, section, args, device, table=markdown_table, plotter=plot, notes=None,
+          legend=LEGEND):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
@@ -175,23 +297,20 @@ def write(results, baseline_of, section, args, device):
         'quick': args.quick,
         'warmup': args.warmup,
         'iters': args.iters,
+        **(notes or {}),
     }
     stem.with_suffix('.json').write_text(json.dumps({**header, 'results': [r.as_dict() for r in results]}, indent=1))
     lines = [f'# {section} benchmark on {name}', '',
              ', '.join(f'{k}: {v}' for k, v in header.items() if k not in ('device', 'section')), '',
-             'Times are medians; "x vs baseline" > 1 means faster than the baseline of the case, measured in the '
-             'same run. GB/s counts the least traffic: forward = inputs read once + output written once; '
-             'forward+backward adds dO read once + input gradients written once (model_cards/benchmarks/README.md).',
-             '',
-             markdown_table(results, baseline_of), '']
+             legend, '', table(results, baseline_of), '']
     stem.with_suffix('.md').write_text('\n'.join(lines))
-    plot(results, section, stem.with_suffix('.png'), f'{section} on {name} ({" ".join(args.dtype)})')
+    plotter(results, section, stem.with_suffix('.png'), f'{section} on {name} ({" ".join(args.dtype)})')
     print(f'wrote {stem}.md / .json / .png')
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('section', choices=('kernels', 'models'))
+    parser.add_argument('section', choices=('kernels', 'models', 'cpu'))
     parser.add_argument('--only', nargs='+', choices=KERNEL_SECTIONS, help='kernel sections to run (default: all)')
     parser.add_argument('--quick', action='store_true', help='tiny shapes: a smoke run, also on CPU')
     parser.add_argument('--dtype', nargs='+', choices=DTYPES, default=None,
@@ -204,8 +323,13 @@ def parse_args(argv=None):
     parser.add_argument('--baseline', default='resnet50', help='models section: the model every other is compared to')
     parser.add_argument('--batch', type=int, default=32, help='models section: batch size')
     parser.add_argument('--tag', default='', help='names the result files <device>-<section>-<tag> (e.g. a family)')
+    parser.add_argument('--threads', type=int, default=None, help='cpu section: torch threads (default: torch\'s)')
     parser.add_argument('--out', default=str(Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'))
     args = parser.parse_args(argv)
+    if args.section == 'cpu':
+        args.device = 'cpu'
+        if args.dtype is not None and len(args.dtype) > 1:
+            parser.error(f'the cpu section runs one --dtype at a time, got {" ".join(args.dtype)}')
     if args.dtype is None:
         args.dtype = ['bf16', 'fp32'] if args.device.startswith('cuda') else ['fp32']
     return args
@@ -215,6 +339,17 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     dtypes = [DTYPES[name] for name in args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.section == 'cpu':
+        # the machine's load (1, 5, 15 min averages) says how far wall times are from an idle machine's
+        notes = dict(threads=torch.get_num_threads(), cpus=os.cpu_count(), load_average_at_start=os.getloadavg())
+        results, baseline_of = run_cpu(args, device, dtypes[0])
+        notes['load_average_at_end'] = os.getloadavg()
+        print(cpu_table(results, baseline_of))
+        write(results, baseline_of, args.section, args, device, table=cpu_table, plotter=plot_cpu, notes=notes,
+              legend=CPU_LEGEND)
+        return
     runner = run_kernels if args.section == 'kernels' else run_models
     results, baseline_of = runner(args, device, dtypes)
     print(markdown_table(results, baseline_of))

@@ -14,7 +14,11 @@ A real backward also re-reads q, k, v, the output and per-query statistics; thos
 (a kernel could keep them on chip), so they are left out and "% of HBM roofline" is an upper bound
 on how close to the memory limit an implementation could still get.
 """
+import json
 import math
+import os
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Dict, List, Optional
@@ -186,3 +190,39 @@ def markdown_table(results: List[Result], baseline_of: Dict[str, str]) -> str:
                      f'| {_fmt(r.peak_mib, ".1f")} | {_fmt(r.memory_vs_baseline, ".2f")} | {_fmt(r.gbps, ".0f")} '
                      f'| {_fmt(r.roofline_pct, ".0f")} | {r.error} |')
     return '\n'.join(lines)
+
+
+def cpu_peak_mib(fn: Callable[[], object]) -> float:
+    """MiB allocated at the peak of one call of ``fn`` on the CPU, which keeps no allocator statistics:
+    the profiler's memory events (every CPU allocation and free, inside custom ops and autograd
+    included) carry the running total since profiling started."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'trace.json')
+        prof.export_chrome_trace(path)
+        with open(path) as trace:
+            events = json.load(trace)['traceEvents']
+    totals = [e['args']['Total Allocated'] for e in events if e.get('name') == '[memory]']
+    return max(totals, default=0) / 2 ** 20
+
+
+def time_interleaved(calls: Dict[str, Callable[[], object]], warmup: int, iters: int, progress=None):
+    """Median wall and process-CPU milliseconds of every call, timed in turns (one call of each per
+    round), so that the load of a shared machine falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    wall = {name: [] for name in calls}
+    cpu = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, fn in calls.items():
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append((time.process_time() - start_cpu) * 1e3)
+            wall[name].append((time.perf_counter() - start_wall) * 1e3)
+        if progress is not None:
+            progress.update(1)
+    return ({name: statistics.median(t) for name, t in wall.items()},
+            {name: statistics.median(t) for name, t in cpu.items()})
