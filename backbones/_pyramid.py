@@ -178,13 +178,18 @@ def convert_checkpoint(
         model: nn.Module,
         convert_official_key: Callable[[str], str],
         hint: str,
+        check: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], None]] = None,
 ) -> Dict[str, torch.Tensor]:
     """The body of a family's ``checkpoint_filter_fn``: unwraps the file, renames official keys with
     ``convert_official_key`` (our own state dict, whose keys start with 'stem.', passes through) and
-    checks the result against ``model``; ``hint`` ends the error message of a mismatch."""
+    checks the result against ``model``; ``hint`` ends the error message of a mismatch. ``check``, if
+    given, runs first on the renamed state dict, for a family-specific error (e.g. a shape that says
+    which model option the checkpoint needs)."""
     state_dict = unwrap_checkpoint(state_dict)
     if not any(k.startswith('stem.') for k in state_dict):
         state_dict = {convert_official_key(k): v for k, v in state_dict.items()}
+    if check is not None:
+        check(state_dict, model)
     check_checkpoint_keys(state_dict, model, hint)
     return state_dict
 
