@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 from torchvision.ops import deform_conv2d
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -186,6 +187,16 @@ def deform_conv2d_v1(
 ) -> torch.Tensor:
     """torchvision's deformable convolution without modulation mask (DCNv1), square stride / padding."""
     return deform_conv2d(x, offset, weight, bias, stride=(stride, stride), padding=(padding, padding))
+
+
+@register_flop_formula(torch.ops.torchvision.deform_conv2d)
+def _deform_conv2d_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of torchvision's deformable convolution for ``torch.utils.flop_counter`` (which has no formula
+    for it): those of the convolution over the sampled values, as the official ``flops()`` counts them;
+    the bilinear sampling itself is not counted."""
+    batch, out_channels, out_h, out_w = out_shape
+    _, in_channels_per_group, kernel_h, kernel_w = weight_shape
+    return 2 * batch * out_channels * out_h * out_w * in_channels_per_group * kernel_h * kernel_w
 
 
 class DeformConv2dPack(nn.Module):
@@ -350,14 +361,14 @@ def _stage_windows(window_size: Union[int, Sequence[int]], num_stages: int) -> T
     """Per-stage HiLo windows; an int is the official dense-task shorthand ``(0, ..., 0, ws, 1)``."""
     if isinstance(window_size, int):
         if num_stages < 2:
-            raise ValueError(f'LITv2: an int window_size needs at least 2 stages; give one window per stage')
+            raise ValueError('LITv2: an int window_size needs at least 2 stages; give one window per stage')
         window_size = (0,) * (num_stages - 2) + (window_size, 1)
-    window_size = tuple(window_size)
-    if len(window_size) != num_stages or not all(isinstance(w, int) and w >= 0 for w in window_size):
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != num_stages
+            or not all(isinstance(w, int) and w >= 0 for w in window_size)):
         raise ValueError(
             f'LITv2: window_size must be an int or one integer >= 0 per stage (0: no attention in that '
             f'stage), got {window_size!r} for {num_stages} stages')
-    return window_size
+    return tuple(window_size)
 
 
 class LITv2(ChannelsLastPyramid):
