@@ -84,6 +84,18 @@ class ChannelsLastPyramid(nn.Module):
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        """timm's parameter groups (layer-wise LR decay): the stem, then each stage's downsample and blocks."""
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 

@@ -482,17 +482,6 @@ class LITv2(ChannelsLastPyramid):
         # no position tables or tokens; timm's optimizer factory already exempts norms and biases
         return set()
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
 
 def offset_lr_param_groups(
         model: nn.Module,
