@@ -18,6 +18,9 @@ from timm.scheduler import CosineLRScheduler
 import attnzoo.backbones  # noqa: F401  (registers the litv2_* models)
 from attnzoo.backbones.litv2 import (
     DeformableTokenMerging, DeformConv2dPack, HiLo, LITv2Stage, checkpoint_filter_fn, offset_lr_param_groups)
+from official_checkpoints import (
+    LITV2_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, assert_official_layout_converts, litv2_official_state_dict,
+    official_parameter_count)
 
 # LITv2-S widths and heads (so stage 3 splits 10 Lo-Fi / 2 Hi-Fi heads), one block per stage
 SHALLOW = dict(depths=(1, 1, 1, 1))
@@ -274,65 +277,6 @@ def test_stem_pads_bottom_right():
 
 # ---------------------------------------------------------------- official checkpoints
 
-def official_state_dict(embed_dim, depths, num_heads, alpha=0.9, windows=(0, 0, 2, 1), num_classes=1000, seed=0):
-    """A random state dict named and shaped like the official classification ``LITv2``."""
-    gen = torch.Generator().manual_seed(seed)
-    sd = {}
-
-    def add(name, *shape):
-        sd[name] = torch.randn(*shape, generator=gen)
-
-    dims = [embed_dim * 2 ** i for i in range(len(depths))]
-    add('patch_embed.proj.weight', dims[0], 3, 4, 4)
-    add('patch_embed.proj.bias', dims[0])
-    add('patch_embed.norm.weight', dims[0])
-    add('patch_embed.norm.bias', dims[0])
-    for s, (dim, depth, heads, ws) in enumerate(zip(dims, depths, num_heads, windows)):
-        head_dim = dim // heads
-        l_heads = heads if ws == 1 else int(heads * alpha)
-        l_dim, h_dim = l_heads * head_dim, (heads - l_heads) * head_dim
-        for b in range(depth):
-            p = f'layers.{s}.blocks.{b}.'
-            if ws:
-                add(p + 'norm1.weight', dim)
-                add(p + 'norm1.bias', dim)
-                if l_dim:
-                    add(p + 'attn.l_q.weight', l_dim, dim)
-                    add(p + 'attn.l_q.bias', l_dim)
-                    add(p + 'attn.l_kv.weight', 2 * l_dim, dim)
-                    add(p + 'attn.l_kv.bias', 2 * l_dim)
-                    add(p + 'attn.l_proj.weight', l_dim, l_dim)
-                    add(p + 'attn.l_proj.bias', l_dim)
-                if h_dim:
-                    add(p + 'attn.h_qkv.weight', 3 * h_dim, dim)
-                    add(p + 'attn.h_qkv.bias', 3 * h_dim)
-                    add(p + 'attn.h_proj.weight', h_dim, h_dim)
-                    add(p + 'attn.h_proj.bias', h_dim)
-            add(p + 'norm2.weight', dim)
-            add(p + 'norm2.bias', dim)
-            add(p + 'mlp.fc1.weight', 4 * dim, dim)
-            add(p + 'mlp.fc1.bias', 4 * dim)
-            add(p + 'mlp.dwconv.dwconv.weight', 4 * dim, 1, 3, 3)
-            add(p + 'mlp.dwconv.dwconv.bias', 4 * dim)
-            add(p + 'mlp.fc2.weight', dim, 4 * dim)
-            add(p + 'mlp.fc2.bias', dim)
-        if s < len(depths) - 1:
-            p = f'layers.{s}.downsample.'
-            add(p + 'dconv.weight', 2 * dim, dim, 2, 2)
-            add(p + 'dconv.bias', 2 * dim)
-            add(p + 'dconv.conv_offset.weight', 8, dim, 2, 2)
-            add(p + 'dconv.conv_offset.bias', 8)
-            for name in ('weight', 'bias', 'running_mean'):
-                add(p + f'norm_layer.{name}', 2 * dim)
-            sd[p + 'norm_layer.running_var'] = torch.rand(2 * dim, generator=gen) + 0.5
-            sd[p + 'norm_layer.num_batches_tracked'] = torch.tensor(1000)
-    add('norm.weight', dims[-1])
-    add('norm.bias', dims[-1])
-    add('head.weight', num_classes, dims[-1])
-    add('head.bias', num_classes)
-    return sd
-
-
 # official key -> ours, for a few keys of every kind
 KEY_SAMPLES = {
     'patch_embed.proj.weight': 'stem.proj.weight',
@@ -359,12 +303,12 @@ def litv2_small():
 
 @pytest.fixture(scope='module')
 def official_small():
-    return official_state_dict(96, (2, 2, 6, 2), (3, 6, 12, 24))
+    return litv2_official_state_dict(**LITV2_OFFICIAL_ARCH['litv2_small'])
 
 
 @pytest.mark.parametrize('wrap', ['plain', 'model', 'state_dict', 'module_prefix'])
 def test_official_litv2_small_checkpoint_loads_strictly(litv2_small, official_small, wrap):
-    assert len(official_small) == 219  # the official LITv2-S state dict
+    assert len(official_small) == OFFICIAL_KEY_COUNTS['litv2_small']
     if wrap == 'module_prefix':
         checkpoint = {'model': {'module.' + k: v for k, v in official_small.items()}}
     elif wrap == 'plain':
@@ -372,29 +316,37 @@ def test_official_litv2_small_checkpoint_loads_strictly(litv2_small, official_sm
     else:
         checkpoint = {wrap: official_small, 'epoch': 299}
     converted = checkpoint_filter_fn(checkpoint, litv2_small)
-    assert len(converted) == 219
+    assert len(converted) == len(official_small)
     litv2_small.load_state_dict(converted, strict=True)
     ours = litv2_small.state_dict()
     for official_key, our_key in KEY_SAMPLES.items():
         assert torch.equal(ours[our_key], official_small[official_key]), official_key
 
 
-@pytest.mark.parametrize('name, arch', [
-    ('litv2_medium', (96, (2, 2, 18, 2), (3, 6, 12, 24))),
-    ('litv2_base_384', (128, (2, 2, 18, 2), (4, 8, 16, 32))),
-])
-def test_official_checkpoints_of_larger_variants_convert(name, arch):
-    with torch.device('meta'):
-        model = timm.create_model(name)
-    converted = checkpoint_filter_fn({'model': official_state_dict(*arch)}, model)
-    expected = model.state_dict()
-    assert set(converted) == set(expected)
-    assert all(converted[k].shape == expected[k].shape for k in expected)
+@pytest.mark.parametrize('name', sorted(LITV2_OFFICIAL_ARCH))
+def test_official_layout_of_every_size_converts(name):
+    assert_official_layout_converts(name, timm.create_model(name, device='meta'), checkpoint_filter_fn)
+
+
+# len(state_dict) and parameters of the official LITv2-S at the sweep's ends (instantiated from the official
+# code, as OFFICIAL_KEY_COUNTS): no Lo-Fi / no Hi-Fi projections in stage 3
+OFFICIAL_SWEEP_ENDS = {0.0: (183, 28_089_760), 1.0: (195, 28_089_760)}
+
+
+@pytest.mark.parametrize('alpha', sorted(OFFICIAL_SWEEP_ENDS))
+def test_alpha_sweep_layout_converts(alpha):
+    official = litv2_official_state_dict(**LITV2_OFFICIAL_ARCH['litv2_small'], alpha=alpha, device='meta')
+    keys, params = OFFICIAL_SWEEP_ENDS[alpha]
+    assert len(official) == keys
+    assert official_parameter_count(official) == params
+    model = timm.create_model('litv2_small', alpha=alpha, device='meta')
+    converted = checkpoint_filter_fn(official, model)
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize('alpha', [0.0, 0.2, 0.5, 1.0])
 def test_alpha_sweep_checkpoint_loads_with_its_alpha(alpha):
-    sd = official_state_dict(**TINY_ARCH, alpha=alpha)
+    sd = litv2_official_state_dict(**TINY_ARCH, alpha=alpha)
     model = timm.create_model('litv2_small', alpha=alpha, **TINY_ARCH)
     model.load_state_dict(checkpoint_filter_fn({'model': sd}, model), strict=True)
     assert torch.equal(model.stages[2].blocks[1].norm1.weight, sd['layers.2.blocks.1.norm1.weight'])
@@ -402,7 +354,7 @@ def test_alpha_sweep_checkpoint_loads_with_its_alpha(alpha):
 
 @pytest.mark.parametrize('alpha, lofi_heads', [(0.0, 0), (0.5, 2), (1.0, 4)])
 def test_alpha_sweep_checkpoint_with_wrong_alpha_says_which_alpha(alpha, lofi_heads):
-    sd = official_state_dict(**TINY_ARCH, alpha=alpha)
+    sd = litv2_official_state_dict(**TINY_ARCH, alpha=alpha)
     model = timm.create_model('litv2_small', **TINY_ARCH)  # alpha 0.9: 3 Lo-Fi heads of 4
     with pytest.raises(ValueError, match=rf'stages\.2\.blocks\.0\.attn has {lofi_heads} Lo-Fi heads of 4, this '
                                          rf'model 3 .* alpha={alpha}'):
@@ -419,7 +371,7 @@ def test_alpha_sweep_tags():
 
 
 def test_pretrained_loads_official_file(tmp_path):
-    sd = official_state_dict(**TINY_ARCH)
+    sd = litv2_official_state_dict(**TINY_ARCH)
     path = tmp_path / 'litv2_official_format.pth'
     torch.save({'model': sd, 'epoch': 299}, path)
     model = timm.create_model(
@@ -438,7 +390,7 @@ def test_pretrained_loads_official_file(tmp_path):
 
 def test_mismatched_checkpoint_names_the_keys():
     model = timm.create_model('litv2_small', **TINY_ARCH)
-    sd = official_state_dict(**TINY_ARCH)
+    sd = litv2_official_state_dict(**TINY_ARCH)
     sd['layers.0.blocks.0.attn.l_q.weight'] = sd.pop('layers.0.blocks.0.norm2.weight')
     with pytest.raises(ValueError, match=r'1 missing keys .*stages\.0\.blocks\.0\.norm2\.weight'
                                          r'.*1 unexpected keys .*stages\.0\.blocks\.0\.attn\.l_q'):
