@@ -25,6 +25,7 @@ import re
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
@@ -33,11 +34,11 @@ from torchvision.ops import deform_conv2d
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, PatchEmbed, calculate_drop_path_rates, trunc_normal_, use_fused_attn
 from timm.models import (
-    build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, register_notrace_function)
+    build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function)
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from timm.optim import param_groups_weight_decay
 
-from ._pyramid import ChannelsLastPyramid, convert_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint
 
 __all__ = ['LITv2', 'HiLo', 'DeformConv2dPack', 'DeformableTokenMerging', 'offset_lr_param_groups']
 
@@ -50,7 +51,8 @@ ALPHA_SWEEP = {
 }
 
 
-@register_notrace_function
+@torch.fx.wrap
+@register_notrace_function  # reason: the padding depends on the map size, which FX's proxies do not have
 def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """Zero-pads an NHWC map at the bottom / right so height and width are multiples of ``window_size``."""
     pad_h = (window_size - x.shape[1] % window_size) % window_size
@@ -176,7 +178,8 @@ class HiLo(nn.Module):
         return f'window_size={self.window_size}, hifi_heads={self.h_heads}, lofi_heads={self.l_heads}'
 
 
-@register_notrace_function
+@torch.fx.wrap
+@register_notrace_function  # reason: torchvision's deform_conv2d checks and splits shapes in Python
 def deform_conv2d_v1(
         x: torch.Tensor,
         offset: torch.Tensor,
@@ -304,7 +307,7 @@ class LITv2Block(nn.Module):
         return x + self.drop_path2(y.reshape(B, H, W, C))
 
 
-class LITv2Stage(nn.Module):
+class LITv2Stage(PyramidStage):
     """Optional deformable token merging, then ``depth`` blocks; NHWC."""
 
     def __init__(
@@ -326,35 +329,29 @@ class LITv2Stage(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
         drop_path_rates = [0.] * depth if drop_path_rates is None else drop_path_rates
         if len(drop_path_rates) != depth:
             raise ValueError(f'LITv2Stage: {len(drop_path_rates)} drop path rates for {depth} blocks; give one per block')
-        self.grad_checkpointing = False
-        self.downsample = DeformableTokenMerging(in_dim, dim, act_layer, **dd) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            LITv2Block(
-                dim,
-                num_heads,
-                window_size,
-                alpha=alpha,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path_rates[i],
-                norm_layer=norm_layer,
-                act_layer=act_layer,
-                **dd,
-            )
-            for i in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        super().__init__(
+            downsample=DeformableTokenMerging(in_dim, dim, act_layer, **dd) if downsample else nn.Identity(),
+            blocks=[
+                LITv2Block(
+                    dim,
+                    num_heads,
+                    window_size,
+                    alpha=alpha,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop,
+                    attn_drop=attn_drop,
+                    drop_path=drop_path_rates[i],
+                    norm_layer=norm_layer,
+                    act_layer=act_layer,
+                    **dd,
+                )
+                for i in range(depth)],
+        )
 
 
 def _stage_windows(window_size: Union[int, Sequence[int]], num_stages: int) -> Tuple[int, ...]:
@@ -428,7 +425,6 @@ class LITv2(ChannelsLastPyramid):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.output_fmt = 'NHWC'
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
 

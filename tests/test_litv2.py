@@ -207,15 +207,21 @@ def test_token_merging_is_conv_bn_gelu_channels_last():
     torch.testing.assert_close(out, ref.permute(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_stage_scripts_and_fx_traces():
+def test_stage_scripts_and_fx_traces_at_any_size():
+    """Window padding and the deformable convolution are leaf calls in the FX graph, not frozen at
+    the size traced: the graph and the scripted stage agree with eager at sizes needing other pads."""
     torch.manual_seed(0)
     stage = LITv2Stage(16, 32, depth=2, num_heads=4, window_size=2).eval()
-    x = torch.randn(2, 10, 14, 16)
-    with torch.no_grad():
-        expected = stage(x)
-        torch.testing.assert_close(torch.jit.script(stage)(x), expected)
-        traced = timm.layers.create_feature_extractor(stage, return_nodes={'blocks': 'out'})
-        torch.testing.assert_close(traced(x)['out'], expected)
+    scripted = torch.jit.script(stage)
+    traced = torch.fx.symbolic_trace(stage)
+    features = timm.layers.create_feature_extractor(stage, return_nodes={'blocks': 'out'})
+    for size in [(10, 14), (9, 13), (14, 6)]:  # maps of 5x7 / 4x6 / 7x3 after the token merging
+        x = torch.randn(2, *size, 16)
+        with torch.no_grad():
+            expected = stage(x)
+            torch.testing.assert_close(scripted(x), expected)
+            torch.testing.assert_close(traced(x), expected)
+            torch.testing.assert_close(features(x)['out'], expected)
 
 
 # ---------------------------------------------------------------- model structure and any size
@@ -432,6 +438,23 @@ def test_offset_lr_scale_reaches_the_optimizer_through_timm():
     scheduler.step(0)
     lrs = sorted({group['lr'] for group in optimizer.param_groups})
     assert lrs == pytest.approx([1e-5, 1e-3])
+
+
+def test_layer_decay_groups_follow_depth():
+    """timm's layer-wise decay through group_matcher: the stem decays most, each stage's token merging
+    shares its first block's rate, blocks rise in depth order, the final norm shares the last block's
+    rate (timm's MATCH_PREV_GROUP) and the head keeps the full rate."""
+    model = timm.create_model('litv2_small', **TINY_ARCH)  # depths (1, 1, 2, 1)
+    groups = timm.optim.create_optimizer_v2(model, 'adamw', lr=1e-3, layer_decay=0.5).param_groups
+    scale_of = {id(p): group['lr_scale'] for group in groups for p in group['params']}
+    scale = {name: scale_of[id(p)] for name, p in model.named_parameters()}
+    ordered = ['stem.proj.weight', 'stages.0.blocks.0.mlp.fc1.weight', 'stages.1.blocks.0.mlp.fc1.weight',
+               'stages.2.blocks.0.mlp.fc1.weight', 'stages.2.blocks.1.mlp.fc1.weight',
+               'stages.3.blocks.0.mlp.fc1.weight']
+    assert [scale[n] for n in ordered] == pytest.approx([0.5 ** (6 - i) for i in range(6)])
+    assert scale['norm.weight'] == scale['stages.3.blocks.0.mlp.fc1.weight']
+    assert scale['stages.2.downsample.dconv.weight'] == scale['stages.2.blocks.0.mlp.fc1.weight']
+    assert scale['head.fc.weight'] == 1.0
 
 
 # ---------------------------------------------------------------- OpenMMLab configs
