@@ -376,17 +376,6 @@ class CSWinTransformer(ChannelsLastPyramid):
         # no position tables or tokens; timm's optimizer factory already exempts norms and biases
         return set()
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
 
 # official key -> ours; the first rule whose pattern matches is applied. Official stage{n} is our
 # stages.{n-1}; official merge{n} opens official stage{n+1}, i.e. our stages.{n}.
