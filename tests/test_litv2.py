@@ -501,7 +501,8 @@ def test_config_sets_the_official_backbone(task, size, ws):
 
 @pytest.mark.mm
 @needs_mm
-@pytest.mark.parametrize('task', ['retinanet', 'mask-rcnn', 'fpn'])
+# Mask R-CNN adds only mmdet's RoI heads to what the RetinaNet case checks of the backbone: slow
+@pytest.mark.parametrize('task', ['retinanet', pytest.param('mask-rcnn', marks=pytest.mark.slow), 'fpn'])
 def test_small_config_trains_and_predicts_on_cpu(task):
     """LITv2-S (one block per stage) in each task model: a loss with gradients on every backbone
     parameter that takes part, and predictions, on tiny inputs."""
