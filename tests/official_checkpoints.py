@@ -266,6 +266,32 @@ def to_official_layout(family: str, state_dict: Dict[str, torch.Tensor]) -> Dict
     return {rename(k): v for k, v in state_dict.items()}
 
 
+# how the official files hold their state dict: as it is, under one of the keys the official training
+# scripts save, or under 'state_dict' with DistributedDataParallel's 'module.' prefix
+CHECKPOINT_WRAPS = ('plain', 'model', 'state_dict', 'state_dict_ema', 'state_dict_module')
+
+
+def wrap_as_saved(state_dict: Dict[str, torch.Tensor], wrap: str) -> Dict:
+    """``state_dict`` as a checkpoint file wrapped as ``wrap`` (one of ``CHECKPOINT_WRAPS``) holds it."""
+    if wrap == 'plain':
+        return state_dict
+    if wrap == 'state_dict_module':
+        return {'state_dict': {'module.' + k: v for k, v in state_dict.items()}}
+    return {wrap: state_dict, 'epoch': 300}
+
+
+def assert_official_checkpoint_loads(official: Dict[str, torch.Tensor], model: nn.Module,
+                                     checkpoint_filter_fn: Callable, wrap: str, key_samples: Dict[str, str]):
+    """``official`` wrapped as ``wrap`` converts to as many keys, loads strictly into ``model``, and each
+    official key of ``key_samples`` lands, unchanged, on our key it names."""
+    converted = checkpoint_filter_fn(wrap_as_saved(official, wrap), model)
+    assert len(converted) == len(official)
+    model.load_state_dict(converted, strict=True)
+    ours = model.state_dict()
+    for official_key, our_key in key_samples.items():
+        assert torch.equal(ours[our_key], official[official_key]), official_key
+
+
 def assert_official_layout_converts(name: str, model: nn.Module, checkpoint_filter_fn: Callable):
     """The official key set of variant ``name`` (as many keys and parameters as the official model has)
     converts onto exactly the keys and shapes of ``model``."""

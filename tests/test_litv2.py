@@ -19,8 +19,8 @@ import attnzoo.backbones  # noqa: F401  (registers the litv2_* models)
 from attnzoo.backbones.litv2 import (
     DeformableTokenMerging, DeformConv2dPack, HiLo, LITv2Stage, checkpoint_filter_fn, offset_lr_param_groups)
 from official_checkpoints import (
-    LITV2_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, assert_official_layout_converts, litv2_official_state_dict,
-    official_parameter_count)
+    CHECKPOINT_WRAPS, LITV2_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, assert_official_checkpoint_loads,
+    assert_official_layout_converts, litv2_official_state_dict, official_parameter_count)
 
 # LITv2-S widths and heads (so stage 3 splits 10 Lo-Fi / 2 Hi-Fi heads), one block per stage
 SHALLOW = dict(depths=(1, 1, 1, 1))
@@ -312,21 +312,10 @@ def official_small():
     return litv2_official_state_dict(**LITV2_OFFICIAL_ARCH['litv2_small'])
 
 
-@pytest.mark.parametrize('wrap', ['plain', 'model', 'state_dict', 'module_prefix'])
+@pytest.mark.parametrize('wrap', CHECKPOINT_WRAPS)
 def test_official_litv2_small_checkpoint_loads_strictly(litv2_small, official_small, wrap):
     assert len(official_small) == OFFICIAL_KEY_COUNTS['litv2_small']
-    if wrap == 'module_prefix':
-        checkpoint = {'model': {'module.' + k: v for k, v in official_small.items()}}
-    elif wrap == 'plain':
-        checkpoint = official_small
-    else:
-        checkpoint = {wrap: official_small, 'epoch': 299}
-    converted = checkpoint_filter_fn(checkpoint, litv2_small)
-    assert len(converted) == len(official_small)
-    litv2_small.load_state_dict(converted, strict=True)
-    ours = litv2_small.state_dict()
-    for official_key, our_key in KEY_SAMPLES.items():
-        assert torch.equal(ours[our_key], official_small[official_key]), official_key
+    assert_official_checkpoint_loads(official_small, litv2_small, checkpoint_filter_fn, wrap, KEY_SAMPLES)
 
 
 @pytest.mark.parametrize('name', sorted(LITV2_OFFICIAL_ARCH))
