@@ -11,6 +11,7 @@ in small functions that FX records as one call (:func:`check_image` here; a fami
 same way, with timm's ``register_notrace_function`` for timm's tracer and ``torch.fx.wrap`` at the top
 level of its module for ``torch.fx.symbolic_trace``), and everything the forward reaches is scriptable.
 """
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -204,6 +205,19 @@ def convert_checkpoint(
         check(state_dict, model)
     check_checkpoint_keys(state_dict, model, hint)
     return state_dict
+
+
+# (regex, replacement: a string or a function of the match), as re.sub takes them
+RenameRule = Tuple[str, Union[str, Callable[[re.Match], str]]]
+
+
+def rename_by_first_rule(key: str, rules: Sequence[RenameRule]) -> str:
+    """``key`` renamed by the first of ``rules`` whose pattern matches it; unchanged if none does."""
+    for pattern, replacement in rules:
+        renamed, count = re.subn(pattern, replacement, key)
+        if count:
+            return renamed
+    return key
 
 
 def unwrap_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

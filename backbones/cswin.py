@@ -19,7 +19,6 @@ exactly what the official classification code computes.
 Activations stay channels-last ``[B, H, W, C]`` inside the model; the pyramid features of
 ``forward_intermediates`` / ``features_only`` are NCHW by default.
 """
-import re
 from typing import Dict, Tuple
 
 import torch
@@ -30,7 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, rename_by_first_rule
 
 __all__ = ['CSWinTransformer']
 
@@ -392,11 +391,7 @@ _OFFICIAL_KEY_RULES = (
 
 
 def _convert_official_key(key: str) -> str:
-    for pattern, replacement in _OFFICIAL_KEY_RULES:
-        converted, count = re.subn(pattern, replacement, key)
-        if count:
-            return converted
-    return key
+    return rename_by_first_rule(key, _OFFICIAL_KEY_RULES)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CSWinTransformer) -> Dict[str, torch.Tensor]:

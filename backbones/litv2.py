@@ -21,7 +21,6 @@ Activations stay channels-last ``[B, H, W, C]`` inside the model; the pyramid fe
 ``forward_intermediates`` / ``features_only`` are NCHW by default.
 """
 import math
-import re
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -38,7 +37,7 @@ from timm.models import (
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from timm.optim import param_groups_weight_decay
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, rename_by_first_rule
 
 __all__ = ['LITv2', 'HiLo', 'DeformConv2dPack', 'DeformableTokenMerging', 'offset_lr_param_groups']
 
@@ -526,11 +525,7 @@ _OFFICIAL_KEY_RULES = (
 
 
 def _convert_official_key(key: str) -> str:
-    for pattern, replacement in _OFFICIAL_KEY_RULES:
-        converted, count = re.subn(pattern, replacement, key)
-        if count:
-            return converted
-    return key
+    return rename_by_first_rule(key, _OFFICIAL_KEY_RULES)
 
 
 def _suggest_alpha(lofi_heads: int, num_heads: int) -> float:

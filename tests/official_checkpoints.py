@@ -12,12 +12,12 @@ the tests check these builders against.
 
 Tensors are random (seeded), or shape-only on the ``meta`` device for the large variants.
 """
-import re
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from attnzoo.backbones._pyramid import rename_by_first_rule
 from reference_params import OFFICIAL_PARAMS
 
 # len(official_model.state_dict()) of each variant, 1000-class head
@@ -257,13 +257,7 @@ _TO_OFFICIAL_RULES = {
 
 def to_official_layout(family: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Our state dict of a CSWin (``family='cswin'``) or NAT / DiNAT (``'nat'``) model under the official names."""
-    def rename(key):
-        for pattern, replacement in _TO_OFFICIAL_RULES[family]:
-            renamed, count = re.subn(pattern, replacement, key)
-            if count:
-                return renamed
-        return key
-    return {rename(k): v for k, v in state_dict.items()}
+    return {rename_by_first_rule(k, _TO_OFFICIAL_RULES[family]): v for k, v in state_dict.items()}
 
 
 # how the official files hold their state dict: as it is, under one of the keys the official training
