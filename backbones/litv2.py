@@ -331,7 +331,8 @@ class LITv2Stage(PyramidStage):
         dd = {'device': device, 'dtype': dtype}
         drop_path_rates = [0.] * depth if drop_path_rates is None else drop_path_rates
         if len(drop_path_rates) != depth:
-            raise ValueError(f'LITv2Stage: {len(drop_path_rates)} drop path rates for {depth} blocks; give one per block')
+            raise ValueError(
+                f'LITv2Stage: {len(drop_path_rates)} drop path rates for {depth} blocks; give one per block')
         super().__init__(
             downsample=DeformableTokenMerging(in_dim, dim, act_layer, **dd) if downsample else nn.Identity(),
             blocks=[
