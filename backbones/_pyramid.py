@@ -11,6 +11,7 @@ in small functions that FX records as one call (:func:`check_image` here; a fami
 same way, with timm's ``register_notrace_function`` for timm's tracer and ``torch.fx.wrap`` at the top
 level of its module for ``torch.fx.symbolic_trace``), and everything the forward reaches is scriptable.
 """
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -82,6 +83,18 @@ class ChannelsLastPyramid(nn.Module):
         self.grad_checkpointing = enable
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        """timm's parameter groups (layer-wise LR decay): the stem, then each stage's downsample and blocks."""
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -178,15 +191,33 @@ def convert_checkpoint(
         model: nn.Module,
         convert_official_key: Callable[[str], str],
         hint: str,
+        check: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], None]] = None,
 ) -> Dict[str, torch.Tensor]:
     """The body of a family's ``checkpoint_filter_fn``: unwraps the file, renames official keys with
     ``convert_official_key`` (our own state dict, whose keys start with 'stem.', passes through) and
-    checks the result against ``model``; ``hint`` ends the error message of a mismatch."""
+    checks the result against ``model``; ``hint`` ends the error message of a mismatch. ``check``, if
+    given, runs first on the renamed state dict, for a family-specific error (e.g. a shape that says
+    which model option the checkpoint needs)."""
     state_dict = unwrap_checkpoint(state_dict)
     if not any(k.startswith('stem.') for k in state_dict):
         state_dict = {convert_official_key(k): v for k, v in state_dict.items()}
+    if check is not None:
+        check(state_dict, model)
     check_checkpoint_keys(state_dict, model, hint)
     return state_dict
+
+
+# (regex, replacement: a string or a function of the match), as re.sub takes them
+RenameRule = Tuple[str, Union[str, Callable[[re.Match], str]]]
+
+
+def rename_by_first_rule(key: str, rules: Sequence[RenameRule]) -> str:
+    """``key`` renamed by the first of ``rules`` whose pattern matches it; unchanged if none does."""
+    for pattern, replacement in rules:
+        renamed, count = re.subn(pattern, replacement, key)
+        if count:
+            return renamed
+    return key
 
 
 def unwrap_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ exactly what the official classification code computes.
 Activations stay channels-last ``[B, H, W, C]`` inside the model; the pyramid features of
 ``forward_intermediates`` / ``features_only`` are NCHW by default.
 """
-import re
 from typing import Dict, Tuple
 
 import torch
@@ -30,7 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, rename_by_first_rule
 
 __all__ = ['CSWinTransformer']
 
@@ -376,17 +375,6 @@ class CSWinTransformer(ChannelsLastPyramid):
         # no position tables or tokens; timm's optimizer factory already exempts norms and biases
         return set()
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
 
 # official key -> ours; the first rule whose pattern matches is applied. Official stage{n} is our
 # stages.{n-1}; official merge{n} opens official stage{n+1}, i.e. our stages.{n}.
@@ -403,11 +391,7 @@ _OFFICIAL_KEY_RULES = (
 
 
 def _convert_official_key(key: str) -> str:
-    for pattern, replacement in _OFFICIAL_KEY_RULES:
-        converted, count = re.subn(pattern, replacement, key)
-        if count:
-            return converted
-    return key
+    return rename_by_first_rule(key, _OFFICIAL_KEY_RULES)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CSWinTransformer) -> Dict[str, torch.Tensor]:

@@ -310,17 +310,6 @@ class NAT(ChannelsLastPyramid):
     def no_weight_decay(self) -> set:
         return {name for name, _ in self.named_parameters() if name.endswith('.rpb')}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
 
 # official key -> ours; applied in order, each to the result of the previous one
 _OFFICIAL_KEY_RULES = (

@@ -2,20 +2,22 @@
 
 The key names and shapes are written from the official model code (CSWin:
 ``microsoft/CSWin-Transformer`` ``models/cswin.py``; NAT / DiNAT:
-``SHI-Labs/Neighborhood-Attention-Transformer`` ``classification/nat.py``, ``dinat.py``), not from
-attnzoo's converters. ``OFFICIAL_KEY_COUNTS`` comes from instantiating that official code (commits
-f111ae2 and d334f5b, NATTEN's attention module replaced by one with its parameters ``qkv``, ``rpb``,
-``proj``; timm 1.0.31): its state dict has that many entries and exactly
-``reference_params.OFFICIAL_PARAMS`` parameters, which the tests check these builders against.
+``SHI-Labs/Neighborhood-Attention-Transformer`` ``classification/nat.py``, ``dinat.py``; LITv2:
+``ziplab/LITv2`` ``classification/models/*.py``), not from attnzoo's converters.
+``OFFICIAL_KEY_COUNTS`` comes from instantiating that official code (commits f111ae2, d334f5b and
+7501c86; NATTEN's attention module replaced by one with its parameters ``qkv``, ``rpb``, ``proj``,
+LITv2's CUDA DCN by a module with its parameters; timm 1.0.31): its state dict has that many entries
+and exactly ``reference_params.OFFICIAL_PARAMS`` parameters (BatchNorm statistics are buffers), which
+the tests check these builders against.
 
 Tensors are random (seeded), or shape-only on the ``meta`` device for the large variants.
 """
-import re
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from attnzoo.backbones._pyramid import rename_by_first_rule
 from reference_params import OFFICIAL_PARAMS
 
 # len(official_model.state_dict()) of each variant, 1000-class head
@@ -34,6 +36,10 @@ OFFICIAL_KEY_COUNTS = {
     'dinat_tiny': 409,
     'dinat_small': 409,
     'dinat_base': 469,
+    'litv2_small': 219,
+    'litv2_medium': 459,
+    'litv2_base': 459,
+    'litv2_base_384': 459,
 }
 
 # the official constructors' arguments (CSWin: models/cswin.py; NAT: nat.py, dinat.py)
@@ -59,6 +65,23 @@ NAT_OFFICIAL_ARCH = {
     'dinat_small': dict(_NAT_SMALL, layer_scale=None),  # dinat.py's Small has no layer_scale argument
     'dinat_base': _NAT_BASE,
 }
+
+# classification/configs/litv2-*.yaml (alpha 0.9 and LOCAL_WS [0, 0, 2, 1] in every one)
+_LITV2_S = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_LITV2_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+LITV2_OFFICIAL_ARCH = {
+    'litv2_small': _LITV2_S,
+    'litv2_medium': dict(_LITV2_S, depths=(2, 2, 18, 2)),
+    'litv2_base': _LITV2_B,
+    'litv2_base_384': _LITV2_B,
+}
+# BatchNorm statistics: in the state dict, not parameters
+_BUFFER_SUFFIXES = ('.running_mean', '.running_var', '.num_batches_tracked')
+
+
+def official_parameter_count(state_dict: Dict[str, torch.Tensor]) -> int:
+    """What ``sum(p.numel() for p in official_model.parameters())`` gives for the model that saved ``state_dict``."""
+    return sum(v.numel() for k, v in state_dict.items() if not k.endswith(_BUFFER_SUFFIXES))
 
 
 def _tensor_factory(device: Optional[str], seed: int):
@@ -153,6 +176,61 @@ def nat_official_state_dict(embed_dim: int, depths: Sequence[int], num_heads: Se
     return {key: tensor(*shape) for key, shape in shapes.items()}
 
 
+def litv2_official_state_dict(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int], alpha: float = 0.9,
+                              local_ws: Sequence[int] = (0, 0, 2, 1), mlp_ratio: int = 4, num_classes: int = 1000,
+                              in_chans: int = 3, device: Optional[str] = None,
+                              seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Named and shaped like the official classification ``LITv2`` (models/litv2.py, layers.py, blocks.py,
+    attentions.py, patch_embed.py): ``has_msa`` where ``local_ws`` is non-zero, HiLo with
+    ``int(heads * alpha)`` Lo-Fi heads (all of them at window 1), DTM closing every stage but the last."""
+    shapes = {
+        'patch_embed.proj.weight': (embed_dim, in_chans, 4, 4), 'patch_embed.proj.bias': (embed_dim,),
+        'patch_embed.norm.weight': (embed_dim,), 'patch_embed.norm.bias': (embed_dim,),
+    }
+    for i, (depth, heads, ws) in enumerate(zip(depths, num_heads, local_ws)):
+        dim, hidden = embed_dim * 2 ** i, embed_dim * 2 ** i * mlp_ratio
+        lofi_heads = heads if ws == 1 else int(heads * alpha)
+        l_dim, h_dim = lofi_heads * dim // heads, (heads - lofi_heads) * dim // heads
+        for j in range(depth):
+            block = f'layers.{i}.blocks.{j}.'
+            if ws:
+                shapes.update({block + 'norm1.weight': (dim,), block + 'norm1.bias': (dim,)})
+            if ws and l_dim:
+                shapes.update({
+                    block + 'attn.l_q.weight': (l_dim, dim), block + 'attn.l_q.bias': (l_dim,),
+                    block + 'attn.l_kv.weight': (2 * l_dim, dim), block + 'attn.l_kv.bias': (2 * l_dim,),
+                    block + 'attn.l_proj.weight': (l_dim, l_dim), block + 'attn.l_proj.bias': (l_dim,),
+                })
+            if ws and h_dim:
+                shapes.update({
+                    block + 'attn.h_qkv.weight': (3 * h_dim, dim), block + 'attn.h_qkv.bias': (3 * h_dim,),
+                    block + 'attn.h_proj.weight': (h_dim, h_dim), block + 'attn.h_proj.bias': (h_dim,),
+                })
+            shapes.update({
+                block + 'norm2.weight': (dim,), block + 'norm2.bias': (dim,),
+                block + 'mlp.fc1.weight': (hidden, dim), block + 'mlp.fc1.bias': (hidden,),
+                block + 'mlp.dwconv.dwconv.weight': (hidden, 1, 3, 3), block + 'mlp.dwconv.dwconv.bias': (hidden,),
+                block + 'mlp.fc2.weight': (dim, hidden), block + 'mlp.fc2.bias': (dim,),
+            })
+        if i < len(depths) - 1:
+            merge = f'layers.{i}.downsample.'
+            shapes.update({
+                merge + 'dconv.weight': (2 * dim, dim, 2, 2), merge + 'dconv.bias': (2 * dim,),
+                merge + 'dconv.conv_offset.weight': (8, dim, 2, 2), merge + 'dconv.conv_offset.bias': (8,),
+                **{merge + f'norm_layer.{name}': (2 * dim,) for name in ('weight', 'bias', 'running_mean')},
+            })
+    final_dim = embed_dim * 2 ** (len(depths) - 1)
+    shapes.update({'norm.weight': (final_dim,), 'norm.bias': (final_dim,),
+                   'head.weight': (num_classes, final_dim), 'head.bias': (num_classes,)})
+    tensor = _tensor_factory(device, seed)
+    sd = {key: tensor(*shape) for key, shape in shapes.items()}
+    for i in range(len(depths) - 1):  # statistics a trained BatchNorm could have
+        merge = f'layers.{i}.downsample.norm_layer.'
+        sd[merge + 'running_var'] = tensor(2 * embed_dim * 2 ** i).abs() + 0.5
+        sd[merge + 'num_batches_tracked'] = torch.tensor(1000, device=device)
+    return sd
+
+
 # our key -> the official one, the first matching rule per key (the inverse of the families' converters,
 # written from the official code; the tests check its key set against the builders above)
 _TO_OFFICIAL_RULES = {
@@ -179,13 +257,33 @@ _TO_OFFICIAL_RULES = {
 
 def to_official_layout(family: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Our state dict of a CSWin (``family='cswin'``) or NAT / DiNAT (``'nat'``) model under the official names."""
-    def rename(key):
-        for pattern, replacement in _TO_OFFICIAL_RULES[family]:
-            renamed, count = re.subn(pattern, replacement, key)
-            if count:
-                return renamed
-        return key
-    return {rename(k): v for k, v in state_dict.items()}
+    return {rename_by_first_rule(k, _TO_OFFICIAL_RULES[family]): v for k, v in state_dict.items()}
+
+
+# how the official files hold their state dict: as it is, under one of the keys the official training
+# scripts save, or under 'state_dict' with DistributedDataParallel's 'module.' prefix
+CHECKPOINT_WRAPS = ('plain', 'model', 'state_dict', 'state_dict_ema', 'state_dict_module')
+
+
+def wrap_as_saved(state_dict: Dict[str, torch.Tensor], wrap: str) -> Dict:
+    """``state_dict`` as a checkpoint file wrapped as ``wrap`` (one of ``CHECKPOINT_WRAPS``) holds it."""
+    if wrap == 'plain':
+        return state_dict
+    if wrap == 'state_dict_module':
+        return {'state_dict': {'module.' + k: v for k, v in state_dict.items()}}
+    return {wrap: state_dict, 'epoch': 300}
+
+
+def assert_official_checkpoint_loads(official: Dict[str, torch.Tensor], model: nn.Module,
+                                     checkpoint_filter_fn: Callable, wrap: str, key_samples: Dict[str, str]):
+    """``official`` wrapped as ``wrap`` converts to as many keys, loads strictly into ``model``, and each
+    official key of ``key_samples`` lands, unchanged, on our key it names."""
+    converted = checkpoint_filter_fn(wrap_as_saved(official, wrap), model)
+    assert len(converted) == len(official)
+    model.load_state_dict(converted, strict=True)
+    ours = model.state_dict()
+    for official_key, our_key in key_samples.items():
+        assert torch.equal(ours[our_key], official[official_key]), official_key
 
 
 def assert_official_layout_converts(name: str, model: nn.Module, checkpoint_filter_fn: Callable):
@@ -193,9 +291,11 @@ def assert_official_layout_converts(name: str, model: nn.Module, checkpoint_filt
     converts onto exactly the keys and shapes of ``model``."""
     if name in CSWIN_OFFICIAL_ARCH:
         official = cswin_official_state_dict(**CSWIN_OFFICIAL_ARCH[name], device='meta')
+    elif name in LITV2_OFFICIAL_ARCH:
+        official = litv2_official_state_dict(**LITV2_OFFICIAL_ARCH[name], device='meta')
     else:
         official = nat_official_state_dict(**NAT_OFFICIAL_ARCH[name], device='meta')
     assert len(official) == OFFICIAL_KEY_COUNTS[name]
-    assert sum(v.numel() for v in official.values()) == OFFICIAL_PARAMS[name]
+    assert official_parameter_count(official) == OFFICIAL_PARAMS[name]
     converted = checkpoint_filter_fn(official, model)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}

@@ -23,6 +23,11 @@ OFFICIAL_PARAMS = {
     'cswin_base_384': 77_382_184,
     'cswin_large_224': 173_262_664,
     'cswin_large_384': 173_262_664,
+    # LITv2 / HiLo (ziplab/LITv2; alpha 0.9, windows (0, 0, 2, 1))
+    'litv2_small': 27_844_000,
+    'litv2_medium': 48_830_368,
+    'litv2_base': 86_520_704,
+    'litv2_base_384': 86_520_704,
     # NAT / DiNAT (SHI-Labs/Neighborhood-Attention-Transformer)
     'nat_mini': 19_984_174,
     'nat_tiny': 27_901_582,

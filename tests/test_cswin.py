@@ -11,7 +11,8 @@ import timm
 
 import attnzoo.backbones  # noqa: F401  (registers the cswin_* models)
 from attnzoo.backbones.cswin import CrossShapedWindowAttention, StripeAttention, checkpoint_filter_fn
-from official_checkpoints import (CSWIN_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, assert_official_layout_converts,
+from official_checkpoints import (CHECKPOINT_WRAPS, CSWIN_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS,
+                                  assert_official_checkpoint_loads, assert_official_layout_converts,
                                   cswin_official_state_dict)
 
 TINY_ARCH = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(2, 2, 4, 4))
@@ -216,21 +217,10 @@ def official_tiny():
     return cswin_official_state_dict(**CSWIN_OFFICIAL_ARCH['cswin_tiny_224'])
 
 
-@pytest.mark.parametrize('wrap', ['plain', 'state_dict', 'state_dict_ema', 'model', 'module_prefix'])
+@pytest.mark.parametrize('wrap', CHECKPOINT_WRAPS)
 def test_official_cswin_tiny_checkpoint_loads_strictly(cswin_tiny, official_tiny, wrap):
     assert len(official_tiny) == OFFICIAL_KEY_COUNTS['cswin_tiny_224']
-    if wrap == 'module_prefix':
-        checkpoint = {'state_dict': {'module.' + k: v for k, v in official_tiny.items()}}
-    elif wrap == 'plain':
-        checkpoint = official_tiny
-    else:
-        checkpoint = {wrap: official_tiny, 'epoch': 300}
-    converted = checkpoint_filter_fn(checkpoint, cswin_tiny)
-    assert len(converted) == len(official_tiny)
-    cswin_tiny.load_state_dict(converted, strict=True)
-    ours = cswin_tiny.state_dict()
-    for official_key, our_key in KEY_SAMPLES.items():
-        assert torch.equal(ours[our_key], official_tiny[official_key]), official_key
+    assert_official_checkpoint_loads(official_tiny, cswin_tiny, checkpoint_filter_fn, wrap, KEY_SAMPLES)
 
 
 @pytest.mark.parametrize('name', sorted(CSWIN_OFFICIAL_ARCH))

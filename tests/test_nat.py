@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import attnzoo.backbones  # noqa: F401  (registers the models)
 import attnzoo.kernels
 from attnzoo.backbones.nat import NAT, NATBlock, NeighborhoodAttention, checkpoint_filter_fn
-from official_checkpoints import NAT_OFFICIAL_ARCH, assert_official_layout_converts, nat_official_state_dict
+from official_checkpoints import (NAT_OFFICIAL_ARCH, assert_official_layout_converts, nat_official_state_dict,
+                                  wrap_as_saved)
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,13 +32,8 @@ TINY_ARGS = dict(embed_dim=32, depths=(1, 2, 1, 1), num_heads=(2, 4, 8, 16), mlp
 @pytest.mark.parametrize('wrap', ['plain', 'model', 'state_dict_module'])
 def test_official_checkpoint_converts_and_loads_strictly(wrap):
     official = nat_official_state_dict(**TINY_ARGS)
-    checkpoint = {
-        'plain': official,
-        'model': {'model': official},
-        'state_dict_module': {'state_dict': {'module.' + k: v for k, v in official.items()}},
-    }[wrap]
     model = NAT(**TINY_ARGS)
-    model.load_state_dict(checkpoint_filter_fn(checkpoint, model), strict=True)
+    model.load_state_dict(checkpoint_filter_fn(wrap_as_saved(official, wrap), model), strict=True)
 
     # the official downsample closes level i, ours opens stage i + 1
     assert torch.equal(model.stem.conv2.weight, official['patch_embed.proj.1.weight'])

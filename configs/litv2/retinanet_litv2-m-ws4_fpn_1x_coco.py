@@ -1,0 +1,4 @@
+# RetinaNet, LITv2-M backbone with HiLo window 4 in stage 3 (the official *_ws_4 config).
+_base_ = ['./retinanet_litv2-m-ws2_fpn_1x_coco.py']
+
+model = dict(backbone=dict(window_size=4))
