@@ -35,12 +35,12 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, trunc_normal_, use_fused_attn)
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+    ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, use_fused_attn)
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
-from ._pyramid import ChannelsLastPyramid, convert_checkpoint, unwrap_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, unwrap_checkpoint
 
 __all__ = ['CrossFormer']
 
@@ -343,7 +343,7 @@ class CrossFormerBlock(nn.Module):
         return self.cooling(x)
 
 
-class CrossFormerStage(nn.Module):
+class CrossFormerStage(PyramidStage):
     """Optional cross-scale merge, then blocks alternating SDA (even index) and LDA (odd index); NHWC."""
 
     def __init__(
@@ -366,36 +366,28 @@ class CrossFormerStage(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.grad_checkpointing = False
-        if downsample:
-            self.downsample = CrossScaleMerge(in_dim, dim, merge_kernel_sizes, norm_layer=norm_layer, **dd)
-        else:
-            self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*[
-            CrossFormerBlock(
-                dim,
-                num_heads,
-                group_size,
-                interval=interval if i % 2 else 1,
-                # CrossFormer++: after every third block, but never after the stage's last one
-                activation_cooling=activation_cooling and (i + 1) % 3 == 0 and i < depth - 1,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path_rates[i],
-                norm_layer=norm_layer,
-                **dd,
-            )
-            for i in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        super().__init__(
+            downsample=CrossScaleMerge(
+                in_dim, dim, merge_kernel_sizes, norm_layer=norm_layer, **dd) if downsample else nn.Identity(),
+            blocks=[
+                CrossFormerBlock(
+                    dim,
+                    num_heads,
+                    group_size,
+                    interval=interval if i % 2 else 1,
+                    # CrossFormer++: after every third block, but never after the stage's last one
+                    activation_cooling=activation_cooling and (i + 1) % 3 == 0 and i < depth - 1,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop,
+                    attn_drop=attn_drop,
+                    drop_path=drop_path_rates[i],
+                    norm_layer=norm_layer,
+                    **dd,
+                )
+                for i in range(depth)],
+        )
 
 
 class CrossFormer(ChannelsLastPyramid):
@@ -497,28 +489,6 @@ class CrossFormer(ChannelsLastPyramid):
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt,
             **dd)
         self.apply(self._init_weights)
-
-    def _init_weights(self, m: nn.Module):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # the DPB MLPs are ordinary layers (the official optimizer decays them); no tables or tokens
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
 
 
 # The old v1 code registers the DPB's offset table and index as persistent buffers; we compute them.

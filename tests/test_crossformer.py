@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import timm
+from timm.models import group_parameters
 
 import attnzoo.backbones  # noqa: F401  (registers the crossformer_* models)
 from attnzoo.backbones.crossformer import (
@@ -155,6 +156,21 @@ def test_activation_cooling_placement(name, expected):
     found = [(i, j) for i, stage in enumerate(model.stages) for j, block in enumerate(stage.blocks)
              if isinstance(block.cooling, ActivationCooling)]
     assert found == expected
+
+
+def test_layer_decay_groups_follow_the_depth():
+    """timm's layer-wise decay groups (``group_matcher``): the stem first, one group per block (a merge
+    with its stage's first block), the final norm with the last block, the classifier last; every
+    parameter in exactly one."""
+    model = timm.create_model('crossformer_pp_small', **TINY_ARCH)
+    groups = [{'.'.join(n.split('.')[:3]) for n in group}
+              for group in group_parameters(model, model.group_matcher()).values()]
+    assert len(groups) == 1 + sum(TINY_ARCH['depths']) + 1
+    assert groups[0] == {'stem.projs.0', 'stem.projs.1', 'stem.projs.2', 'stem.projs.3', 'stem.norm.weight',
+                         'stem.norm.bias'} and groups[-1] == {'head.fc.weight', 'head.fc.bias'}
+    assert groups[3] == {'stages.1.downsample', 'stages.1.blocks'} and {'norm.weight', 'norm.bias'} <= groups[-2]
+    names = [n for group in group_parameters(model, model.group_matcher()).values() for n in group]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
 
 
 def test_cross_scale_layers_and_dpb_width():
