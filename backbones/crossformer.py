@@ -36,9 +36,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, use_fused_attn)
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._pretrained import PretrainedCfg
-from timm.models._registry import get_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, unwrap_checkpoint
 
@@ -537,16 +535,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 def _check_weight_source(variant: str, kwargs: Dict):
     """The official weights sit behind Google Drive / BaiduCloud share pages, which timm cannot download:
     say so, and how to load a downloaded file, instead of failing inside the download."""
-    cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
-    if isinstance(cfg, dict):
-        cfg = PretrainedCfg(**cfg)
-    overlay = kwargs.get('pretrained_cfg_overlay') or {}
-    cfg_file = overlay.get('file', cfg.file)
-    cfg_url = overlay.get('url', cfg.url)
-    if cfg_file or overlay.get('hf_hub_id', cfg.hf_hub_id) or cfg_url not in _SHARE_PAGES.values():
+    cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.url not in _SHARE_PAGES.values():
         return
     raise RuntimeError(
-        f'{variant}: the official weights are only on a share page ({cfg_url}), which cannot be downloaded '
+        f'{variant}: the official weights are only on a share page ({cfg.url}), which cannot be downloaded '
         f'automatically. Download the file and load it with timm.create_model({variant!r}, pretrained=True, '
         f"pretrained_cfg_overlay=dict(file='/path/to/file.pth')), or in an OpenMMLab config with "
         f"AttnzooBackbone(model_name={variant!r}, checkpoint='/path/to/file.pth').")
