@@ -61,12 +61,13 @@ def cross_scale_dims(dim: int, num_kernels: int) -> List[int]:
 
 
 def cross_scale_convs(in_dim: int, out_dim: int, kernel_sizes: Sequence[int], stride: int, device=None, dtype=None):
-    """Parallel strided convolutions whose outputs line up (padding ``(k - stride) / 2``) and concatenate to ``out_dim``."""
+    """Parallel strided convolutions whose outputs line up (padding ``(k - stride) / 2``) and concatenate
+    to ``out_dim``."""
     for k in kernel_sizes:
         if k < stride or (k - stride) % 2:
             raise ValueError(
-                f'CrossFormer: cross-scale kernel sizes {tuple(kernel_sizes)} must each be at least the stride {stride} '
-                f'and differ from it by an even number, so that every conv gives the same map')
+                f'CrossFormer: cross-scale kernel sizes {tuple(kernel_sizes)} must each be at least the stride '
+                f'{stride} and differ from it by an even number, so that every conv gives the same map')
     dims = cross_scale_dims(out_dim, len(kernel_sizes))
     return nn.ModuleList([
         nn.Conv2d(in_dim, d, k, stride=stride, padding=(k - stride) // 2, device=device, dtype=dtype)
@@ -535,8 +536,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 def _check_weight_source(variant: str, kwargs: Dict):
     """The official weights sit behind Google Drive / BaiduCloud share pages, which timm cannot download:
     say so, and how to load a downloaded file, instead of failing inside the download."""
-    cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     if cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.url not in _SHARE_PAGES.values():
         return
     raise RuntimeError(

@@ -17,6 +17,9 @@ from timm.models import group_parameters
 import attnzoo.backbones  # noqa: F401  (registers the crossformer_* models)
 from attnzoo.backbones.crossformer import (
     ActivationCooling, LongShortDistanceAttention, checkpoint_filter_fn, group_layout)
+from official_checkpoints import (
+    CROSSFORMER_OFFICIAL_ARCH, CROSSFORMER_V1_KEY_COUNTS, OFFICIAL_KEY_COUNTS, assert_official_layout_converts,
+    crossformer_official_state_dict, to_official_layout)
 
 V1_NAMES = ['crossformer_tiny', 'crossformer_small', 'crossformer_base', 'crossformer_large']
 PP_NAMES = ['crossformer_pp_small', 'crossformer_pp_base', 'crossformer_pp_large', 'crossformer_pp_huge']
@@ -185,9 +188,10 @@ def test_cross_scale_layers_and_dpb_width():
     assert widths == [6, 12, 24, 48]  # dim / 16
 
 
-def test_state_dict_size_matches_official():
-    """Official notes: CrossFormer-S has 344 state-dict entries on main (368 on the old branch)."""
-    assert len(meta_model('crossformer_small').state_dict()) == 344
+@pytest.mark.parametrize('name', sorted(CROSSFORMER_OFFICIAL_ARCH))
+def test_state_dict_size_matches_official(name):
+    """As many entries as the official main-branch model (CrossFormer-S: 344; 368 on the old branch)."""
+    assert len(meta_model(name).state_dict()) == OFFICIAL_KEY_COUNTS[name]
 
 
 # ---------------------------------------------------------------- any input size
@@ -228,63 +232,27 @@ def test_bad_arguments_raise(kwargs, match):
 
 # ---------------------------------------------------------------- official checkpoints
 
-def official_state_dict(embed_dim, depths, num_heads, activation_cooling, v1_buffers=False, in_chans=3,
-                        num_classes=1000, group_size=7):
-    """A random state dict named and shaped like the official classification ``CrossFormer`` (reference
-    notes, CrossFormer section: main branch keys; ``v1_buffers``: the old branch's persistent DPB buffers)."""
-    gen = torch.Generator().manual_seed(0)
-    sd = {}
+@pytest.mark.parametrize('name', sorted(CROSSFORMER_OFFICIAL_ARCH))
+def test_official_layout_of_every_variant_converts(name):
+    assert_official_layout_converts(name, meta_model(name), checkpoint_filter_fn)
 
-    def add(name, *shape):
-        sd[name] = torch.randn(*shape, generator=gen)
 
-    def add_norm(prefix, dim):
-        add(prefix + '.weight', dim)
-        add(prefix + '.bias', dim)
+@pytest.mark.parametrize('name', V1_NAMES)
+def test_old_branch_layout_of_every_v1_variant_converts(name):
+    """The released v1 checkpoints come from the old branch: its DPB buffers are dropped."""
+    official = crossformer_official_state_dict(**CROSSFORMER_OFFICIAL_ARCH[name], v1_buffers=True, device='meta')
+    assert len(official) == CROSSFORMER_V1_KEY_COUNTS[name]
+    model = meta_model(name)
+    converted = checkpoint_filter_fn(official, model)
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
 
-    dims = [embed_dim * 2 ** i for i in range(4)]
-    for i, (out_dim, k) in enumerate(zip([embed_dim // 2, embed_dim // 4, embed_dim // 8, embed_dim // 8],
-                                         (4, 8, 16, 32))):
-        add(f'patch_embed.projs.{i}.weight', out_dim, in_chans, k, k)
-        add(f'patch_embed.projs.{i}.bias', out_dim)
-    add_norm('patch_embed.norm', embed_dim)
-    for s, (dim, depth, heads) in enumerate(zip(dims, depths, num_heads)):
-        pos_dim = dim // 16
-        for b in range(depth):
-            p = f'layers.{s}.blocks.{b}.'
-            add_norm(p + 'norm1', dim)
-            add(p + 'attn.pos.pos_proj.weight', pos_dim, 2)
-            add(p + 'attn.pos.pos_proj.bias', pos_dim)
-            for n, out_dim in ((1, pos_dim), (2, pos_dim), (3, heads)):
-                add_norm(p + f'attn.pos.pos{n}.0', pos_dim)
-                add(p + f'attn.pos.pos{n}.2.weight', out_dim, pos_dim)
-                add(p + f'attn.pos.pos{n}.2.bias', out_dim)
-            if v1_buffers:
-                sd[p + 'attn.biases'] = torch.zeros((2 * group_size - 1) ** 2, 2)
-                sd[p + 'attn.relative_position_index'] = torch.zeros(group_size ** 2, group_size ** 2, dtype=torch.long)
-            add(p + 'attn.qkv.weight', 3 * dim, dim)
-            add(p + 'attn.qkv.bias', 3 * dim)
-            add(p + 'attn.proj.weight', dim, dim)
-            add(p + 'attn.proj.bias', dim)
-            add_norm(p + 'norm2', dim)
-            add(p + 'mlp.fc1.weight', 4 * dim, dim)
-            add(p + 'mlp.fc1.bias', 4 * dim)
-            add(p + 'mlp.fc2.weight', dim, 4 * dim)
-            add(p + 'mlp.fc2.bias', dim)
-            if activation_cooling and (b + 1) % 3 == 0 and b < depth - 1:
-                add(p + 'ex_conv.weight', dim, 1, 3, 3)
-                add(p + 'ex_conv.bias', dim)
-                add_norm(p + 'ex_ln', dim)
-        if s < 3:
-            add_norm(f'layers.{s}.downsample.norm', dim)
-            add(f'layers.{s}.downsample.reductions.0.weight', dim, dim, 2, 2)
-            add(f'layers.{s}.downsample.reductions.0.bias', dim)
-            add(f'layers.{s}.downsample.reductions.1.weight', dim, dim, 4, 4)
-            add(f'layers.{s}.downsample.reductions.1.bias', dim)
-    add_norm('norm', dims[3])
-    add('head.weight', num_classes, dims[3])
-    add('head.bias', num_classes)
-    return sd
+
+def test_inverse_rules_give_the_official_names():
+    """to_official_layout (used by the wrapper and tool tests) names our state dict as the official code does."""
+    for name in ('crossformer_small', 'crossformer_pp_huge'):
+        ours = meta_model(name).state_dict()
+        official = crossformer_official_state_dict(**CROSSFORMER_OFFICIAL_ARCH[name], device='meta')
+        assert set(to_official_layout('crossformer', ours)) == set(official)
 
 
 # official key -> ours, for keys of every kind
@@ -315,7 +283,8 @@ COOLING_SAMPLES = {
 def test_official_checkpoint_loads_strictly(generation, wrap):
     name = 'crossformer_small' if generation == 'v1' else 'crossformer_pp_small'
     model = timm.create_model(name, **TINY_ARCH)
-    official = official_state_dict(activation_cooling=generation == 'pp', v1_buffers=generation == 'v1', **TINY_ARCH)
+    official = crossformer_official_state_dict(
+        activation_cooling=generation == 'pp', v1_buffers=generation == 'v1', **TINY_ARCH)
     num_buffers = 2 * sum(TINY_ARCH['depths']) if generation == 'v1' else 0
     if wrap == 'plain':
         checkpoint = official
@@ -334,7 +303,7 @@ def test_official_checkpoint_loads_strictly(generation, wrap):
 
 def test_generation_mismatch_names_the_cooling_keys():
     model = timm.create_model('crossformer_small', **TINY_ARCH)
-    official = official_state_dict(activation_cooling=True, **TINY_ARCH)
+    official = crossformer_official_state_dict(activation_cooling=True, **TINY_ARCH)
     with pytest.raises(ValueError, match=r'4 unexpected keys .*stages\.2\.blocks\.2\.cooling.*activation_cooling=True'):
         checkpoint_filter_fn(official, model)
 
@@ -347,7 +316,7 @@ def test_own_state_dict_passes_through_unchanged():
 
 
 def test_pretrained_loads_official_file_and_adapts_every_stem_conv(tmp_path):
-    official = official_state_dict(activation_cooling=True, **TINY_ARCH)
+    official = crossformer_official_state_dict(activation_cooling=True, **TINY_ARCH)
     path = tmp_path / 'crossformer_pp_official_format.pth'
     torch.save({'model': official, 'epoch': 300}, path)
     model = timm.create_model(
@@ -387,7 +356,8 @@ def test_pretrained_cfgs():
 MM_PACKAGES = ('mmengine', 'mmcv', 'mmdet', 'mmseg')
 MM_MISSING = [name for name in MM_PACKAGES if importlib.util.find_spec(name) is None]
 needs_mm = pytest.mark.skipif(
-    bool(MM_MISSING), reason=f'OpenMMLab stack not installed ({", ".join(MM_MISSING)} missing): pip install "attnzoo[mm]"')
+    bool(MM_MISSING),
+    reason=f'OpenMMLab stack not installed ({", ".join(MM_MISSING)} missing): pip install "attnzoo[mm]"')
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'crossformer'
 # every backbone the official README reports on COCO 1x / ADE20K (v1 S and B, CrossFormer++-S)
 EXPECTED_CONFIGS = sorted(
@@ -425,10 +395,29 @@ def test_config_backbone_settings(name):
     from mmengine.config import Config
     backbone = Config.fromfile(str(CONFIG_DIR / name)).model.backbone
     size = name.split('_')[1].split('-', 1)[1]
-    assert backbone.model_name == {'s': 'crossformer_small', 'b': 'crossformer_base', 'pp-s': 'crossformer_pp_small'}[size]
+    models = {'s': 'crossformer_small', 'b': 'crossformer_base', 'pp-s': 'crossformer_pp_small'}
+    assert backbone.model_name == models[size]
     # the official dense-task settings for both generations
     assert tuple(backbone.group_size) == (7, 7, 7, 7) and tuple(backbone.interval) == (8, 4, 2, 1)
     assert backbone.drop_path_rate == (0.3 if size == 'b' else 0.2)
+
+
+@pytest.mark.mm
+@needs_mm
+def test_wrapper_loads_an_official_file(tmp_path):
+    """An official-layout CrossFormer++ file through AttnzooBackbone(checkpoint=...), with the dense settings."""
+    from attnzoo.heads import AttnzooBackbone
+    torch.manual_seed(0)
+    source = timm.create_model('crossformer_pp_small', **SHALLOW)
+    path = tmp_path / 'crossformer_pp_s.pth'
+    torch.save({'model': to_official_layout('crossformer', source.state_dict())}, path)
+    backbone = AttnzooBackbone('crossformer_pp_small', checkpoint=str(path), group_size=(7, 7, 7, 7),
+                               interval=(8, 4, 2, 1), **SHALLOW)
+    expected = source.state_dict()
+    loaded = backbone.features.model.state_dict()
+    assert len(loaded) == len(expected) - 4  # the features model has no final norm and classifier
+    for name, value in loaded.items():
+        assert torch.equal(value, expected[name]), name
 
 
 @pytest.mark.mm
@@ -469,8 +458,11 @@ def test_detector_loss_backward_predict():
 
 @pytest.mark.mm
 @needs_mm
-@pytest.mark.parametrize('name', ['upernet_crossformer-pp-s_8xb2-160k_ade20k-512x512.py',
-                                  'fpn_crossformer-pp-s_8xb4-80k_ade20k-512x512.py'])
+@pytest.mark.parametrize('name', [
+    'upernet_crossformer-pp-s_8xb2-160k_ade20k-512x512.py',
+    # the same backbone path as UPerNet's; CI's budget leaves it out
+    pytest.param('fpn_crossformer-pp-s_8xb4-80k_ade20k-512x512.py', marks=pytest.mark.slow),
+])
 def test_segmentor_loss_backward_predict(name):
     from mmseg.structures import SegDataSample
     from mmengine.structures import PixelData
