@@ -451,7 +451,6 @@ class CrossFormer(ChannelsLastPyramid):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.output_fmt = 'NHWC'
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
 

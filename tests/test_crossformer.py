@@ -207,6 +207,19 @@ def test_features_at_any_size_round_up(size):
     assert all(torch.isfinite(f).all() for f in feats)
 
 
+def test_v1_scripts_and_traces_with_padded_groups():
+    """The conformance suite scripts and traces the smallest variant (a CrossFormer++); the v1 generation
+    (LDA interval 8 in stage 1) at a size whose maps need padded, masked groups must give the same too."""
+    with timm.set_scriptable(True):
+        model = timm.create_model('crossformer_tiny', **TINY_ARCH).eval()
+    x = torch.randn(1, 3, 100, 76)
+    scripted, traced = torch.jit.script(model), torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(scripted(x), expected)
+        torch.testing.assert_close(traced(x), expected)
+
+
 def test_stem_and_merge_pad_at_bottom_right():
     """An image that is not a multiple of 4 gives what the same image zero-padded at the bottom / right does."""
     model = timm.create_model('crossformer_tiny', **TINY_ARCH).eval()
