@@ -18,8 +18,9 @@ import attnzoo.backbones  # noqa: F401  (registers the crossformer_* models)
 from attnzoo.backbones.crossformer import (
     ActivationCooling, LongShortDistanceAttention, checkpoint_filter_fn, group_layout)
 from official_checkpoints import (
-    CROSSFORMER_OFFICIAL_ARCH, CROSSFORMER_V1_KEY_COUNTS, OFFICIAL_KEY_COUNTS, assert_official_layout_converts,
-    crossformer_official_state_dict, to_official_layout)
+    CHECKPOINT_WRAPS, CROSSFORMER_OFFICIAL_ARCH, CROSSFORMER_V1_KEY_COUNTS, OFFICIAL_KEY_COUNTS,
+    assert_official_checkpoint_loads, assert_official_layout_converts, crossformer_official_state_dict,
+    to_official_layout, wrap_as_saved)
 
 V1_NAMES = ['crossformer_tiny', 'crossformer_small', 'crossformer_base', 'crossformer_large']
 PP_NAMES = ['crossformer_pp_small', 'crossformer_pp_base', 'crossformer_pp_large', 'crossformer_pp_huge']
@@ -290,28 +291,23 @@ COOLING_SAMPLES = {
 }
 
 
-@pytest.mark.parametrize('generation, wrap', [
-    ('v1', 'model'), ('v1', 'plain'), ('pp', 'model'), ('pp', 'module_prefix'),
-])
-def test_official_checkpoint_loads_strictly(generation, wrap):
-    name = 'crossformer_small' if generation == 'v1' else 'crossformer_pp_small'
-    model = timm.create_model(name, **TINY_ARCH)
-    official = crossformer_official_state_dict(
-        activation_cooling=generation == 'pp', v1_buffers=generation == 'v1', **TINY_ARCH)
-    num_buffers = 2 * sum(TINY_ARCH['depths']) if generation == 'v1' else 0
-    if wrap == 'plain':
-        checkpoint = official
-    elif wrap == 'module_prefix':
-        checkpoint = {'model': {'module.' + k: v for k, v in official.items()}}
-    else:
-        checkpoint = {'model': official, 'epoch': 300, 'max_accuracy': 83.2}
-    converted = checkpoint_filter_fn(checkpoint, model)
-    assert len(converted) == len(official) - num_buffers == len(model.state_dict())
-    model.load_state_dict(converted, strict=True)
-    ours = model.state_dict()
-    samples = dict(KEY_SAMPLES, **(COOLING_SAMPLES if generation == 'pp' else {}))
-    for official_key, our_key in samples.items():
-        assert torch.equal(ours[our_key], official[official_key]), official_key
+@pytest.mark.parametrize('wrap', CHECKPOINT_WRAPS)
+def test_official_pp_checkpoint_loads_strictly(wrap):
+    official = crossformer_official_state_dict(activation_cooling=True, **TINY_ARCH)
+    model = timm.create_model('crossformer_pp_small', **TINY_ARCH)
+    assert_official_checkpoint_loads(official, model, checkpoint_filter_fn, wrap, dict(KEY_SAMPLES, **COOLING_SAMPLES))
+
+
+def test_official_v1_checkpoint_loads_strictly_without_its_dpb_buffers():
+    """The old branch's files also hold each block's DPB offset table and index; they are all that is dropped."""
+    official = crossformer_official_state_dict(activation_cooling=False, v1_buffers=True, **TINY_ARCH)
+    buffers = [k for k in official if k.endswith(('.attn.biases', '.attn.relative_position_index'))]
+    assert len(buffers) == 2 * sum(TINY_ARCH['depths'])
+    weights = {k: v for k, v in official.items() if k not in buffers}
+    model = timm.create_model('crossformer_small', **TINY_ARCH)
+    converted = checkpoint_filter_fn(wrap_as_saved(official, 'model'), model)
+    assert converted.keys() == checkpoint_filter_fn(wrap_as_saved(weights, 'model'), model).keys()
+    assert_official_checkpoint_loads(weights, model, checkpoint_filter_fn, 'model', KEY_SAMPLES)
 
 
 def test_generation_mismatch_names_the_cooling_keys():
