@@ -18,6 +18,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from timm.layers import trunc_normal_
 from timm.models import checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
 
@@ -70,13 +71,26 @@ class ChannelsLastPyramid(nn.Module):
     A subclass sets ``family`` (its name in error messages) and builds ``in_chans``, ``stem_stride``,
     ``num_features``, ``head_hidden_size``, ``feature_info``, ``stem`` (NCHW image -> NHWC map),
     ``stages`` (an ``nn.Sequential`` of :class:`PyramidStage`, each halving the map but the first),
-    ``norm`` (on NHWC) and ``head`` (a timm ``ClassifierHead`` with ``input_fmt=self.output_fmt``).
+    ``norm`` (on NHWC) and ``head`` (a timm ``ClassifierHead`` with ``input_fmt=self.output_fmt``), and
+    applies ``_init_weights``.
 
     ``forward_features`` returns the NHWC map, declared by ``output_fmt`` as timm's channels-last
     models (Swin) declare it; ``forward_intermediates`` and ``features_only`` give NCHW by default.
     """
     family: torch.jit.Final[str] = ''
     output_fmt: torch.jit.Final[str] = 'NHWC'
+
+    def _init_weights(self, m: nn.Module):
+        """Linear layers as the official models of these families (and timm's ViTs) start them."""
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # no position tables or tokens; timm's optimizer factory already exempts norms and biases
+        return set()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):

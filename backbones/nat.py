@@ -300,12 +300,6 @@ class NAT(ChannelsLastPyramid):
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
         self.apply(self._init_weights)
 
-    def _init_weights(self, m: nn.Module):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {name for name, _ in self.named_parameters() if name.endswith('.rpb')}

@@ -3,12 +3,13 @@
 The key names and shapes are written from the official model code (CSWin:
 ``microsoft/CSWin-Transformer`` ``models/cswin.py``; NAT / DiNAT:
 ``SHI-Labs/Neighborhood-Attention-Transformer`` ``classification/nat.py``, ``dinat.py``; LITv2:
-``ziplab/LITv2`` ``classification/models/*.py``), not from attnzoo's converters.
-``OFFICIAL_KEY_COUNTS`` comes from instantiating that official code (commits f111ae2, d334f5b and
-7501c86; NATTEN's attention module replaced by one with its parameters ``qkv``, ``rpb``, ``proj``,
-LITv2's CUDA DCN by a module with its parameters; timm 1.0.31): its state dict has that many entries
-and exactly ``reference_params.OFFICIAL_PARAMS`` parameters (BatchNorm statistics are buffers), which
-the tests check these builders against.
+``ziplab/LITv2`` ``classification/models/*.py``; CrossFormer / CrossFormer++: ``cheerss/CrossFormer``
+``models/crossformer.py`` of branch ``main`` and, for the v1 checkpoints, of branch ``crossformer``),
+not from attnzoo's converters. ``OFFICIAL_KEY_COUNTS`` comes from instantiating that official code
+(commits f111ae2, d334f5b, 7501c86 and 7952010; NATTEN's attention module replaced by one with its
+parameters ``qkv``, ``rpb``, ``proj``, LITv2's CUDA DCN by a module with its parameters; timm 1.0.31):
+its state dict has that many entries and exactly ``reference_params.OFFICIAL_PARAMS`` parameters
+(BatchNorm statistics are buffers), which the tests check these builders against.
 
 Tensors are random (seeded), or shape-only on the ``meta`` device for the large variants.
 """
@@ -40,6 +41,22 @@ OFFICIAL_KEY_COUNTS = {
     'litv2_medium': 459,
     'litv2_base': 459,
     'litv2_base_384': 459,
+    # CrossFormer (main branch; the old branch adds two DPB buffers per block: CROSSFORMER_V1_KEY_COUNTS)
+    'crossformer_tiny': 448,
+    'crossformer_small': 344,
+    'crossformer_base': 656,
+    'crossformer_large': 656,
+    'crossformer_pp_small': 676,
+    'crossformer_pp_base': 676,
+    'crossformer_pp_large': 676,
+    'crossformer_pp_huge': 892,
+}
+# len(state_dict()) of the old ``crossformer`` branch's models, which made the released v1 checkpoints
+CROSSFORMER_V1_KEY_COUNTS = {
+    'crossformer_tiny': 480,
+    'crossformer_small': 368,
+    'crossformer_base': 704,
+    'crossformer_large': 704,
 }
 
 # the official constructors' arguments (CSWin: models/cswin.py; NAT: nat.py, dinat.py)
@@ -82,6 +99,20 @@ _BUFFER_SUFFIXES = ('.running_mean', '.running_var', '.num_batches_tracked')
 def official_parameter_count(state_dict: Dict[str, torch.Tensor]) -> int:
     """What ``sum(p.numel() for p in official_model.parameters())`` gives for the model that saved ``state_dict``."""
     return sum(v.numel() for k, v in state_dict.items() if not k.endswith(_BUFFER_SUFFIXES))
+
+
+# the official configs (configs/crossformer/*.yaml, configs/crossformer_pp/*.yaml)
+_V1, _PP = dict(activation_cooling=False), dict(activation_cooling=True)
+CROSSFORMER_OFFICIAL_ARCH = {
+    'crossformer_tiny': dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), **_V1),
+    'crossformer_small': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), **_V1),
+    'crossformer_base': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_V1),
+    'crossformer_large': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_V1),
+    'crossformer_pp_small': dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), **_PP),
+    'crossformer_pp_base': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), **_PP),
+    'crossformer_pp_large': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), **_PP),
+    'crossformer_pp_huge': dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), **_PP),
+}
 
 
 def _tensor_factory(device: Optional[str], seed: int):
@@ -231,6 +262,59 @@ def litv2_official_state_dict(embed_dim: int, depths: Sequence[int], num_heads: 
     return sd
 
 
+def crossformer_official_state_dict(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
+                                    activation_cooling: bool, v1_buffers: bool = False, group_size: int = 7,
+                                    num_classes: int = 1000, in_chans: int = 3, device: Optional[str] = None,
+                                    seed: int = 0) -> Dict[str, torch.Tensor]:
+    """Named and shaped like the official classification ``CrossFormer`` (branch ``main``); ``v1_buffers``
+    adds the DPB buffers the old branch saves (``attn.biases``, ``attn.relative_position_index``, here
+    for a ``group_size`` group: they are dropped on conversion whatever their size)."""
+    shapes = {}
+    stem_dims = [embed_dim // 2, embed_dim // 4, embed_dim // 8, embed_dim // 8]  # C/2, C/4, C/8, C/8
+    for i, (dim, kernel) in enumerate(zip(stem_dims, (4, 8, 16, 32))):
+        shapes.update({f'patch_embed.projs.{i}.weight': (dim, in_chans, kernel, kernel),
+                       f'patch_embed.projs.{i}.bias': (dim,)})
+    shapes.update({'patch_embed.norm.weight': (embed_dim,), 'patch_embed.norm.bias': (embed_dim,)})
+    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        dim = embed_dim * 2 ** i
+        pos_dim = dim // 4 // 4  # DynamicPosBias(dim // 4) and its own pos_dim = dim // 4
+        for j in range(depth):
+            block = f'layers.{i}.blocks.{j}.'
+            shapes.update({block + 'norm1.weight': (dim,), block + 'norm1.bias': (dim,),
+                           block + 'attn.pos.pos_proj.weight': (pos_dim, 2),
+                           block + 'attn.pos.pos_proj.bias': (pos_dim,)})
+            for n, out_dim in ((1, pos_dim), (2, pos_dim), (3, heads)):
+                pos = block + f'attn.pos.pos{n}.'
+                shapes.update({pos + '0.weight': (pos_dim,), pos + '0.bias': (pos_dim,),
+                               pos + '2.weight': (out_dim, pos_dim), pos + '2.bias': (out_dim,)})
+            if v1_buffers:
+                shapes.update({block + 'attn.biases': ((2 * group_size - 1) ** 2, 2),
+                               block + 'attn.relative_position_index': (group_size ** 2, group_size ** 2)})
+            shapes.update({
+                block + 'attn.qkv.weight': (3 * dim, dim), block + 'attn.qkv.bias': (3 * dim,),
+                block + 'attn.proj.weight': (dim, dim), block + 'attn.proj.bias': (dim,),
+                block + 'norm2.weight': (dim,), block + 'norm2.bias': (dim,),
+                block + 'mlp.fc1.weight': (4 * dim, dim), block + 'mlp.fc1.bias': (4 * dim,),
+                block + 'mlp.fc2.weight': (dim, 4 * dim), block + 'mlp.fc2.bias': (dim,),
+            })
+            if activation_cooling and (j + 1) % 3 == 0 and j < depth - 1:
+                shapes.update({block + 'ex_conv.weight': (dim, 1, 3, 3), block + 'ex_conv.bias': (dim,),
+                               block + 'ex_ln.weight': (dim,), block + 'ex_ln.bias': (dim,)})
+        if i < len(depths) - 1:  # the cross-scale merge closing the stage: kernels 2 and 4, C channels each
+            shapes.update({
+                f'layers.{i}.downsample.norm.weight': (dim,), f'layers.{i}.downsample.norm.bias': (dim,),
+                f'layers.{i}.downsample.reductions.0.weight': (dim, dim, 2, 2),
+                f'layers.{i}.downsample.reductions.0.bias': (dim,),
+                f'layers.{i}.downsample.reductions.1.weight': (dim, dim, 4, 4),
+                f'layers.{i}.downsample.reductions.1.bias': (dim,),
+            })
+    final_dim = embed_dim * 2 ** (len(depths) - 1)
+    shapes.update({'norm.weight': (final_dim,), 'norm.bias': (final_dim,),
+                   'head.weight': (num_classes, final_dim), 'head.bias': (num_classes,)})
+    tensor = _tensor_factory(device, seed)
+    return {key: tensor(*shape) for key, shape in shapes.items()}
+
+
 # our key -> the official one, the first matching rule per key (the inverse of the families' converters,
 # written from the official code; the tests check its key set against the builders above)
 _TO_OFFICIAL_RULES = {
@@ -252,11 +336,24 @@ _TO_OFFICIAL_RULES = {
         (r'^stages\.(\d+)\.blocks\.', lambda m: f'levels.{m[1]}.blocks.'),
         (r'^head\.fc\.', lambda m: 'head.'),
     ),
+    'crossformer': (
+        (r'^stem\.', lambda m: 'patch_embed.'),
+        (r'^stages\.(\d+)\.downsample\.', lambda m: f'layers.{int(m[1]) - 1}.downsample.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.pos\.proj\.',
+         lambda m: f'layers.{m[1]}.blocks.{m[2]}.attn.pos.pos_proj.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.attn\.pos\.layers\.(\d)\.',
+         lambda m: f'layers.{m[1]}.blocks.{m[2]}.attn.pos.pos{int(m[3]) + 1}.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.cooling\.conv\.', lambda m: f'layers.{m[1]}.blocks.{m[2]}.ex_conv.'),
+        (r'^stages\.(\d+)\.blocks\.(\d+)\.cooling\.norm\.', lambda m: f'layers.{m[1]}.blocks.{m[2]}.ex_ln.'),
+        (r'^stages\.(\d+)\.blocks\.', lambda m: f'layers.{m[1]}.blocks.'),
+        (r'^head\.fc\.', lambda m: 'head.'),
+    ),
 }
 
 
 def to_official_layout(family: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Our state dict of a CSWin (``family='cswin'``) or NAT / DiNAT (``'nat'``) model under the official names."""
+    """Our state dict of a CSWin (``family='cswin'``), NAT / DiNAT (``'nat'``) or CrossFormer (``'crossformer'``,
+    the main branch's names) model under the official names."""
     return {rename_by_first_rule(k, _TO_OFFICIAL_RULES[family]): v for k, v in state_dict.items()}
 
 
@@ -293,6 +390,8 @@ def assert_official_layout_converts(name: str, model: nn.Module, checkpoint_filt
         official = cswin_official_state_dict(**CSWIN_OFFICIAL_ARCH[name], device='meta')
     elif name in LITV2_OFFICIAL_ARCH:
         official = litv2_official_state_dict(**LITV2_OFFICIAL_ARCH[name], device='meta')
+    elif name in CROSSFORMER_OFFICIAL_ARCH:
+        official = crossformer_official_state_dict(**CROSSFORMER_OFFICIAL_ARCH[name], device='meta')
     else:
         official = nat_official_state_dict(**NAT_OFFICIAL_ARCH[name], device='meta')
     assert len(official) == OFFICIAL_KEY_COUNTS[name]

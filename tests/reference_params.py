@@ -40,6 +40,15 @@ OFFICIAL_PARAMS = {
     'dinat_large': 200_943_514,
     'dinat_large_384': 200_943_514,
     'dinat_large_384_11x11': 201_144_250,
+    # CrossFormer / CrossFormer++ (cheerss/CrossFormer; v1 counts are the same on the old branch)
+    'crossformer_tiny': 27_776_794,
+    'crossformer_small': 30_657_394,
+    'crossformer_base': 51_971_554,
+    'crossformer_large': 91_971_184,
+    'crossformer_pp_small': 23_325_340,
+    'crossformer_pp_base': 51_994_594,
+    'crossformer_pp_large': 92_001_904,
+    'crossformer_pp_huge': 95_962_944,
     # timm-native families attnzoo supports (timm 1.0.31); provenance in the docstring above
     # MaxViT: timm's own counts (official code is TensorFlow)
     'maxvit_tiny_tf_224': 30_916_528,

@@ -1,0 +1,5 @@
+# UPerNet, CrossFormer-B backbone, 160k iterations, ADE20K 512x512: the CrossFormer-S recipe with the
+# B backbone and drop path 0.3 (the official CrossFormer_B; same widths as S).
+_base_ = ['./upernet_crossformer-s_8xb2-160k_ade20k-512x512.py']
+
+model = dict(backbone=dict(model_name='crossformer_base', drop_path_rate=0.3))
