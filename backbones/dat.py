@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features_fx import register_notrace_function
 
 from ._pyramid import ChannelsLastPyramid, convert_checkpoint, unwrap_checkpoint
@@ -123,12 +124,13 @@ def normalized_grid(height: int, width: int, first: float, dtype: torch.dtype, d
     A one-position axis, where the official code divides by zero (NaN for the query grid, the map
     edge for a reference point), puts its position at the centre, 0.
     """
+    compute_dtype = torch.promote_types(dtype, torch.float32)  # half-precision coordinates would be coarse
     axes = []
     for length in (height, width):
         if length == 1:
-            axes.append(torch.zeros(1, dtype=torch.float32, device=device))
+            axes.append(torch.zeros(1, dtype=compute_dtype, device=device))
         else:
-            positions = torch.arange(length, dtype=torch.float32, device=device) + first
+            positions = torch.arange(length, dtype=compute_dtype, device=device) + first
             axes.append(positions / (length - 1) * 2 - 1)
     ys, xs = torch.meshgrid(axes, indexing='ij')
     return torch.stack((xs, ys), dim=-1).to(dtype)
@@ -517,7 +519,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
     return state_dict
 
 
+def _check_weight_source(variant: str, kwargs: Dict):
+    """The official weights sit on share pages that timm cannot download: without a local file (or
+    another source) ``pretrained=True`` says where to get them, instead of failing on an HTML page."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    if cfg.file or cfg.state_dict or cfg.hf_hub_id or not (cfg.url or '').startswith(_SHARE_PAGE):
+        return
+    raise RuntimeError(
+        f'{variant}: timm cannot download the official DAT++ weights (a share page, {cfg.url}); download the '
+        f'file from there (or from the OneDrive links of github.com/LeapLabTHU/DAT) and pass it with '
+        f'pretrained_cfg_overlay=dict(file=path)')
+
+
 def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
+    if pretrained:
+        _check_weight_source(variant, kwargs)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('dims', (64, 128, 256, 512))))))
     return build_model_with_cfg(
         DAT,
@@ -546,7 +562,8 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 # the official release is on OneDrive / TsinghuaCloud share pages, which timm cannot download:
 # pass the downloaded file with pretrained_cfg_overlay=dict(file=...)
-_TSINGHUA = 'https://cloud.tsinghua.edu.cn/f/{}/'
+_SHARE_PAGE = 'https://cloud.tsinghua.edu.cn/f/'
+_TSINGHUA = _SHARE_PAGE + '{}/'
 
 default_cfgs = generate_default_cfgs({
     'dat_pp_tiny.in1k': _cfg(_TSINGHUA.format('14c5ddae10b642e68089')),
