@@ -415,17 +415,6 @@ class DAT(ChannelsLastPyramid):
         # the official optimizer exempts the deformable bias tables (and, as timm does, norms and biases)
         return {name for name, _ in self.named_parameters() if name.endswith('.rpe_table')}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
 
 # official key -> ours; applied in order, each to the result of the previous one
 _OFFICIAL_KEY_RULES = (
