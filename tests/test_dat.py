@@ -6,7 +6,6 @@ classification and DAT-Detection / DAT-Segmentation layouts.
 The generic timm API and the parameter counts are covered by the conformance suite; the OpenMMLab
 configs are built by tests/test_heads.py and trained / run here (skipped without OpenMMLab).
 """
-import functools
 import importlib.util
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 import attnzoo.backbones  # noqa: F401  (registers the models)
 from attnzoo.backbones import dat, nat
 from attnzoo.backbones.dat import DAT, DeformableAttention, checkpoint_filter_fn
-from attnzoo.kernels import neighborhood_attention_2d
+from attnzoo.kernels import neighborhood_attention_2d, use_backend
 
 # a small DAT++ (head_dim 16, the smallest the neighborhood op takes), every block type in every stage
 SMALL_ARGS = dict(dims=(32, 64, 128, 256), stage_spec=('ND', 'DN', 'ND', 'D'), num_heads=(2, 4, 8, 16),
@@ -196,18 +195,17 @@ def test_neighborhood_blocks_run_on_the_attnzoo_op(monkeypatch):
     assert [tuple(shape[1:3]) for shape, _, _ in calls] == [(16, 24), (8, 12), (7, 7)]
 
 
-def test_fused_and_reference_neighborhood_paths_agree(monkeypatch):
+def test_fused_and_reference_neighborhood_paths_agree():
     """The whole model, forward and backward, with the 'N' blocks on the fused Triton kernels (Triton's
-    interpreter on CPU) and on the PyTorch reference: fp32, 1e-4."""
+    interpreter on CPU) and on the PyTorch reference, through the kernels' process-wide switch: fp32, 1e-4."""
     pytest.importorskip('triton')
     x = torch.randn(2, 3, 48, 64)  # stage maps 12x16, then 6x8 and 3x4, which pad to the 7x7 window
     results = []
     for backend in ('reference', 'triton'):
-        monkeypatch.setattr(nat, 'neighborhood_attention_2d', functools.partial(neighborhood_attention_2d,
-                                                                                backend=backend))
         model = small_dat()
-        logits = model(x)
-        logits.square().sum().backward()
+        with use_backend(backend):
+            logits = model(x)
+            logits.square().sum().backward()
         results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
     (ref_logits, ref_grads), (fused_logits, fused_grads) = results
     torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-4, atol=1e-4)
@@ -226,6 +224,21 @@ def test_any_size_gives_finite_features(size):
     expected = [tuple(-(-s // r) for s in size) for r in (4, 8, 16, 32)]
     assert [tuple(f.shape[2:]) for f in features] == expected
     assert all(torch.isfinite(f).all() for f in features)
+
+
+@pytest.mark.parametrize('coarse', [True, False])
+def test_group_matcher_orders_every_parameter_as_it_runs(coarse):
+    """timm's layer-wise decay groups: every parameter in one group, group ids never decrease along the
+    model (stem first, stage by stage, the head last)."""
+    from timm.models import group_parameters
+    model = small_dat()
+    groups = group_parameters(model, model.group_matcher(coarse=coarse))
+    group_of = {name: i for i, names in enumerate(groups.values()) for name in names}
+    order = [group_of[name] for name, _ in model.named_parameters()]
+    assert order == sorted(order) and order[0] == 0 and order[-1] == len(groups) - 1
+    # stem, one group per stage or per block (a downsample joins its stage's first block, the final norm
+    # the last block: timm's 99999 rule), the head with whatever matched nothing
+    assert len(groups) == (1 + 4 + 1 if coarse else 1 + 7 + 1)
 
 
 # ---------------------------------------------------------------- official checkpoints
@@ -416,15 +429,12 @@ needs_mm = pytest.mark.skipif(bool(MM_MISSING), reason=f'OpenMMLab stack not ins
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'dat'
 # DAT-T++ widths and heads, one block of each type where the stage has both: runs in seconds
 SHALLOW_SPEC = ('ND', 'ND', 'ND', 'D')
+# test_heads.py's batches (128 x 160 detection, 128 x 128 segmentation images) and checks are reused
 
 
 def build_task_model(config_name):
-    import mmcv.ops  # noqa: F401  (fails loudly if mmcv was built without its ops)
-    from mmdet.registry import MODELS as DET_MODELS
+    from test_heads import build_model  # needs the OpenMMLab stack: imported inside the mm tests only
     from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-    from mmseg.registry import MODELS as SEG_MODELS
-    import attnzoo.heads  # noqa: F401  (registers AttnzooBackbone)
 
     cfg = Config.fromfile(str(CONFIG_DIR / config_name))
     assert cfg.model.backbone.model_name == 'dat_pp_tiny' and cfg.model.backbone.out_norm
@@ -433,61 +443,15 @@ def build_task_model(config_name):
         # an untrained box head scores everything below 0.05: keep the top ten, so the mask head runs
         cfg.model.test_cfg.rcnn.update(score_thr=0., max_per_img=10)
     if cfg.default_scope == 'mmseg':
-        cfg.model.data_preprocessor.size = SEG_SIZE
+        cfg.model.data_preprocessor.size = (128, 128)  # the configs pad to the 512x512 training crop
     torch.manual_seed(0)
-    with DefaultScope.overwrite_default_scope(cfg.default_scope):
-        registry = DET_MODELS if cfg.default_scope == 'mmdet' else SEG_MODELS
-        return registry.build(cfg.model), cfg
-
-
-DET_SIZE, SEG_SIZE = (96, 128), (96, 96)
-
-
-def det_inputs(with_masks=False):
-    import numpy as np
-    from mmdet.structures import DetDataSample
-    from mmdet.structures.mask import BitmapMasks
-    from mmengine.structures import InstanceData
-
-    generator = torch.Generator().manual_seed(0)
-    h, w = DET_SIZE
-    boxes = torch.tensor([[8., 10., 60., 70.], [50., 20., 120., 90.]])
-    inputs, samples = [], []
-    for _ in range(2):
-        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator))
-        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1., 1.)))
-        gt = InstanceData(bboxes=boxes.clone(), labels=torch.tensor([1, 5]))
-        if with_masks:
-            masks = np.zeros((len(boxes), h, w), dtype=np.uint8)
-            for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
-                masks[i, y0:y1, x0:x1] = 1
-            gt.masks = BitmapMasks(masks, h, w)
-        sample.gt_instances = gt
-        samples.append(sample)
-    return dict(inputs=inputs, data_samples=samples)
-
-
-def seg_inputs():
-    from mmengine.structures import PixelData
-    from mmseg.structures import SegDataSample
-
-    generator = torch.Generator().manual_seed(0)
-    h, w = SEG_SIZE
-    inputs, samples = [], []
-    for _ in range(2):
-        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator))
-        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w)))
-        sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, h, w), generator=generator))
-        samples.append(sample)
-    return dict(inputs=inputs, data_samples=samples)
+    return build_model(cfg), cfg
 
 
 def backward_reaches_the_backbone(model, losses):
-    loss, _ = model.parse_losses(losses)
-    assert torch.isfinite(loss), losses
-    loss.backward()
-    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    from test_heads import backbone_grads, total_loss
+    total_loss(model, losses).backward()
+    assert all(g is not None and torch.isfinite(g).all() for g in backbone_grads(model))
 
 
 @pytest.mark.mm
@@ -497,52 +461,52 @@ def backward_reaches_the_backbone(model, losses):
     ('mask-rcnn_dat-pp-t_fpn_ms-crop-3x_coco.py', 0.3, 36, [27, 33]),
 ])
 def test_mask_rcnn_config_trains_and_predicts(name, drop_path, epochs, milestones):
+    from test_heads import check_detections, det_batch
     model, cfg = build_task_model(name)
     # the official DAT-Detection recipe (mrcn_tiny_{1x,3x}_4n_*)
     assert cfg.model.backbone.drop_path_rate == drop_path and cfg.model.neck.add_extra_convs == 'on_input'
     assert cfg.train_cfg.max_epochs == epochs and cfg.param_scheduler[1].milestones == milestones
     assert cfg.train_dataloader.dataset.pipeline[3].type == 'RandomChoice'
     model.train()
-    data = model.data_preprocessor(det_inputs(with_masks=True), training=True)
-    losses = model(**data, mode='loss')
+    losses = model(**model.data_preprocessor(det_batch(with_masks=True), training=True), mode='loss')
     assert {'loss_rpn_cls', 'loss_rpn_bbox', 'loss_cls', 'loss_bbox', 'loss_mask'} <= set(losses)
     backward_reaches_the_backbone(model, losses)
     model.eval()
     with torch.no_grad():
-        results = model(**model.data_preprocessor(det_inputs(), training=False), mode='predict')
-    assert len(results) == 2 and all(len(r.pred_instances) for r in results)
-    for result in results:
-        assert torch.isfinite(result.pred_instances.bboxes).all()
-        assert tuple(result.pred_instances.masks.shape[1:]) == DET_SIZE
+        results = model(**model.data_preprocessor(det_batch(with_masks=False), training=False), mode='predict')
+    assert all(len(result.pred_instances) for result in results)
+    check_detections(results, with_masks=True)
 
 
 @pytest.mark.mm
 @needs_mm
 def test_retinanet_config_trains_and_predicts():
+    from test_heads import check_detections, det_batch
     model, cfg = build_task_model('retinanet_dat-pp-t_fpn_ms-crop-1x_coco.py')
     assert model.backbone.out_channels == (128, 256, 512) and cfg.model.neck.in_channels == [128, 256, 512]
     model.train()
-    losses = model(**model.data_preprocessor(det_inputs(), training=True), mode='loss')
+    losses = model(**model.data_preprocessor(det_batch(with_masks=False), training=True), mode='loss')
     assert {'loss_cls', 'loss_bbox'} <= set(losses)
     backward_reaches_the_backbone(model, losses)
     model.eval()
     with torch.no_grad():
-        results = model(**model.data_preprocessor(det_inputs(), training=False), mode='predict')
-    assert len(results) == 2 and all(torch.isfinite(r.pred_instances.bboxes).all() for r in results)
+        check_detections(model(**model.data_preprocessor(det_batch(with_masks=False), training=False),
+                               mode='predict'), with_masks=False)
 
 
 @pytest.mark.mm
 @needs_mm
 def test_upernet_config_trains_and_predicts():
+    from test_heads import seg_batch
     model, cfg = build_task_model('upernet_dat-pp-t_8xb2-160k_ade20k-512x512.py')
     assert cfg.model.backbone.drop_path_rate == 0.3 and cfg.optim_wrapper.optimizer.lr == 6e-5
     model.train()
-    losses = model(**model.data_preprocessor(seg_inputs(), training=True), mode='loss')
+    losses = model(**model.data_preprocessor(seg_batch(), training=True), mode='loss')
     assert 'decode.loss_ce' in losses and 'aux.loss_ce' in losses
     backward_reaches_the_backbone(model, losses)
     model.eval()
     with torch.no_grad():
-        results = model(**model.data_preprocessor(seg_inputs(), training=False), mode='predict')
+        results = model(**model.data_preprocessor(seg_batch(seed=1), training=False), mode='predict')
     for result in results:
         labels = result.pred_sem_seg.data
-        assert tuple(labels.shape) == (1, *SEG_SIZE) and 0 <= labels.min() and labels.max() < 150
+        assert tuple(labels.shape) == (1, 128, 128) and 0 <= labels.min() and labels.max() < 150
