@@ -18,6 +18,7 @@ import attnzoo.backbones  # noqa: F401  (registers the models)
 from attnzoo.backbones import dat, nat
 from attnzoo.backbones.dat import DAT, DeformableAttention, checkpoint_filter_fn
 from attnzoo.kernels import neighborhood_attention_2d, use_backend
+from attnzoo.kernels._dispatch import triton_interpreted
 
 # a small DAT++ (head_dim 16, the smallest the neighborhood op takes), every block type in every stage
 SMALL_ARGS = dict(dims=(32, 64, 128, 256), stage_spec=('ND', 'DN', 'ND', 'D'), num_heads=(2, 4, 8, 16),
@@ -195,14 +196,20 @@ def test_neighborhood_blocks_run_on_the_attnzoo_op(monkeypatch):
     assert [tuple(shape[1:3]) for shape, _, _ in calls] == [(16, 24), (8, 12), (7, 7)]
 
 
-def test_fused_and_reference_neighborhood_paths_agree():
-    """The whole model, forward and backward, with the 'N' blocks on the fused Triton kernels (Triton's
-    interpreter on CPU) and on the PyTorch reference, through the kernels' process-wide switch: fp32, 1e-4."""
+@pytest.mark.parametrize('device', [
+    'cpu',
+    pytest.param('cuda', marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')]),
+])
+def test_fused_and_reference_neighborhood_paths_agree(device):
+    """The whole model, forward and backward, with the 'N' blocks on the fused Triton kernels (on CPU in
+    Triton's interpreter) and on the PyTorch reference, through the kernels' process-wide switch: fp32, 1e-4."""
     pytest.importorskip('triton')
-    x = torch.randn(2, 3, 48, 64)  # stage maps 12x16, then 6x8 and 3x4, which pad to the 7x7 window
+    if device == 'cpu' and not triton_interpreted():
+        pytest.skip('Triton runs CPU tensors only under TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)')
+    x = torch.randn(2, 3, 48, 64, device=device)  # stage maps 12x16, then 6x8 and 3x4, which pad to the 7x7 window
     results = []
     for backend in ('reference', 'triton'):
-        model = small_dat()
+        model = small_dat().to(device)
         with use_backend(backend):
             logits = model(x)
             logits.square().sum().backward()
