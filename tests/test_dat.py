@@ -463,16 +463,12 @@ def backward_reaches_the_backbone(model, losses):
 
 @pytest.mark.mm
 @needs_mm
-@pytest.mark.parametrize('name, drop_path, epochs, milestones', [
-    ('mask-rcnn_dat-pp-t_fpn_ms-crop-1x_coco.py', 0.0, 12, [8, 11]),
-    ('mask-rcnn_dat-pp-t_fpn_ms-crop-3x_coco.py', 0.3, 36, [27, 33]),
-])
-def test_mask_rcnn_config_trains_and_predicts(name, drop_path, epochs, milestones):
+def test_mask_rcnn_config_trains_and_predicts():
     from test_heads import check_detections, det_batch
-    model, cfg = build_task_model(name)
-    # the official DAT-Detection recipe (mrcn_tiny_{1x,3x}_4n_*)
-    assert cfg.model.backbone.drop_path_rate == drop_path and cfg.model.neck.add_extra_convs == 'on_input'
-    assert cfg.train_cfg.max_epochs == epochs and cfg.param_scheduler[1].milestones == milestones
+    model, cfg = build_task_model('mask-rcnn_dat-pp-t_fpn_ms-crop-1x_coco.py')
+    # the official DAT-Detection recipe (mrcn_tiny_1x_4n_dp00_lr4)
+    assert cfg.model.backbone.drop_path_rate == 0.0 and cfg.model.neck.add_extra_convs == 'on_input'
+    assert cfg.train_cfg.max_epochs == 12 and cfg.param_scheduler[1].milestones == [8, 11]
     assert cfg.train_dataloader.dataset.pipeline[3].type == 'RandomChoice'
     model.train()
     losses = model(**model.data_preprocessor(det_batch(with_masks=True), training=True), mode='loss')
@@ -483,6 +479,20 @@ def test_mask_rcnn_config_trains_and_predicts(name, drop_path, epochs, milestone
         results = model(**model.data_preprocessor(det_batch(with_masks=False), training=False), mode='predict')
     assert all(len(result.pred_instances) for result in results)
     check_detections(results, with_masks=True)
+
+
+@pytest.mark.mm
+@needs_mm
+def test_mask_rcnn_3x_config_is_the_1x_recipe_longer():
+    """mrcn_tiny_3x_4n_dp03_lr4: drop path 0.3, 36 epochs with steps at 27 / 33, the rest as 1x (built by
+    tests/test_heads.py)."""
+    from mmengine.config import Config
+    short, long = (Config.fromfile(str(CONFIG_DIR / f'mask-rcnn_dat-pp-t_fpn_ms-crop-{s}_coco.py')) for s in ('1x', '3x'))
+    assert long.model.backbone.drop_path_rate == 0.3 and long.train_cfg.max_epochs == 36
+    assert long.param_scheduler[1].milestones == [27, 33] and long.param_scheduler[1].end == 36
+    short.model.backbone.drop_path_rate = 0.3
+    assert long.model == short.model and long.optim_wrapper == short.optim_wrapper
+    assert long.train_dataloader == short.train_dataloader
 
 
 @pytest.mark.mm
