@@ -34,16 +34,16 @@ import warnings
 from typing import Dict, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 from timm.models._builder import resolve_pretrained_cfg
-from timm.models._features_fx import register_notrace_function
 
-from ._pyramid import ChannelsLastPyramid, convert_checkpoint, unwrap_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, unwrap_checkpoint
 from .nat import ConvDownsample, NeighborhoodAttention
 
 __all__ = ['DAT']
@@ -115,7 +115,8 @@ class OffsetNetwork(nn.Module):
         return self.proj(self.act(self.norm(self.conv(x).permute(0, 2, 3, 1))))
 
 
-@register_notrace_function
+@torch.fx.wrap
+@register_notrace_function  # reason: its arange / meshgrid sizes are the map size, which FX's proxies do not have
 def normalized_grid(height: int, width: int, first: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``[height, width, 2]`` (x, y) points ``first + index`` per axis on grid_sample's
     ``align_corners=True`` scale, ``index / (length - 1) * 2 - 1``, as the official code computes
@@ -176,7 +177,6 @@ class DeformableAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.groups = groups
         self.scale = self.head_dim ** -0.5
-        self.fused_attn = use_fused_attn()
         self.proj_q = nn.Linear(dim, dim, **dd)
         self.proj_k = nn.Linear(dim, dim, **dd)
         self.proj_v = nn.Linear(dim, dim, **dd)
@@ -213,12 +213,11 @@ class DeformableAttention(nn.Module):
         k = self.proj_k(sampled).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.proj_v(sampled).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
         q = q.reshape(B, H * W, self.num_heads, self.head_dim).transpose(1, 2)   # [B, heads, HW, D]
-        bias = self.position_bias(points, H, W).to(q.dtype)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale + bias
-            x = attn.softmax(dim=-1) @ v
+        # The bias is a dense [B, heads, HW, Ns] tensor, as large as the scores, so a fused SDPA kernel
+        # saves nothing here; and SDPA picks other kernels with and without autograd (on CPU), which
+        # would make training and inference outputs differ in the last bits.
+        attn = (q @ k.transpose(-2, -1)) * self.scale + self.position_bias(points, H, W).to(q.dtype)
+        x = attn.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj_out(x))
 
@@ -267,7 +266,7 @@ class DATBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class DATStage(nn.Module):
+class DATStage(PyramidStage):
     """Optional stride-2 downsample, then one block per letter of ``block_types``; NHWC."""
 
     def __init__(
@@ -288,32 +287,26 @@ class DATStage(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.grad_checkpointing = False
-        self.downsample = ConvDownsample(in_dim, dim, **dd) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            DATBlock(
-                dim,
-                num_heads,
-                block_type,
-                groups=groups,
-                stride=stride,
-                offset_kernel_size=offset_kernel_size,
-                nat_kernel_size=nat_kernel_size,
-                table_size=table_size,
-                mlp_ratio=mlp_ratio,
-                proj_drop=proj_drop,
-                drop_path=drop_path_rates[i],
-                **dd,
-            )
-            for i, block_type in enumerate(block_types)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        super().__init__(
+            downsample=ConvDownsample(in_dim, dim, **dd) if downsample else nn.Identity(),
+            blocks=[
+                DATBlock(
+                    dim,
+                    num_heads,
+                    block_type,
+                    groups=groups,
+                    stride=stride,
+                    offset_kernel_size=offset_kernel_size,
+                    nat_kernel_size=nat_kernel_size,
+                    table_size=table_size,
+                    mlp_ratio=mlp_ratio,
+                    proj_drop=proj_drop,
+                    drop_path=drop_path_rates[i],
+                    **dd,
+                )
+                for i, block_type in enumerate(block_types)],
+        )
 
 
 class DAT(ChannelsLastPyramid):
@@ -375,8 +368,6 @@ class DAT(ChannelsLastPyramid):
         self.in_chans = in_chans
         self.stem_stride = 4
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
-        self.output_fmt = 'NHWC'
         self.num_features = self.head_hidden_size = dims[-1]
         img_size = to_2tuple(img_size)
 
@@ -408,7 +399,7 @@ class DAT(ChannelsLastPyramid):
         self.stages = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features, **dd)
         self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC', **dd)
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
