@@ -459,6 +459,7 @@ def backward_reaches_the_backbone(model, losses):
     assert all(g is not None and torch.isfinite(g).all() for g in backbone_grads(model))
 
 
+@pytest.mark.slow  # the costliest config test (CI budget); RetinaNet below runs DAT++ in a detector in CI
 @pytest.mark.mm
 @needs_mm
 def test_mask_rcnn_config_trains_and_predicts():
