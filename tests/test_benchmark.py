@@ -119,5 +119,5 @@ def test_model_section_kernel_backends(tmp_path):
                     '--kernel-backends', 'auto', 'reference', '--warmup', '0', '--iters', '1', '--out', str(tmp_path)])
     rows = _load(tmp_path, 'models')['results']
     assert {(r['impl'], r['extra']['kernel_backend']) for r in rows} == {
-        ('cswin_tiny_224', 'auto'), ('nat_mini', 'auto'), ('nat_mini [reference]', 'reference')}
+        ('cswin_tiny_224', 'auto'), ('nat_mini', 'auto'), ('nat_mini (reference kernels)', 'reference')}
     assert all(not r['error'] and r['ms'] > 0 and r['speedup_vs_baseline'] for r in rows)

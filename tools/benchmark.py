@@ -120,7 +120,7 @@ def _run_models(args, device, dtype):
         x = torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
         # the baseline runs once, on the default kernels; each other model once per --kernel-backends entry
         for kernel_backend in ['auto'] if name == args.baseline else args.kernel_backends:
-            impl = name if kernel_backend == 'auto' else f'{name} [{kernel_backend}]'
+            impl = name if kernel_backend == 'auto' else f'{name} ({kernel_backend} kernels)'
             for mode in ('fwd', 'fwd+bwd'):
                 row = Result('models', f'{name} @{size[0]}x{size[1]} b{args.batch}', impl, mode,
                              str(dtype).replace('torch.', ''),
