@@ -19,6 +19,7 @@ from attnzoo.backbones import dat, nat
 from attnzoo.backbones.dat import DAT, DeformableAttention, checkpoint_filter_fn
 from attnzoo.kernels import neighborhood_attention_2d, use_backend
 from attnzoo.kernels._dispatch import triton_interpreted
+from official_checkpoints import CHECKPOINT_WRAPS, wrap_as_saved
 
 # a small DAT++ (head_dim 16, the smallest the neighborhood op takes), every block type in every stage
 SMALL_ARGS = dict(dims=(32, 64, 128, 256), stage_spec=('ND', 'DN', 'ND', 'D'), num_heads=(2, 4, 8, 16),
@@ -318,16 +319,11 @@ def dense_state_dict(official, task):
     return {'meta': {'epoch': 12}, 'state_dict': weights}
 
 
-@pytest.mark.parametrize('wrap', ['plain', 'model', 'model_module'])
+@pytest.mark.parametrize('wrap', CHECKPOINT_WRAPS)
 def test_official_checkpoint_converts_and_loads_strictly(wrap):
     official = official_small()
-    checkpoint = {
-        'plain': official,
-        'model': {'model': official, 'epoch': 300},
-        'model_module': {'model': {'module.' + k: v for k, v in official.items()}},
-    }[wrap]
     model = small_dat()
-    model.load_state_dict(checkpoint_filter_fn(checkpoint, model), strict=True)
+    model.load_state_dict(checkpoint_filter_fn(wrap_as_saved(official, wrap), model), strict=True)
 
     stage1 = model.stages[1]
     assert torch.equal(model.stem.norm1.weight, official['patch_proj.1.norm.weight'])
