@@ -195,28 +195,38 @@ def test_neighborhood_blocks_run_on_the_attnzoo_op(monkeypatch):
     assert [tuple(shape[1:3]) for shape, _, _ in calls] == [(16, 24), (8, 12), (7, 7)]
 
 
+def assert_backends_agree(backend, device):
+    """The whole model, forward and backward, with the 'N' blocks on ``backend`` and on the PyTorch
+    reference, through the kernels' process-wide switch: logits and every gradient, fp32, 1e-4."""
+    x = torch.randn(2, 3, 48, 64, device=device)  # stage maps 12x16, then 6x8 and 3x4, which pad to the 7x7 window
+    results = []
+    for name in ('reference', backend):
+        model = small_dat().to(device)
+        with use_backend(name):
+            logits = model(x)
+            logits.square().sum().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    (ref_logits, ref_grads), (logits, grads) = results
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize('device', [
     'cpu',
     pytest.param('cuda', marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')]),
 ])
 def test_fused_and_reference_neighborhood_paths_agree(device):
-    """The whole model, forward and backward, with the 'N' blocks on the fused Triton kernels (on CPU in
-    Triton's interpreter) and on the PyTorch reference, through the kernels' process-wide switch: fp32, 1e-4."""
+    """The fused Triton kernels (on CPU in Triton's interpreter) against the reference."""
     pytest.importorskip('triton')
     if device == 'cpu' and not triton_interpreted():
         pytest.skip('Triton runs CPU tensors only under TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)')
-    x = torch.randn(2, 3, 48, 64, device=device)  # stage maps 12x16, then 6x8 and 3x4, which pad to the 7x7 window
-    results = []
-    for backend in ('reference', 'triton'):
-        model = small_dat().to(device)
-        with use_backend(backend):
-            logits = model(x)
-            logits.square().sum().backward()
-        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
-    (ref_logits, ref_grads), (fused_logits, fused_grads) = results
-    torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-4, atol=1e-4)
-    for name, grad in ref_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-4, msg=name)
+    assert_backends_agree('triton', device)
+
+
+def test_default_cpu_kernels_and_reference_paths_agree():
+    """The op's default path on CPU tensors (its tiled CPU kernels) against the reference."""
+    assert_backends_agree(None, 'cpu')
 
 
 # ---------------------------------------------------------------- any input size
