@@ -49,6 +49,11 @@ OFFICIAL_PARAMS = {
     'crossformer_pp_base': 51_994_594,
     'crossformer_pp_large': 92_001_904,
     'crossformer_pp_huge': 95_962_944,
+    # DAT++ (LeapLabTHU/DAT; the 384 model's deformable bias tables are sized for 384)
+    'dat_pp_tiny': 23_962_876,
+    'dat_pp_small': 53_127_366,
+    'dat_pp_base': 93_690_640,
+    'dat_pp_base_384': 94_119_440,
     # timm-native families attnzoo supports (timm 1.0.31); provenance in the docstring above
     # MaxViT: timm's own counts (official code is TensorFlow)
     'maxvit_tiny_tf_224': 30_916_528,

@@ -111,3 +111,13 @@ def test_cpu_section_quick(tmp_path):
     assert set(model_rows) == {'cswin_tiny_224', 'nat_mini', 'nat_mini (reference kernels)'}
     assert model_rows['cswin_tiny_224']['extra']['time_vs_baseline'] == pytest.approx(1.0)
     assert all(r['extra']['time_vs_baseline'] > 0 and r['peak_mib'] > 0 for r in model_rows.values())
+
+
+def test_model_section_kernel_backends(tmp_path):
+    """--kernel-backends: one row pair per backend for each model, the baseline once, on the default."""
+    benchmark.main(['models', '--models', 'nat_mini', '--baseline', 'cswin_tiny_224', '--batch', '1',
+                    '--kernel-backends', 'auto', 'reference', '--warmup', '0', '--iters', '1', '--out', str(tmp_path)])
+    rows = _load(tmp_path, 'models')['results']
+    assert {(r['impl'], r['extra']['kernel_backend']) for r in rows} == {
+        ('cswin_tiny_224', 'auto'), ('nat_mini', 'auto'), ('nat_mini (reference kernels)', 'reference')}
+    assert all(not r['error'] and r['ms'] > 0 and r['speedup_vs_baseline'] for r in rows)

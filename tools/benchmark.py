@@ -9,6 +9,7 @@
     python tools/benchmark.py models --models biformer_tiny --baseline swin_tiny_patch4_window7_224 --tag biformer
     python tools/benchmark.py cpu                     # CPU kernels vs reference vs dense SDPA; NAT vs CSWin train steps
     python tools/benchmark.py cpu --threads 1         # fewer threads than cores: steadier on a loaded machine
+    python tools/benchmark.py models --models dat_pp_tiny --kernel-backends auto reference  # fused vs reference
 
 Results go to --out (default model_cards/benchmarks/) as <device>-<section>[-<tag>].md (a table),
 .json (every number) and .png (a plot), the device named in each file.
@@ -108,6 +109,7 @@ def run_models(args, device, dtypes):
 def _run_models(args, device, dtype):
     import timm
     import attnzoo.backbones  # noqa: F401  registers the attnzoo families
+    from attnzoo.kernels import use_backend
     names = [args.baseline] + [n for n in args.models if n != args.baseline]
     results = []
     for name in tqdm(names, desc=f'models {dtype}', unit='model'):
@@ -116,23 +118,28 @@ def _run_models(args, device, dtype):
         params = sum(p.numel() for p in model.parameters())
         gmacs = model_gmacs(name, size)
         x = torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
-        for mode in ('fwd', 'fwd+bwd'):
-            row = Result('models', f'{name} @{size[0]}x{size[1]} b{args.batch}', name, mode,
-                         str(dtype).replace('torch.', ''), extra={'params_m': params / 1e6, 'gmacs': gmacs})
-            model.train(mode != 'fwd')
+        # the baseline runs once, on the default kernels; each other model once per --kernel-backends entry
+        for kernel_backend in ['auto'] if name == args.baseline else args.kernel_backends:
+            impl = name if kernel_backend == 'auto' else f'{name} ({kernel_backend} kernels)'
+            for mode in ('fwd', 'fwd+bwd'):
+                row = Result('models', f'{name} @{size[0]}x{size[1]} b{args.batch}', impl, mode,
+                             str(dtype).replace('torch.', ''),
+                             extra={'params_m': params / 1e6, 'gmacs': gmacs, 'kernel_backend': kernel_backend})
+                model.train(mode != 'fwd')
 
-            def step():
-                if mode == 'fwd':
-                    with torch.no_grad():
-                        model(x)
-                else:
-                    model(x).float().sum().backward()
-            try:
-                row.ms, row.peak_mib = time_call(step, device, args.warmup, args.iters)
-                row.extra['img_per_s'] = args.batch / (row.ms * 1e-3)
-            except Exception as exc:  # reported in the table, not fatal for the other models
-                row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
-            results.append(row)
+                def step():
+                    if mode == 'fwd':
+                        with torch.no_grad():
+                            model(x)
+                    else:
+                        model(x).float().sum().backward()
+                try:
+                    with use_backend(None if kernel_backend == 'auto' else kernel_backend):
+                        row.ms, row.peak_mib = time_call(step, device, args.warmup, args.iters)
+                    row.extra['img_per_s'] = args.batch / (row.ms * 1e-3)
+                except Exception as exc:  # reported in the table, not fatal for the other models
+                    row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
+                results.append(row)
     base = {r.mode: r for r in results if r.impl == args.baseline}
     for row in results:
         if row.ms and base[row.mode].ms:
@@ -322,6 +329,10 @@ def parse_args(argv=None):
     parser.add_argument('--models', nargs='+', default=['cswin_tiny_224'], help='models section: model names')
     parser.add_argument('--baseline', default='resnet50', help='models section: the model every other is compared to')
     parser.add_argument('--batch', type=int, default=32, help='models section: batch size')
+    parser.add_argument('--kernel-backends', nargs='+', default=['auto'], choices=('auto', 'triton', 'reference'),
+                        help="models section: run each model (not the baseline) with the attention ops on each of "
+                             "these (attnzoo.kernels.use_backend; 'auto': Triton on CUDA, the CPU kernels on CPU), "
+                             "e.g. 'auto reference' for fused vs reference rows")
     parser.add_argument('--tag', default='', help='names the result files <device>-<section>-<tag> (e.g. a family)')
     parser.add_argument('--threads', type=int, default=None, help='cpu section: torch threads (default: torch\'s)')
     parser.add_argument('--out', default=str(Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'))
