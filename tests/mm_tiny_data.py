@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
+from mmengine.config import Config
 
 COCO_CLASSES = ('square', 'disc')
 ADE_LABELS = {'background': 1, 'square': 2, 'disc': 3}
@@ -150,17 +151,21 @@ model = dict(data_preprocessor=data_preprocessor)
 def derived_config(path: Path, base: Path, data_root: Path, extra: str = '', size: int = IMAGE_SIZE) -> Path:
     """Writes ``path``: ``base`` (a repository config) on the tiny set at ``data_root``, then ``extra``.
 
-    The task (COCO instances or ADE20K) follows from the base config's dataset; the schedule, model size
-    and intervals are left to ``extra``.
+    The format (COCO instances or ADE20K) follows from the base config's training set; the schedule,
+    model size and intervals are left to ``extra``. The data overrides go into a config of their own
+    (``<path stem>_data.py``) that ``path`` inherits: a name such as ``model`` assigned twice in one
+    file keeps only its second value, where inheritance merges the two.
     """
-    text = base.read_text()
-    if 'coco_instance.py' in text:
+    dataset = Config.fromfile(str(base)).train_dataloader.dataset.type
+    if dataset == 'CocoDataset':
         overrides = _coco_overrides(data_root, size)
-    elif 'ade20k.py' in text:
+    elif dataset == 'ADE20KDataset':
         overrides = _ade_overrides(data_root, size)
     else:
-        raise ValueError(f'{base}: neither a COCO instance nor an ADE20K config')
-    path.write_text(f"_base_ = '{base}'\n{overrides}\n{extra}\n")
+        raise ValueError(f'{base}: trains on {dataset}, neither COCO nor ADE20K')
+    data_config = path.with_name(f'{path.stem}_data.py')
+    data_config.write_text(f"_base_ = '{base}'\n{overrides}\n")
+    path.write_text(f"_base_ = '{data_config}'\n{extra}\n")
     return path
 
 

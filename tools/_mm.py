@@ -24,6 +24,7 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import attnzoo.heads  # noqa: F401  (registers AttnzooBackbone; safe checkpoint loading)
+from attnzoo.heads.checkpoint import UnsafeCheckpointError
 from _common import ToolError
 
 # the task libraries these tools drive: default_scope -> the package that provides it
@@ -53,6 +54,11 @@ def load_config(path: str, cfg_options: Optional[Dict[str, Any]], work_dir: Opti
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = str(Path('work_dirs') / Path(path).stem)
+    if isinstance(cfg.get('visualizer'), dict):
+        # mmdet's / mmseg's runtimes name it 'visualizer': one process-wide instance, which a second
+        # Runner in the same process (a tool's main() called twice) would reuse, logging into the first
+        # run's directory; unnamed, each Runner names it after its own experiment
+        cfg.visualizer.pop('name', None)
     if launcher != 'none':
         start_distributed(cfg)
     return cfg
@@ -97,13 +103,17 @@ def _without_sync_bn(node):
     return node
 
 
-def build_runner(cfg: Config) -> Runner:
-    return RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-
-
-def finish_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def run(cfg: Config, task: str):
+    """Builds the Runner of ``cfg`` and runs its ``train()`` or ``test()``; a checkpoint refused for what
+    it pickles becomes a :class:`ToolError`."""
+    try:
+        runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
+        return getattr(runner, task)()
+    except UnsafeCheckpointError as error:
+        raise ToolError(str(error)) from error
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def ensure_file(path: str, what: str) -> str:

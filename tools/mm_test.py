@@ -59,10 +59,7 @@ def prepare_config(args):
 def main(argv=None) -> dict:
     """Evaluates; returns the metrics."""
     args = build_parser().parse_args(argv)
-    try:
-        return _mm.build_runner(prepare_config(args)).test()
-    finally:
-        _mm.finish_distributed()
+    return _mm.run(prepare_config(args), 'test')
 
 
 if __name__ == '__main__':

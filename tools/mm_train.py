@@ -72,11 +72,7 @@ def prepare_config(args):
 def main(argv=None):
     """Trains; returns the trained model (the Runner's, unwrapped)."""
     args = build_parser().parse_args(argv)
-    try:
-        runner = _mm.build_runner(prepare_config(args))
-        return runner.train()
-    finally:
-        _mm.finish_distributed()
+    return _mm.run(prepare_config(args), 'train')
 
 
 if __name__ == '__main__':
