@@ -277,6 +277,46 @@ def test_outputs_match_timm_features(name, out_indices, model_kwargs):
         torch.testing.assert_close(out, ref)
 
 
+@pytest.mark.parametrize('name, out_indices, model_kwargs, multiple', [
+    # 7 x 7 windows and grids on every stage map; the stride-32 stage sets the multiple (32 x 7)
+    ('maxvit_tiny_tf_224', (1, 2, 3, 4), {}, (224, 224)),
+    ('maxvit_tiny_tf_224', (1, 2), {}, (56, 56)),  # levels up to stride 8 only: timm drops the later stages
+    # 8 x 8 blocks at stride 32 (and a stride-2 block at stride 16)
+    ('halonet26t', (1, 2, 3, 4), {}, (256, 256)),
+    ('cswin_tiny_224', (0, 1, 2, 3), SHALLOW, (1, 1)),  # pads inside its stripe attention itself
+])
+def test_input_multiple_of_partitioned_models(name, out_indices, model_kwargs, multiple):
+    assert AttnzooBackbone(name, out_indices=out_indices, **model_kwargs).input_multiple == multiple
+
+
+@pytest.fixture(scope='module', params=['maxvit_tiny_tf_224', 'halonet26t'])
+def partitioned_backbone(request):
+    torch.manual_seed(0)
+    return AttnzooBackbone(request.param, out_indices=(1, 2, 3, 4)).eval()
+
+
+# the size tests/test_models.py records timm's own MaxViT and HaloNet rejecting, and one they take as is
+@pytest.mark.parametrize('size', [(230, 190), 'native'])
+def test_sizes_timm_rejects_reach_maxvit_and_halonet(partitioned_backbone, size):
+    """Padded to the model's input multiple and cropped back: each map is what timm's model gives for the
+    zero-padded image, over the input's extent (``ceil(size / stride)``); a size the model takes natively is
+    not padded."""
+    backbone = partitioned_backbone
+    size = backbone.input_multiple if size == 'native' else size
+    images = torch.randn(1, 3, *size)
+    padded_size = tuple(-(-s // m) * m for s, m in zip(size, backbone.input_multiple))
+    padded = torch.zeros(1, 3, *padded_size)
+    padded[..., :size[0], :size[1]] = images
+    with torch.no_grad():
+        outputs = backbone(images)
+        expected = backbone.features(padded)
+    for out, ref, stride in zip(outputs, expected, backbone.out_strides):
+        assert out.shape[2:] == (-(-size[0] // stride), -(-size[1] // stride))
+        torch.testing.assert_close(out, ref[..., :out.shape[2], :out.shape[3]])
+        if padded_size == tuple(size):
+            assert out.shape == ref.shape
+
+
 def test_out_norm_normalises_channels():
     backbone = shallow_cswin(out_norm=True).eval()
     with torch.no_grad():
