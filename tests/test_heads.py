@@ -245,6 +245,36 @@ def test_segmentor_loss_and_predict(prefix):
         assert labels.min() >= 0 and labels.max() < NUM_ADE_CLASSES
 
 
+# ---------------------------------------------------------------- timm's own families
+
+# CI's budget runs the segmentation configs (full-depth backbones); the detection ones, whose backbone and
+# wrapper are the same, are slow
+TIMM_NATIVE_CONFIGS = [
+    pytest.param(path, id=path.name, marks=[pytest.mark.slow] if path.name.startswith('mask-rcnn') else [])
+    for path in CONFIGS if path.parent.name in ('maxvit', 'davit', 'shvit', 'halonet')]
+
+
+@pytest.mark.parametrize('path', TIMM_NATIVE_CONFIGS)
+def test_timm_native_config_trains_a_step(path):
+    """The configs of timm's MaxViT, DaViT, SHViT and HaloNet: the task's losses and gradients through the
+    backbone, at sizes MaxViT and HaloNet reject as timm's models (padded by the wrapper)."""
+    torch.manual_seed(0)
+    cfg = load_config(path)
+    if cfg.default_scope == 'mmseg':
+        cfg.model.data_preprocessor.size = SEG_SIZE
+        batch = seg_batch()
+    else:
+        batch = det_batch(with_masks=True)
+    model = build_model(cfg).train()
+    data = model.data_preprocessor(batch, training=True)
+    losses = model(**data, mode='loss')
+    assert ('decode.loss_ce' if cfg.default_scope == 'mmseg' else 'loss_mask') in losses, sorted(losses)
+    total_loss(model, losses).backward()
+    grads = backbone_grads(model)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
 # ---------------------------------------------------------------- the wrapper itself
 
 def shallow_cswin(**kwargs) -> AttnzooBackbone:
