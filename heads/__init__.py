@@ -4,7 +4,8 @@ Importing it registers ``AttnzooBackbone`` (one wrapper for every timm / attnzoo
 model registries of mmdet and mmseg, each where that package is installed. Configs import it with
 ``custom_imports = dict(imports=['attnzoo.heads'], allow_failed_imports=False)`` and then use
 ``backbone=dict(_delete_=True, type='AttnzooBackbone', model_name=..., out_indices=...)``.
-Importing it also lets mmengine load its own checkpoints safely on torch >= 2.6 (``checkpoint.py``).
+Importing it also lets mmengine load its own checkpoints safely on torch >= 2.6 (``checkpoint.py``) and
+registers ``LayerDecayOptimWrapperConstructor`` (layer-wise learning-rate decay, ``optim.py``).
 
 This is the only attnzoo package that imports OpenMMLab.
 """
@@ -20,8 +21,9 @@ except ImportError as error:
 
 from .backbone import AttnzooBackbone
 from .checkpoint import allow_openmmlab_checkpoints
+from .optim import LayerDecayOptimWrapperConstructor
 
-__all__ = ['AttnzooBackbone']
+__all__ = ['AttnzooBackbone', 'LayerDecayOptimWrapperConstructor']
 
 # mmengine's own Runner checkpoints (resume, load_from) load with weights_only=True
 allow_openmmlab_checkpoints()

@@ -15,6 +15,7 @@ Families that handle any size themselves (the attnzoo ones, DaViT, SHViT) are no
 """
 import math
 import os
+import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import timm
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from timm.layers import Format, LayerNorm2d, to_2tuple
 from timm.layers.halo_attn import HaloAttn
+from timm.models import group_parameters
 from timm.models.maxxvit import ParallelPartitionAttention, PartitionAttention2d, PartitionAttentionCl
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -164,6 +166,21 @@ def _input_multiple(net: nn.Module, model_name: str, out_indices: Tuple[int, ...
     return multiple[0], multiple[1]
 
 
+def _full_model_name(feature_name: str, full_names: Dict[str, int]) -> str:
+    """A parameter's name in the full timm model from its name in timm's feature wrapper, which keeps the
+    model under ``model.`` / ``body.`` or flattens its first Sequential level (``stages.0`` -> ``stages_0``)."""
+    candidates = [feature_name] + [feature_name[len(p):] for p in ('model.', 'body.') if feature_name.startswith(p)]
+    first, _, rest = feature_name.partition('.')
+    flattened = re.fullmatch(r'(.+)_(\d+)', first)
+    if flattened:
+        candidates.append(f'{flattened[1]}.{flattened[2]}.{rest}')
+    for name in candidates:
+        if name in full_names:
+            return name
+    raise RuntimeError(f'AttnzooBackbone: parameter {feature_name!r} of the feature model has no counterpart in '
+                       f'the full model (tried {candidates}); layer-wise decay cannot place it')
+
+
 class AttnzooBackbone(BaseModule):
     """A timm / attnzoo model as an mmdet / mmseg backbone: a tuple of NCHW pyramid maps.
 
@@ -233,6 +250,7 @@ class AttnzooBackbone(BaseModule):
         self.out_strides = tuple(feature_info.reduction())
         self._nhwc_features = Format(getattr(self.features, 'output_fmt', 'NCHW')) == Format.NHWC
         self.input_multiple = _input_multiple(self.features, model_name, out_indices, model_kwargs)
+        self._model_kwargs = model_kwargs
         self.out_norms = nn.ModuleList([LayerNorm2d(c) for c in self.out_channels]) if out_norm else None
 
         num_levels = len(feature_info.info)
@@ -254,6 +272,21 @@ class AttnzooBackbone(BaseModule):
             # forward_intermediates, so the model's switch is the one that matters
             target = self.features if hasattr(self.features, 'set_grad_checkpointing') else self.features.model
             target.set_grad_checkpointing(True)
+
+    def layer_ids(self) -> Tuple[Dict[str, int], int]:
+        """The depth of each parameter (by name in this module) as timm's layer-wise learning-rate decay
+        (``timm.optim.param_groups_layer_decay``) counts it: the model's ``group_matcher`` at block level, so
+        0 for the stem, then one per block in the order they run; and the depth of the classifier, which
+        the feature model does not have and which parameters outside the model (the output norms here,
+        a task's neck and heads) share."""
+        with torch.device('meta'):
+            full = timm.create_model(self.model_name, **self._model_kwargs)
+        full_ids = group_parameters(full, full.group_matcher(coarse=False), reverse=True)
+        ids = {}
+        for name, _ in self.features.named_parameters():
+            full_name = _full_model_name(name, full_ids)
+            ids[f'features.{name}'] = full_ids[full_name]
+        return ids, max(full_ids.values())
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         height, width = x.shape[-2:]

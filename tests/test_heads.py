@@ -19,6 +19,7 @@ if _missing:
 
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
+import timm.optim  # noqa: E402
 import torch  # noqa: E402
 import mmcv.ops  # noqa: E402,F401  (fails loudly if mmcv was built without its ops)
 from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
@@ -30,7 +31,7 @@ from mmengine.structures import InstanceData, PixelData  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
-from attnzoo.heads import AttnzooBackbone  # noqa: E402  (registers it into mmdet and mmseg)
+from attnzoo.heads import AttnzooBackbone, LayerDecayOptimWrapperConstructor  # noqa: E402  (registers them)
 from official_checkpoints import cswin_official_state_dict, nat_official_state_dict, to_official_layout  # noqa: E402
 
 pytestmark = pytest.mark.mm
@@ -273,6 +274,72 @@ def test_timm_native_config_trains_a_step(path):
     grads = backbone_grads(model)
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------- layer-wise learning-rate decay
+
+def upernet_with(model_name: str, out_indices, channels, **model_kwargs):
+    cfg = load_config(config_path('upernet_cswin'))
+    cfg.model.backbone = dict(type='AttnzooBackbone', model_name=model_name, out_indices=out_indices, out_norm=True,
+                              **model_kwargs)
+    cfg.model.decode_head.in_channels = list(channels)
+    cfg.model.auxiliary_head.in_channels = channels[2]
+    return build_model(cfg)
+
+
+def layer_decay_groups(model, rate: float, **paramwise):
+    constructor = LayerDecayOptimWrapperConstructor(
+        dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05)),
+        dict(layer_decay_rate=rate, **paramwise))
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names[id(group['params'][0])]: group for group in constructor(model).optimizer.param_groups}
+
+
+def timm_lr_scales(model_name: str, rate: float, **model_kwargs) -> dict:
+    """timm's own layer-wise decay of the classification model: parameter name -> learning-rate scale."""
+    with torch.device('meta'):
+        full = timm.create_model(model_name, **model_kwargs)
+    names = {id(p): name for name, p in full.named_parameters()}
+    groups = timm.optim.param_groups_layer_decay(full, layer_decay=rate)
+    return {names[id(p)]: group['lr_scale'] for group in groups for p in group['params']}
+
+
+@pytest.mark.parametrize('model_name, out_indices, channels, model_kwargs, to_full_name, paramwise', [
+    # timm's getter wrapper keeps the model under features.model.
+    ('cswin_tiny_224', (0, 1, 2, 3), (64, 128, 256, 512), SHALLOW, lambda n: n.removeprefix('features.model.'),
+     dict(custom_keys={'norm': dict(decay_mult=0.)})),
+    # timm's list wrapper flattens the first level: features.layer1_0.conv1 is layer1.0.conv1
+    ('resnet18', (1, 2, 3, 4), (64, 128, 256, 512), {},
+     lambda n: re.sub(r'^layer(\d)_(\d+)', r'layer\1.\2', n.removeprefix('features.')), {}),
+])
+def test_layer_decay_gives_timms_scales(model_name, out_indices, channels, model_kwargs, to_full_name, paramwise):
+    """Backbone parameters learn at lr times timm's own layer-wise scale for the same parameter; the output
+    norms, neck and heads at lr; mmengine's paramwise options still apply."""
+    rate = 0.8
+    model = upernet_with(model_name, out_indices, channels, **model_kwargs)
+    groups = layer_decay_groups(model, rate, **paramwise)
+    expected = timm_lr_scales(model_name, rate, **model_kwargs)
+    backbone_scales = set()
+    for name, group in groups.items():
+        if name.startswith('backbone.features.'):
+            scale = expected[to_full_name(name.removeprefix('backbone.'))]
+            backbone_scales.add(round(scale, 12))
+        else:
+            scale = 1.
+        assert group['lr'] == pytest.approx(1e-3 * scale), name
+        if paramwise and 'norm' in name:
+            assert group['weight_decay'] == 0., name
+    # the stem and at least one block per stage, each at its own rate, none at the heads' rate
+    assert len(backbone_scales) >= 5 and max(backbone_scales) < 1.
+
+
+def test_layer_decay_errors():
+    with pytest.raises(ValueError, match='layer_decay_rate must be a number in'):
+        LayerDecayOptimWrapperConstructor(dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3)), {})
+    cfg = load_config(config_path('upernet_cswin'))
+    cfg.model.backbone = dict(type='ResNetV1c', depth=18)
+    with pytest.raises(TypeError, match='not an AttnzooBackbone'):
+        layer_decay_groups(build_model(cfg), 0.9)
 
 
 # ---------------------------------------------------------------- the wrapper itself
