@@ -5,15 +5,28 @@ selected pyramid levels as a tuple of NCHW maps, which is what mmdet / mmseg nec
 take. Level indices are timm's ``feature_info`` indices: for the attnzoo families (and DaViT)
 index 0 is the stride-4 stage, for models whose stem is a feature level (timm's ResNets, MaxViT)
 index 0 is the stride-2 stem and the stride-4..32 stages are ``(1, 2, 3, 4)``.
+
+Any input size: timm's MaxViT partitions every stage map into fixed 7 x 7 windows and grids, and its
+HaloNet attends in fixed 8 x 8 blocks, so each accepts only sizes whose stage maps are multiples of
+those (224 and 256 px multiples for their ImageNet models). The wrapper pads such inputs (bottom and
+right, with zeros: the normalised mean colour, as mmdet / mmseg pad a batch) to the smallest size the
+model takes and crops every returned map back to the input's extent (``ceil(size / stride)``).
+Families that handle any size themselves (the attnzoo ones, DaViT, SHViT) are not padded.
 """
+import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import re
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmengine.model import BaseModule
-from timm.layers import Format, LayerNorm2d
+from timm.layers import Format, LayerNorm2d, to_2tuple
+from timm.layers.halo_attn import HaloAttn
+from timm.models import group_parameters
+from timm.models.maxxvit import ParallelPartitionAttention, PartitionAttention2d, PartitionAttentionCl
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from attnzoo.backbones import close_model_names  # importing it registers the attnzoo families with timm
@@ -114,6 +127,60 @@ def _frozen_modules(net: nn.Module, feature_info: List[Dict], frozen_stages: int
     return [net.get_submodule(name) for name in outermost]
 
 
+def _partitioned_modules(net: nn.Module) -> Iterator[Tuple[nn.Module, Tuple[int, int], Tuple[int, int]]]:
+    """The modules of timm models that split their input map into fixed partitions: each with its partition
+    size and the dimensions of its input that hold the map (channels-last MaxViT blocks: 1, 2)."""
+    for module in net.modules():
+        if isinstance(module, HaloAttn):
+            yield module, to_2tuple(module.block_size), (2, 3)
+        elif isinstance(module, (PartitionAttentionCl, ParallelPartitionAttention)):
+            yield module, to_2tuple(module.partition_size), (1, 2)
+        elif isinstance(module, PartitionAttention2d):
+            yield module, to_2tuple(module.partition_size), (2, 3)
+
+
+def _input_multiple(net: nn.Module, model_name: str, out_indices: Tuple[int, ...], model_kwargs: Dict) -> Tuple[int, int]:
+    """The (height, width) every input must be a multiple of: over the partitioned modules, the stride of
+    the map each one reads times its partition. Measured by running a copy of the model on the meta device
+    (no memory, no compute) at its pretrained input size, which it takes by construction."""
+    if next(_partitioned_modules(net), None) is None:
+        return 1, 1
+    with torch.device('meta'):
+        meta = timm.create_model(model_name, features_only=True, out_indices=out_indices, **model_kwargs)
+    size = tuple(meta.pretrained_cfg['input_size'][1:])
+    multiple = [1, 1]
+
+    def record(partition, dims):
+        def hook(module, args):
+            for axis in range(2):
+                stride = size[axis] // args[0].shape[dims[axis]]
+                multiple[axis] = math.lcm(multiple[axis], stride * partition[axis])
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(partition, dims))
+               for module, partition, dims in _partitioned_modules(meta)]
+    with torch.no_grad():
+        meta(torch.empty(1, meta.pretrained_cfg['input_size'][0], *size, device='meta'))
+    for handle in handles:
+        handle.remove()
+    return multiple[0], multiple[1]
+
+
+def _full_model_name(feature_name: str, full_names: Dict[str, int]) -> str:
+    """A parameter's name in the full timm model from its name in timm's feature wrapper, which keeps the
+    model under ``model.`` / ``body.`` or flattens its first Sequential level (``stages.0`` -> ``stages_0``)."""
+    candidates = [feature_name] + [feature_name[len(p):] for p in ('model.', 'body.') if feature_name.startswith(p)]
+    first, _, rest = feature_name.partition('.')
+    flattened = re.fullmatch(r'(.+)_(\d+)', first)
+    if flattened:
+        candidates.append(f'{flattened[1]}.{flattened[2]}.{rest}')
+    for name in candidates:
+        if name in full_names:
+            return name
+    raise RuntimeError(f'AttnzooBackbone: parameter {feature_name!r} of the feature model has no counterpart in '
+                       f'the full model (tried {candidates}); layer-wise decay cannot place it')
+
+
 class AttnzooBackbone(BaseModule):
     """A timm / attnzoo model as an mmdet / mmseg backbone: a tuple of NCHW pyramid maps.
 
@@ -139,6 +206,8 @@ class AttnzooBackbone(BaseModule):
     Attributes:
         out_channels: Channels of each returned map (what the neck's ``in_channels`` must list).
         out_strides: Stride of each returned map.
+        input_multiple: (height, width) the model needs its input to be a multiple of; other sizes are
+            padded to it and the maps cropped back (see the module docstring). ``(1, 1)``: any size as is.
     """
 
     def __init__(
@@ -180,6 +249,8 @@ class AttnzooBackbone(BaseModule):
         self.out_channels = tuple(feature_info.channels())
         self.out_strides = tuple(feature_info.reduction())
         self._nhwc_features = Format(getattr(self.features, 'output_fmt', 'NCHW')) == Format.NHWC
+        self.input_multiple = _input_multiple(self.features, model_name, out_indices, model_kwargs)
+        self._model_kwargs = model_kwargs
         self.out_norms = nn.ModuleList([LayerNorm2d(c) for c in self.out_channels]) if out_norm else None
 
         num_levels = len(feature_info.info)
@@ -202,10 +273,30 @@ class AttnzooBackbone(BaseModule):
             target = self.features if hasattr(self.features, 'set_grad_checkpointing') else self.features.model
             target.set_grad_checkpointing(True)
 
+    def layer_ids(self) -> Tuple[Dict[str, int], int]:
+        """The depth of each parameter (by name in this module) as timm's layer-wise learning-rate decay
+        (``timm.optim.param_groups_layer_decay``) counts it: the model's ``group_matcher`` at block level, so
+        0 for the stem, then one per block in the order they run; and the depth of the classifier, which
+        the feature model does not have and which parameters outside the model (the output norms here,
+        a task's neck and heads) share."""
+        with torch.device('meta'):
+            full = timm.create_model(self.model_name, **self._model_kwargs)
+        full_ids = group_parameters(full, full.group_matcher(coarse=False), reverse=True)
+        ids = {}
+        for name, _ in self.features.named_parameters():
+            full_name = _full_model_name(name, full_ids)
+            ids[f'features.{name}'] = full_ids[full_name]
+        return ids, max(full_ids.values())
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        features = self.features(x)
+        height, width = x.shape[-2:]
+        pad_h, pad_w = (-height % self.input_multiple[0]), (-width % self.input_multiple[1])
+        features = self.features(F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x)
         if self._nhwc_features:
             features = [f.permute(0, 3, 1, 2) for f in features]
+        if pad_h or pad_w:
+            features = [f[..., :-(-height // stride), :-(-width // stride)]
+                        for f, stride in zip(features, self.out_strides)]
         if self.out_norms is not None:
             features = [norm(f) for norm, f in zip(self.out_norms, features)]
         return tuple(features)

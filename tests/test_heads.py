@@ -19,6 +19,7 @@ if _missing:
 
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
+import timm.optim  # noqa: E402
 import torch  # noqa: E402
 import mmcv.ops  # noqa: E402,F401  (fails loudly if mmcv was built without its ops)
 from mmdet.registry import MODELS as DET_MODELS  # noqa: E402
@@ -30,7 +31,7 @@ from mmengine.structures import InstanceData, PixelData  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
-from attnzoo.heads import AttnzooBackbone  # noqa: E402  (registers it into mmdet and mmseg)
+from attnzoo.heads import AttnzooBackbone, LayerDecayOptimWrapperConstructor  # noqa: E402  (registers them)
 from official_checkpoints import cswin_official_state_dict, nat_official_state_dict, to_official_layout  # noqa: E402
 
 pytestmark = pytest.mark.mm
@@ -245,6 +246,102 @@ def test_segmentor_loss_and_predict(prefix):
         assert labels.min() >= 0 and labels.max() < NUM_ADE_CLASSES
 
 
+# ---------------------------------------------------------------- timm's own families
+
+# CI's budget runs the segmentation configs (full-depth backbones); the detection ones, whose backbone and
+# wrapper are the same, are slow
+TIMM_NATIVE_CONFIGS = [
+    pytest.param(path, id=path.name, marks=[pytest.mark.slow] if path.name.startswith('mask-rcnn') else [])
+    for path in CONFIGS if path.parent.name in ('maxvit', 'davit', 'shvit', 'halonet')]
+
+
+@pytest.mark.parametrize('path', TIMM_NATIVE_CONFIGS)
+def test_timm_native_config_trains_a_step(path):
+    """The configs of timm's MaxViT, DaViT, SHViT and HaloNet: the task's losses and gradients through the
+    backbone, at sizes MaxViT and HaloNet reject as timm's models (padded by the wrapper)."""
+    torch.manual_seed(0)
+    cfg = load_config(path)
+    if cfg.default_scope == 'mmseg':
+        cfg.model.data_preprocessor.size = SEG_SIZE
+        batch = seg_batch()
+    else:
+        batch = det_batch(with_masks=True)
+    model = build_model(cfg).train()
+    data = model.data_preprocessor(batch, training=True)
+    losses = model(**data, mode='loss')
+    assert ('decode.loss_ce' if cfg.default_scope == 'mmseg' else 'loss_mask') in losses, sorted(losses)
+    total_loss(model, losses).backward()
+    grads = backbone_grads(model)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------- layer-wise learning-rate decay
+
+def upernet_with(model_name: str, out_indices, channels, **model_kwargs):
+    cfg = load_config(config_path('upernet_cswin'))
+    cfg.model.backbone = dict(type='AttnzooBackbone', model_name=model_name, out_indices=out_indices, out_norm=True,
+                              **model_kwargs)
+    cfg.model.decode_head.in_channels = list(channels)
+    cfg.model.auxiliary_head.in_channels = channels[2]
+    return build_model(cfg)
+
+
+def layer_decay_groups(model, rate: float, **paramwise):
+    constructor = LayerDecayOptimWrapperConstructor(
+        dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.05)),
+        dict(layer_decay_rate=rate, **paramwise))
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names[id(group['params'][0])]: group for group in constructor(model).optimizer.param_groups}
+
+
+def timm_lr_scales(model_name: str, rate: float, **model_kwargs) -> dict:
+    """timm's own layer-wise decay of the classification model: parameter name -> learning-rate scale."""
+    with torch.device('meta'):
+        full = timm.create_model(model_name, **model_kwargs)
+    names = {id(p): name for name, p in full.named_parameters()}
+    groups = timm.optim.param_groups_layer_decay(full, layer_decay=rate)
+    return {names[id(p)]: group['lr_scale'] for group in groups for p in group['params']}
+
+
+@pytest.mark.parametrize('model_name, out_indices, channels, model_kwargs, to_full_name, paramwise', [
+    # timm's getter wrapper keeps the model under features.model.
+    ('cswin_tiny_224', (0, 1, 2, 3), (64, 128, 256, 512), SHALLOW, lambda n: n.removeprefix('features.model.'),
+     dict(custom_keys={'norm': dict(decay_mult=0.)})),
+    # timm's list wrapper flattens the first level: features.layer1_0.conv1 is layer1.0.conv1
+    ('resnet18', (1, 2, 3, 4), (64, 128, 256, 512), {},
+     lambda n: re.sub(r'^layer(\d)_(\d+)', r'layer\1.\2', n.removeprefix('features.')), {}),
+])
+def test_layer_decay_gives_timms_scales(model_name, out_indices, channels, model_kwargs, to_full_name, paramwise):
+    """Backbone parameters learn at lr times timm's own layer-wise scale for the same parameter; the output
+    norms, neck and heads at lr; mmengine's paramwise options still apply."""
+    rate = 0.8
+    model = upernet_with(model_name, out_indices, channels, **model_kwargs)
+    groups = layer_decay_groups(model, rate, **paramwise)
+    expected = timm_lr_scales(model_name, rate, **model_kwargs)
+    backbone_scales = set()
+    for name, group in groups.items():
+        if name.startswith('backbone.features.'):
+            scale = expected[to_full_name(name.removeprefix('backbone.'))]
+            backbone_scales.add(round(scale, 12))
+        else:
+            scale = 1.
+        assert group['lr'] == pytest.approx(1e-3 * scale), name
+        if paramwise and 'norm' in name:
+            assert group['weight_decay'] == 0., name
+    # the stem and at least one block per stage, each at its own rate, none at the heads' rate
+    assert len(backbone_scales) >= 5 and max(backbone_scales) < 1.
+
+
+def test_layer_decay_errors():
+    with pytest.raises(ValueError, match='layer_decay_rate must be a number in'):
+        LayerDecayOptimWrapperConstructor(dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3)), {})
+    cfg = load_config(config_path('upernet_cswin'))
+    cfg.model.backbone = dict(type='ResNetV1c', depth=18)
+    with pytest.raises(TypeError, match='not an AttnzooBackbone'):
+        layer_decay_groups(build_model(cfg), 0.9)
+
+
 # ---------------------------------------------------------------- the wrapper itself
 
 def shallow_cswin(**kwargs) -> AttnzooBackbone:
@@ -275,6 +372,46 @@ def test_outputs_match_timm_features(name, out_indices, model_kwargs):
         for size, full in zip(out.shape[2:], images.shape[2:]):
             assert full // stride <= size <= -(-full // stride)
         torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize('name, out_indices, model_kwargs, multiple', [
+    # 7 x 7 windows and grids on every stage map; the stride-32 stage sets the multiple (32 x 7)
+    ('maxvit_tiny_tf_224', (1, 2, 3, 4), {}, (224, 224)),
+    ('maxvit_tiny_tf_224', (1, 2), {}, (56, 56)),  # levels up to stride 8 only: timm drops the later stages
+    # 8 x 8 blocks at stride 32 (and a stride-2 block at stride 16)
+    ('halonet26t', (1, 2, 3, 4), {}, (256, 256)),
+    ('cswin_tiny_224', (0, 1, 2, 3), SHALLOW, (1, 1)),  # pads inside its stripe attention itself
+])
+def test_input_multiple_of_partitioned_models(name, out_indices, model_kwargs, multiple):
+    assert AttnzooBackbone(name, out_indices=out_indices, **model_kwargs).input_multiple == multiple
+
+
+@pytest.fixture(scope='module', params=['maxvit_tiny_tf_224', 'halonet26t'])
+def partitioned_backbone(request):
+    torch.manual_seed(0)
+    return AttnzooBackbone(request.param, out_indices=(1, 2, 3, 4)).eval()
+
+
+# the size tests/test_models.py records timm's own MaxViT and HaloNet rejecting, and one they take as is
+@pytest.mark.parametrize('size', [(230, 190), 'native'])
+def test_sizes_timm_rejects_reach_maxvit_and_halonet(partitioned_backbone, size):
+    """Padded to the model's input multiple and cropped back: each map is what timm's model gives for the
+    zero-padded image, over the input's extent (``ceil(size / stride)``); a size the model takes natively is
+    not padded."""
+    backbone = partitioned_backbone
+    size = backbone.input_multiple if size == 'native' else size
+    images = torch.randn(1, 3, *size)
+    padded_size = tuple(-(-s // m) * m for s, m in zip(size, backbone.input_multiple))
+    padded = torch.zeros(1, 3, *padded_size)
+    padded[..., :size[0], :size[1]] = images
+    with torch.no_grad():
+        outputs = backbone(images)
+        expected = backbone.features(padded)
+    for out, ref, stride in zip(outputs, expected, backbone.out_strides):
+        assert out.shape[2:] == (-(-size[0] // stride), -(-size[1] // stride))
+        torch.testing.assert_close(out, ref[..., :out.shape[2], :out.shape[3]])
+        if padded_size == tuple(size):
+            assert out.shape == ref.shape
 
 
 def test_out_norm_normalises_channels():

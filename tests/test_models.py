@@ -230,7 +230,8 @@ def test_forward_odd_size(name):
 ])
 def test_sizes_timm_rejects_are_recorded(name, size):
     """The sizes measured to fail on timm's own MaxViT and HaloNet, each failing with timm's own check,
-    so the day timm (or our dense-prediction work) accepts them this test says so."""
+    so the day timm accepts them this test says so. attnzoo leaves timm's models as they are; its
+    OpenMMLab wrapper pads them to what they take (tests/test_heads.py, the sizes reaching them)."""
     timm_file, message, _ = TIMM_REJECTED_SIZES[FAMILY_OF[name]]
     model = build(name)
     with torch.no_grad(), pytest.raises(AssertionError) as excinfo:

@@ -1,0 +1,14 @@
+# Cascade Mask R-CNN, DiNAT-Base backbone: the NAT-Mini config with the official
+# DiNAT-Base settings (SHI-Labs/Neighborhood-Attention-Transformer,
+# detection/configs/dinat/cascade_mask_rcnn_dinat_base_3x_coco.py).
+# DiNAT dilations for dense tasks: larger than the classification ones, sized for the
+# stage maps of 800 x 1333 detection inputs.
+_base_ = './cascade-mask-rcnn_nat-mini_fpn_4conv1fc-giou_ms-crop-3x_coco.py'
+
+model = dict(
+    backbone=dict(
+        model_name='dinat_base',
+        drop_path_rate=0.6,
+        dilations=((1, 28, 1), (1, 7, 1, 14), (1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7), (1, 3, 1, 3, 1))),
+    neck=dict(in_channels=[128, 256, 512, 1024]))
+optim_wrapper = dict(optimizer=dict(lr=0.000075))

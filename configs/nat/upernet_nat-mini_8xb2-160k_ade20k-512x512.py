@@ -1,0 +1,44 @@
+# UPerNet, NAT-Mini backbone, 160k iterations at batch 16 (8 GPUs x 2), ADE20K 512x512. The official NAT
+# setting (SHI-Labs/Neighborhood-Attention-Transformer,
+# segmentation/configs/nat/upernet_nat_mini_512x512_160k_ade20k.py): a LayerNorm on every backbone
+# output, drop path 0.2, AdamW lr 6e-5, weight decay 0.01 except on the relative position biases and
+# norms, 1500 linear warm-up iterations, then poly decay (power 1) to 0, mixed precision.
+_base_ = [
+    'mmseg::_base_/models/upernet_r50.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+]
+custom_imports = dict(imports=['attnzoo.heads'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    # mmseg would hand a string here to the backbone; AttnzooBackbone takes its weights below
+    pretrained=None,
+    backbone=dict(
+        _delete_=True,
+        type='AttnzooBackbone',
+        model_name='nat_mini',
+        out_indices=(0, 1, 2, 3),
+        # ImageNet-1K weights of the official release, converted by attnzoo's checkpoint_filter_fn;
+        # offline: pretrained=False, checkpoint='/path/to/nat_mini.pth'
+        pretrained=True,
+        out_norm=True,
+        drop_path_rate=0.2),
+    decode_head=dict(in_channels=[64, 128, 256, 512], num_classes=150),
+    auxiliary_head=dict(in_channels=256, num_classes=150))
+
+optim_wrapper = dict(
+    _delete_=True,
+    type='AmpOptimWrapper',
+    optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
+    paramwise_cfg=dict(custom_keys={'rpb': dict(decay_mult=0.), 'norm': dict(decay_mult=0.)}))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=1500, end=160000, by_epoch=False),
+]
+train_dataloader = dict(batch_size=2)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader
