@@ -50,38 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- readers
 
 def tf_model_variables(names, use_ema: bool = True) -> Tuple[Dict[str, str], Dict[str, int]]:
-    """Which checkpoint tensor gives each model variable: ``{variable: tensor name}``, and counts of
-    what was chosen and dropped.
+    """Which checkpoint tensor gives each model variable: ``{variable: tensor name}``, and counts of the
+    variables, of those taken from their EMA, and of the tensors left out.
 
-    A name ``VAR/SLOT`` where ``VAR`` is itself in the checkpoint is a slot of ``VAR`` (optimizer state,
-    or the EMA when ``SLOT`` is ``ExponentialMovingAverage``); an EMA whose variable is absent stands
-    for it.
+    ``VAR/ExponentialMovingAverage`` is the EMA of ``VAR`` (it stands for ``VAR`` when ``VAR`` itself is
+    absent); any other ``VAR/SLOT`` where ``VAR`` is a variable is optimizer state.
     """
     names = set(names)
+    ema_suffix = f'/{TF_EMA_SLOT}'
+    variables = {n[:-len(ema_suffix)] if n.endswith(ema_suffix) else n for n in names}
 
-    def owner(name: str):
+    def is_slot(name: str) -> bool:
         parts = name.split('/')
-        for end in range(len(parts) - 1, 0, -1):
-            if '/'.join(parts[:end]) in names:
-                return '/'.join(parts[:end])
-        return None
+        return any('/'.join(parts[:end]) in variables for end in range(1, len(parts)))
 
     chosen: Dict[str, str] = {}
-    counts = {'variables': 0, 'ema': 0, 'slots_dropped': 0}
-    for name in sorted(names):
-        base = owner(name)
-        if base is not None:
-            counts['slots_dropped'] += name != f'{base}/{TF_EMA_SLOT}' or not use_ema
+    for variable in sorted(variables):
+        if is_slot(variable):
             continue
-        if name.endswith(f'/{TF_EMA_SLOT}'):  # an EMA without its variable
-            chosen[name[:-len(TF_EMA_SLOT) - 1]] = name
-            counts['ema'] += 1
-            continue
-        ema = f'{name}/{TF_EMA_SLOT}'
-        use = ema if use_ema and ema in names else name
-        chosen[name] = use
-        counts['ema'] += use == ema
-    counts['variables'] = len(chosen)
+        ema = variable + ema_suffix
+        chosen[variable] = ema if ema in names and (use_ema or variable not in names) else variable
+    counts = {'variables': len(chosen), 'ema': sum(n.endswith(ema_suffix) for n in chosen.values()),
+              'left_out': len(names) - len(chosen)}
     return chosen, counts
 
 
@@ -93,7 +83,7 @@ def read_tf(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
     numeric = [name for name, entry in bundle.entries.items() if entry.dtype in TF_DTYPES]
     chosen, counts = tf_model_variables(numeric, use_ema)
     print(f'{bundle.prefix}: {len(bundle)} tensors; {counts["variables"]} variables '
-          f'({counts["ema"]} from their EMA), {counts["slots_dropped"]} optimizer / EMA slots left out')
+          f'({counts["ema"]} from their EMA); {counts["left_out"]} optimizer slots and replaced copies left out')
     try:
         return {variable: bundle.read(name) for variable, name in chosen.items()}
     except TensorBundleError as err:
