@@ -381,3 +381,88 @@ def test_window_equal_to_the_map_is_global_attention(dense_model):
     x = images(128, 96)
     with torch.no_grad():
         torch.testing.assert_close(windowed(x), global_model(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- OpenMMLab (configs/moat)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'moat'
+MOAT_CONFIGS = sorted(CONFIG_DIR.glob('*.py'))
+
+
+def openmmlab():
+    """tests/test_heads.py's helpers; skips cleanly without the OpenMMLab stack."""
+    for package in ('mmengine', 'mmcv', 'mmdet', 'mmseg'):
+        pytest.importorskip(package, reason=f'OpenMMLab stack not installed ({package} missing): pip install "attnzoo[mm]"')
+    import test_heads
+    return test_heads
+
+
+@pytest.mark.mm
+@pytest.mark.parametrize('path', MOAT_CONFIGS, ids=lambda p: p.name)
+def test_configs_name_their_backbone_and_its_channels(path):
+    """Each config: the backbone its name says, the four stride-4..32 stages, the neck / heads sized for
+    them, window attention as the official dense tasks use it. (tests/test_heads.py builds every config.)"""
+    mm = openmmlab()
+    cfg = mm.Config.fromfile(str(path))
+    backbone = cfg.model.backbone
+    size = path.name.split('_')[1]  # e.g. tiny-moat-2
+    assert backbone.model_name == size.replace('-moat-', '_moat_').replace('moat-', 'moat_')
+    assert backbone.out_indices == (1, 2, 3, 4)
+    assert backbone.window_size == (None, None, 14, 7) and backbone.global_attention_at_end_of_moat_stage
+    assert backbone.shortcut_pool_size == 3
+    info = timm.create_model(backbone.model_name, device='meta').feature_info
+    channels = [info[i]['num_chs'] for i in backbone.out_indices]
+    assert [info[i]['reduction'] for i in backbone.out_indices] == [4, 8, 16, 32]
+    if 'neck' in cfg.model:
+        assert list(cfg.model.neck.in_channels) == channels
+    else:
+        assert list(cfg.model.decode_head.in_channels) == channels
+        assert cfg.model.auxiliary_head.in_channels == channels[cfg.model.auxiliary_head.in_index]
+    assert {path.name.split('_')[0] for path in MOAT_CONFIGS} == {'mask-rcnn', 'upernet'}
+
+
+@pytest.mark.mm
+def test_tiny_moat_mask_rcnn_loss_backward_and_predict():
+    """tiny-MOAT-2 (one block in most stages; two in stage 3: a windowed and a global one) in its Mask
+    R-CNN config, on 128x160 images: the 8x10 stride-16 map is padded to one 14x14 window."""
+    mm = openmmlab()
+    torch.manual_seed(0)
+    cfg = mm.load_config(CONFIG_DIR / 'mask-rcnn_tiny-moat-2_fpn_1x_coco.py')
+    cfg.model.backbone.update(SHALLOW)
+    cfg.model.test_cfg.rcnn.update(score_thr=0., max_per_img=10)
+    model = mm.build_model(cfg).train()
+    data = model.data_preprocessor(mm.det_batch(with_masks=True), training=True)
+    losses = model(**data, mode='loss')
+    assert {'loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask'} <= set(losses)
+    mm.total_loss(model, losses).backward()
+    # frozen BatchNorm statistics (norm_eval), trainable weights
+    assert all(not m.training for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    grads = mm.backbone_grads(model)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    model.eval()
+    with torch.no_grad():
+        results = model(**model.data_preprocessor(mm.det_batch(with_masks=False), training=False), mode='predict')
+    mm.check_detections(results, with_masks=True)
+
+
+@pytest.mark.mm
+def test_tiny_moat_upernet_loss_and_predict():
+    mm = openmmlab()
+    torch.manual_seed(0)
+    cfg = mm.load_config(CONFIG_DIR / 'upernet_tiny-moat-2_8xb2-160k_ade20k-512x512.py')
+    cfg.model.backbone.update(SHALLOW)
+    cfg.model.data_preprocessor.size = mm.SEG_SIZE
+    model = mm.build_model(cfg).train()
+    losses = model(**model.data_preprocessor(mm.seg_batch(), training=True), mode='loss')
+    mm.total_loss(model, losses).backward()
+    assert all(g is not None and torch.isfinite(g).all() for g in mm.backbone_grads(model))
+    model.eval()
+    with torch.no_grad():
+        results = model(**model.data_preprocessor(mm.seg_batch(seed=1), training=False), mode='predict')
+    assert [tuple(r.pred_sem_seg.data.shape) for r in results] == [(1, *mm.SEG_SIZE)] * 2
+
+
+def test_pretrained_config_without_converted_weights_fails_clearly():
+    """A config's pretrained=True without checkpoint= reaches the model's own message."""
+    with pytest.raises(RuntimeError, match='TensorFlow checkpoints'):
+        timm.create_model('tiny_moat_2', pretrained=True, features_only=True, out_indices=(1, 2, 3, 4))
