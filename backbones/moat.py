@@ -40,36 +40,22 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BatchNormAct2d, DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, use_fused_attn
 from timm.models import (
-    build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, register_notrace_function)
+    build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function)
 from timm.models._features import feature_take_indices
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
-from ._pyramid import check_checkpoint_keys, unwrap_checkpoint
+from ._pyramid import PyramidStage, check_checkpoint_keys, check_image, unwrap_checkpoint
 
 __all__ = ['Moat']
 
 BLOCK_TYPES = ('mbconv', 'moat')
 
+# torch.fx.symbolic_trace records a wrapped function per calling module: _pyramid's wrap covers its own calls
+torch.fx.wrap('check_image')
+
 
 # ---------------------------------------------------------------- shape logic (one FX / notrace call each)
-
-@torch.fx.wrap
-@register_notrace_function  # reason: checks concrete shapes, which FX's proxies do not have
-def check_image(x: torch.Tensor, family: str, in_chans: int, min_size: int) -> None:
-    """Cheap shape checks, so a wrong image fails here and not deep inside a layer."""
-    if x.ndim != 4:
-        raise ValueError(f'{family} expects images [B, C, H, W]; got a tensor of shape {list(x.shape)}')
-    if x.shape[1] != in_chans:
-        raise ValueError(
-            f'{family} was built for {in_chans}-channel images but got {x.shape[1]} channels '
-            f'(input shape {list(x.shape)}); pass images [B, {in_chans}, H, W] or create the '
-            f'model with in_chans={x.shape[1]}')
-    if x.shape[2] < min_size or x.shape[3] < min_size:
-        raise ValueError(
-            f'{family} needs images of at least {min_size}x{min_size} pixels (its total stride); '
-            f'got {x.shape[2]}x{x.shape[3]}; resize the image up')
-
 
 def tf_same_padding(size: int, kernel_size: int, stride: int) -> List[int]:
     """TensorFlow's 'SAME' padding of one axis as [before, after]; the odd pixel goes after."""
@@ -381,20 +367,6 @@ class MoatBlock(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class MoatStage(nn.Module):
-    """The blocks of one stage (the first one strided); gradient checkpointing one block at a time."""
-
-    def __init__(self, blocks: Sequence[nn.Module]):
-        super().__init__()
-        self.grad_checkpointing = False
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
 def _stage_windows(
         window_size: Sequence[Union[None, int, Sequence[int]]],
         block_types: Sequence[str],
@@ -453,6 +425,8 @@ class Moat(nn.Module):
         ln_eps: LayerNorm epsilon.
     """
     family: torch.jit.Final[str] = 'MOAT'
+    # forward_features returns [B, C, H, W] maps (MOAT computes NCHW; only attention goes channels last)
+    output_fmt: torch.jit.Final[str] = 'NCHW'
 
     def __init__(
             self,
@@ -526,7 +500,8 @@ class Moat(nn.Module):
                         shortcut_pool_size=shortcut_pool_size, attn_drop=attn_drop_rate, proj_drop=proj_drop_rate,
                         drop_path=drop_path, norm_act_layer=norm_act_layer, ln_eps=ln_eps, **dd))
                 in_chs = embed_dim[i]
-            stages.append(MoatStage(blocks))
+            # the first block strides, so no separate downsample
+            stages.append(PyramidStage(nn.Identity(), blocks))
             self.feature_info.append(dict(num_chs=embed_dim[i], reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         # the official head: global mean, LayerNorm, 1x1 conv (a linear layer on the pooled vector)

@@ -422,6 +422,7 @@ def test_configs_name_their_backbone_and_its_channels(path):
 
 
 @pytest.mark.mm
+@pytest.mark.slow  # the same wrapper and backbone as the UPerNet test below; mmdet's heads cost a minute on CPU
 def test_tiny_moat_mask_rcnn_loss_backward_and_predict():
     """tiny-MOAT-2 (one block in most stages; two in stage 3: a windowed and a global one) in its Mask
     R-CNN config, on 128x160 images: the 8x10 stride-16 map is padded to one 14x14 window."""
