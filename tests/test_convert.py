@@ -4,7 +4,6 @@ The reader is checked against a checkpoint TensorFlow itself wrote (tests/data/t
 make_checkpoint.py, whose values are re-derived here) and against damaged copies of it. The converter's
 MOAT path (official variable names and layouts) is tested in tests/test_moat.py.
 """
-import importlib.util
 import shutil
 import sys
 from pathlib import Path
@@ -20,19 +19,10 @@ from tf_checkpoints import write_tensor_bundle
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 sys.path.insert(0, str(TOOLS))
 import _common as common  # noqa: E402
+import convert as convert_tool  # noqa: E402
 from tensorbundle import TensorBundle, TensorBundleError, read_tensor_bundle, resolve_checkpoint_prefix  # noqa: E402
 
 TF_FIXTURE = Path(__file__).resolve().parent / 'data' / 'tf_checkpoint' / 'tf_checkpoint'
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'attnzoo_tools_{name}', TOOLS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_tool = load_tool('convert')
 
 
 # ---------------------------------------------------------------- the reader, on TensorFlow's own file

@@ -7,7 +7,6 @@ attention at the end of the MOAT stages); its make_fixture.py says how they were
 turn that checkpoint into weights that reproduce those outputs. The layers are checked against
 brute-force references written from the official definitions.
 """
-import importlib.util
 import json
 import math
 import sys
@@ -27,10 +26,7 @@ TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 DATA = Path(__file__).resolve().parent / 'data' / 'moat_official'
 sys.path.insert(0, str(TOOLS))
 import _common as common  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location('attnzoo_tools_convert', TOOLS / 'convert.py')
-convert_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert_tool)
+import convert as convert_tool  # noqa: E402
 
 # the reduced architecture of the official fixture (make_fixture.py: REDUCED)
 REDUCED = dict(stem_width=(8, 8), embed_dim=(16, 16, 32, 32), depths=(1, 2, 2, 2), head_dim=16, expand_ratio=2,
