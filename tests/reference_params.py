@@ -54,6 +54,26 @@ OFFICIAL_PARAMS = {
     'dat_pp_small': 53_127_366,
     'dat_pp_base': 93_690_640,
     'dat_pp_base_384': 94_119_440,
+    # MOAT / tiny-MOAT (google-research/deeplab2, TensorFlow): counted on a PyTorch replica of the official
+    # code (reference section 7); every count matches the README's one-decimal figure
+    'moat_0': 27_846_892,
+    'moat_1': 41_598_448,
+    'moat_2': 73_422_408,
+    'moat_3': 189_958_040,
+    'moat_4': 483_214_184,
+    'moat_0_no_pe': 27_777_544,
+    'moat_1_no_pe': 41_467_864,
+    'moat_2_no_pe': 73_248_296,
+    'moat_3_no_pe': 189_536_280,
+    'moat_4_no_pe': 482_539_368,
+    'tiny_moat_0': 3_355_348,
+    'tiny_moat_1': 5_122_895,
+    'tiny_moat_2': 9_772_741,
+    'tiny_moat_3': 19_534_390,
+    'tiny_moat_0_no_pe': 3_332_232,
+    'tiny_moat_1_no_pe': 5_094_000,
+    'tiny_moat_2_no_pe': 9_732_288,
+    'tiny_moat_3_no_pe': 19_476_600,
     # timm-native families attnzoo supports (timm 1.0.31); provenance in the docstring above
     # MaxViT: timm's own counts (official code is TensorFlow)
     'maxvit_tiny_tf_224': 30_916_528,
