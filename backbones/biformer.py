@@ -435,7 +435,8 @@ class BiFormer(ChannelsLastPyramid):
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
         if not isinstance(checkpoint, dict):
-            raise ValueError(f'{checkpoint_path}: expected a BiFormer checkpoint (a dict), got {type(checkpoint).__name__}')
+            raise ValueError(
+                f'{checkpoint_path}: expected a BiFormer checkpoint (a dict), got {type(checkpoint).__name__}')
         cfg = dict(self.pretrained_cfg, state_dict=checkpoint, custom_load=False)
         load_pretrained(self, cfg, num_classes=self.num_classes, in_chans=self.in_chans, filter_fn=checkpoint_filter_fn)
 
