@@ -185,6 +185,13 @@ def test_attn_backend_reaches_every_routing_layer():
         tiny_biformer(attn_backend='cuda')(torch.randn(1, 3, 64, 64))
 
 
+def test_forward_on_the_meta_device():
+    """Shapes only, as tools/benchmark.py counts FLOPs: the routing op's index check has no values to read."""
+    with torch.device('meta'):
+        model = timm.create_model('biformer_tiny', **TINY_ARCH)
+        assert model(torch.randn(2, 3, 72, 56)).shape == (2, 1000)
+
+
 # ---------------------------------------------------------------- any input size, n_win
 
 def _conv_out(size):
