@@ -142,13 +142,24 @@ needs_interpreter = pytest.mark.skipif(
 
 
 def fused_and_reference_results(size, batch, **arch):
+    """Logits and parameter gradients of one model, run once per routing backend. The qkv weights are
+    scaled up so that the routed softmax is peaked (at init it is nearly uniform and hides errors)."""
+    model = tiny_biformer(num_classes=10, **arch)
+    routing = [m for m in model.modules() if isinstance(m, BiLevelRoutingAttention)]
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for attn in routing:
+            weight = attn.qkv.weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 2 / weight.shape[1] ** .5)
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
     results = []
     for backend in ('triton', 'reference'):
-        model = tiny_biformer(attn_backend=backend, num_classes=10, **arch)
-        x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
+        for attn in routing:
+            attn.attn_backend = backend
+        model.zero_grad()
         logits = model(x)
         logits.square().sum().backward()
-        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+        results.append((logits, {n: p.grad.clone() for n, p in model.named_parameters()}))
     return results
 
 
