@@ -373,26 +373,27 @@ def save_official_file(path, state_dict):
                 'args': argparse.Namespace(model='biformer_tiny', lr=5e-4, input_size=224)}, path)
 
 
-def test_pretrained_download_uses_the_official_file_name(tmp_path, monkeypatch):
-    """pretrained=True: the file is cached under the official loader's name (the three OneDrive links all
-    end in '/content'), loaded without unpickling anything but the training arguments, 'model' taken."""
+def test_pretrained_download_is_cached_under_the_official_file_name(tmp_path, monkeypatch):
+    """pretrained=True: the release file is cached under the official loader's name (the three OneDrive
+    links all end in '/content'), so a file put there by hand loads offline; it is read without
+    unpickling anything but the training arguments, and of 'model' / 'model_ema' 'model' is taken."""
     official = official_state_dict(TINY_ARCH['embed_dims'], TINY_ARCH['depths'])
-    path = tmp_path / 'biformer_tiny_in1k.pth'
-    save_official_file(path, official)
-    requested = []
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path / 'hub'))
+    downloads = []
 
-    def download_cached_file(url, **kwargs):
-        requested.append(url)
-        return str(path)
-    monkeypatch.setattr(timm.models._builder, 'download_cached_file', download_cached_file)
+    def download_url_to_file(url, dst, hash_prefix=None, progress=True):  # the network, simulated
+        downloads.append((url, dst))
+        save_official_file(dst, official)
+    monkeypatch.setattr(timm.models._hub, 'download_url_to_file', download_url_to_file)
     model = timm.create_model('biformer_tiny', pretrained=True, **TINY_ARCH)
-    url, file_name = requested[0]
-    assert url.startswith('https://api.onedrive.com/v1.0/shares/') and file_name == 'biformer_tiny_in1k.pth'
+    assert downloads == [(timm.models.get_pretrained_cfg('biformer_tiny').url[0],
+                          str(tmp_path / 'hub' / 'checkpoints' / 'biformer_tiny_in1k.pth'))]
     assert torch.equal(model.stages[2].blocks[1].attn.qkv.weight, official['stages.2.1.attn.qkv.qkv.weight'])
     assert torch.equal(model.head.fc.weight, official['head.weight'])
 
-    # a new head: timm's own loading drops the official classifier and keeps the rest
+    # cached: no second download; a new head: timm's own loading drops the official classifier
     model = timm.create_model('biformer_tiny', pretrained=True, num_classes=7, **TINY_ARCH)
+    assert len(downloads) == 1
     assert model.head.fc.weight.shape == (7, 128)
     assert torch.equal(model.stem.conv1.weight, official['downsample_layers.0.0.weight'])
 

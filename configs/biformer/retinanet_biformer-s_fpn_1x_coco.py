@@ -18,8 +18,9 @@ model = dict(
         # RetinaNet's FPN starts at stride 8 (the official start_level=1); return only the levels it
         # uses, so every parameter of the output norms gets a gradient (DDP needs no unused-parameter search)
         out_indices=(1, 2, 3),
-        # ImageNet-1K weights of the official release, converted by attnzoo's checkpoint_filter_fn;
-        # offline: pretrained=False, checkpoint='/path/to/biformer_small_in1k.pth'
+        # ImageNet-1K weights of the official release, converted by attnzoo's checkpoint_filter_fn; the
+        # file is cached as biformer_small_in1k.pth in torch's hub cache ($TORCH_HOME/hub/checkpoints;
+        # offline, put the official file there)
         pretrained=True,
         # the official BiFormer_mm: a LayerNorm2d on every output (trained with the detector), and
         # routing on a fixed 16 x 16 grid of regions, each map padded to a multiple of it (auto_pad)
