@@ -134,7 +134,7 @@ def bi_level_routing(
 
 def _region_grid(n_win: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     grid = (n_win, n_win) if isinstance(n_win, int) else tuple(n_win)
-    if len(grid) != 2 or not all(isinstance(n, int) and n >= 1 for n in grid):
+    if len(grid) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in grid):
         raise ValueError(f'BiFormer: n_win must be an int >= 1 or a pair (rows, columns) of them, got {n_win!r}')
     return grid
 

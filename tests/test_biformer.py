@@ -242,6 +242,7 @@ def test_n_win_is_a_model_kwarg_that_owns_no_parameters():
     (dict(n_win=3), r'topk 16 routed regions, but n_win 3 gives 9 regions'),
     (dict(n_win=0), 'n_win must be an int >= 1'),
     (dict(n_win=(2, 3, 4)), 'n_win must be an int >= 1'),
+    (dict(n_win=True), 'n_win must be an int >= 1'),
     (dict(topks=(1, 4, 16)), 'one entry per stage'),
     (dict(num_heads=(2, 4, 8, 7)), 'not divisible by num_heads'),
 ])
