@@ -27,7 +27,6 @@ Activations stay channels-last ``[B, H, W, C]`` inside the model; the pyramid fe
 ``forward_intermediates`` / ``features_only`` are NCHW by default.
 """
 import argparse
-import re
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,13 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, trunc_normal_, use_fused_attn
+from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, use_fused_attn
 from timm.layers import register_notrace_function
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, load_pretrained, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
 
 from attnzoo.kernels import routing_attention, routing_region_index
 
-from ._pyramid import ChannelsLastPyramid, convert_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, rename_by_first_rule
 
 __all__ = ['BiFormer']
 
@@ -264,50 +263,25 @@ class BiFormerBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class BiFormerStage(nn.Module):
-    """Optional stride-2 downsample, then ``depth`` blocks; NHWC in and out."""
+class BiFormerStage(PyramidStage):
+    """Optional stride-2 downsample, then ``depth`` blocks (``block_kwargs`` go to every block); NHWC in and out."""
 
     def __init__(
             self,
             in_dim: int,
             dim: int,
             depth: int,
-            num_heads: int,
-            topk: Optional[int],
-            n_win: Union[int, Tuple[int, int]],
             downsample: bool,
-            mlp_ratio: float,
-            side_dwconv: int,
             drop_path_rates: Sequence[float],
-            attn_backend: Optional[str] = None,
-            norm_layer=nn.LayerNorm,
             device=None,
             dtype=None,
+            **block_kwargs,
     ):
-        super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.grad_checkpointing = False
-        self.downsample = ConvDownsample(in_dim, dim, **dd) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            BiFormerBlock(
-                dim,
-                num_heads,
-                topk,
-                n_win=n_win,
-                mlp_ratio=mlp_ratio,
-                side_dwconv=side_dwconv,
-                drop_path=drop_path_rates[i],
-                attn_backend=attn_backend,
-                norm_layer=norm_layer,
-                **dd,
-            )
-            for i in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        super().__init__(
+            downsample=ConvDownsample(in_dim, dim, **dd) if downsample else nn.Identity(),
+            blocks=[BiFormerBlock(dim, drop_path=drop_path_rates[i], **block_kwargs, **dd) for i in range(depth)],
+        )
 
 
 class BiFormer(ChannelsLastPyramid):
@@ -399,28 +373,6 @@ class BiFormer(ChannelsLastPyramid):
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC', **dd)
         self.apply(self._init_weights)
 
-    def _init_weights(self, m: nn.Module):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # no position tables or tokens; timm's optimizer factory already exempts norms and biases
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str):
         """timm's loader for the official release files (``pretrained_cfg`` sets ``custom_load``).
@@ -466,11 +418,7 @@ _OFFICIAL_KEY_RULES = (
 
 
 def _convert_official_key(key: str) -> str:
-    for pattern, replacement in _OFFICIAL_KEY_RULES:
-        converted, count = re.subn(pattern, replacement, key)
-        if count:
-            return converted
-    return key
+    return rename_by_first_rule(key, _OFFICIAL_KEY_RULES)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -> Dict[str, torch.Tensor]:
