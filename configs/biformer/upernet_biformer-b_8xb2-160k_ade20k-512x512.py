@@ -1,52 +1,12 @@
 # UPerNet, BiFormer-B backbone, 160k iterations at batch 16 (8 GPUs x 2), ADE20K 512x512.
-# Backbone options, optimiser and schedule as the official config
-# (rayleizhu/BiFormer, semantic_segmentation/configs/ade20k/upernet.biformer_base.py: the UniFormer /
-# CSWin recipe, trained with mixed precision).
-_base_ = [
-    'mmseg::_base_/models/upernet_r50.py',
-    'mmseg::_base_/datasets/ade20k.py',
-    'mmseg::_base_/default_runtime.py',
-    'mmseg::_base_/schedules/schedule_160k.py',
-]
-custom_imports = dict(imports=['attnzoo.heads'], allow_failed_imports=False)
+# As the BiFormer-S config, with the official BiFormer-B options
+# (rayleizhu/BiFormer, semantic_segmentation/configs/ade20k/upernet.biformer_base.py).
+_base_ = ['./upernet_biformer-s_8xb2-160k_ade20k-512x512.py']
 
-crop_size = (512, 512)
-data_preprocessor = dict(size=crop_size)
 model = dict(
-    data_preprocessor=data_preprocessor,
-    # mmseg would hand a string here to the backbone; AttnzooBackbone takes its weights below
-    pretrained=None,
     backbone=dict(
-        _delete_=True,
-        type='AttnzooBackbone',
         model_name='biformer_base',
-        out_indices=(0, 1, 2, 3),
-        # ImageNet-1K weights of the official release, converted by attnzoo's checkpoint_filter_fn; the
-        # file is cached as biformer_base_in1k.pth in torch's hub cache ($TORCH_HOME/hub/checkpoints;
-        # offline, put the official file there)
-        pretrained=True,
-        # the official BiFormer_mm: a LayerNorm2d on every output (trained with the decode head), and
-        # routing on an 8 x 8 grid of regions ("training resolution is 512": 16 x 16-token regions at
-        # stride 4), each map padded to a multiple of it (auto_pad)
-        out_norm=True,
-        n_win=8,
+        # the official file: biformer_base_in1k.pth in torch's hub cache
         drop_path_rate=0.4),
-    decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
-    auxiliary_head=dict(in_channels=384, num_classes=150))
-# the official segmentation backbone converts its BatchNorms to SyncBatchNorm (batch 2 per GPU)
-sync_bn = 'torch'
-
-optim_wrapper = dict(
-    _delete_=True,
-    # the official Fp16OptimizerHook(loss_scale=512.): mixed precision with a static loss scale
-    type='AmpOptimWrapper',
-    loss_scale=512.,
-    optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
-    paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.)}))
-param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=1500, end=160000, by_epoch=False),
-]
-train_dataloader = dict(batch_size=2)
-val_dataloader = dict(batch_size=1)
-test_dataloader = val_dataloader
+    decode_head=dict(in_channels=[96, 192, 384, 768]),
+    auxiliary_head=dict(in_channels=384))
