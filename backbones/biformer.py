@@ -104,19 +104,19 @@ class ConvDownsample(nn.Module):
         return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
 
 
-@register_notrace_function
 @torch.fx.wrap
+@register_notrace_function  # reason: the padding depends on the map size, which FX's proxies do not have
 def pad_to_region_grid(x: torch.Tensor, regions: Tuple[int, int]) -> torch.Tensor:
     """Zero-pads an NHWC map at the bottom / right to a multiple of the region grid (the official ``auto_pad``)."""
     pad_h = (regions[0] - x.shape[1] % regions[0]) % regions[0]
     pad_w = (regions[1] - x.shape[2] % regions[1]) % regions[1]
-    if pad_h or pad_w:
+    if pad_h > 0 or pad_w > 0:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
 
 
-@register_notrace_function
 @torch.fx.wrap
+@register_notrace_function  # reason: the ops check their arguments' shapes in Python; FX records one call
 def bi_level_routing(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -126,9 +126,17 @@ def bi_level_routing(
         scale: float,
         backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Region routing, then attention of every query region over its routed regions; heads-last in and out."""
-    region_index = routing_region_index(q, k, regions, topk, scale=scale)
-    return routing_attention(q, k, v, region_index, regions, scale=scale, backend=backend)
+    """Region routing, then attention of every query region over its routed regions; heads-last in and
+    out. TorchScript calls the ops the kernels register with torch.library (``torch.ops.attnzoo``)
+    with the same arguments."""
+    if torch.jit.is_scripting():
+        grid = [regions[0], regions[1]]
+        region_index = torch.ops.attnzoo.routing_region_index(q, k, grid, topk, scale)
+        out = torch.ops.attnzoo.routing_attention(q, k, v, region_index, grid, scale, backend)
+    else:
+        region_index = routing_region_index(q, k, regions, topk, scale=scale)
+        out = routing_attention(q, k, v, region_index, regions, scale=scale, backend=backend)
+    return out
 
 
 def _region_grid(n_win: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
