@@ -63,8 +63,6 @@ def check_index_values(region_index, n_regions):
     where reading the answer back would be a host sync (CUDA) or impossible (while compiling)."""
     message = (f'{OP_NAME}: region_index holds a region outside [0, {n_regions}); regions are numbered '
                f'row-major, ry * p_w + rx')
-    if region_index.is_meta:   # shapes only (FLOP counting, model building on the meta device)
-        return
     in_range = ((region_index >= 0) & (region_index < n_regions)).all()
     if (region_index.device.type != 'cpu' or torch.compiler.is_compiling()
             or torch._subclasses.fake_tensor.is_fake(region_index)):
