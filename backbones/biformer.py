@@ -349,7 +349,6 @@ class BiFormer(ChannelsLastPyramid):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.output_fmt = 'NHWC'
         self.num_features = self.head_hidden_size = embed_dims[-1]
 
         self.stem_stride = 4
@@ -378,7 +377,7 @@ class BiFormer(ChannelsLastPyramid):
         self.stages = nn.Sequential(*stages)
         self.norm = ChannelsLastBatchNorm(self.num_features, **dd)
         self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC', **dd)
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
         self.apply(self._init_weights)
 
     @torch.jit.ignore
