@@ -396,6 +396,9 @@ class BiFormer(ChannelsLastPyramid):
         if not isinstance(checkpoint, dict):
             raise ValueError(
                 f'{checkpoint_path}: expected a BiFormer checkpoint (a dict), got {type(checkpoint).__name__}')
+        if isinstance(checkpoint.get('model'), dict):
+            # the official loader's choice; checkpoint_filter_fn alone would prefer 'model_ema'
+            checkpoint = checkpoint['model']
         cfg = dict(self.pretrained_cfg, state_dict=checkpoint, custom_load=False)
         load_pretrained(self, cfg, num_classes=self.num_classes, in_chans=self.in_chans, filter_fn=checkpoint_filter_fn)
 

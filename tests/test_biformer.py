@@ -332,13 +332,13 @@ def official_tiny():
     return official_state_dict((64, 128, 256, 512), (2, 2, 8, 2))
 
 
-@pytest.mark.parametrize('wrap', ['plain', 'model', 'model_and_ema', 'module_prefix'])
+@pytest.mark.parametrize('wrap', ['plain', 'model', 'ema_and_model', 'module_prefix'])
 def test_official_checkpoint_converts_and_loads_strictly(biformer_tiny, official_tiny, wrap):
     assert len(official_tiny) == 264  # the official BiFormer-T state dict, BN buffers included
     if wrap == 'plain':
         checkpoint = official_tiny
-    elif wrap == 'model_and_ema':  # the official training script stores both; its loader takes 'model'
-        checkpoint = {'model': official_tiny, 'model_ema': {k: v + 1 for k, v in official_tiny.items()}, 'epoch': 299}
+    elif wrap == 'ema_and_model':  # attnzoo's rule for files holding both (timm's file loader's): EMA wins
+        checkpoint = {'model': {k: v - 1 for k, v in official_tiny.items()}, 'model_ema': official_tiny, 'epoch': 299}
     elif wrap == 'module_prefix':
         checkpoint = {'model': {'module.' + k: v for k, v in official_tiny.items()}}
     else:
