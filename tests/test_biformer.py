@@ -481,8 +481,8 @@ class TestConfigs:
         assert (backbone.type, backbone.model_name, backbone.n_win) == ('AttnzooBackbone', model_name, n_win)
         assert backbone.drop_path_rate == drop_path_rate
         assert backbone.out_norm  # BiFormer_mm's extra LayerNorm2d per output
-        assert backbone.norm_eval == name.startswith(('mask-rcnn', 'retinanet'))  # BiFormer_mm (det) freezes BN stats
         built = self.build(cfg).backbone
+        assert built.norm_eval == name.startswith(('mask-rcnn', 'retinanet'))  # BiFormer_mm (det) freezes BN stats
         assert len(built.out_norms) == len(built.out_indices)
         attn = built.features.model.stages[0].blocks[0].attn
         assert attn.regions == (n_win, n_win)
