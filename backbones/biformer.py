@@ -8,8 +8,8 @@ Official code and checkpoints: https://github.com/rayleizhu/BiFormer (MIT).
 Stages 1-3 use bi-level routing attention (BRA): the map is split into ``n_win x n_win`` regions,
 every query region routes to the ``topk`` key regions whose mean key best matches its mean query
 (one routing shared by all heads), and its tokens attend to all tokens of those regions. The
-attention runs on ``attnzoo.kernels.routing_attention`` (fused Triton on CUDA, BiFormer's own
-gather formulation on CPU) with indices from ``attnzoo.kernels.routing_region_index``. Stage 4
+attention runs on ``attnzoo.kernels.routing_attention`` (fused Triton on CUDA, the CPU kernels on
+CPU, BiFormer's own gather formulation as its reference) with indices from ``attnzoo.kernels.routing_region_index``. Stage 4
 (a 7 x 7 map at 224 px, too small to split) uses plain multi-head attention over the whole map.
 
 This is the legacy architecture the released checkpoints were trained with (``ops/bra_legacy.py``),
@@ -310,8 +310,9 @@ class BiFormer(ChannelsLastPyramid):
             segmentation; it owns no parameters, so any value loads the same weights.
         mlp_ratio: MLP hidden width over block width.
         side_dwconv: Kernel size of the LePE depthwise convs.
-        attn_backend: Backend of ``routing_attention``: None (fused Triton on CUDA, the PyTorch
-            reference elsewhere), ``'triton'`` or ``'reference'``.
+        attn_backend: Backend of ``routing_attention``: None (the process-wide default of
+            ``attnzoo.kernels.set_backend``; unset: fused Triton on CUDA, the CPU kernels on CPU),
+            ``'triton'`` or ``'reference'``.
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
