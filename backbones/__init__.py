@@ -3,9 +3,9 @@ import difflib
 
 import timm
 
-from . import crossformer, cswin, dat, litv2, moat, nat
+from . import biformer, crossformer, cswin, dat, litv2, moat, nat
 
-__all__ = ['crossformer', 'cswin', 'dat', 'litv2', 'moat', 'nat', 'close_model_names']
+__all__ = ['biformer', 'crossformer', 'cswin', 'dat', 'litv2', 'moat', 'nat', 'close_model_names']
 
 
 def close_model_names(name, n: int = 5):

@@ -104,6 +104,32 @@ def _region_means(x, regions):
     return x.mean((2, 4)).reshape(batch, p_h * p_w, channels)
 
 
+def _region_index_op(q, k, regions, topk, scale=None):
+    # the registered op: checks, then BiFormer's TopkRouting on detached full-width region means
+    name = 'routing_region_index'
+    for label, tensor in (('q', q), ('k', k)):
+        if tensor.dim() not in (4, 5):
+            raise ValueError(f'{name}: {label} must be a [B, H, W, C] or [B, H, W, heads, D] tensor, got '
+                             f'{tuple(tensor.shape)}')
+    if q.shape != k.shape or q.device != k.device or q.dtype != k.dtype:
+        raise ValueError(f'{name}: q ({tuple(q.shape)}, {q.dtype}, {q.device}) and k ({tuple(k.shape)}, {k.dtype}, '
+                         f'{k.device}) must have one shape, dtype and device')
+    q, k = q.detach().flatten(3), k.detach().flatten(3)
+    regions = _region_grid(name, regions, q.shape[1], q.shape[2])
+    n_regions = regions[0] * regions[1]
+    if not 1 <= topk <= n_regions:
+        raise ValueError(f'{name}: topk must be an int in [1, {n_regions}] (the number of regions), got {topk!r}')
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    logits = (_region_means(q, regions) * scale) @ _region_means(k, regions).transpose(-2, -1)
+    return torch.topk(logits, topk, dim=-1).indices
+
+
+LIBRARY.define('routing_region_index(Tensor q, Tensor k, int[2] regions, int topk, float? scale=None) -> Tensor')
+LIBRARY.impl('routing_region_index', _region_index_op, 'CompositeImplicitAutograd')
+
+
+@register_notrace_function   # a leaf for timm's FX feature extraction
 def routing_region_index(q, k, regions, topk: int, scale: Optional[float] = None):
     """BiFormer's region-to-region routing (``TopkRouting`` with ``diff_routing=False``).
 
@@ -121,24 +147,21 @@ def routing_region_index(q, k, regions, topk: int, scale: Optional[float] = None
 
     Returns:
         int64 ``[B, p_h * p_w, topk]`` region ids, largest logit first; no gradient.
+
+    The op is ``torch.ops.attnzoo.routing_region_index`` (same arguments, ``regions`` as a list), which
+    TorchScript and ``torch.compile`` see as one op.
     """
     name = 'routing_region_index'
     for label, tensor in (('q', q), ('k', k)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() not in (4, 5):
+        if not isinstance(tensor, torch.Tensor):
             raise ValueError(f'{name}: {label} must be a [B, H, W, C] or [B, H, W, heads, D] tensor, got '
-                             f'{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}')
-    if q.shape != k.shape or q.device != k.device or q.dtype != k.dtype:
-        raise ValueError(f'{name}: q ({tuple(q.shape)}, {q.dtype}, {q.device}) and k ({tuple(k.shape)}, {k.dtype}, '
-                         f'{k.device}) must have one shape, dtype and device')
-    q, k = q.detach().flatten(3), k.detach().flatten(3)
-    regions = _region_grid(name, regions, q.shape[1], q.shape[2])
-    n_regions = regions[0] * regions[1]
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= n_regions:
-        raise ValueError(f'{name}: topk must be an int in [1, {n_regions}] (the number of regions), got {topk!r}')
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    logits = (_region_means(q, regions) * scale) @ _region_means(k, regions).transpose(-2, -1)
-    return torch.topk(logits, topk, dim=-1).indices
+                             f'{type(tensor).__name__}')
+    regions = int_pair(name, regions, 'regions', '(p_h, p_w): regions per column and per row of the map')
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise ValueError(f'{name}: topk must be an int (routed regions per query region), got {topk!r}')
+    if scale is not None:
+        scale = softmax_scale(name, scale, 1)
+    return torch.ops.attnzoo.routing_region_index(q, k, regions, topk, scale)
 
 
 def _to_regions(x, spec):

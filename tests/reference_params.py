@@ -16,6 +16,10 @@ Where each count comes from, for the timm-native families (attnzoo does not re-i
 """
 
 OFFICIAL_PARAMS = {
+    # BiFormer (rayleizhu/BiFormer)
+    'biformer_tiny': 13_142_760,
+    'biformer_small': 25_536_232,
+    'biformer_base': 56_804_968,
     # CSWin (microsoft/CSWin-Transformer)
     'cswin_tiny_224': 22_320_552,
     'cswin_small_224': 34_643_304,

@@ -17,7 +17,7 @@ from torch.library import opcheck
 import attnzoo.kernels as kernels
 from attnzoo.kernels import neighborhood as nb_module
 from attnzoo.kernels import routing as routing_module
-from attnzoo.kernels import neighborhood_attention_2d, routing_attention, use_backend
+from attnzoo.kernels import neighborhood_attention_2d, routing_attention, routing_region_index, use_backend
 from attnzoo.kernels._dispatch import triton_interpreted
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
 from attnzoo.kernels.routing import routing_attention_reference
@@ -87,10 +87,12 @@ def op(request):
 
 def test_public_ops_are_registered():
     schemas = {name: str(getattr(torch.ops.attnzoo, name).default._schema)
-               for name in ('neighborhood_attention_2d', 'routing_attention')}
+               for name in ('neighborhood_attention_2d', 'routing_attention', 'routing_region_index')}
     assert schemas['neighborhood_attention_2d'].startswith('attnzoo::neighborhood_attention_2d(Tensor q, Tensor k')
     assert schemas['routing_attention'].startswith('attnzoo::routing_attention(Tensor q, Tensor k, Tensor v, Tensor '
                                                    'region_index, int[2] regions')
+    assert schemas['routing_region_index'].startswith('attnzoo::routing_region_index(Tensor q, Tensor k, '
+                                                      'int[2] regions, int topk')
 
 
 def test_opcheck_neighborhood():
@@ -106,6 +108,7 @@ def test_opcheck_routing():
     positional = (args['q'], args['k'], args['v'], args['region_index'], [2, 2], 0.3)
     opcheck(torch.ops.attnzoo.routing_attention.default, positional + (None,))
     opcheck(torch.ops.attnzoo.routing_attention_forward.default, positional + ('cpu',))
+    opcheck(torch.ops.attnzoo.routing_region_index.default, (args['q'], args['k'], [2, 2], 3, None))
 
 
 @needs_interpreter
@@ -215,10 +218,23 @@ def test_torchscript_calls_the_ops():
     assert torch.isfinite(grad).all()
 
 
+class ScriptedRouter(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.attnzoo.routing_region_index(q, k, [2, 2], 3, None)
+        return routing_region_index(q, k, 2, 3)
+
+
+def test_torchscript_calls_the_routing_op():
+    args = routing_args()
+    scripted = torch.jit.script(ScriptedRouter())
+    assert torch.equal(scripted(args['q'], args['k']), ScriptedRouter()(args['q'], args['k']))
+
+
 def test_fx_leaf():
     """timm's FX feature extraction keeps both functions as single leaf calls."""
     from timm.layers import get_notrace_functions
-    assert {neighborhood_attention_2d, routing_attention} <= set(get_notrace_functions())
+    assert {neighborhood_attention_2d, routing_attention, routing_region_index} <= set(get_notrace_functions())
 
     class Block(torch.nn.Module):
         def forward(self, q, region_index):
