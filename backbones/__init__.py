@@ -3,9 +3,9 @@ import difflib
 
 import timm
 
-from . import crossformer, cswin, dat, litv2, moat, nat
+from . import crossformer, cswin, dat, litv2, moat, nat, transnext
 
-__all__ = ['crossformer', 'cswin', 'dat', 'litv2', 'moat', 'nat', 'close_model_names']
+__all__ = ['crossformer', 'cswin', 'dat', 'litv2', 'moat', 'nat', 'transnext', 'close_model_names']
 
 
 def close_model_names(name, n: int = 5):
