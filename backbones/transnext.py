@@ -38,9 +38,15 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models import register_notrace_function
 
+from attnzoo.kernels import neighborhood_attention_2d
+
 from ._pyramid import ChannelsLastPyramid, convert_checkpoint, unwrap_checkpoint
 
 __all__ = ['TransNeXt']
+
+torch.fx.wrap('neighborhood_attention_2d')   # one leaf call in FX graphs, not traced into
+
+AGGREGATED_ATTENTION_IMPLS = ('fused', 'native')
 
 # softplus(temperature) starts at 1 / 0.24 (official init)
 INITIAL_TEMPERATURE = 1 / 0.24
@@ -328,13 +334,44 @@ class Attention(CosineAttentionBase):
         return self.proj_drop(self.proj(x))
 
 
+def aggregated_neighborhood_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window_size: int,
+        rpb: torch.Tensor,
+        k_pool: torch.Tensor,
+        v_pool: torch.Tensor,
+        pool_bias: torch.Tensor,
+        window_weight: torch.Tensor,
+) -> torch.Tensor:
+    """The window + pool softmax and the learnable tokens as one ``neighborhood_attention_2d`` call
+    (zero border, logits pre-scaled): the registered op under TorchScript, the public function (one
+    leaf call under FX) otherwise."""
+    if torch.jit.is_scripting():
+        return torch.ops.attnzoo.neighborhood_attention_2d(
+            q, k, v, [window_size, window_size], [1, 1], 1., rpb, 'zero', k_pool, v_pool, None, pool_bias,
+            window_weight)
+    return neighborhood_attention_2d(
+        q, k, v, window_size, scale=1., rpb=rpb, border='zero', extra_k=k_pool, extra_v=v_pool, extra_bias=pool_bias,
+        window_weight=window_weight)
+
+
 class AggregatedAttention(CosineAttentionBase):
     """Aggregated attention of stages 1-3: a zero-padded ``window_size`` window and the pooled map in one
     softmax, learnable tokens after it; NHWC.
 
-    ``forward`` mirrors the official ``attention_native.py`` op by op (it unfolds every window, so its
-    memory grows with ``window_size ** 2`` times the map): the ground truth of the fused path.
+    Two paths compute it (``attn_impl``):
+
+    - ``'native'`` mirrors the official ``attention_native.py`` op by op (it unfolds every window, so its
+      memory grows with ``window_size ** 2`` times the map): the ground truth of the fused path;
+    - ``'fused'`` (default) is one ``attnzoo.kernels.neighborhood_attention_2d`` call on heads-last views
+      of the q / kv projections: the ``[heads, 9]`` local bias as the op's relative position bias (the
+      centre of a ``[heads, 2w - 1, 2w - 1]`` table: a zero border only sees offsets ``-w//2 .. w//2``),
+      the pooled tokens as its extra tokens with the CPB bias as ``extra_bias``, and the learnable
+      tokens as ``window_weight``. Attention dropout (0 in every official config) runs on the native path.
     """
+    attn_impl: torch.jit.Final[str]
 
     def __init__(
             self,
@@ -349,6 +386,7 @@ class AggregatedAttention(CosineAttentionBase):
             qkv_bias: bool = True,
             attn_drop: float = 0.,
             proj_drop: float = 0.,
+            attn_impl: str = 'fused',
             device=None,
             dtype=None,
     ):
@@ -357,6 +395,10 @@ class AggregatedAttention(CosineAttentionBase):
         dd = {'device': device, 'dtype': dtype}
         if window_size % 2 != 1:
             raise ValueError(f'AggregatedAttention: window_size must be odd (a centred window), got {window_size}')
+        if attn_impl not in AGGREGATED_ATTENTION_IMPLS:
+            raise ValueError(f'AggregatedAttention: attn_impl must be one of {AGGREGATED_ATTENTION_IMPLS}, '
+                             f'got {attn_impl!r}')
+        self.attn_impl = attn_impl
         self.window_size = window_size
         self.local_len = window_size ** 2
         self.sr_ratio = sr_ratio
@@ -374,6 +416,49 @@ class AggregatedAttention(CosineAttentionBase):
         trunc_normal_(self.learnable_tokens, std=.02)
 
     def forward(
+            self,
+            x: torch.Tensor,
+            relative_pos_index: torch.Tensor,
+            relative_coords_table: torch.Tensor,
+            seq_length_scale: torch.Tensor,
+            padding_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if self.attn_impl == 'fused' and not (self.training and self.attn_drop.p > 0.):
+            return self.forward_fused(x, relative_pos_index, relative_coords_table, seq_length_scale)
+        return self.forward_native(x, relative_pos_index, relative_coords_table, seq_length_scale, padding_mask)
+
+    def forward_fused(
+            self,
+            x: torch.Tensor,
+            relative_pos_index: torch.Tensor,
+            relative_coords_table: torch.Tensor,
+            seq_length_scale: torch.Tensor,
+    ) -> torch.Tensor:
+        B, H, W, C = x.shape
+        heads, head_dim, window = self.num_heads, self.head_dim, self.window_size
+        pool = pool_size(x, self.sr_ratio, self.fixed_pool_size)
+
+        q_norm = F.normalize(self.q(x).view(B, H, W, heads, head_dim), dim=-1)
+        q_scaled = ((q_norm + self.query_embedding.view(1, 1, 1, heads, head_dim))
+                    * F.softplus(self.temperature).view(1, 1, 1, heads, 1) * seq_length_scale.view(1, H, W, 1, 1))
+        k, v = self.kv(x).view(B, H, W, 2, heads, head_dim).unbind(3)
+        k = F.normalize(k, dim=-1)
+
+        x_ = F.adaptive_avg_pool2d(self.act(self.sr(x.permute(0, 3, 1, 2))), (pool[0], pool[1]))
+        x_ = self.norm(x_.flatten(2).transpose(1, 2))
+        k_pool, v_pool = self.kv(x_).view(B, -1, 2, heads, head_dim).unbind(2)
+        k_pool = F.normalize(k_pool, dim=-1)
+        pool_bias = self.cpb_bias(relative_pos_index, relative_coords_table, [H, W], pool)
+
+        pad = window // 2
+        rpb = F.pad(self.relative_pos_bias_local.view(heads, window, window), (pad, pad, pad, pad))
+        window_weight = (torch.einsum('byxhd,hdj->byxhj', q_norm, self.learnable_tokens)
+                         + self.learnable_bias.view(heads, self.local_len))
+        x = aggregated_neighborhood_attention(
+            q_scaled, k, v, window, rpb, k_pool, v_pool, pool_bias, window_weight)
+        return self.proj_drop(self.proj(x.reshape(B, H, W, C)))
+
+    def forward_native(
             self,
             x: torch.Tensor,
             relative_pos_index: torch.Tensor,
@@ -417,7 +502,7 @@ class AggregatedAttention(CosineAttentionBase):
 
     def extra_repr(self) -> str:
         pool = f'fixed_pool_size={self.fixed_pool_size}' if self.fixed_pool_size else f'sr_ratio={self.sr_ratio}'
-        return f'num_heads={self.num_heads}, window_size={self.window_size}, {pool}'
+        return f'num_heads={self.num_heads}, window_size={self.window_size}, {pool}, attn_impl={self.attn_impl}'
 
 
 class TransNeXtBlock(nn.Module):
@@ -439,6 +524,7 @@ class TransNeXtBlock(nn.Module):
             proj_drop: float,
             attn_drop: float,
             drop_path: float,
+            attn_impl: str = 'fused',
             norm_layer=nn.LayerNorm,
             device=None,
             dtype=None,
@@ -450,7 +536,7 @@ class TransNeXtBlock(nn.Module):
             self.attn = AggregatedAttention(
                 dim, num_heads, trained_size, trained_pool_size, window_size=window_size, sr_ratio=sr_ratio,
                 fixed_pool_size=fixed_pool_size, is_extrapolation=is_extrapolation, qkv_bias=qkv_bias,
-                attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+                attn_drop=attn_drop, proj_drop=proj_drop, attn_impl=attn_impl, **dd)
         else:
             self.attn = Attention(
                 dim, num_heads, trained_size, is_extrapolation=is_extrapolation, qkv_bias=qkv_bias,
@@ -559,6 +645,8 @@ class TransNeXt(ChannelsLastPyramid):
         fixed_pool_size: A pooled grid of this size at any input size (official linear inference mode).
         is_extrapolation: At sizes other than ``img_size``, recompute the CPB bias for the new grid
             instead of bilinearly resizing the built one (the official dense-task flag).
+        attn_impl: Aggregated attention on the ``'fused'`` neighborhood op (default) or the ``'native'``
+            op-by-op mirror of the official attention_native.py (see :class:`AggregatedAttention`).
         qkv_bias: Bias in the q / kv / qkv projections.
         drop_rate: Dropout before the classifier.
         proj_drop_rate: Dropout after the attention projection and in ConvGLU (the official drop_rate).
@@ -582,6 +670,7 @@ class TransNeXt(ChannelsLastPyramid):
             window_size: Tuple[Optional[int], ...] = (3, 3, 3, None),
             fixed_pool_size: Optional[int] = None,
             is_extrapolation: bool = False,
+            attn_impl: str = 'fused',
             qkv_bias: bool = True,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
@@ -646,6 +735,7 @@ class TransNeXt(ChannelsLastPyramid):
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     drop_path=dpr[i][j],
+                    attn_impl=attn_impl,
                     norm_layer=lambda dim, **kw: norm_layer(dim, **block_norm, **kw),
                     **dd,
                 )

@@ -218,8 +218,16 @@ class _ReferenceKernels:
                        window_weight=window_weight)
 
     @staticmethod
-    def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
-                 extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False):
+    def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad):
+        return _ReferenceKernels.backward_extended(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec,
+                                                   needs_rpb_grad, needs_extra_grad)[:6]
+
+    @staticmethod
+    def backward_extended(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
+                          extra_bias=None, window_weight=None, needs_extra_bias_grad=False,
+                          needs_window_weight_grad=False):
+        """``backward`` with TransNeXt's two inputs: also ``d_extra_bias, d_window_weight`` (None where not
+        asked for)."""
         wanted = dict(q=q, k=k, v=v)
         if rpb is not None and needs_rpb_grad:
             wanted['rpb'] = rpb
@@ -249,11 +257,7 @@ def _cpu_kernels():
     return _neighborhood_cpu
 
 
-def _kernels(backend, extended=False):
-    """The kernels of ``backend``. Calls with ``extra_bias`` / ``window_weight`` (``extended``) run the
-    reference kernels on any device: the fused Triton and CPU kernels do not take them yet."""
-    if extended:
-        return _ReferenceKernels
+def _kernels(backend):
     if backend == 'triton':
         from . import _neighborhood_triton   # triton is optional on CPU-only installs
         return _neighborhood_triton
@@ -295,7 +299,9 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: 
     spec = _spec(kernel_size, dilation, scale, border)
     if extra_bias is None and window_weight is None:
         return _kernels(backend).forward(q, k, v, rpb, extra_k, extra_v, spec)
-    return _kernels(backend, extended=True).forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight)
+    # the fused Triton and CPU kernels do not take extra_bias / window_weight yet: the reference kernels do,
+    # on every device
+    return _ReferenceKernels.forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight)
 
 
 @_forward_op.register_fake
@@ -320,9 +326,9 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad, extra_grad)
         d_extra_bias = d_window_weight = None
     else:
-        dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = _kernels(
-            backend, extended=True).backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad,
-                                             extra_grad, extra_bias, window_weight, extra_bias_grad, window_weight_grad)
+        dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = _ReferenceKernels.backward_extended(
+            grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad, extra_grad, extra_bias, window_weight,
+            extra_bias_grad, window_weight_grad)
     return ([dq, dk, dv] + ([d_rpb] if rpb_grad else []) + ([d_extra_k, d_extra_v] if extra_grad else [])
             + ([d_extra_bias] if extra_bias_grad else []) + ([d_window_weight] if window_weight_grad else []))
 

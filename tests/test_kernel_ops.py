@@ -101,6 +101,17 @@ def test_opcheck_neighborhood():
     opcheck(torch.ops.attnzoo.neighborhood_attention_2d_forward.default, positional + ('cpu',))
 
 
+def test_opcheck_neighborhood_with_extra_bias_and_window_weight():
+    """TransNeXt's two inputs through the public op and the forward op (fake impl, autograd formula)."""
+    args = nbhd_args()
+    extra_bias, window_weight = leaves((1, 2, 8, 9, 3), (1, 8, 9, 2, 9), seed=1)
+    positional = (args['q'], args['k'], args['v'], [3, 3], [1, 1], 0.3, args['rpb'], 'zero', args['extra_k'],
+                  args['extra_v'])
+    opcheck(torch.ops.attnzoo.neighborhood_attention_2d.default, positional + (None, extra_bias, window_weight))
+    opcheck(torch.ops.attnzoo.neighborhood_attention_2d_forward.default,
+            positional + ('cpu', extra_bias, window_weight))
+
+
 def test_opcheck_routing():
     args = routing_args()
     positional = (args['q'], args['k'], args['v'], args['region_index'], [2, 2], 0.3)
