@@ -156,11 +156,12 @@ def aggregated_attention_by_token(attn, x, pool_bias):
     return attn.proj(out.reshape(1, H, W, C))
 
 
+@pytest.mark.parametrize('attn_impl', ['fused', 'native'])
 @pytest.mark.parametrize('height, width', [(5, 4), (6, 7)])
-def test_aggregated_attention_matches_its_definition(height, width):
+def test_aggregated_attention_matches_its_definition(height, width, attn_impl):
     torch.manual_seed(0)
     attn = AggregatedAttention(32, 2, trained_size=(height, width), trained_pool_size=(height // 2, width // 2),
-                               sr_ratio=2).eval()
+                               sr_ratio=2, attn_impl=attn_impl).eval()
     with torch.no_grad():
         for p in (attn.learnable_bias, attn.relative_pos_bias_local):
             p.normal_()
