@@ -369,6 +369,9 @@ def test_zero_border_window_larger_than_the_map():
     expected = dense_attention(**inputs, kernel_size=(5, 5), dilation=(1, 1), border='zero', scale=16 ** -0.5)
     torch.testing.assert_close(out, expected)
     q = inputs['q'].float()
+    cpu_default = neighborhood_attention_2d(**{name: t.float() for name, t in inputs.items()}, kernel_size=5,
+                                            border='zero', backend=None if q.device.type == 'cpu' else 'reference')
+    torch.testing.assert_close(cpu_default.double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match='fused kernels need'):
         neighborhood_attention_2d(q, q, q, 5, border='zero', backend='triton')
 
