@@ -3,9 +3,10 @@ import difflib
 
 import timm
 
-from . import biformer, crossformer, cswin, dat, litv2, moat, nat
+from . import biformer, crossformer, cswin, dat, litv2, moat, nat, transnext
 
-__all__ = ['biformer', 'crossformer', 'cswin', 'dat', 'litv2', 'moat', 'nat', 'close_model_names']
+__all__ = ['biformer', 'crossformer', 'cswin', 'dat', 'litv2', 'moat', 'nat', 'transnext',
+           'close_model_names']
 
 
 def close_model_names(name, n: int = 5):

@@ -23,6 +23,12 @@ Implementations of one signature: :func:`neighborhood_attention_2d_reference` (a
 query's window, the ground truth of the tests), the fused Triton kernels (``_neighborhood_triton.py``,
 the default on CUDA), the CPU kernels (``_neighborhood_cpu.py``, the default on CPU: query tiles
 against the union of their windows, batched, no per-query gather) and NATTEN (``backend="natten"``: clamp border, no rpb).
+
+TransNeXt's aggregated attention adds two things: ``extra_bias``, a per-query bias on the logits of the
+extra tokens (its pooled-key position bias), and ``window_weight``, weights added to the window's
+attention probabilities *after* the softmax (its learnable tokens): ``out += sum_j w_j v_j`` over the
+window positions ``j`` (row-major in the ``kh x kw`` window, the order of ``nn.Unfold``) that lie inside
+the map; out-of-map positions contribute nothing, as the zero-padded values of the official code.
 """
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -51,7 +57,7 @@ class NeighborhoodSpec:
 
 
 def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='clamp', extra_k=None,
-             extra_v=None) -> NeighborhoodSpec:
+             extra_v=None, extra_bias=None, window_weight=None) -> NeighborhoodSpec:
     """Checks the arguments of :func:`neighborhood_attention_2d` and returns the call's geometry."""
     check_qkv(OP_NAME, q, k, v)
     batch, height, width, heads, head_dim = q.shape
@@ -62,7 +68,8 @@ def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='cla
     dilation = int_pair(OP_NAME, dilation, 'dilation')
     for axis, size, kernel, dil in (('height', height, kernel_size[0], dilation[0]),
                                     ('width', width, kernel_size[1], dilation[1])):
-        if kernel * dil > size:
+        # a zero border masks what falls outside the map, so its window may be larger than the map
+        if kernel * dil > size and border != 'zero':
             raise ValueError(f'{OP_NAME}: kernel_size * dilation = {kernel} * {dil} = {kernel * dil} is larger than '
                              f'the feature map {axis} {size}; pad the feature map or use a smaller kernel_size '
                              f'or dilation')
@@ -91,6 +98,27 @@ def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='cla
         if extra_k.shape != extra_v.shape:
             raise ValueError(f'{OP_NAME}: extra_k {tuple(extra_k.shape)} and extra_v {tuple(extra_v.shape)} '
                              f'must have the same shape')
+    if extra_bias is not None:
+        if extra_k is None:
+            raise ValueError(f'{OP_NAME}: extra_bias is a bias on the extra tokens; pass extra_k and extra_v too')
+        check_tensor(OP_NAME, 'extra_bias', extra_bias, q)
+        full = (batch, heads, height, width, extra_k.shape[1])
+        if extra_bias.dim() != 5 or any(s not in (1, f) for s, f in zip(extra_bias.shape, full)) \
+                or tuple(extra_bias.shape[2:]) != full[2:]:
+            raise ValueError(f'{OP_NAME}: extra_bias must be [heads, H * W, L] or broadcastable [B, heads, H, W, L] = '
+                             f'{list(full)} (B and heads may be 1), got {tuple(extra_bias.shape)}')
+        if extra_bias.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f'{OP_NAME}: extra_bias must be float32 or the dtype of q ({q.dtype}), got '
+                            f'{extra_bias.dtype}')
+    if window_weight is not None:
+        check_tensor(OP_NAME, 'window_weight', window_weight, q)
+        expected = (batch, height, width, heads, kernel_size[0] * kernel_size[1])
+        if tuple(window_weight.shape) != expected:
+            raise ValueError(f'{OP_NAME}: window_weight must be [B, H, W, heads, kernel_h * kernel_w] = '
+                             f'{list(expected)}, got {tuple(window_weight.shape)}')
+        if window_weight.dtype not in (q.dtype, torch.float32):
+            raise TypeError(f'{OP_NAME}: window_weight must be float32 or the dtype of q ({q.dtype}), got '
+                            f'{window_weight.dtype}')
     return NeighborhoodSpec(kernel_size, dilation, scale, border)
 
 
@@ -115,11 +143,13 @@ def axis_neighbors(length, kernel_size, dilation, border, device=None):
     return keys, valid, bias_index
 
 
-def _attend(q, k, v, spec: NeighborhoodSpec, rpb=None, extra_k=None, extra_v=None, with_lse=False):
-    """The reference computation on checked arguments.
+def _attend(q, k, v, spec: NeighborhoodSpec, rpb=None, extra_k=None, extra_v=None, with_lse=False, extra_bias=None,
+            window_weight=None):
+    """The reference computation on checked arguments (``extra_bias`` 5-D).
 
     Gathers every query's window (``[B, H, W, kh, kw, heads, D]``, so memory grows with the window
-    size), masks keys outside the map, and takes one softmax over the window and the extra tokens.
+    size), masks keys outside the map, and takes one softmax over the window and the extra tokens;
+    then adds the window weights' values.
     With ``with_lse`` it also returns what the fused forward keeps for its backward: the base-2
     log-sum-exp of every query's logits, ``[B, heads, H, W]`` float32.
     """
@@ -138,13 +168,19 @@ def _attend(q, k, v, spec: NeighborhoodSpec, rpb=None, extra_k=None, extra_v=Non
     inside = rows_valid[:, None, :, None] & cols_valid[None, :, None, :]               # [H, W, kh, kw]
     logits = logits.masked_fill(~inside[:, :, None], float('-inf')).flatten(-2)
     if extra_k is not None:
-        logits = torch.cat([logits, torch.einsum('byxhd,blhd->byxhl', q * spec.scale, extra_k)], dim=-1)
+        extra_logits = torch.einsum('byxhd,blhd->byxhl', q * spec.scale, extra_k)
+        if extra_bias is not None:
+            extra_logits = extra_logits + extra_bias.permute(0, 2, 3, 1, 4)
+        logits = torch.cat([logits, extra_logits], dim=-1)
 
     probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
     window_probs = probs[..., :kernel_h * kernel_w].unflatten(-1, (kernel_h, kernel_w))
     out = torch.einsum('byxhij,byxijhd->byxhd', window_probs, v_window)
     if extra_v is not None:
         out = out + torch.einsum('byxhl,blhd->byxhd', probs[..., kernel_h * kernel_w:], extra_v)
+    if window_weight is not None:
+        weight = window_weight.unflatten(-1, (kernel_h, kernel_w)) * inside[:, :, None]
+        out = out + torch.einsum('byxhij,byxijhd->byxhd', weight.to(probs.dtype), v_window.to(probs.dtype)).to(q.dtype)
     if not with_lse:
         return out
     lse = torch.logsumexp(logits.float(), dim=-1).permute(0, 3, 1, 2) * LOG2E
@@ -152,11 +188,19 @@ def _attend(q, k, v, spec: NeighborhoodSpec, rpb=None, extra_k=None, extra_v=Non
 
 
 def neighborhood_attention_2d_reference(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='clamp',
-                                        extra_k=None, extra_v=None):
+                                        extra_k=None, extra_v=None, extra_bias=None, window_weight=None):
     """Plain PyTorch neighborhood attention: the ground truth of the tests (and what
     ``backend="reference"`` runs), differentiable to any order."""
-    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v)
-    return _attend(q, k, v, spec, rpb, extra_k, extra_v)
+    extra_bias = _as_5d_extra_bias(extra_bias, q)
+    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, extra_bias, window_weight)
+    return _attend(q, k, v, spec, rpb, extra_k, extra_v, extra_bias=extra_bias, window_weight=window_weight)
+
+
+def _as_5d_extra_bias(extra_bias: Optional[torch.Tensor], q: torch.Tensor) -> Optional[torch.Tensor]:
+    """``[heads, H * W, L]`` (TransNeXt's layout) as ``[1, heads, H, W, L]``; other layouts unchanged."""
+    if extra_bias is not None and extra_bias.dim() == 3 and q.dim() == 5 and extra_bias.shape[1] == q.shape[1] * q.shape[2]:
+        return extra_bias.unflatten(1, (q.shape[1], q.shape[2])).unsqueeze(0)
+    return extra_bias
 
 
 class _ReferenceKernels:
@@ -169,25 +213,41 @@ class _ReferenceKernels:
     """
 
     @staticmethod
-    def forward(q, k, v, rpb, extra_k, extra_v, spec):
-        return _attend(q, k, v, spec, rpb, extra_k, extra_v, with_lse=True)
+    def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None):
+        return _attend(q, k, v, spec, rpb, extra_k, extra_v, with_lse=True, extra_bias=extra_bias,
+                       window_weight=window_weight)
 
     @staticmethod
     def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad):
+        return _ReferenceKernels.backward_extended(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec,
+                                                   needs_rpb_grad, needs_extra_grad)[:6]
+
+    @staticmethod
+    def backward_extended(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
+                          extra_bias=None, window_weight=None, needs_extra_bias_grad=False,
+                          needs_window_weight_grad=False):
+        """``backward`` with TransNeXt's two inputs: also ``d_extra_bias, d_window_weight`` (None where not
+        asked for)."""
         wanted = dict(q=q, k=k, v=v)
         if rpb is not None and needs_rpb_grad:
             wanted['rpb'] = rpb
         if extra_k is not None and needs_extra_grad:
             wanted.update(extra_k=extra_k, extra_v=extra_v)
-        fixed = dict(rpb=rpb, extra_k=extra_k, extra_v=extra_v)
+        if extra_bias is not None and needs_extra_bias_grad:
+            wanted['extra_bias'] = extra_bias
+        if window_weight is not None and needs_window_weight_grad:
+            wanted['window_weight'] = window_weight
+        fixed = dict(rpb=rpb, extra_k=extra_k, extra_v=extra_v, extra_bias=extra_bias, window_weight=window_weight)
 
         def attend(*tensors):
             args = {**fixed, **dict(zip(wanted, tensors))}
-            return _attend(args['q'], args['k'], args['v'], spec, args['rpb'], args['extra_k'], args['extra_v'])
+            return _attend(args['q'], args['k'], args['v'], spec, args['rpb'], args['extra_k'], args['extra_v'],
+                           extra_bias=args['extra_bias'], window_weight=args['window_weight'])
 
         _, vjp = torch.func.vjp(attend, *wanted.values())
         grads = dict(zip(wanted, (g.contiguous() for g in vjp(grad_out.to(q.dtype)))))
-        return tuple(grads.get(name) for name in ('q', 'k', 'v', 'rpb', 'extra_k', 'extra_v'))
+        return tuple(grads.get(name) for name in
+                     ('q', 'k', 'v', 'rpb', 'extra_k', 'extra_v', 'extra_bias', 'window_weight'))
 
 
 def _cpu_kernels():
@@ -204,15 +264,16 @@ def _kernels(backend):
     return _cpu_kernels()
 
 
-def _natten(q, k, v, spec, rpb, extra_k, extra_v):
+def _natten(q, k, v, spec, rpb, extra_k, extra_v, extra_bias=None, window_weight=None):
     try:
         import natten
     except ImportError as exc:
         raise RuntimeError(f'{OP_NAME}: backend="natten" needs NATTEN installed (pip install natten); use '
                            f'backend="triton" or "reference"') from exc
-    if rpb is not None or spec.border != 'clamp':
-        raise ValueError(f'{OP_NAME}: NATTEN >= 0.20 has no relative position bias and only the clamped border; '
-                         f'use backend="triton" or "reference" for rpb or border="zero"')
+    if rpb is not None or spec.border != 'clamp' or extra_bias is not None or window_weight is not None:
+        raise ValueError(f'{OP_NAME}: NATTEN >= 0.20 has no relative position bias, extra-token bias or window '
+                         f'weight, and only the clamped border; use backend="triton" or "reference" for rpb, '
+                         f'extra_bias, window_weight or border="zero"')
     return natten.na2d(q, k, v, kernel_size=spec.kernel_size, dilation=spec.dilation, scale=spec.scale,
                        additional_keys=extra_k, additional_values=extra_v)
 
@@ -232,13 +293,20 @@ def _spec(kernel_size, dilation, scale, border):
 @torch.library.custom_op('attnzoo::neighborhood_attention_2d_forward', mutates_args=(), device_types=('cpu', 'cuda'))
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: List[int], dilation: List[int],
                 scale: float, rpb: Optional[torch.Tensor], border: str, extra_k: Optional[torch.Tensor],
-                extra_v: Optional[torch.Tensor], backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                extra_v: Optional[torch.Tensor], backend: str, extra_bias: Optional[torch.Tensor] = None,
+                window_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Output and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked arguments."""
-    return _kernels(backend).forward(q, k, v, rpb, extra_k, extra_v, _spec(kernel_size, dilation, scale, border))
+    spec = _spec(kernel_size, dilation, scale, border)
+    if extra_bias is None and window_weight is None:
+        return _kernels(backend).forward(q, k, v, rpb, extra_k, extra_v, spec)
+    # the fused Triton and CPU kernels do not take extra_bias / window_weight yet: the reference kernels do,
+    # on every device
+    return _ReferenceKernels.forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight)
 
 
 @_forward_op.register_fake
-def _forward_fake(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend):
+def _forward_fake(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend, extra_bias=None,
+                  window_weight=None):
     batch, height, width, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, height, width), dtype=torch.float32)
 
@@ -247,44 +315,66 @@ def _forward_fake(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, e
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, kernel_size: List[int], dilation: List[int], scale: float,
                  rpb: Optional[torch.Tensor], border: str, extra_k: Optional[torch.Tensor],
-                 extra_v: Optional[torch.Tensor], backend: str, rpb_grad: bool, extra_grad: bool) -> List[torch.Tensor]:
-    """``[dq, dk, dv]``, then ``d_rpb`` if ``rpb_grad``, then ``d_extra_k, d_extra_v`` if ``extra_grad``."""
-    dq, dk, dv, d_rpb, d_extra_k, d_extra_v = _kernels(backend).backward(
-        grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, _spec(kernel_size, dilation, scale, border),
-        rpb_grad, extra_grad)
-    return [dq, dk, dv] + ([d_rpb] if rpb_grad else []) + ([d_extra_k, d_extra_v] if extra_grad else [])
+                 extra_v: Optional[torch.Tensor], backend: str, rpb_grad: bool, extra_grad: bool,
+                 extra_bias: Optional[torch.Tensor] = None, window_weight: Optional[torch.Tensor] = None,
+                 extra_bias_grad: bool = False, window_weight_grad: bool = False) -> List[torch.Tensor]:
+    """``[dq, dk, dv]``, then ``d_rpb`` if ``rpb_grad``, ``d_extra_k, d_extra_v`` if ``extra_grad``,
+    ``d_extra_bias`` if ``extra_bias_grad``, ``d_window_weight`` if ``window_weight_grad``."""
+    spec = _spec(kernel_size, dilation, scale, border)
+    if extra_bias is None and window_weight is None:
+        dq, dk, dv, d_rpb, d_extra_k, d_extra_v = _kernels(backend).backward(
+            grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad, extra_grad)
+        d_extra_bias = d_window_weight = None
+    else:
+        dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = _ReferenceKernels.backward_extended(
+            grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad, extra_grad, extra_bias, window_weight,
+            extra_bias_grad, window_weight_grad)
+    return ([dq, dk, dv] + ([d_rpb] if rpb_grad else []) + ([d_extra_k, d_extra_v] if extra_grad else [])
+            + ([d_extra_bias] if extra_bias_grad else []) + ([d_window_weight] if window_weight_grad else []))
 
 
 @_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend,
-                   rpb_grad, extra_grad):
+                   rpb_grad, extra_grad, extra_bias=None, window_weight=None, extra_bias_grad=False,
+                   window_weight_grad=False):
     grads = [q.new_empty(q.shape) for _ in range(3)]
     if rpb_grad:
         grads.append(rpb.new_empty(rpb.shape))
     if extra_grad:
         grads += [extra_k.new_empty(extra_k.shape, dtype=q.dtype), extra_v.new_empty(extra_v.shape, dtype=q.dtype)]
+    if extra_bias_grad:
+        grads.append(extra_bias.new_empty(extra_bias.shape))
+    if window_weight_grad:
+        grads.append(window_weight.new_empty(window_weight.shape))
     return grads
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend = inputs
+    q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend, extra_bias, window_weight = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, rpb, extra_k, extra_v, out, lse)
+    ctx.save_for_backward(q, k, v, rpb, extra_k, extra_v, out, lse, extra_bias, window_weight)
     ctx.geometry = (kernel_size, dilation, scale, border, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _forward_backward(ctx, grad_out, grad_lse):
-    q, k, v, rpb, extra_k, extra_v, out, lse = ctx.saved_tensors
+    q, k, v, rpb, extra_k, extra_v, out, lse, extra_bias, window_weight = ctx.saved_tensors
     kernel_size, dilation, scale, border, backend = ctx.geometry
     rpb_grad = rpb is not None and ctx.needs_input_grad[6]
     extra_grad = extra_k is not None and (ctx.needs_input_grad[8] or ctx.needs_input_grad[9])
+    extra_bias_grad = extra_bias is not None and ctx.needs_input_grad[11]
+    window_weight_grad = window_weight is not None and ctx.needs_input_grad[12]
     grads = torch.ops.attnzoo.neighborhood_attention_2d_backward(
         grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend, rpb_grad,
-        extra_grad)
-    d_rpb = grads[3] if rpb_grad else None
-    d_extra_k, d_extra_v = grads[-2:] if extra_grad else (None, None)
-    return grads[0], grads[1], grads[2], None, None, None, d_rpb, None, d_extra_k, d_extra_v, None
+        extra_grad, extra_bias, window_weight, extra_bias_grad, window_weight_grad)
+    grads = list(grads)
+    dq, dk, dv = grads[:3]
+    rest = grads[3:]
+    d_rpb = rest.pop(0) if rpb_grad else None
+    d_extra_k, d_extra_v = (rest.pop(0), rest.pop(0)) if extra_grad else (None, None)
+    d_extra_bias = rest.pop(0) if extra_bias_grad else None
+    d_window_weight = rest.pop(0) if window_weight_grad else None
+    return dq, dk, dv, None, None, None, d_rpb, None, d_extra_k, d_extra_v, None, d_extra_bias, d_window_weight
 
 
 def _no_double_backward(ctx, *grads):
@@ -296,37 +386,46 @@ def _no_double_backward(ctx, *grads):
 torch.library.register_autograd(_forward_op, _forward_backward, setup_context=_save_for_backward)
 torch.library.register_autograd(_backward_op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
+# extra_bias and window_weight come after backend: positional callers of the earlier schema keep working
 LIBRARY.define(
     'neighborhood_attention_2d(Tensor q, Tensor k, Tensor v, int[2] kernel_size, int[2] dilation=1, '
     'float? scale=None, Tensor? rpb=None, str border="clamp", Tensor? extra_k=None, Tensor? extra_v=None, '
-    'str? backend=None) -> Tensor')
+    'str? backend=None, Tensor? extra_bias=None, Tensor? window_weight=None) -> Tensor')
 
 
 def _neighborhood_op(q, k, v, kernel_size, dilation=(1, 1), scale=None, rpb=None, border='clamp', extra_k=None,
-                     extra_v=None, backend=None):
+                     extra_v=None, backend=None, extra_bias=None, window_weight=None):
     # the dispatcher leaves out trailing arguments equal to the schema's defaults
-    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v)
+    extra_bias = _as_5d_extra_bias(extra_bias, q)
+    spec = validate(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, extra_bias, window_weight)
     backend = device_backend(OP_NAME, backend, q.device)
     if backend == 'reference':
-        return _attend(q, k, v, spec, rpb, extra_k, extra_v)
+        return _attend(q, k, v, spec, rpb, extra_k, extra_v, extra_bias=extra_bias, window_weight=window_weight)
     if backend == 'natten':
-        return _natten(q, k, v, spec, rpb, extra_k, extra_v)
+        return _natten(q, k, v, spec, rpb, extra_k, extra_v, extra_bias, window_weight)
     if backend == 'triton' and q.dtype not in KERNEL_DTYPES:
         raise TypeError(f'{OP_NAME}: backend="triton" supports {[str(t) for t in KERNEL_DTYPES]}, got {q.dtype}; '
                         f'use backend="reference" for other dtypes')
+    fused = extra_bias is None and window_weight is None
+    if backend == 'triton' and fused and any(k * d > n for k, d, n in zip(spec.kernel_size, spec.dilation, q.shape[1:3])):
+        raise ValueError(f'{OP_NAME}: the fused kernels need kernel_size * dilation {spec.kernel_size} x '
+                         f'{spec.dilation} to fit in the map {tuple(q.shape[1:3])}; pad the map or use '
+                         f'backend="reference"')
     out, _ = torch.ops.attnzoo.neighborhood_attention_2d_forward(
-        q, k, v, list(spec.kernel_size), list(spec.dilation), spec.scale, rpb, border, extra_k, extra_v, backend)
+        q, k, v, list(spec.kernel_size), list(spec.dilation), spec.scale, rpb, border, extra_k, extra_v, backend,
+        extra_bias, window_weight)
     return out
 
 
 LIBRARY.impl('neighborhood_attention_2d', _neighborhood_op, 'CompositeImplicitAutograd')
-register_autocast('neighborhood_attention_2d', cast=(0, 1, 2, 8, 9), keep_float32=(6,))
+register_autocast('neighborhood_attention_2d', cast=(0, 1, 2, 8, 9), keep_float32=(6, 11, 12))
 
 
 @register_notrace_function   # a leaf for timm's FX feature extraction
 def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb: Optional[torch.Tensor] = None,
                               border: str = 'clamp', extra_k: Optional[torch.Tensor] = None,
-                              extra_v: Optional[torch.Tensor] = None, backend: Optional[str] = None):
+                              extra_v: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                              extra_bias: Optional[torch.Tensor] = None, window_weight: Optional[torch.Tensor] = None):
     """Neighborhood attention over a 2-D map, heads-last.
 
     Args:
@@ -334,7 +433,8 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
             float16, bfloat16; float64 off the Triton path), ``16 <= head_dim <= 128``. Under
             ``torch.autocast`` they are cast to the autocast dtype (rpb to float32).
         kernel_size: window size, int or ``(rows, cols)``; odd or even.
-        dilation: int or ``(rows, cols)``; ``kernel_size * dilation`` must fit in the map.
+        dilation: int or ``(rows, cols)``; ``kernel_size * dilation`` must fit in the map (with
+            ``border="zero"`` only on the fused path: the reference masks a larger window).
         scale: logit scale, ``head_dim ** -0.5`` when None.
         rpb: optional relative position bias ``[heads, 2 * kh - 1, 2 * kw - 1]`` (float32 or q's
             dtype) added to the window logits (NAT / DiNAT).
@@ -342,6 +442,12 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
             (centred window, out-of-map keys masked).
         extra_k, extra_v: optional global tokens ``[B, L, heads, head_dim]`` every query also attends
             to, in the same softmax.
+        extra_bias: optional bias on the extra tokens' logits, per query: ``[heads, H * W, L]`` or
+            ``[B, heads, H, W, L]`` (B and heads may be 1); float32 or q's dtype; differentiable.
+        window_weight: optional ``[B, H, W, heads, kh * kw]`` (float32 or q's dtype) added to the window's
+            probabilities after the softmax: ``out += sum_j w_j v_j`` over the in-map window positions
+            (row-major in the window); differentiable (into ``w`` and ``v``). With either of these two
+            the op runs the reference kernels on every device (not yet fused).
         backend: None (the process-wide default of :func:`attnzoo.kernels.use_backend`, else Triton
             on CUDA and the CPU kernels on CPU), ``"triton"``, ``"reference"`` or ``"natten"``
             (``natten.na2d``; clamp border, no rpb).
@@ -354,7 +460,8 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
     """
     for name, tensor in (('q', q), ('k', k), ('v', v)):
         check_type(OP_NAME, name, tensor)
-    for name, tensor in (('rpb', rpb), ('extra_k', extra_k), ('extra_v', extra_v)):
+    for name, tensor in (('rpb', rpb), ('extra_k', extra_k), ('extra_v', extra_v), ('extra_bias', extra_bias),
+                         ('window_weight', window_weight)):
         check_type(OP_NAME, name, tensor, optional=True)
     kernel_size = int_pair(OP_NAME, kernel_size, 'kernel_size')
     dilation = int_pair(OP_NAME, dilation, 'dilation')
@@ -364,4 +471,4 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
         raise ValueError(f'{OP_NAME}: border must be one of {BORDERS}, got {border!r}')
     backend = requested_backend(OP_NAME, backend, allowed=('triton', 'reference', 'natten'))
     return torch.ops.attnzoo.neighborhood_attention_2d(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k,
-                                                       extra_v, backend)
+                                                       extra_v, backend, extra_bias, window_weight)

@@ -78,6 +78,14 @@ OFFICIAL_PARAMS = {
     'tiny_moat_1_no_pe': 5_094_000,
     'tiny_moat_2_no_pe': 9_732_288,
     'tiny_moat_3_no_pe': 19_476_600,
+    # TransNeXt (DaiShiResearch/TransNeXt)
+    'transnext_micro': 12_809_304,
+    'transnext_tiny': 28_258_960,
+    'transnext_small': 49_741_564,
+    'transnext_base': 89_721_496,
+    'transnext_small_384': 49_741_564,
+    'transnext_base_384': 89_721_496,
+    'transnext_micro_aaaa_256': 13_114_008,
     # timm-native families attnzoo supports (timm 1.0.31); provenance in the docstring above
     # MaxViT: timm's own counts (official code is TensorFlow)
     'maxvit_tiny_tf_224': 30_916_528,

@@ -90,6 +90,8 @@ class NeighborhoodCase:
     n_extra: int
     grads: list = field(default_factory=list)
     scale: float = None
+    extra_bias: str = 'none'    # TransNeXt's: 'none', 'heads_tokens' ([heads, H*W, L]) or 'full' ([B, heads, H, W, L])
+    window_weight: bool = False  # TransNeXt's learnable tokens
 
 
 def interpreter_programs(case: NeighborhoodCase) -> int:
@@ -127,6 +129,13 @@ def _draw_neighborhood_case(rng: random.Random) -> NeighborhoodCase:
                                                           ('extra_k', case.n_extra), ('extra_v', case.n_extra))
                                      if present and rng.random() < 0.8]
     case.scale = rng.choice((None, rng.uniform(0.05, 1.0)))
+    # drawn last, so the cases above stay what they were for every seed
+    if case.n_extra and rng.random() < 0.3:
+        case.extra_bias = rng.choice(('heads_tokens', 'full'))
+        case.grads += ['extra_bias'] if rng.random() < 0.8 else []
+    if rng.random() < 0.2:
+        case.window_weight = True
+        case.grads += ['window_weight'] if rng.random() < 0.8 else []
     return case
 
 
@@ -144,6 +153,13 @@ def run_neighborhood_case(case: NeighborhoodCase, seed: int, path='triton'):
         tensors.update({name: torch.randn(batch, case.n_extra, heads, head_dim, generator=generator).to(device,
                                                                                                        case.dtype)
                         for name in ('extra_k', 'extra_v')})
+    if case.extra_bias != 'none':
+        bias_shape = ((heads, height * width, case.n_extra) if case.extra_bias == 'heads_tokens'
+                      else (batch, heads, height, width, case.n_extra))
+        tensors['extra_bias'] = torch.randn(*bias_shape, generator=generator).to(DEVICE)
+    if case.window_weight:
+        tensors['window_weight'] = torch.randn(batch, height, width, heads, case.kernel_size[0] * case.kernel_size[1],
+                                               generator=generator).to(DEVICE, case.dtype)
     options = dict(kernel_size=case.kernel_size, dilation=case.dilation, border=case.border, scale=case.scale)
     check_against_reference(neighborhood_attention_2d, neighborhood_attention_2d_reference, tensors, options,
                             case.grads, case.dtype, generator, backend)

@@ -103,6 +103,31 @@ def test_opcheck_neighborhood():
     opcheck(torch.ops.attnzoo.neighborhood_attention_2d_forward.default, positional + ('cpu',))
 
 
+def test_opcheck_neighborhood_with_extra_bias_and_window_weight():
+    """TransNeXt's two inputs through the public op and the forward op (fake impl, autograd formula)."""
+    args = nbhd_args()
+    extra_bias, window_weight = leaves((1, 2, 8, 9, 3), (1, 8, 9, 2, 9), seed=1)
+    positional = (args['q'], args['k'], args['v'], [3, 3], [1, 1], 0.3, args['rpb'], 'zero', args['extra_k'],
+                  args['extra_v'])
+    opcheck(torch.ops.attnzoo.neighborhood_attention_2d.default, positional + (None, extra_bias, window_weight))
+    opcheck(torch.ops.attnzoo.neighborhood_attention_2d_forward.default,
+            positional + ('cpu', extra_bias, window_weight))
+
+
+def test_extra_bias_and_window_weight_fall_back_to_the_reference_kernels(monkeypatch):
+    """The CPU (and fused) kernels do not take TransNeXt's two inputs: such calls run the reference kernels
+    (documented in the op), and the same call without them still runs the CPU kernels."""
+    counting = CountingKernels(nb_module._ReferenceKernels)
+    monkeypatch.setattr(nb_module, '_cpu_kernels', lambda: counting)
+    args = nbhd_args()
+    extra_bias, window_weight = leaves((1, 2, 8, 9, 3), (1, 8, 9, 2, 9), seed=1)
+    grads_of(lambda a: neighborhood_attention_2d(**a, kernel_size=3, border='zero', extra_bias=extra_bias,
+                                                 window_weight=window_weight), args)
+    assert counting.calls == []
+    grads_of(lambda a: neighborhood_attention_2d(**a, kernel_size=3, border='zero'), args)
+    assert counting.calls == ['forward', 'backward']
+
+
 def test_opcheck_routing():
     args = routing_args()
     positional = (args['q'], args['k'], args['v'], args['region_index'], [2, 2], 0.3)

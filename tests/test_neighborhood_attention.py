@@ -276,3 +276,123 @@ def test_mixed_devices_raise(name):
     inputs[name] = inputs[name].to('meta')
     with pytest.raises(ValueError, match=f'{name} is on meta but q is on cpu'):
         neighborhood_attention_2d(**inputs, kernel_size=3)
+
+
+# ----------------------------------------------------------------------------- extra_bias and window_weight (TransNeXt)
+
+
+def with_transnext_inputs(inputs, kernel_size, bias_layout='heads_tokens', seed=2):
+    """Adds a per-query extra-token bias and a post-softmax window weight to ``inputs`` (leaves)."""
+    batch, height, width, heads, _ = inputs['q'].shape
+    n_extra = inputs['extra_k'].shape[1]
+    kernel_h, kernel_w = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    gen = torch.Generator().manual_seed(seed)
+    device, dtype = inputs['q'].device, inputs['q'].dtype
+    bias_shape = {'heads_tokens': (heads, height * width, n_extra), 'full': (batch, heads, height, width, n_extra),
+                  'broadcast': (1, heads, height, width, n_extra)}[bias_layout]
+    inputs['extra_bias'] = torch.randn(*bias_shape, generator=gen).to(device).requires_grad_()
+    inputs['window_weight'] = torch.randn(batch, height, width, heads, kernel_h * kernel_w, generator=gen).to(
+        device=device, dtype=dtype).requires_grad_()
+    return inputs
+
+
+def dense_transnext_attention(q, k, v, kernel_size, dilation, scale, extra_k, extra_v, extra_bias, window_weight,
+                              rpb=None):
+    """The dense masked softmax (zero border) with the extra tokens' bias added to their logits and, after the
+    softmax, each in-map window key's weight (looked up by its window position) added to its probability."""
+    batch, height, width, heads, head_dim = q.shape
+    (kernel_h, kernel_w), n = kernel_size, height * width
+    out = dense_attention(q, k, v, kernel_size, dilation, 'zero', scale, rpb=rpb, extra_k=extra_k, extra_v=extra_v)
+    # the extra bias changes the softmax: recompute that part densely
+    mask = (zero_pad_axis_mask(height, kernel_h, dilation[0])[:, None, :, None]
+            & zero_pad_axis_mask(width, kernel_w, dilation[1])[None, :, None, :]).reshape(n, n)
+    logits = torch.einsum('bqhd,bkhd->bhqk', q.flatten(1, 2), k.flatten(1, 2)) * scale
+    if rpb is not None:
+        dy = (torch.arange(height)[None, :] - torch.arange(height)[:, None]) // dilation[0] + kernel_h - 1
+        dx = (torch.arange(width)[None, :] - torch.arange(width)[:, None]) // dilation[1] + kernel_w - 1
+        idx_y = dy.clamp(0, 2 * kernel_h - 2)[:, None, :, None].expand(height, width, height, width)
+        idx_x = dx.clamp(0, 2 * kernel_w - 2)[None, :, None, :].expand(height, width, height, width)
+        logits = logits + rpb[:, idx_y, idx_x].reshape(heads, n, n)
+    logits = logits.masked_fill(~mask, float('-inf'))
+    bias = extra_bias.reshape(-1, heads, n, extra_k.shape[1])
+    extra = torch.einsum('bqhd,blhd->bhql', q.flatten(1, 2), extra_k) * scale + bias
+    probs = torch.cat([logits, extra], dim=-1).softmax(-1)
+    out = torch.einsum('bhqk,bkhd->bqhd', probs, torch.cat([v.flatten(1, 2), extra_v], dim=1))
+    # window position of key j for query i: (offset_y // dil + kh // 2, offset_x // dil + kw // 2)
+    pos_y = (torch.arange(height)[None, :] - torch.arange(height)[:, None]) // dilation[0] + kernel_h // 2
+    pos_x = (torch.arange(width)[None, :] - torch.arange(width)[:, None]) // dilation[1] + kernel_w // 2
+    pos = (pos_y.clamp(0, kernel_h - 1)[:, None, :, None] * kernel_w
+           + pos_x.clamp(0, kernel_w - 1)[None, :, None, :]).reshape(n, n)
+    weights = window_weight.flatten(1, 2).permute(0, 2, 1, 3)                   # [B, heads, n, kh * kw]
+    dense_weights = torch.gather(weights, 3, pos.expand(batch, heads, n, n)) * mask
+    out = out + torch.einsum('bhqk,bkhd->bqhd', dense_weights, v.flatten(1, 2))
+    return out.reshape(q.shape)
+
+
+@pytest.mark.parametrize('shape, kernel_size, dilation, n_extra, rpb, layout', [
+    ((1, 9, 11, 2, 24), (3, 3), (1, 1), 6, True, 'heads_tokens'),      # TransNeXt's call
+    ((2, 7, 8, 1, 16), (3, 5), (2, 1), 4, False, 'full'),
+    ((2, 2, 3, 2, 16), (3, 3), (1, 1), 1, True, 'broadcast'),         # a map smaller than the window
+])
+def test_reference_extra_bias_and_window_weight_match_dense(shape, kernel_size, dilation, n_extra, rpb, layout):
+    inputs = make_inputs(shape, kernel_size, rpb, n_extra)
+    inputs = {name: t.detach().double() for name, t in with_transnext_inputs(inputs, kernel_size, layout).items()}
+    scale = 0.8
+    out = neighborhood_attention_2d_reference(**inputs, kernel_size=kernel_size, dilation=dilation, border='zero',
+                                              scale=scale)
+    expected = dense_transnext_attention(**inputs, kernel_size=kernel_size, dilation=dilation, scale=scale)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_reference_gradcheck_extra_bias_and_window_weight():
+    inputs = with_transnext_inputs(make_inputs((1, 5, 4, 1, 16), 3, rpb=True, n_extra=3), 3)
+    inputs = {name: t.detach().double().requires_grad_() for name, t in inputs.items()}
+    names = list(inputs)
+
+    def fn(*tensors):
+        return neighborhood_attention_2d_reference(**dict(zip(names, tensors)), kernel_size=3, border='zero')
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.values()), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize('border, layout', [('zero', 'heads_tokens'), ('clamp', 'full')])
+def test_op_with_extra_bias_and_window_weight_matches_reference(border, layout):
+    """Through the registered op and its autograd formula (every gradient), against the reference in float64."""
+    inputs = with_transnext_inputs(make_inputs((2, 6, 7, 2, 16), 3, rpb=True, n_extra=5), 3, layout)
+    assert_close_to_reference(inputs, dict(kernel_size=3, border=border, scale=0.5), backend=None)
+
+
+def test_zero_border_window_larger_than_the_map():
+    """The reference masks what falls outside; the fused kernels need the window inside the map and say so."""
+    inputs = {name: t.detach().double() for name, t in make_inputs((1, 2, 3, 1, 16), 5, n_extra=2).items()}
+    out = neighborhood_attention_2d_reference(**inputs, kernel_size=5, border='zero')
+    expected = dense_attention(**inputs, kernel_size=(5, 5), dilation=(1, 1), border='zero', scale=16 ** -0.5)
+    torch.testing.assert_close(out, expected)
+    q = inputs['q'].float()
+    cpu_default = neighborhood_attention_2d(**{name: t.float() for name, t in inputs.items()}, kernel_size=5,
+                                            border='zero', backend=None if q.device.type == 'cpu' else 'reference')
+    torch.testing.assert_close(cpu_default.double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match='fused kernels need'):
+        neighborhood_attention_2d(q, q, q, 5, border='zero', backend='triton')
+
+
+def _bad_transnext_calls():
+    q = torch.randn(1, 8, 9, 2, 32)
+    extra = torch.randn(1, 4, 2, 32)
+    ok = dict(q=q, k=q.clone(), v=q.clone(), kernel_size=3, border='zero', extra_k=extra, extra_v=extra.clone())
+    return [
+        (dict(ok, extra_k=None, extra_v=None, extra_bias=torch.zeros(2, 72, 4)), ValueError, 'pass extra_k'),
+        (dict(ok, extra_bias=torch.zeros(2, 72, 5)), ValueError, 'extra_bias must be \\[heads, H \\* W, L\\]'),
+        (dict(ok, extra_bias=torch.zeros(3, 2, 8, 9, 4)), ValueError, 'extra_bias must be'),
+        (dict(ok, extra_bias=torch.zeros(2, 72, 4, dtype=torch.float64)), TypeError, 'extra_bias must be float32'),
+        (dict(ok, window_weight=torch.zeros(1, 8, 9, 2, 8)), ValueError, 'window_weight must be \\[B, H, W, heads'),
+        (dict(ok, window_weight=torch.zeros(1, 8, 9, 2, 9).half()), TypeError, 'window_weight must be float32'),
+        (dict(ok, window_weight=torch.zeros(1, 8, 9, 2, 9), backend='natten'), ValueError, 'window weight'),
+        (dict(ok, window_weight=[0.]), TypeError, 'window_weight must be a torch.Tensor'),
+    ]
+
+
+@pytest.mark.parametrize('call, error, message', _bad_transnext_calls())
+def test_bad_extra_bias_or_window_weight_raises(call, error, message):
+    with pytest.raises(error, match=message):
+        neighborhood_attention_2d(**call)
