@@ -21,7 +21,7 @@ Activations stay channels-last ``[B, H, W, C]`` inside the model; the pyramid fe
 ``forward_intermediates`` / ``features_only`` are NCHW by default.
 """
 import math
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -31,7 +31,7 @@ from torch.utils.flop_counter import register_flop_formula
 from torchvision.ops import deform_conv2d
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, PatchEmbed, calculate_drop_path_rates, trunc_normal_, use_fused_attn
+from timm.layers import ClassifierHead, DropPath, PatchEmbed, calculate_drop_path_rates, use_fused_attn
 from timm.models import (
     build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function)
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
@@ -463,20 +463,12 @@ class LITv2(ChannelsLastPyramid):
         self.apply(self._init_weights)
 
     def _init_weights(self, m: nn.Module):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, MlpWithDepthwiseConv):
+        super()._init_weights(m)
+        if isinstance(m, MlpWithDepthwiseConv):
             # the official DWMlp's depthwise conv: He-normal over its fan-out (k * k per channel)
             fan_out = m.dwconv.kernel_size[0] * m.dwconv.kernel_size[1] * m.dwconv.out_channels // m.dwconv.groups
             nn.init.normal_(m.dwconv.weight, 0., math.sqrt(2. / fan_out))
             nn.init.zeros_(m.dwconv.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        # no position tables or tokens; timm's optimizer factory already exempts norms and biases
-        return set()
 
 
 def offset_lr_param_groups(

@@ -766,11 +766,8 @@ class TransNeXt(ChannelsLastPyramid):
 
     def _init_weights(self, m: nn.Module):
         # the official init (PVT v2's); the attention's own parameters keep the init they were built with
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+        super()._init_weights(m)
+        if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
