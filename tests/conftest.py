@@ -7,6 +7,7 @@ triton (torch imports it lazily).
 import os
 import sys
 
+import pytest
 import torch
 
 if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
@@ -15,3 +16,13 @@ if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
                            'set TRITON_INTERPRET=1 in the environment to run the Triton kernels on CPU')
     os.environ['TRITON_INTERPRET'] = '1'
 
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """For tiny shapes: a second thread only adds a wait per op (long on a busy machine), and one thread
+    keeps runs bit-for-bit repeatable. Restores the thread count after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

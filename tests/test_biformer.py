@@ -5,7 +5,7 @@ loading, and the OpenMMLab configs under configs/biformer/.
 The generic timm API and the parameter counts are covered by the conformance suite (tests/test_models.py).
 """
 import argparse
-import importlib.util
+import importlib
 import math
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import attnzoo.backbones  # noqa: F401  (registers the biformer_* models)
 from attnzoo.backbones.biformer import BiFormer, BiLevelRoutingAttention, GlobalAttention, checkpoint_filter_fn
 from attnzoo.kernels._dispatch import triton_interpreted
+from mm_stack import needs_mm
 
 # a small BiFormer: head_dim 16 (the smallest the Triton kernels tile), 2x2 regions at stage 3 of a 64 px image
 TINY_ARCH = dict(embed_dims=(32, 64, 96, 128), depths=(1, 1, 2, 1), num_heads=(2, 4, 6, 8), n_win=4)
@@ -441,9 +442,6 @@ CONFIG_NAMES = {
     'fpn_biformer-s_8xb4-80k_ade20k-512x512.py': ('biformer_small', 8, 0.15),
     'fpn_biformer-b_8xb4-80k_ade20k-512x512.py': ('biformer_base', 8, 0.3),
 }
-MM_MISSING = [name for name in ('mmengine', 'mmcv', 'mmdet', 'mmseg') if importlib.util.find_spec(name) is None]
-needs_mm = pytest.mark.skipif(bool(MM_MISSING), reason=f'OpenMMLab stack not installed ({", ".join(MM_MISSING)} '
-                                                       f'missing): pip install "attnzoo[mm]"')
 
 
 def test_config_set_is_complete():

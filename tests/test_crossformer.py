@@ -5,7 +5,7 @@ tests/test_heads.py).
 
 The generic timm API and the parameter counts are covered by the conformance suite.
 """
-import importlib.util
+import importlib
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from timm.models import group_parameters
 import attnzoo.backbones  # noqa: F401  (registers the crossformer_* models)
 from attnzoo.backbones.crossformer import (
     ActivationCooling, LongShortDistanceAttention, checkpoint_filter_fn, group_layout)
+from mm_stack import needs_mm
 from official_checkpoints import (
     CHECKPOINT_WRAPS, CROSSFORMER_OFFICIAL_ARCH, CROSSFORMER_V1_KEY_COUNTS, OFFICIAL_KEY_COUNTS,
     assert_official_checkpoint_loads, assert_official_layout_converts, crossformer_official_state_dict,
@@ -362,11 +363,6 @@ def test_pretrained_cfgs():
 
 # ---------------------------------------------------------------- OpenMMLab configs
 
-MM_PACKAGES = ('mmengine', 'mmcv', 'mmdet', 'mmseg')
-MM_MISSING = [name for name in MM_PACKAGES if importlib.util.find_spec(name) is None]
-needs_mm = pytest.mark.skipif(
-    bool(MM_MISSING),
-    reason=f'OpenMMLab stack not installed ({", ".join(MM_MISSING)} missing): pip install "attnzoo[mm]"')
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'crossformer'
 # every backbone the official README reports on COCO 1x / ADE20K (v1 S and B, CrossFormer++-S)
 EXPECTED_CONFIGS = sorted(

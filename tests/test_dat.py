@@ -6,7 +6,6 @@ classification and DAT-Detection / DAT-Segmentation layouts.
 The generic timm API and the parameter counts are covered by the conformance suite; the OpenMMLab
 configs are built by tests/test_heads.py and trained / run here (skipped without OpenMMLab).
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from attnzoo.backbones import dat, nat
 from attnzoo.backbones.dat import DAT, DeformableAttention, checkpoint_filter_fn
 from attnzoo.kernels import neighborhood_attention_2d, use_backend
 from attnzoo.kernels._dispatch import triton_interpreted
+from mm_stack import needs_mm
 from official_checkpoints import CHECKPOINT_WRAPS, wrap_as_saved
 
 # a small DAT++ (head_dim 16, the smallest the neighborhood op takes), every block type in every stage
@@ -434,9 +434,6 @@ def test_pretrained_from_a_local_official_file(tmp_path):
 
 # ---------------------------------------------------------------- OpenMMLab configs (configs/dat)
 
-MM_MISSING = [name for name in ('mmengine', 'mmcv', 'mmdet', 'mmseg') if importlib.util.find_spec(name) is None]
-needs_mm = pytest.mark.skipif(bool(MM_MISSING), reason=f'OpenMMLab stack not installed ({", ".join(MM_MISSING)} '
-                                                       f'missing): pip install "attnzoo[mm]"')
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'dat'
 # DAT-T++ widths and heads, one block of each type where the stage has both: runs in seconds
 SHALLOW_SPEC = ('ND', 'ND', 'ND', 'D')

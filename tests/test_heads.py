@@ -5,17 +5,14 @@ module is skipped. Installed but broken (e.g. mmcv without ops) is an error, not
 The task-model tests build CSWin-T (and DiNAT-Mini) with one block per stage (same channels, a fraction
 of the time).
 """
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
-MM_PACKAGES = ('mmengine', 'mmcv', 'mmdet', 'mmseg')
-_missing = [name for name in MM_PACKAGES if importlib.util.find_spec(name) is None]
-if _missing:
-    pytest.skip(f'OpenMMLab stack not installed ({", ".join(_missing)} missing): pip install "attnzoo[mm]"',
-                allow_module_level=True)
+from mm_stack import skip_module_without_mm
+
+skip_module_without_mm()
 
 import numpy as np  # noqa: E402
 import timm  # noqa: E402
@@ -61,8 +58,8 @@ def load_config(path: Path, shallow: bool = False) -> Config:
     return cfg
 
 
-def build_model(cfg: Config):
-    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+def build_model(cfg: Config, device: str = 'cpu'):
+    with torch.device(device), DefaultScope.overwrite_default_scope(cfg.default_scope):
         return REGISTRIES[cfg.default_scope].build(cfg.model)
 
 
@@ -89,10 +86,12 @@ def test_configs_exist():
 
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_builds(path):
+    """Built on the meta device: the modules, their shapes and channels without filling ~90 models' weights
+    (the task-model tests below run real weights)."""
     cfg = load_config(path)
     assert cfg.default_scope in REGISTRIES, f'{path.name}: default_scope {cfg.default_scope!r}'
     assert 'attnzoo.heads' in cfg.custom_imports['imports']
-    model = build_model(cfg)
+    model = build_model(cfg, device='meta')
     backbone = model.backbone
     assert isinstance(backbone, AttnzooBackbone)
     # what the backbone returns is what the next module was configured to take

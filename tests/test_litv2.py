@@ -4,7 +4,6 @@ OpenMMLab configs under configs/litv2/.
 
 The generic timm API and the parameter counts are covered by the conformance suite (tests/test_models.py).
 """
-import importlib.util
 import math
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,7 @@ from timm.scheduler import CosineLRScheduler
 import attnzoo.backbones  # noqa: F401  (registers the litv2_* models)
 from attnzoo.backbones.litv2 import (
     DeformableTokenMerging, DeformConv2dPack, HiLo, LITv2Stage, checkpoint_filter_fn, offset_lr_param_groups)
+from mm_stack import needs_mm
 from official_checkpoints import (
     CHECKPOINT_WRAPS, LITV2_OFFICIAL_ARCH, OFFICIAL_KEY_COUNTS, assert_official_checkpoint_loads,
     assert_official_layout_converts, litv2_official_state_dict, official_parameter_count)
@@ -453,10 +453,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs' / 'litv2'
 OFFICIAL_DENSE = [(task, size, ws) for task in ('retinanet', 'mask-rcnn') for size in 'smb' for ws in (2, 4)] + [
     ('fpn', size, 2) for size in 'smb']
 MODEL_NAMES = {'s': 'litv2_small', 'm': 'litv2_medium', 'b': 'litv2_base'}
-MM_PACKAGES = ('mmengine', 'mmcv', 'mmdet', 'mmseg')
-_mm_missing = [name for name in MM_PACKAGES if importlib.util.find_spec(name) is None]
-needs_mm = pytest.mark.skipif(bool(_mm_missing), reason=f'OpenMMLab stack not installed ({", ".join(_mm_missing)} '
-                                                       'missing): pip install "attnzoo[mm]"')
 
 
 def config_file(task, size, ws):

@@ -6,7 +6,6 @@ to the tiny sets the way a user adapts a config to their data (tests/mm_tiny_dat
 stage and 64 x 64 images to fit CI's budget. The tools run in-process, except the run killed mid-way
 (SIGKILL, from a hook inside it) and the torchrun run.
 """
-import importlib.util
 import json
 import os
 import pickle
@@ -16,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-MM_PACKAGES = ('mmengine', 'mmcv', 'mmdet', 'mmseg')
-_missing = [name for name in MM_PACKAGES if importlib.util.find_spec(name) is None]
-if _missing:
-    pytest.skip(f'OpenMMLab stack not installed ({", ".join(_missing)} missing): pip install "attnzoo[mm]"',
-                allow_module_level=True)
+from mm_stack import skip_module_without_mm
+
+skip_module_without_mm()
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -31,7 +28,7 @@ from mmengine.runner.checkpoint import _load_checkpoint  # noqa: E402
 from attnzoo.heads.checkpoint import OPENMMLAB_CHECKPOINT_GLOBALS, UnsafeCheckpointError  # noqa: E402
 import mm_tiny_data as tiny  # noqa: E402
 
-pytestmark = pytest.mark.mm
+pytestmark = [pytest.mark.mm, pytest.mark.usefixtures('one_thread')]  # tiny shapes (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / 'tools'
@@ -49,15 +46,6 @@ CONFIGS = {
     ('nat', 'det'): REPO / 'configs/nat/mask-rcnn_nat-mini_fpn_ms-crop-3x_coco.py',
     ('nat', 'seg'): REPO / 'configs/nat/upernet_nat-mini_8xb2-160k_ade20k-512x512.py',
 }
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny shapes: a second thread only adds waits; one thread also keeps runs bit-for-bit repeatable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')

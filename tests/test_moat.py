@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.backbones import moat
+from mm_stack import MM_MISSING, SKIP_REASON
 from reference_params import OFFICIAL_PARAMS
 from tf_checkpoints import write_tensor_bundle
 
@@ -387,8 +388,8 @@ MOAT_CONFIGS = sorted(CONFIG_DIR.glob('*.py'))
 
 def openmmlab():
     """tests/test_heads.py's helpers; skips cleanly without the OpenMMLab stack."""
-    for package in ('mmengine', 'mmcv', 'mmdet', 'mmseg'):
-        pytest.importorskip(package, reason=f'OpenMMLab stack not installed ({package} missing): pip install "attnzoo[mm]"')
+    if MM_MISSING:
+        pytest.skip(SKIP_REASON)
     import test_heads
     return test_heads
 

@@ -30,6 +30,8 @@ TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 sys.path.insert(0, str(TOOLS))
 import _common as common  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny shapes (conftest.py)
+
 
 def _load_tool(name):
     spec = importlib.util.spec_from_file_location(f'attnzoo_tools_{name}', TOOLS / f'{name}.py')
@@ -46,15 +48,6 @@ IMG_SIZE = 16
 BATCH = 16
 TINY = ['--model', MODEL, '--img-size', str(IMG_SIZE), '--batch-size', str(BATCH), '--device', 'cpu']
 RUN = TINY + ['--epochs', '2', '--max-steps-per-epoch', '3', '--ema', '--drop-path', '0.1']  # drop path: random state matters
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """The shapes are tiny: a second thread only adds a wait per op (long on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _RecordingLoader:
