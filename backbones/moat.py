@@ -45,7 +45,8 @@ from timm.models._features import feature_take_indices
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
-from ._pyramid import PyramidStage, check_checkpoint_keys, check_image, unwrap_checkpoint
+from ._checkpoint import check_checkpoint_keys, unwrap_checkpoint
+from ._pyramid import PyramidStage, check_image
 
 __all__ = ['Moat']
 

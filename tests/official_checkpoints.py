@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from attnzoo.backbones._pyramid import rename_by_first_rule
+from attnzoo.backbones._checkpoint import rename_by_first_rule
 from reference_params import OFFICIAL_PARAMS
 
 # len(official_model.state_dict()) of each variant, 1000-class head
