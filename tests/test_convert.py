@@ -18,7 +18,7 @@ from tf_checkpoints import write_tensor_bundle
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 sys.path.insert(0, str(TOOLS))
-import _common as common  # noqa: E402
+import _runtime as runtime  # noqa: E402
 import convert as convert_tool  # noqa: E402
 from tensorbundle import TensorBundle, TensorBundleError, read_tensor_bundle, resolve_checkpoint_prefix  # noqa: E402
 
@@ -154,7 +154,7 @@ def test_format_detection(tmp_path):
     path = tmp_path / 'weights.pth'
     torch.save({'x': torch.zeros(1)}, path)
     assert convert_tool.detect_format(str(path)) == 'torch'
-    with pytest.raises(common.ToolError, match='neither a TensorFlow checkpoint'):
+    with pytest.raises(runtime.ToolError, match='neither a TensorFlow checkpoint'):
         convert_tool.detect_format(str(tmp_path / 'nothing'))
 
 
@@ -178,7 +178,7 @@ def test_torch_checkpoints_convert_through_the_family_filter(tmp_path):
 
 def test_mismatched_checkpoints_list_the_keys(tmp_path):
     save_file({'not_a_layer.weight': torch.zeros(2)}, str(tmp_path / 'bad.safetensors'))
-    with pytest.raises(common.ToolError, match='not_a_layer'):
+    with pytest.raises(runtime.ToolError, match='not_a_layer'):
         convert_tool.main(['tiny_moat_0_no_pe', str(tmp_path / 'bad.safetensors'), str(tmp_path / 'out.safetensors')])
-    with pytest.raises(common.ToolError, match='unknown model'):
+    with pytest.raises(runtime.ToolError, match='unknown model'):
         convert_tool.main(['tiny_moat_9', str(tmp_path / 'bad.safetensors'), str(tmp_path / 'out.safetensors')])

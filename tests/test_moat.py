@@ -25,7 +25,7 @@ from tf_checkpoints import write_tensor_bundle
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 DATA = Path(__file__).resolve().parent / 'data' / 'moat_official'
 sys.path.insert(0, str(TOOLS))
-import _common as common  # noqa: E402
+import _runtime as runtime  # noqa: E402
 import convert as convert_tool  # noqa: E402
 
 # the reduced architecture of the official fixture (make_fixture.py: REDUCED)
@@ -324,11 +324,11 @@ def test_every_official_variable_lands_in_its_layer(tmp_path, name, official):
 def test_position_embedding_mismatch_names_the_other_variant(tmp_path):
     layout = official_layout('tiny_moat0_pretrain_256_1k')
     write_tensor_bundle(str(tmp_path / 'model.ckpt-1'), {n: np.zeros(s, np.float32) for n, s in layout.items()})
-    with pytest.raises(common.ToolError, match='relative_position_bias_table.*_no_pe'):
+    with pytest.raises(runtime.ToolError, match='relative_position_bias_table.*_no_pe'):
         convert_tool.main(['tiny_moat_0_no_pe', str(tmp_path), str(tmp_path / 'out.safetensors')])
     missing = {n: np.zeros(s, np.float32) for n, s in layout.items() if not n.endswith('attention/k/weight')}
     write_tensor_bundle(str(tmp_path / 'model.ckpt-1'), missing)
-    with pytest.raises(common.ToolError, match='qkv.weight'):
+    with pytest.raises(runtime.ToolError, match='qkv.weight'):
         convert_tool.main(['tiny_moat_0', str(tmp_path), str(tmp_path / 'out.safetensors')])
 
 

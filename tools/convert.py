@@ -26,7 +26,9 @@ import safetensors.torch
 import torch
 from timm.utils import ParseKwargs
 
-import _common as common
+import _checkpoints as checkpoints
+import _models as models
+import _runtime as runtime
 from tensorbundle import TF_DTYPES, TensorBundle, TensorBundleError, resolve_checkpoint_prefix
 
 TF_EMA_SLOT = 'ExponentialMovingAverage'
@@ -79,7 +81,7 @@ def read_tf(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
     try:
         bundle = TensorBundle(path)
     except TensorBundleError as err:
-        raise common.ToolError(str(err)) from err
+        raise runtime.ToolError(str(err)) from err
     numeric = [name for name, entry in bundle.entries.items() if entry.dtype in TF_DTYPES]
     chosen, counts = tf_model_variables(numeric, use_ema)
     print(f'{bundle.prefix}: {len(bundle)} tensors; {counts["variables"]} variables '
@@ -87,11 +89,11 @@ def read_tf(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
     try:
         return {variable: bundle.read(name) for variable, name in chosen.items()}
     except TensorBundleError as err:
-        raise common.ToolError(str(err)) from err
+        raise runtime.ToolError(str(err)) from err
 
 
 def read_torch(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
-    return common.read_state_dict(path, use_ema=use_ema)
+    return checkpoints.read_state_dict(path, use_ema=use_ema)
 
 
 READERS: Dict[str, Callable[[str, bool], Dict[str, torch.Tensor]]] = {'tf': read_tf, 'torch': read_torch}
@@ -104,10 +106,10 @@ def detect_format(source: str) -> str:
     try:
         prefix = resolve_checkpoint_prefix(path)
     except TensorBundleError as err:
-        raise common.ToolError(str(err)) from err
+        raise runtime.ToolError(str(err)) from err
     if Path(f'{prefix}.index').is_file():
         return 'tf'
-    raise common.ToolError(
+    raise runtime.ToolError(
         f'{source} is neither a TensorFlow checkpoint (no {prefix}.index) nor a {"/".join(TORCH_SUFFIXES)} file')
 
 
@@ -118,9 +120,9 @@ def convert(model_name: str, source: str, output: str, fmt: str = 'auto', use_em
     """Reads ``source``, converts it for ``model_name`` and writes ``output``; returns what was written."""
     fmt = detect_format(source) if fmt == 'auto' else fmt
     tensors = READERS[fmt](source, use_ema)
-    model = common.create_model(model_name, num_classes=(model_kwargs or {}).get('num_classes', 1000),
+    model = models.create_model(model_name, num_classes=(model_kwargs or {}).get('num_classes', 1000),
                                 model_kwargs={k: v for k, v in (model_kwargs or {}).items() if k != 'num_classes'})
-    common.load_weights(model, tensors, source)
+    checkpoints.load_weights(model, tensors, source)
     state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(state_dict, output, metadata={
@@ -137,4 +139,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    common.run_cli(main)
+    runtime.run_cli(main)
