@@ -37,7 +37,9 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 # what official training scripts pickle beside the weights (BiFormer's and timm's saver: the training
 # arguments), which holds only data
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
-LISTED_KEYS = 10  # keys named per kind of mismatch in an error message
+LISTED_KEYS = 10
+# what torch.load(weights_only=True) says of an object it refuses to rebuild (a damaged file fails otherwise)
+_WEIGHTS_ONLY_REFUSAL = 'Unsupported global'  # keys named per kind of mismatch in an error message
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -75,7 +77,9 @@ def load_checkpoint_file(path) -> Dict:
     try:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:  # torch re-raises every refusal as one
+    except pickle.UnpicklingError as error:
+        if _WEIGHTS_ONLY_REFUSAL not in str(error):  # a damaged file, not a refused object
+            raise
         raise unsafe_checkpoint_error(path, error, 'weight checkpoints') from error
 
 

@@ -246,7 +246,7 @@ OFFICIAL_LAYOUT_MODELS = {
 @pytest.mark.parametrize('family, ema', [('cswin', False), ('cswin', True), ('nat', False)])
 def test_eval_of_an_official_layout_checkpoint(tmp_path, monkeypatch, family, ema):
     """An official file evaluates with exactly the weights it holds: CSWin's as its training script saves
-    it (weights and EMA weights, DataParallel names; --ema picks the EMA ones), NAT's a plain state dict."""
+    it (weights and EMA weights, DataParallel names; the EMA ones unless --no-ema), NAT's a plain state dict."""
     name, arch, official_keys = OFFICIAL_LAYOUT_MODELS[family]
     torch.manual_seed(0)
     wanted, other = (timm.create_model(name, num_classes=10, **arch).state_dict() for _ in range(2))
@@ -271,7 +271,7 @@ def test_eval_of_an_official_layout_checkpoint(tmp_path, monkeypatch, family, em
     monkeypatch.setattr(checkpoints, 'load_weights', load_and_keep)
     kwargs = [f'{k}={v!r}'.replace(' ', '') for k, v in arch.items()]
     metrics = eval_tool.main(['--model', name, '--img-size', '32', '--device', 'cpu', '--checkpoint', str(path),
-                              '--model-kwargs', *kwargs] + (['--ema'] if ema else []))
+                              '--model-kwargs', *kwargs] + ([] if ema else ['--no-ema']))
     _assert_same_tensors(loaded, wanted)
     assert metrics['top1'] == pytest.approx(_direct_top1(wanted, name, 32, **arch), abs=1e-9)
 
@@ -293,8 +293,8 @@ def test_a_checkpoint_that_does_not_fit_lists_the_keys(run_dir):
     model = models.create_model(MODEL, num_classes=10)
     with pytest.raises(runtime.ToolError) as err:
         checkpoints.load_weights(model, weights, 'ckpt')
-    assert 'missing keys (1): norm.weight' in str(err.value)
-    assert 'unexpected keys (1): blocks.9.extra.weight' in str(err.value)
+    assert '1 missing keys (in the model, not in the checkpoint) norm.weight' in str(err.value)
+    assert '1 unexpected keys (in the checkpoint, not in the model) blocks.9.extra.weight' in str(err.value)
     with pytest.raises(runtime.ToolError, match=r'head.weight: checkpoint \(10, 64\) vs model \(7, 64\)'):
         checkpoints.load_weights(models.create_model(MODEL, num_classes=7), _tensors(run_dir / checkpoints.MODEL_FILE), 'ckpt')
 

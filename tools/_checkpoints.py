@@ -5,21 +5,23 @@ A training run's directory holds ``model.safetensors`` (and ``ema.safetensors``)
 in the same directory, fsynced, then renamed over the old one; the JSON goes last and names
 the step that the tensor files were saved at, so a run killed while saving is detected.
 
-Weights are read from those files or from an official ``.pth`` / ``.pt`` / ``.bin`` checkpoint
-(``torch.load(weights_only=True)``), and loaded strictly, through the model family's
-``checkpoint_filter_fn`` where their keys are another layout.
+Weights are read from those files or from an official checkpoint through attnzoo's one checkpoint path
+(``attnzoo.backbones._checkpoint``: ``weights_only=True``, the same unwrapping and mismatch report as
+the families' ``checkpoint_filter_fn``), and loaded strictly, through the family's filter where their
+keys are another layout.
 """
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import safetensors
 import safetensors.torch
 import torch
-from timm.models import clean_state_dict
 
+from attnzoo.backbones._checkpoint import (
+    CheckpointError, UnsafeCheckpointError, compare_keys, load_checkpoint_file, unwrap_checkpoint)
+from attnzoo.backbones._families import checkpoint_filter_of, family_of
 from _runtime import ToolError
 
 MODEL_FILE = 'model.safetensors'
@@ -86,73 +88,54 @@ def read_safetensors(path: Path, step: Optional[int] = None) -> Dict[str, torch.
     return tensors
 
 
-def _unwrap_state_dict(checkpoint, path: Path, use_ema: bool) -> Dict[str, torch.Tensor]:
-    if not isinstance(checkpoint, dict):
-        raise ToolError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
-    keys = ('state_dict_ema', 'model_ema', 'state_dict', 'model') if use_ema else ('state_dict', 'model')
-    for key in keys:
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    not_tensors = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise ToolError(f'{path} is not a state dict of tensors (entries {not_tensors[:10]} are not tensors); '
-                        f"a training checkpoint keeps its weights under 'state_dict', 'state_dict_ema' or 'model'")
-    return clean_state_dict(checkpoint)
-
-
-def read_state_dict(path, use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The weights in ``path``: our ``.safetensors`` or an official ``.pth``/``.pt``/``.bin``.
-
-    A torch file is loaded with ``weights_only=True`` and unwrapped from ``state_dict`` /
-    ``model`` (``state_dict_ema`` / ``model_ema`` first with ``use_ema``); DDP and
-    torch.compile prefixes are removed.
+def read_state_dict(path, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The weights in ``path``: our ``.safetensors`` or an official ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin``,
+    read and unwrapped by attnzoo's one checkpoint path (``attnzoo.backbones._checkpoint``): torch files
+    with ``weights_only=True``; the weights under ``state_dict_ema`` / ``model_ema`` (with ``use_ema``),
+    else ``state_dict`` / ``model``, else the file itself; DataParallel / torch.compile prefixes removed.
     """
     path = Path(path)
     if path.is_dir():
         raise ToolError(f'{path} is a directory; pass the weights file in it, e.g. {path / MODEL_FILE} or {path / EMA_FILE}')
-    if path.suffix == '.safetensors':
-        return _unwrap_state_dict(read_safetensors(path), path, use_ema)
     if not path.is_file():
         raise ToolError(f'checkpoint file {path} does not exist')
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # torch.load raises pickle, zip and runtime errors for damaged files
+        checkpoint = load_checkpoint_file(path)
+    except UnsafeCheckpointError as err:
+        raise ToolError(str(err)) from err
+    except Exception as err:  # torch.load and safetensors raise pickle, zip and runtime errors for damaged files
         raise _read_error(path, err) from err
-    return _unwrap_state_dict(checkpoint, path, use_ema)
+    try:
+        return unwrap_checkpoint(checkpoint, use_ema)
+    except CheckpointError as err:
+        raise ToolError(f'{path}: {err}') from err
 
 
-def _mismatches(state_dict: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> list:
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
-              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-
-    def listed(title, items):
-        more = f', ... ({len(items) - 10} more)' if len(items) > 10 else ''
-        return [f'{title} ({len(items)}): {", ".join(items[:10])}{more}'] if items else []
-
-    return listed('missing keys', missing) + listed('unexpected keys', unexpected) + listed('shape mismatches', shapes)
-
-
-def load_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """Loads ``state_dict`` strictly; keys of another layout go through the model family's
-    ``checkpoint_filter_fn`` first (official checkpoints). Any mismatch raises a :class:`ToolError`."""
+def fit_to_model(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with exactly ``model``'s keys and shapes: as it is where it fits, else converted by
+    the model family's checkpoint filter (official layouts). Any mismatch raises a :class:`ToolError`
+    that lists the missing, unexpected and mis-shaped keys."""
     expected = model.state_dict()
-    if _mismatches(state_dict, expected):
-        filter_fn = getattr(sys.modules[type(model).__module__], 'checkpoint_filter_fn', None)
+    model_name = model.pretrained_cfg['architecture']
+    if compare_keys(state_dict, expected):
+        filter_fn = checkpoint_filter_of(model_name)
         if filter_fn is not None:
             try:
                 state_dict = filter_fn(state_dict, model)
             except Exception as err:  # a converter meeting another family's keys fails in its own way
-                raise ToolError(f'{source}: {type(model).__module__}.checkpoint_filter_fn could not convert it '
-                                f'({type(err).__name__}: {err}); is it a checkpoint of this model family?') from err
-    problems = _mismatches(state_dict, expected)
-    if problems:
-        details = '\n  '.join(problems)
-        raise ToolError(f'{source} does not fit {type(model).__name__} ({type(model).__module__}):\n  {details}\n'
+                raise ToolError(f'{source} does not fit {model_name}: {family_of(model_name)}\'s checkpoint filter '
+                                f'could not convert it ({type(err).__name__}: {err})') from err
+    mismatch = compare_keys(state_dict, expected)
+    if mismatch:
+        raise ToolError(f'{source} does not fit {model_name} ({type(model).__module__}): {mismatch.describe()}. '
                         f'Check --model; a classifier trained on another dataset has another number of classes.')
-    model.load_state_dict(state_dict, strict=True)
+    return state_dict
+
+
+def load_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Loads ``state_dict`` strictly, through the family's checkpoint filter where its keys are another
+    layout (:func:`fit_to_model`)."""
+    model.load_state_dict(fit_to_model(model, state_dict, source), strict=True)
 
 
 def read_train_state(run_dir) -> dict:

@@ -4,9 +4,10 @@
     python tools/eval.py --model cswin_tiny_224 --dataset /data/imagenet --checkpoint cswin_tiny_224.pth
 
 ``--checkpoint`` is a ``model.safetensors`` / ``ema.safetensors`` written by tools/train.py, or
-an official ``.pth`` / ``.pt`` file: it is loaded with ``torch.load(weights_only=True)``,
-unwrapped from ``state_dict`` / ``model`` (``--ema``: ``state_dict_ema`` / ``model_ema``), and
-converted by the model family's ``checkpoint_filter_fn``. Loading is strict: any missing,
+an official ``.pth`` / ``.pth.tar`` / ``.pt`` file: it is loaded with ``torch.load(weights_only=True)``,
+unwrapped as every attnzoo loader unwraps (the EMA weights, ``state_dict_ema`` / ``model_ema``, where the
+file holds them, else ``state_dict`` / ``model``; ``--no-ema``: the trained weights), and converted by
+the model family's ``checkpoint_filter_fn``. Loading is strict: any missing,
 unexpected or mis-shaped key is an error that lists them. The classifier has as many classes
 as the dataset split has. For a file written by tools/train.py, ``--img-size`` and
 ``--model-kwargs`` default to the run's (read from ``train_state.json`` beside it). Runs under
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, default=None,
                    help=f'input size; default: the training run\'s when {checkpoints.STATE_FILE} sits beside the checkpoint, '
                         f'else {datasets.DIGITS_IMG_SIZE} for digits and the model\'s own otherwise')
-    p.add_argument('--ema', action='store_true', help="take 'state_dict_ema' / 'model_ema' from an official checkpoint")
+    p.add_argument('--no-ema', action='store_true',
+                   help="take an official checkpoint's trained weights ('state_dict' / 'model'), not its EMA ones")
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='extra create_model arguments, key=value; default: the training run\'s, as for --img-size')
     p.add_argument('--batch-size', type=int, default=128)
@@ -64,7 +66,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     run_args = training_run_args(args.checkpoint, args.model)
     num_classes = datasets.num_classes_of(args.dataset, args.split)
     model = models.create_model(args.model, num_classes, model_kwargs=args.model_kwargs or run_args.get('model_kwargs'))
-    checkpoints.load_weights(model, checkpoints.read_state_dict(args.checkpoint, use_ema=args.ema), args.checkpoint)
+    checkpoints.load_weights(model, checkpoints.read_state_dict(args.checkpoint, use_ema=not args.no_ema), args.checkpoint)
     model.to(dist_info.device)
     config = datasets.data_config(model, args.dataset, args.img_size or run_args.get('img_size'))
     loader = datasets.eval_loader(datasets.build_dataset(args.dataset, args.split, config, training=False),
