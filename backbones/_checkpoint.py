@@ -89,6 +89,15 @@ def _strip_wrapper_prefixes(key: str) -> str:
     return key
 
 
+def checkpoint_wrapper(checkpoint: Mapping, use_ema: bool = True) -> Optional[str]:
+    """The key of ``checkpoint`` that :func:`unwrap_checkpoint` takes the weights from; None for a plain
+    state dict."""
+    for wrapper in (EMA_WRAPPERS if use_ema else ()) + TRAINED_WRAPPERS:
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            return wrapper
+    return None
+
+
 def unwrap_checkpoint(checkpoint: Mapping, use_ema: bool = True) -> StateDict:
     """The weights of a checkpoint: the first of :data:`EMA_WRAPPERS` (with ``use_ema``) and
     :data:`TRAINED_WRAPPERS` that holds a dict, else the checkpoint itself; without the
@@ -96,10 +105,9 @@ def unwrap_checkpoint(checkpoint: Mapping, use_ema: bool = True) -> StateDict:
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'a checkpoint is a dict of tensors (or one under a key such as \'model\'), '
                               f'not a {type(checkpoint).__name__}')
-    for wrapper in (EMA_WRAPPERS if use_ema else ()) + TRAINED_WRAPPERS:
-        if isinstance(checkpoint.get(wrapper), Mapping):
-            checkpoint = checkpoint[wrapper]
-            break
+    wrapper = checkpoint_wrapper(checkpoint, use_ema)
+    if wrapper is not None:
+        checkpoint = checkpoint[wrapper]
     not_tensors = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(

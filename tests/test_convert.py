@@ -165,13 +165,13 @@ def test_torch_checkpoints_convert_through_the_family_filter(tmp_path):
     torch.save({'state_dict': {k: torch.zeros_like(v) for k, v in state.items()}, 'state_dict_ema': state},
                tmp_path / 'official.pth')
     out = tmp_path / 'out.safetensors'
-    convert_tool.main(['tiny_moat_0_no_pe', str(tmp_path / 'official.pth'), str(out),
+    convert_tool.main([str(tmp_path / 'official.pth'), '--model', 'tiny_moat_0_no_pe', '-o', str(out),
                        '--model-kwargs', 'num_classes=3', 'depths=(1,1,1,1)'])
     written = load_file(out)
     assert written.keys() == state.keys()
     for key, value in state.items():
         torch.testing.assert_close(written[key], value, msg=key)
-    convert_tool.main(['tiny_moat_0_no_pe', str(tmp_path / 'official.pth'), str(out), '--no-ema',
+    convert_tool.main([str(tmp_path / 'official.pth'), '--model', 'tiny_moat_0_no_pe', '-o', str(out), '--no-ema',
                        '--model-kwargs', 'num_classes=3', 'depths=(1,1,1,1)'])
     assert all(not v.any() for k, v in load_file(out).items() if not k.endswith('num_batches_tracked'))
 
@@ -179,6 +179,7 @@ def test_torch_checkpoints_convert_through_the_family_filter(tmp_path):
 def test_mismatched_checkpoints_list_the_keys(tmp_path):
     save_file({'not_a_layer.weight': torch.zeros(2)}, str(tmp_path / 'bad.safetensors'))
     with pytest.raises(runtime.ToolError, match='not_a_layer'):
-        convert_tool.main(['tiny_moat_0_no_pe', str(tmp_path / 'bad.safetensors'), str(tmp_path / 'out.safetensors')])
+        convert_tool.main([str(tmp_path / 'bad.safetensors'), '--model', 'tiny_moat_0_no_pe',
+                           '-o', str(tmp_path / 'out.safetensors')])
     with pytest.raises(runtime.ToolError, match='unknown model'):
-        convert_tool.main(['tiny_moat_9', str(tmp_path / 'bad.safetensors'), str(tmp_path / 'out.safetensors')])
+        convert_tool.main([str(tmp_path / 'bad.safetensors'), '--model', 'tiny_moat_9', '-o', str(tmp_path / 'out.safetensors')])

@@ -88,27 +88,36 @@ def read_safetensors(path: Path, step: Optional[int] = None) -> Dict[str, torch.
     return tensors
 
 
-def read_state_dict(path, use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """The weights in ``path``: our ``.safetensors`` or an official ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin``,
-    read and unwrapped by attnzoo's one checkpoint path (``attnzoo.backbones._checkpoint``): torch files
-    with ``weights_only=True``; the weights under ``state_dict_ema`` / ``model_ema`` (with ``use_ema``),
-    else ``state_dict`` / ``model``, else the file itself; DataParallel / torch.compile prefixes removed.
-    """
+def read_checkpoint(path) -> object:
+    """What the file at ``path`` holds: our ``.safetensors`` or an official ``.pth`` / ``.pth.tar`` / ``.pt`` /
+    ``.bin``, read by attnzoo's one checkpoint path (``attnzoo.backbones._checkpoint``: torch files with
+    ``weights_only=True``)."""
     path = Path(path)
     if path.is_dir():
         raise ToolError(f'{path} is a directory; pass the weights file in it, e.g. {path / MODEL_FILE} or {path / EMA_FILE}')
     if not path.is_file():
         raise ToolError(f'checkpoint file {path} does not exist')
     try:
-        checkpoint = load_checkpoint_file(path)
+        return load_checkpoint_file(path)
     except UnsafeCheckpointError as err:
         raise ToolError(str(err)) from err
     except Exception as err:  # torch.load and safetensors raise pickle, zip and runtime errors for damaged files
         raise _read_error(path, err) from err
+
+
+def state_dict_of(checkpoint, path, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The weights of ``checkpoint`` (read from ``path``): under ``state_dict_ema`` / ``model_ema`` (with
+    ``use_ema``), else ``state_dict`` / ``model``, else the checkpoint itself; DataParallel / torch.compile
+    prefixes removed."""
     try:
         return unwrap_checkpoint(checkpoint, use_ema)
     except CheckpointError as err:
         raise ToolError(f'{path}: {err}') from err
+
+
+def read_state_dict(path, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The weights in the file at ``path`` (:func:`read_checkpoint`, :func:`state_dict_of`)."""
+    return state_dict_of(read_checkpoint(path), path, use_ema)
 
 
 def fit_to_model(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> Dict[str, torch.Tensor]:

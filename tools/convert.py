@@ -1,46 +1,57 @@
-"""Converts an official checkpoint into a safetensors file that loads into an attnzoo / timm model.
+"""Converts an official checkpoint of any family attnzoo supports into a safetensors file for its model.
 
-    python tools/convert.py moat_0 moat0_imagenet_1k_224_w_position_embedding/model-ckpt moat_0.safetensors
-    python tools/convert.py cswin_tiny_224 cswin_tiny_224.pth cswin_tiny_224.safetensors
+    python tools/convert.py biformer_small_in1k.pth --model biformer_small -o biformer_small.safetensors
+    python tools/convert.py moat0_imagenet_1k_224_w_position_embedding --model moat_0 -o moat_0.safetensors
+
+then ``timm.create_model('biformer_small', pretrained=True, pretrained_cfg_overlay=dict(file='biformer_small.safetensors'))``
+(after ``import attnzoo.backbones``) or ``AttnzooBackbone(checkpoint=...)`` loads it.
 
 The source format is detected (``--format`` overrides it), and each format has a reader:
 
-* ``tf``: a TensorFlow checkpoint (``PREFIX.index`` + ``PREFIX.data-*``; pass the prefix, the ``.index``
+* ``torch``: a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin`` file, read with ``torch.load(weights_only=True)`` (a
+  file that needs pickled code is refused; the training arguments official scripts save beside the
+  weights are allowed), or a ``.safetensors`` file. The weights are taken as every attnzoo loader takes
+  them: from ``state_dict_ema`` / ``model_ema`` where the file holds EMA weights (``--no-ema``: the trained
+  ones), else ``state_dict`` / ``model``, else the file itself; DataParallel's ``module.`` prefix is removed.
+* ``tf``: a TensorFlow checkpoint (MOAT; ``PREFIX.index`` + ``PREFIX.data-*``; pass the prefix, the ``.index``
   file or the directory), read without TensorFlow by ``tensorbundle.py``. TF keeps optimizer state as
   slot variables (``VAR/SLOT``) and exponential moving averages as ``VAR/ExponentialMovingAverage``:
   the slots are dropped and the EMA copy of a variable replaces it when there is one (``--no-ema``:
   the trained values).
-* ``torch``: a ``.pth`` / ``.pt`` / ``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file,
-  unwrapped from ``state_dict`` / ``model`` (``state_dict_ema`` / ``model_ema`` first unless ``--no-ema``).
 
-The tensors then go through the model family's ``checkpoint_filter_fn`` (the same conversion
-``pretrained=True`` uses: official names and layouts to ours) and are loaded strictly into the model;
-any missing, unexpected or mis-shaped key is an error that lists them. The file written is that model's
-state dict; load it with ``pretrained_cfg_overlay=dict(file=OUTPUT)`` or ``AttnzooBackbone(checkpoint=OUTPUT)``.
+The tensors then go through the family's checkpoint filter (``checkpoint_filter_fn``: the conversion
+``pretrained=True`` uses, official names and layouts to ours; timm's own for MaxViT, DaViT, SHViT and
+HaloNet) and must then fit the model exactly. The model is built on the meta device (its shapes only),
+so converting costs no initialisation. A summary of the mapping is printed. A file that does not fit is
+refused with the missing, unexpected and mis-shaped keys, and the family (and variant) it looks like.
+The file written holds exactly the model's state dict, in its dtypes.
 """
 import argparse
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import safetensors.torch
 import torch
 from timm.utils import ParseKwargs
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnzoo.backbones._checkpoint import CheckpointMismatchError, KeyMismatch, checkpoint_wrapper, compare_keys
+from attnzoo.backbones._families import checkpoint_filter_of, family_of, supported_families
 import _checkpoints as checkpoints
 import _models as models
 import _runtime as runtime
 from tensorbundle import TF_DTYPES, TensorBundle, TensorBundleError, resolve_checkpoint_prefix
 
 TF_EMA_SLOT = 'ExponentialMovingAverage'
-TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
+TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.safetensors')
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('model', help='timm or attnzoo model name the weights are for, e.g. moat_0')
-    p.add_argument('source', help='official checkpoint: TF prefix / .index / directory, or a .pth / .safetensors file')
-    p.add_argument('output', help='safetensors file to write')
+    p.add_argument('source', help='official checkpoint: a .pth / .pth.tar / .safetensors file, or a TF prefix / .index / directory')
+    p.add_argument('--model', required=True, help='timm or attnzoo model name the weights are for, e.g. biformer_small')
+    p.add_argument('-o', '--output', default=None, help='safetensors file to write (default: MODEL.safetensors)')
     p.add_argument('--format', choices=('auto', *READERS), default='auto', help='source format')
     p.add_argument('--no-ema', action='store_true',
                    help='take the trained weights, not their exponential moving average, where a checkpoint has both')
@@ -93,7 +104,11 @@ def read_tf(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
 
 
 def read_torch(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
-    return checkpoints.read_state_dict(path, use_ema=use_ema)
+    checkpoint = checkpoints.read_checkpoint(path)
+    state_dict = checkpoints.state_dict_of(checkpoint, path, use_ema)
+    wrapper = checkpoint_wrapper(checkpoint, use_ema)
+    print(f'{path}: {len(state_dict)} tensors' + (f" under '{wrapper}'" if wrapper else ''))
+    return state_dict
 
 
 READERS: Dict[str, Callable[[str, bool], Dict[str, torch.Tensor]]] = {'tf': read_tf, 'torch': read_torch}
@@ -101,7 +116,7 @@ READERS: Dict[str, Callable[[str, bool], Dict[str, torch.Tensor]]] = {'tf': read
 
 def detect_format(source: str) -> str:
     path = Path(source)
-    if path.suffix in TORCH_SUFFIXES and path.is_file():
+    if path.name.endswith(TORCH_SUFFIXES) and path.is_file():
         return 'torch'
     try:
         prefix = resolve_checkpoint_prefix(path)
@@ -113,17 +128,110 @@ def detect_format(source: str) -> str:
         f'{source} is neither a TensorFlow checkpoint (no {prefix}.index) nor a {"/".join(TORCH_SUFFIXES)} file')
 
 
+# ---------------------------------------------------------------- which model a checkpoint is for
+
+MIN_FAMILY_FIT = 0.5  # the share of key names a family's filter must place for the file to look like its
+SURE_FAMILY_FIT = 0.9
+
+
+class _NoInPlaceOps(TorchDispatchMode):
+    """Skips in-place ops (weight initialisation) on meta tensors, which have no values to change but
+    whose shape checks in torch's Python meta kernels cost most of a meta model's build."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable and func is not torch.ops.aten.resize_.default:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def build_on_meta(model_name: str, model_kwargs: Optional[Dict] = None) -> torch.nn.Module:
+    """``model_name`` with its parameters' shapes only: what conversion needs, with no initialisation."""
+    kwargs = dict(model_kwargs or {})
+    with torch.device('meta'), _NoInPlaceOps():
+        return models.create_model(model_name, num_classes=kwargs.pop('num_classes', 1000), model_kwargs=kwargs)
+
+
+def fit_of(tensors: Dict[str, torch.Tensor], model: torch.nn.Module) -> KeyMismatch:
+    """How ``tensors``, through the model family's checkpoint filter, differ from ``model``'s state dict
+    (classifiers left out: their size is the dataset's, not the architecture's)."""
+    filter_fn = checkpoint_filter_of(model.pretrained_cfg['architecture'])
+    try:
+        converted = tensors if filter_fn is None else filter_fn(dict(tensors), model)
+    except CheckpointMismatchError as err:
+        return err.mismatch
+    except Exception:  # a filter meeting another family's keys fails in its own way: nothing fits
+        return KeyMismatch(missing=list(model.state_dict()), unexpected=list(tensors), shapes=[], matched=0)
+    return compare_keys(converted, model.state_dict(), ignore_prefixes=('head.',))
+
+
+def name_fit(mismatch: KeyMismatch) -> float:
+    """The share of key names that match, whatever their shapes (another variant of the same family
+    has the same names at other widths)."""
+    named = mismatch.matched + len(mismatch.shapes)
+    return named / max(1, named + len(mismatch.missing) + len(mismatch.unexpected))
+
+
+def likely_model(tensors: Dict[str, torch.Tensor], model_name: str, model_kwargs: Optional[Dict] = None) -> str:
+    """A sentence naming the family (and, where one fits exactly, the variant) that ``tensors`` look like;
+    ``model_name`` is built with ``model_kwargs``, the other variants with their defaults."""
+    own_family = family_of(model_name)
+    family_fits = {own_family: name_fit(fit_of(tensors, build_on_meta(model_name, model_kwargs)))}
+    if family_fits[own_family] < MIN_FAMILY_FIT:  # another family's; each costs a model build, so stop at a sure one
+        for family, variants in supported_families().items():
+            if family != own_family and max(family_fits.values()) < SURE_FAMILY_FIT:
+                family_fits[family] = name_fit(fit_of(tensors, build_on_meta(variants[0])))
+    family, fit = max(family_fits.items(), key=lambda item: item[1])
+    if fit < MIN_FAMILY_FIT:
+        return (f'It does not look like a checkpoint of any family attnzoo supports (the closest, {family}, '
+                f'places {fit:.0%} of its keys); is it a classification checkpoint?')
+    variants = supported_families().get(family, [model_name])
+    exact = [v for v in variants if not fit_of(tensors, build_on_meta(v, model_kwargs if v == model_name else None))]
+    if family != own_family:
+        which = f'variant {exact[0]}' if exact else f'family {family}, variants {", ".join(variants)}'
+        return (f'It looks like a {family} checkpoint, not one of {own_family} ({model_name}): convert it with '
+                f'--model {exact[0] if exact else variants[0]} ({which}).')
+    if exact and model_name not in exact:
+        return f'It is a checkpoint of {exact[0]}, another {family} variant: convert it with --model {exact[0]}.'
+    return (f'It looks like a {family} checkpoint, but no {family} variant fits it exactly: check the variant '
+            f'and the options in --model-kwargs.')
+
+
 # ---------------------------------------------------------------- conversion
 
-def convert(model_name: str, source: str, output: str, fmt: str = 'auto', use_ema: bool = True,
-            model_kwargs: Dict = None) -> Dict[str, torch.Tensor]:
-    """Reads ``source``, converts it for ``model_name`` and writes ``output``; returns what was written."""
+def mapping_summary(tensors: Dict[str, torch.Tensor], converted: Dict[str, torch.Tensor], examples: int = 3) -> str:
+    """Which source tensors kept their name, were renamed, or were not carried over as they are (dropped,
+    or reshaped / merged into others); filters rename by passing the same tensor objects on."""
+    source_key = {id(v): k for k, v in tensors.items()}
+    renamed = {source_key[id(v)]: k for k, v in converted.items() if id(v) in source_key and source_key[id(v)] != k}
+    kept = sum(1 for k, v in converted.items() if source_key.get(id(v)) == k)
+    carried = set(renamed) | {k for k in converted if source_key.get(id(converted[k])) == k}
+    left = sorted(k for k in tensors if k not in carried)
+    lines = [f'  {kept} tensors kept their name, {len(renamed)} renamed'
+             + ''.join(f'\n    {a} -> {b}' for a, b in list(renamed.items())[:examples])
+             + (f'\n    ... ({len(renamed) - examples} more)' if len(renamed) > examples else ''),
+             f'  {len(converted) - kept - len(renamed)} model tensors made from the source by the filter '
+             f'(reshaped, merged or split); {len(left)} source tensors not carried over as they are'
+             + (f': {", ".join(left[:10])}' + (f', ... ({len(left) - 10} more)' if len(left) > 10 else '') if left else '')]
+    return '\n'.join(lines)
+
+
+def convert(model_name: str, source: str, output: Optional[str] = None, fmt: str = 'auto', use_ema: bool = True,
+            model_kwargs: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
+    """Reads ``source``, converts it for ``model_name`` and writes ``output`` (default:
+    ``MODEL.safetensors``); returns what was written."""
+    output = output or f'{model_name}.safetensors'
     fmt = detect_format(source) if fmt == 'auto' else fmt
     tensors = READERS[fmt](source, use_ema)
-    model = models.create_model(model_name, num_classes=(model_kwargs or {}).get('num_classes', 1000),
-                                model_kwargs={k: v for k, v in (model_kwargs or {}).items() if k != 'num_classes'})
-    checkpoints.load_weights(model, tensors, source)
-    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    model = build_on_meta(model_name, model_kwargs)
+    try:
+        converted = checkpoints.fit_to_model(model, tensors, source)
+    except runtime.ToolError as err:
+        raise runtime.ToolError(f'{err}\n{likely_model(tensors, model_name, model_kwargs)}') from err
+    print(f'{family_of(model_name)} checkpoint filter: {len(tensors)} source tensors -> {len(converted)} for {model_name}')
+    print(mapping_summary(tensors, converted))
+    print('  missing keys: none; unexpected keys: none; shape mismatches: none')
+    expected = model.state_dict()
+    state_dict = {k: v.to(expected[k].dtype).contiguous() for k, v in converted.items()}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(state_dict, output, metadata={
         'format': 'pt', 'model': model_name, 'source': Path(source).name, 'source_format': fmt,
