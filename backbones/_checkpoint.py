@@ -38,8 +38,9 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 # arguments), which holds only data
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
 LISTED_KEYS = 10
-# what torch.load(weights_only=True) says of an object it refuses to rebuild (a damaged file fails otherwise)
-_WEIGHTS_ONLY_REFUSAL = 'Unsupported global'  # keys named per kind of mismatch in an error message
+# what torch.load(weights_only=True) says of an object it refuses to rebuild ('Unsupported global: ...',
+# '... unsupported GLOBAL posix.system whose module posix is blocked'); a damaged file fails otherwise
+_WEIGHTS_ONLY_REFUSAL = 'unsupported global'  # keys named per kind of mismatch in an error message
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -78,7 +79,7 @@ def load_checkpoint_file(path) -> Dict:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as error:
-        if _WEIGHTS_ONLY_REFUSAL not in str(error):  # a damaged file, not a refused object
+        if _WEIGHTS_ONLY_REFUSAL not in str(error).lower():  # a damaged file, not a refused object
             raise
         raise unsafe_checkpoint_error(path, error, 'weight checkpoints') from error
 
