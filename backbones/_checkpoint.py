@@ -162,11 +162,13 @@ def compare_keys(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, 
 
 
 class CheckpointMismatchError(CheckpointError):
-    """A checkpoint whose keys or shapes do not fit the model; ``mismatch`` holds the details."""
+    """A checkpoint whose keys or shapes do not fit the model; ``mismatch`` holds the details and
+    ``state_dict`` the checkpoint as converted (to tell which model it is for)."""
 
-    def __init__(self, mismatch: KeyMismatch, model_name: str, hint: str):
+    def __init__(self, mismatch: KeyMismatch, model_name: str, hint: str, state_dict: Mapping[str, torch.Tensor]):
         super().__init__(f'checkpoint does not match {model_name}: {mismatch.describe()}; {hint}')
         self.mismatch = mismatch
+        self.state_dict = state_dict
 
 
 def check_checkpoint_keys(state_dict: Mapping[str, torch.Tensor], model: nn.Module, hint: str,
@@ -183,7 +185,7 @@ def check_checkpoint_keys(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
     mismatch = compare_keys(state_dict, model.state_dict(), ignore_prefixes,
                             any_shape=[f'{name}.weight' for name in first_convs])
     if mismatch:
-        raise CheckpointMismatchError(mismatch, type(model).__name__, hint)
+        raise CheckpointMismatchError(mismatch, type(model).__name__, hint, state_dict)
 
 
 def convert_checkpoint(

@@ -540,8 +540,10 @@ def _check_hilo_split(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> 
         hifi_weight = state_dict.get(f'{name}.h_qkv.weight')
         if lofi_weight is None and hifi_weight is None:
             continue  # missing altogether: the key check names it
-        lofi_heads = 0 if lofi_weight is None else lofi_weight.shape[0] // module.head_dim
         num_heads = module.l_heads + module.h_heads
+        if (lofi_weight if lofi_weight is not None else hifi_weight).shape[1] != module.head_dim * num_heads:
+            continue  # a layer of another width (another variant): the shape check names it
+        lofi_heads = 0 if lofi_weight is None else lofi_weight.shape[0] // module.head_dim
         if lofi_heads != module.l_heads:
             raise ValueError(
                 f'checkpoint does not match LITv2: its HiLo layer {name} has {lofi_heads} Lo-Fi heads of '

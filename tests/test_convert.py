@@ -325,7 +325,7 @@ def test_every_wrapper_and_the_dataparallel_prefix(tmp_path, wrap, use_ema, sign
 
 @pytest.mark.parametrize('source, model, named', [
     ('cswin_tiny_224', 'shvit_s1', r'looks like a cswin checkpoint, not one of shvit .*--model cswin_tiny_224'),
-    ('cswin_tiny_224', 'cswin_small_224', r'checkpoint of cswin_tiny_224, another cswin variant'),
+    ('cswin_tiny_224', 'cswin_small_224', r'checkpoint of another cswin variant: convert it with --model cswin_tiny_224'),
 ])
 def test_a_file_of_another_family_or_variant_is_refused_naming_it(tmp_path, source, model, named):
     path = _write_official(source, tmp_path)

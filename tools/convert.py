@@ -27,6 +27,7 @@ refused with the missing, unexpected and mis-shaped keys, and the family (and va
 The file written holds exactly the model's state dict, in its dtypes.
 """
 import argparse
+import re
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -35,7 +36,7 @@ import torch
 from timm.utils import ParseKwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnzoo.backbones._checkpoint import CheckpointMismatchError, KeyMismatch, checkpoint_wrapper, compare_keys
+from attnzoo.backbones._checkpoint import CheckpointMismatchError, checkpoint_wrapper, compare_keys
 from attnzoo.backbones._families import checkpoint_filter_of, family_of, supported_families
 import _checkpoints as checkpoints
 import _models as models
@@ -130,7 +131,7 @@ def detect_format(source: str) -> str:
 
 # ---------------------------------------------------------------- which model a checkpoint is for
 
-MIN_FAMILY_FIT = 0.5  # the share of key names a family's filter must place for the file to look like its
+MIN_FAMILY_FIT = 0.5  # the share of layer names a file must have in common with a family to look like its
 SURE_FAMILY_FIT = 0.9
 
 
@@ -151,47 +152,68 @@ def build_on_meta(model_name: str, model_kwargs: Optional[Dict] = None) -> torch
         return models.create_model(model_name, num_classes=kwargs.pop('num_classes', 1000), model_kwargs=kwargs)
 
 
-def fit_of(tensors: Dict[str, torch.Tensor], model: torch.nn.Module) -> KeyMismatch:
-    """How ``tensors``, through the model family's checkpoint filter, differ from ``model``'s state dict
-    (classifiers left out: their size is the dataset's, not the architecture's)."""
+def converted_for(tensors: Dict[str, torch.Tensor], model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """``tensors`` through the model family's checkpoint filter, whether they fit the model or not; None
+    where the filter cannot convert them at all."""
     filter_fn = checkpoint_filter_of(model.pretrained_cfg['architecture'])
     try:
-        converted = tensors if filter_fn is None else filter_fn(dict(tensors), model)
+        return tensors if filter_fn is None else filter_fn(dict(tensors), model)
     except CheckpointMismatchError as err:
-        return err.mismatch
-    except Exception:  # a filter meeting another family's keys fails in its own way: nothing fits
-        return KeyMismatch(missing=list(model.state_dict()), unexpected=list(tensors), shapes=[], matched=0)
-    return compare_keys(converted, model.state_dict(), ignore_prefixes=('head.',))
+        return err.state_dict
+    except Exception:  # a filter meeting another family's keys fails in its own way
+        return None
 
 
-def name_fit(mismatch: KeyMismatch) -> float:
-    """The share of key names that match, whatever their shapes (another variant of the same family
-    has the same names at other widths)."""
-    named = mismatch.matched + len(mismatch.shapes)
-    return named / max(1, named + len(mismatch.missing) + len(mismatch.unexpected))
+def _key_patterns(keys) -> set:
+    # block and stage numbers left out: the variants of a family differ in depth, not in their layers' names
+    return {re.sub(r'(?<=\.)\d+(?=\.|$)', 'N', k) for k in keys if not k.startswith('head.')}
+
+
+def family_fit(converted: Optional[Dict[str, torch.Tensor]], model: torch.nn.Module) -> float:
+    """The share of layer names (blocks' numbers and classifiers left out) that the converted checkpoint
+    and the model have in common: near 1 for any variant of the checkpoint's family, low for others."""
+    if converted is None:
+        return 0.
+    ours, theirs = _key_patterns(converted), _key_patterns(model.state_dict())
+    return len(ours & theirs) / max(1, len(ours | theirs))
+
+
+def fits_exactly(converted: Optional[Dict[str, torch.Tensor]], model: torch.nn.Module) -> bool:
+    """Every key and shape matches, classifiers left out (their size is the dataset's)."""
+    return converted is not None and not compare_keys(converted, model.state_dict(), ignore_prefixes=('head.',))
 
 
 def likely_model(tensors: Dict[str, torch.Tensor], model_name: str, model_kwargs: Optional[Dict] = None) -> str:
-    """A sentence naming the family (and, where one fits exactly, the variant) that ``tensors`` look like;
+    """A sentence naming the family (and, where some fit exactly, the variants) that ``tensors`` look like;
     ``model_name`` is built with ``model_kwargs``, the other variants with their defaults."""
+    def built(name):
+        return build_on_meta(name, model_kwargs if name == model_name else None)
+
+    def fit_to_family(name):
+        model = built(name)
+        return family_fit(converted_for(tensors, model), model)
+
     own_family = family_of(model_name)
-    family_fits = {own_family: name_fit(fit_of(tensors, build_on_meta(model_name, model_kwargs)))}
-    if family_fits[own_family] < MIN_FAMILY_FIT:  # another family's; each costs a model build, so stop at a sure one
-        for family, variants in supported_families().items():
-            if family != own_family and max(family_fits.values()) < SURE_FAMILY_FIT:
-                family_fits[family] = name_fit(fit_of(tensors, build_on_meta(variants[0])))
+    family_fits = {own_family: fit_to_family(model_name)}
+    for family, variants in supported_families().items():  # each costs a model build: stop at a sure one
+        if max(family_fits.values()) < SURE_FAMILY_FIT and family not in family_fits:
+            family_fits[family] = fit_to_family(variants[0])
     family, fit = max(family_fits.items(), key=lambda item: item[1])
     if fit < MIN_FAMILY_FIT:
         return (f'It does not look like a checkpoint of any family attnzoo supports (the closest, {family}, '
-                f'places {fit:.0%} of its keys); is it a classification checkpoint?')
-    variants = supported_families().get(family, [model_name])
-    exact = [v for v in variants if not fit_of(tensors, build_on_meta(v, model_kwargs if v == model_name else None))]
+                f'shares {fit:.0%} of its layer names); is it a classification checkpoint?')
+    exact = []
+    for variant in supported_families().get(family, [model_name]):
+        model = built(variant)
+        if fits_exactly(converted_for(tensors, model), model):
+            exact.append(variant)
+    which = ' or '.join(f'--model {v}' for v in exact)
     if family != own_family:
-        which = f'variant {exact[0]}' if exact else f'family {family}, variants {", ".join(variants)}'
         return (f'It looks like a {family} checkpoint, not one of {own_family} ({model_name}): convert it with '
-                f'--model {exact[0] if exact else variants[0]} ({which}).')
+                + (which if exact else f'the {family} variant it was trained as ({", ".join(supported_families()[family])})')
+                + '.')
     if exact and model_name not in exact:
-        return f'It is a checkpoint of {exact[0]}, another {family} variant: convert it with --model {exact[0]}.'
+        return f'It is a checkpoint of another {family} variant: convert it with {which}.'
     return (f'It looks like a {family} checkpoint, but no {family} variant fits it exactly: check the variant '
             f'and the options in --model-kwargs.')
 
