@@ -118,6 +118,12 @@ def unwrap_checkpoint(checkpoint: Mapping, use_ema: bool = True) -> StateDict:
     return {_strip_wrapper_prefixes(k): v for k, v in checkpoint.items()}
 
 
+def listed(items: Sequence[str], limit: int = LISTED_KEYS) -> str:
+    """The first ``limit`` of ``items``, comma-separated, and how many more there are."""
+    more = f', ... ({len(items) - limit} more)' if len(items) > limit else ''
+    return ', '.join(items[:limit]) + more
+
+
 @dataclass
 class KeyMismatch:
     """How a state dict differs from the one a model expects."""
@@ -142,8 +148,7 @@ class KeyMismatch:
                              ('unexpected keys (in the checkpoint, not in the model)', self.unexpected),
                              ('shape mismatches', shapes)):
             if items:
-                more = f', ... ({len(items) - LISTED_KEYS} more)' if len(items) > LISTED_KEYS else ''
-                parts.append(f'{len(items)} {title} {", ".join(items[:LISTED_KEYS])}{more}')
+                parts.append(f'{len(items)} {title} {listed(items)}')
         return '; '.join(parts)
 
 
@@ -180,7 +185,8 @@ def check_checkpoint_keys(state_dict: Mapping[str, torch.Tensor], model: nn.Modu
     input convolutions' weights (the model's ``first_conv``, as timm's loader finds it) may have another
     number of input channels: timm's loader adapts them to the model's ``in_chans``.
     """
-    first_convs = get_model_traits(model).get('first_conv', getattr(model, 'pretrained_cfg', {}).get('first_conv')) or ()
+    pretrained_cfg = getattr(model, 'pretrained_cfg', {})
+    first_convs = get_model_traits(model).get('first_conv', pretrained_cfg.get('first_conv')) or ()
     first_convs = (first_convs,) if isinstance(first_convs, str) else first_convs
     mismatch = compare_keys(state_dict, model.state_dict(), ignore_prefixes,
                             any_shape=[f'{name}.weight' for name in first_convs])

@@ -17,7 +17,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from attnzoo.backbones._families import family_of, supported_families
+from attnzoo.backbones._checkpoint import CheckpointError, CheckpointMismatchError, unwrap_checkpoint
+from attnzoo.backbones._families import checkpoint_filter_of, family_of, supported_families
 from official_checkpoints import (
     CHECKPOINT_WRAPS, CROSSFORMER_OFFICIAL_ARCH, CSWIN_OFFICIAL_ARCH, LITV2_OFFICIAL_ARCH, NAT_OFFICIAL_ARCH,
     crossformer_official_state_dict, cswin_official_state_dict, davit_official_state_dict, litv2_official_state_dict,
@@ -191,7 +192,8 @@ def test_mismatched_checkpoints_list_the_keys(tmp_path):
         convert_tool.main([str(tmp_path / 'bad.safetensors'), '--model', 'tiny_moat_0_no_pe',
                            '-o', str(tmp_path / 'out.safetensors')])
     with pytest.raises(runtime.ToolError, match='unknown model'):
-        convert_tool.main([str(tmp_path / 'bad.safetensors'), '--model', 'tiny_moat_9', '-o', str(tmp_path / 'out.safetensors')])
+        convert_tool.main([str(tmp_path / 'bad.safetensors'), '--model', 'tiny_moat_9',
+                           '-o', str(tmp_path / 'out.safetensors')])
 
 
 # ---------------------------------------------------------------- every family's official files
@@ -286,8 +288,9 @@ def _assert_only_source_values(written, sign=1):
             assert (value * sign > 0).all(), key
 
 
-# a timm-native family with an official layout of its own and MOAT's TF files run by default, the others in
-# the slow run (2 to 8 s each on 2 shared CPU cores: full-size files and a real model each)
+# a timm-native family with an official layout of its own and MOAT's TF files run by default (about 2 s each),
+# the others in the slow run (4 to 17 s each on 2 shared CPU cores, 2 minutes in all: full-size files and
+# a real model each)
 FAST_FAMILIES = ('shvit_s1', 'tiny_moat_0')
 
 
@@ -315,7 +318,8 @@ def test_every_wrapper_and_the_dataparallel_prefix(tmp_path, wrap, use_ema, sign
     DataParallel's 'module.'."""
     official = {'patch_embed.0.c.weight': torch.empty(2, 3, 1, 1), 'head.l.bias': torch.empty(2)}
     if wrap == 'state_dict_and_ema':
-        torch.save({'model': _constants(official, -1), 'model_ema': _constants(official), 'epoch': 3}, tmp_path / 'w.pth')
+        checkpoint = {'model': _constants(official, -1), 'model_ema': _constants(official), 'epoch': 3}
+        torch.save(checkpoint, tmp_path / 'w.pth')
     else:
         torch.save(wrap_as_saved(_constants(official), wrap), tmp_path / 'w.pth')
     weights = checkpoints.read_state_dict(tmp_path / 'w.pth', use_ema=use_ema)
@@ -325,7 +329,7 @@ def test_every_wrapper_and_the_dataparallel_prefix(tmp_path, wrap, use_ema, sign
 
 @pytest.mark.parametrize('source, model, named', [
     ('cswin_tiny_224', 'shvit_s1', r'looks like a cswin checkpoint, not one of shvit .*--model cswin_tiny_224'),
-    ('cswin_tiny_224', 'cswin_small_224', r'checkpoint of another cswin variant: convert it with --model cswin_tiny_224'),
+    ('cswin_tiny_224', 'cswin_small_224', r'another cswin variant: convert it with --model cswin_tiny_224'),
 ])
 def test_a_file_of_another_family_or_variant_is_refused_naming_it(tmp_path, source, model, named):
     path = _write_official(source, tmp_path)
@@ -335,13 +339,14 @@ def test_a_file_of_another_family_or_variant_is_refused_naming_it(tmp_path, sour
     assert not (tmp_path / 'out.safetensors').exists()
 
 
-@pytest.mark.slow  # about 40 s on 2 CPU cores
+@pytest.mark.slow  # about 55 s on 2 shared CPU cores (MaxViT's filter resizes every other variant's tables)
 @pytest.mark.parametrize('name', EVERY_FAMILY)
 def test_every_family_is_named_when_refused(tmp_path, name):
     """Each family's file, converted for a model of another family (NAT, or CSWin for NAT's file)."""
     other = 'cswin_tiny_224' if family_of(name) == 'nat' else 'nat_mini'
     with pytest.raises(runtime.ToolError, match=rf'looks like a {family_of(name)} checkpoint.*--model {name}\b'):
-        convert_tool.main([str(_write_official(name, tmp_path)), '--model', other, '-o', str(tmp_path / 'out.safetensors')])
+        convert_tool.main([str(_write_official(name, tmp_path)), '--model', other,
+                           '-o', str(tmp_path / 'out.safetensors')])
 
 
 class _RunsCode:
@@ -358,12 +363,51 @@ def test_a_file_that_needs_pickled_code_is_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / 'ran'
     torch.save({'model': {'w': torch.zeros(1)}, 'hook': _RunsCode(marker)}, tmp_path / 'crafted.pth')
     with pytest.raises(runtime.ToolError, match=r'(?i)refused to load .*crafted\.pth.*unsupported global.*system'):
-        convert_tool.main([str(tmp_path / 'crafted.pth'), '--model', 'shvit_s1', '-o', str(tmp_path / 'out.safetensors')])
+        convert_tool.main([str(tmp_path / 'crafted.pth'), '--model', 'shvit_s1',
+                           '-o', str(tmp_path / 'out.safetensors')])
     assert not marker.exists()
 
 
-def test_the_training_arguments_official_scripts_save_are_allowed(tmp_path):
+def test_the_training_arguments_official_scripts_save_are_allowed_and_the_mapping_is_printed(tmp_path, capsys):
     path = _write_official('shvit_s1', tmp_path, 'model')
     checkpoint = torch.load(path, weights_only=True)
     torch.save(dict(checkpoint, args=argparse.Namespace(model='shvit_s1', lr=1e-3)), path)
     assert _convert(path, 'shvit_s1', tmp_path / 'out.safetensors').keys() == _model_shapes('shvit_s1').keys()
+    printed = capsys.readouterr().out
+    assert "471 tensors under 'model'" in printed
+    # the stem and the classifier keep their names (24 + 7 tensors), the stages' are renamed
+    assert '31 tensors kept their name, 440 renamed (blocks1.0.conv.m.c.weight -> stages.0.blocks.0.conv.m.c.weight' \
+        in printed
+    assert 'missing keys: none; unexpected keys: none; shape mismatches: none' in printed
+
+
+# ---------------------------------------------------------------- the one checkpoint path (backbones/_checkpoint.py)
+
+def test_a_family_filter_names_a_mis_shaped_key_with_both_shapes():
+    """The families' filters report shapes too, as the tools do: one report for every loader."""
+    official = cswin_official_state_dict(**CSWIN_OFFICIAL_ARCH['cswin_tiny_224'], device='meta')
+    official['stage3.0.mlp.fc1.weight'] = torch.empty(8, 256, device='meta')
+    model = convert_tool.build_on_meta('cswin_tiny_224')
+    with pytest.raises(CheckpointMismatchError, match=r'1 shape mismatches stages\.2\.blocks\.0\.mlp\.fc1\.weight: '
+                                                      r'checkpoint \(8, 256\) vs model \(1024, 256\); .*variant'):
+        checkpoint_filter_of('cswin_tiny_224')(official, model)
+
+
+@pytest.mark.parametrize('checkpoint, message', [
+    ([torch.zeros(1)], 'not a list'),
+    ({'epoch': 3, 'weights': {'w': torch.zeros(1)}},
+     r"entries \['epoch', 'weights'\] are not tensors\) and holds none under .*'model'"),
+])
+def test_what_is_not_a_state_dict_is_named(checkpoint, message):
+    with pytest.raises(CheckpointError, match=message):
+        unwrap_checkpoint(checkpoint)
+
+
+def test_the_preference_is_ema_then_trained_and_prefixes_go():
+    weights = {name: {'module._orig_mod.w': torch.tensor(float(i))} for i, name in enumerate(
+        ('model', 'state_dict', 'model_ema', 'state_dict_ema'))}
+    assert unwrap_checkpoint(weights) == {'w': torch.tensor(3.)}
+    assert unwrap_checkpoint(weights, use_ema=False) == {'w': torch.tensor(1.)}
+    del weights['state_dict_ema'], weights['state_dict']
+    assert unwrap_checkpoint(weights) == {'w': torch.tensor(2.)}
+    assert unwrap_checkpoint(weights, use_ema=False) == {'w': torch.tensor(0.)}

@@ -3,8 +3,8 @@
     python tools/convert.py biformer_small_in1k.pth --model biformer_small -o biformer_small.safetensors
     python tools/convert.py moat0_imagenet_1k_224_w_position_embedding --model moat_0 -o moat_0.safetensors
 
-then ``timm.create_model('biformer_small', pretrained=True, pretrained_cfg_overlay=dict(file='biformer_small.safetensors'))``
-(after ``import attnzoo.backbones``) or ``AttnzooBackbone(checkpoint=...)`` loads it.
+then (after ``import attnzoo.backbones``) ``timm.create_model('biformer_small', pretrained=True,
+pretrained_cfg_overlay=dict(file='biformer_small.safetensors'))`` or ``AttnzooBackbone(checkpoint=...)`` loads it.
 
 The source format is detected (``--format`` overrides it), and each format has a reader:
 
@@ -36,7 +36,7 @@ import torch
 from timm.utils import ParseKwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnzoo.backbones._checkpoint import CheckpointMismatchError, checkpoint_wrapper, compare_keys
+from attnzoo.backbones._checkpoint import CheckpointMismatchError, checkpoint_wrapper, compare_keys, listed
 from attnzoo.backbones._families import checkpoint_filter_of, family_of, supported_families
 import _checkpoints as checkpoints
 import _models as models
@@ -50,7 +50,8 @@ TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.safetensors')
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('source', help='official checkpoint: a .pth / .pth.tar / .safetensors file, or a TF prefix / .index / directory')
+    p.add_argument('source', help='official checkpoint: a .pth / .pth.tar / .safetensors file, '
+                                  'or a TF prefix / .index / directory')
     p.add_argument('--model', required=True, help='timm or attnzoo model name the weights are for, e.g. biformer_small')
     p.add_argument('-o', '--output', default=None, help='safetensors file to write (default: MODEL.safetensors)')
     p.add_argument('--format', choices=('auto', *READERS), default='auto', help='source format')
@@ -210,7 +211,7 @@ def likely_model(tensors: Dict[str, torch.Tensor], model_name: str, model_kwargs
     which = ' or '.join(f'--model {v}' for v in exact)
     if family != own_family:
         return (f'It looks like a {family} checkpoint, not one of {own_family} ({model_name}): convert it with '
-                + (which if exact else f'the {family} variant it was trained as ({", ".join(supported_families()[family])})')
+                + (which or f'the {family} variant it was trained as ({", ".join(supported_families()[family])})')
                 + '.')
     if exact and model_name not in exact:
         return f'It is a checkpoint of another {family} variant: convert it with {which}.'
@@ -220,21 +221,17 @@ def likely_model(tensors: Dict[str, torch.Tensor], model_name: str, model_kwargs
 
 # ---------------------------------------------------------------- conversion
 
-def mapping_summary(tensors: Dict[str, torch.Tensor], converted: Dict[str, torch.Tensor], examples: int = 3) -> str:
+def mapping_summary(tensors: Dict[str, torch.Tensor], converted: Dict[str, torch.Tensor]) -> str:
     """Which source tensors kept their name, were renamed, or were not carried over as they are (dropped,
     or reshaped / merged into others); filters rename by passing the same tensor objects on."""
     source_key = {id(v): k for k, v in tensors.items()}
-    renamed = {source_key[id(v)]: k for k, v in converted.items() if id(v) in source_key and source_key[id(v)] != k}
-    kept = sum(1 for k, v in converted.items() if source_key.get(id(v)) == k)
-    carried = set(renamed) | {k for k in converted if source_key.get(id(converted[k])) == k}
-    left = sorted(k for k in tensors if k not in carried)
-    lines = [f'  {kept} tensors kept their name, {len(renamed)} renamed'
-             + ''.join(f'\n    {a} -> {b}' for a, b in list(renamed.items())[:examples])
-             + (f'\n    ... ({len(renamed) - examples} more)' if len(renamed) > examples else ''),
-             f'  {len(converted) - kept - len(renamed)} model tensors made from the source by the filter '
-             f'(reshaped, merged or split); {len(left)} source tensors not carried over as they are'
-             + (f': {", ".join(left[:10])}' + (f', ... ({len(left) - 10} more)' if len(left) > 10 else '') if left else '')]
-    return '\n'.join(lines)
+    origin = {k: source_key.get(id(v)) for k, v in converted.items()}
+    renamed = [f'{source} -> {k}' for k, source in origin.items() if source not in (None, k)]
+    kept = sum(1 for k, source in origin.items() if source == k)
+    left = sorted(set(tensors) - set(origin.values()))
+    return (f'  {kept} tensors kept their name, {len(renamed)} renamed ({listed(renamed, 3)})\n'
+            f'  {len(converted) - kept - len(renamed)} model tensors made by the filter (reshaped, merged or split); '
+            f'{len(left)} source tensors not carried over as they are' + (f' ({listed(left)})' if left else ''))
 
 
 def convert(model_name: str, source: str, output: Optional[str] = None, fmt: str = 'auto', use_ema: bool = True,
@@ -249,7 +246,8 @@ def convert(model_name: str, source: str, output: Optional[str] = None, fmt: str
         converted = checkpoints.fit_to_model(model, tensors, source)
     except runtime.ToolError as err:
         raise runtime.ToolError(f'{err}\n{likely_model(tensors, model_name, model_kwargs)}') from err
-    print(f'{family_of(model_name)} checkpoint filter: {len(tensors)} source tensors -> {len(converted)} for {model_name}')
+    print(f'{family_of(model_name)} checkpoint filter: {len(tensors)} source tensors -> {len(converted)} '
+          f'for {model_name}')
     print(mapping_summary(tensors, converted))
     print('  missing keys: none; unexpected keys: none; shape mismatches: none')
     expected = model.state_dict()
