@@ -21,8 +21,8 @@ from attnzoo.backbones._checkpoint import CheckpointError, CheckpointMismatchErr
 from attnzoo.backbones._families import checkpoint_filter_of, family_of, supported_families
 from official_checkpoints import (
     CHECKPOINT_WRAPS, CROSSFORMER_OFFICIAL_ARCH, CSWIN_OFFICIAL_ARCH, LITV2_OFFICIAL_ARCH, NAT_OFFICIAL_ARCH,
-    crossformer_official_state_dict, cswin_official_state_dict, davit_official_state_dict, litv2_official_state_dict,
-    nat_official_state_dict, shvit_official_state_dict, wrap_as_saved)
+    crossformer_official_state_dict, cswin_official_state_dict, litv2_official_state_dict, nat_official_state_dict,
+    to_official_layout, wrap_as_saved)
 from tf_checkpoints import write_tensor_bundle
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
@@ -235,8 +235,8 @@ OFFICIAL_STATE_DICTS = {
     'transnext_micro': _transnext_micro,
     # timm-native: MaxViT's and HaloNet's released weights are timm's own files
     'maxvit_tiny_tf_224': lambda: _timm_layout('maxvit_tiny_tf_224'),
-    'davit_tiny': lambda: davit_official_state_dict(_timm_layout('davit_tiny')),
-    'shvit_s1': lambda: shvit_official_state_dict(_timm_layout('shvit_s1')),
+    'davit_tiny': lambda: to_official_layout('davit', _timm_layout('davit_tiny')),
+    'shvit_s1': lambda: to_official_layout('shvit', _timm_layout('shvit_s1')),
     'halonet26t': lambda: _timm_layout('halonet26t'),
 }
 EVERY_FAMILY = sorted([*OFFICIAL_STATE_DICTS, 'tiny_moat_0'])
