@@ -381,6 +381,24 @@ def test_the_training_arguments_official_scripts_save_are_allowed_and_the_mappin
     assert 'missing keys: none; unexpected keys: none; shape mismatches: none' in printed
 
 
+def test_attnzoo_backbone_reads_an_official_file_as_convert_does(tmp_path):
+    """heads/ loads a file through timm's loader (which allows the training arguments too and takes the EMA
+    weights first, attnzoo's rule) and the family's filter: the same weights as tools/convert.py writes."""
+    pytest.importorskip('mmengine', reason='OpenMMLab stack not installed: pip install "attnzoo[mm]"')
+    from attnzoo.heads import AttnzooBackbone
+    arch = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+    official = nat_official_state_dict(**arch, mlp_ratio=3., layer_scale=None, device='meta')
+    torch.save({'state_dict': _constants(official, -1), 'state_dict_ema': _constants(official),
+                'args': argparse.Namespace(model='nat_mini')}, tmp_path / 'official.pth')
+    backbone = AttnzooBackbone('nat_mini', checkpoint=str(tmp_path / 'official.pth'), out_indices=(0, 1, 2, 3), **arch)
+    converted = _convert(tmp_path / 'official.pth', 'nat_mini', tmp_path / 'out.safetensors',
+                         '--model-kwargs', *[f'{k}={v}'.replace(' ', '') for k, v in arch.items()])
+    features = {k.removeprefix('model.'): v for k, v in backbone.features.state_dict().items()}  # timm's getter
+    assert features.keys() <= converted.keys() and len(features) > 20
+    for key, value in features.items():
+        assert torch.equal(value, converted[key]), key
+
+
 # ---------------------------------------------------------------- the one checkpoint path (backbones/_checkpoint.py)
 
 def test_a_family_filter_names_a_mis_shaped_key_with_both_shapes():
