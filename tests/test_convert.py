@@ -339,6 +339,18 @@ def test_a_file_of_another_family_or_variant_is_refused_naming_it(tmp_path, sour
     assert not (tmp_path / 'out.safetensors').exists()
 
 
+def test_a_classifier_of_another_size_is_named(tmp_path):
+    official = OFFICIAL_STATE_DICTS['shvit_s1']()  # shvit_s1's last stage is 320 wide
+    official['head.l.weight'], official['head.l.bias'] = torch.empty(10, 320), torch.empty(10)
+    torch.save({'model': _constants(official)}, tmp_path / 'official.pth')
+    out = tmp_path / 'out.safetensors'
+    with pytest.raises(runtime.ToolError, match=r'(?s)head\.l\.weight: checkpoint \(10, 320\) vs model \(1000, 320\).*'
+                                                r'layers fit shvit_s1; only its classifier differs.*num_classes=N'):
+        convert_tool.main([str(tmp_path / 'official.pth'), '--model', 'shvit_s1', '-o', str(out)])
+    written = _convert(tmp_path / 'official.pth', 'shvit_s1', out, '--model-kwargs', 'num_classes=10')
+    assert written['head.l.weight'].shape == (10, 320)
+
+
 @pytest.mark.slow  # about 55 s on 2 shared CPU cores (MaxViT's filter resizes every other variant's tables)
 @pytest.mark.parametrize('name', EVERY_FAMILY)
 def test_every_family_is_named_when_refused(tmp_path, name):

@@ -213,7 +213,10 @@ def likely_model(tensors: Dict[str, torch.Tensor], model_name: str, model_kwargs
         return (f'It looks like a {family} checkpoint, not one of {own_family} ({model_name}): convert it with '
                 + (which or f'the {family} variant it was trained as ({", ".join(supported_families()[family])})')
                 + '.')
-    if exact and model_name not in exact:
+    if model_name in exact:
+        return (f'Its layers fit {model_name}; only its classifier differs: give the number of classes it was '
+                f'trained for, --model-kwargs num_classes=N.')
+    if exact:
         return f'It is a checkpoint of another {family} variant: convert it with {which}.'
     return (f'It looks like a {family} checkpoint, but no {family} variant fits it exactly: check the variant '
             f'and the options in --model-kwargs.')
