@@ -187,8 +187,12 @@ def fits_exactly(converted: Optional[Dict[str, torch.Tensor]], model: torch.nn.M
 def likely_model(tensors: Dict[str, torch.Tensor], model_name: str, model_kwargs: Optional[Dict] = None) -> str:
     """A sentence naming the family (and, where some fit exactly, the variants) that ``tensors`` look like;
     ``model_name`` is built with ``model_kwargs``, the other variants with their defaults."""
+    models_built = {}
+
     def built(name):
-        return build_on_meta(name, model_kwargs if name == model_name else None)
+        if name not in models_built:
+            models_built[name] = build_on_meta(name, model_kwargs if name == model_name else None)
+        return models_built[name]
 
     def fit_to_family(name):
         model = built(name)
