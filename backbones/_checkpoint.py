@@ -37,10 +37,10 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 # what official training scripts pickle beside the weights (BiFormer's and timm's saver: the training
 # arguments), which holds only data
 SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
-LISTED_KEYS = 10
+LISTED_KEYS = 10  # keys named per kind of mismatch in an error message
 # what torch.load(weights_only=True) says of an object it refuses to rebuild ('Unsupported global: ...',
 # '... unsupported GLOBAL posix.system whose module posix is blocked'); a damaged file fails otherwise
-_WEIGHTS_ONLY_REFUSAL = 'unsupported global'  # keys named per kind of mismatch in an error message
+_WEIGHTS_ONLY_REFUSAL = 'unsupported global'
 
 StateDict = Dict[str, torch.Tensor]
 
