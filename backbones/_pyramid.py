@@ -3,16 +3,14 @@
 A family built as ``stem -> stages -> norm -> head``, with channels-last ``[B, H, W, C]`` activations
 between stages and one stage per output stride (4, 8, 16, 32), gets timm's model API from
 :class:`ChannelsLastPyramid` and its stages' forward (and gradient checkpointing) from
-:class:`PyramidStage`; its ``checkpoint_filter_fn`` gets the unwrapping of official checkpoint files
-and the key check from :func:`convert_checkpoint`.
+:class:`PyramidStage`; its ``checkpoint_filter_fn`` is built on ``_checkpoint.convert_checkpoint``.
 
 TorchScript, FX and ``torch.compile`` see the same model: Python control flow on tensor shapes lives
 in small functions that FX records as one call (:func:`check_image` here; a family marks its own the
 same way, with timm's ``register_notrace_function`` for timm's tracer and ``torch.fx.wrap`` at the top
 level of its module for ``torch.fx.symbolic_trace``), and everything the forward reaches is scriptable.
 """
-import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -21,10 +19,6 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
-
-# timm's load_state_dict order (EMA first), so an official file gives the same weights through a URL
-# (whole file through the filter) as through pretrained_cfg_overlay=dict(file=...) (unwrapped by timm)
-CHECKPOINT_WRAPPERS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 
 @torch.fx.wrap
@@ -198,66 +192,3 @@ class ChannelsLastPyramid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-
-def convert_checkpoint(
-        state_dict: Dict[str, torch.Tensor],
-        model: nn.Module,
-        convert_official_key: Callable[[str], str],
-        hint: str,
-        check: Optional[Callable[[Dict[str, torch.Tensor], nn.Module], None]] = None,
-) -> Dict[str, torch.Tensor]:
-    """The body of a family's ``checkpoint_filter_fn``: unwraps the file, renames official keys with
-    ``convert_official_key`` (our own state dict, whose keys start with 'stem.', passes through) and
-    checks the result against ``model``; ``hint`` ends the error message of a mismatch. ``check``, if
-    given, runs first on the renamed state dict, for a family-specific error (e.g. a shape that says
-    which model option the checkpoint needs)."""
-    state_dict = unwrap_checkpoint(state_dict)
-    if not any(k.startswith('stem.') for k in state_dict):
-        state_dict = {convert_official_key(k): v for k, v in state_dict.items()}
-    if check is not None:
-        check(state_dict, model)
-    check_checkpoint_keys(state_dict, model, hint)
-    return state_dict
-
-
-# (regex, replacement: a string or a function of the match), as re.sub takes them
-RenameRule = Tuple[str, Union[str, Callable[[re.Match], str]]]
-
-
-def rename_by_first_rule(key: str, rules: Sequence[RenameRule]) -> str:
-    """``key`` renamed by the first of ``rules`` whose pattern matches it; unchanged if none does."""
-    for pattern, replacement in rules:
-        renamed, count = re.subn(pattern, replacement, key)
-        if count:
-            return renamed
-    return key
-
-
-def unwrap_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The weights of a checkpoint file: the first of :data:`CHECKPOINT_WRAPPERS` that holds a dict, or
-    the file itself; without the 'module.' prefix that (Distributed)DataParallel adds.
-
-    EMA weights win where a file holds both: the official CSWin training (timm's saver: 'state_dict'
-    and 'state_dict_ema') evaluated, selected and fine-tuned from the EMA weights (main.py,
-    --model-ema on by default; finetune.py --ema-finetune), as timm's file loader prefers them.
-    """
-    for wrapper in CHECKPOINT_WRAPPERS:
-        if isinstance(state_dict.get(wrapper), dict):
-            state_dict = state_dict[wrapper]
-            break
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-
-
-def check_checkpoint_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, hint: str):
-    """Raises a ValueError naming the missing and unexpected keys of ``state_dict`` for ``model``.
-
-    Classifier keys may differ: timm drops or re-creates the head when num_classes changes.
-    """
-    expected = set(model.state_dict())
-    missing = sorted(k for k in expected - set(state_dict) if not k.startswith('head.'))
-    unexpected = sorted(k for k in set(state_dict) - expected if not k.startswith('head.'))
-    if missing or unexpected:
-        raise ValueError(
-            f'checkpoint does not match {type(model).__name__}: {len(missing)} missing keys {missing[:10]}, '
-            f'{len(unexpected)} unexpected keys {unexpected[:10]}; {hint}')

@@ -26,7 +26,6 @@ computes.
 Activations stay channels-last ``[B, H, W, C]`` inside the model; the pyramid features of
 ``forward_intermediates`` / ``features_only`` are NCHW by default.
 """
-import argparse
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,7 +39,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretra
 
 from attnzoo.kernels import routing_attention, routing_region_index
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, rename_by_first_rule
+from ._checkpoint import convert_checkpoint, load_checkpoint_file, rename_by_first_rule, unwrap_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['BiFormer']
 
@@ -389,17 +389,12 @@ class BiFormer(ChannelsLastPyramid):
         ``/content``, which would give the three variants one cache file), and the official training
         script stores its ``argparse.Namespace`` beside the weights, which ``weights_only`` loading
         would refuse: only that class is allowed in addition. Of the file's ``model`` and
-        ``model_ema``, ``model`` is taken, as the official loader does. The rest (classifier and
+        ``model_ema``, ``model`` is taken, as the official loader does. A converted ``.safetensors`` file
+        loads too (:func:`~attnzoo.backbones._checkpoint.load_checkpoint_file`). The rest (classifier and
         input-channel adaptation, strict key check) is timm's own loading.
         """
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(checkpoint_path, map_location='cpu', weights_only=True)
-        if not isinstance(checkpoint, dict):
-            raise ValueError(
-                f'{checkpoint_path}: expected a BiFormer checkpoint (a dict), got {type(checkpoint).__name__}')
-        if isinstance(checkpoint.get('model'), dict):
-            # the official loader's choice; checkpoint_filter_fn alone would prefer 'model_ema'
-            checkpoint = checkpoint['model']
+        # the official loader's choice: 'model', not 'model_ema'
+        checkpoint = unwrap_checkpoint(load_checkpoint_file(checkpoint_path), use_ema=False)
         cfg = dict(self.pretrained_cfg, state_dict=checkpoint, custom_load=False)
         load_pretrained(self, cfg, num_classes=self.num_classes, in_chans=self.in_chans, filter_fn=checkpoint_filter_fn)
 
@@ -436,7 +431,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -
     """Converts an official BiFormer checkpoint (or one of ours) to this model's keys.
 
     Accepts a plain state dict or one wrapped as the official files are (``{'model': ...}``, see
-    :func:`~attnzoo.backbones._pyramid.unwrap_checkpoint`). Our own state dict passes through
+    :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Our own state dict passes through
     unchanged. Classifier keys may differ (timm drops or re-creates the head when num_classes
     changes); any other mismatch raises a ValueError naming the keys.
     """

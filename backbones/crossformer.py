@@ -38,7 +38,8 @@ from timm.layers import (
     ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, use_fused_attn)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, unwrap_checkpoint
+from ._checkpoint import convert_checkpoint, unwrap_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['CrossFormer']
 
@@ -522,7 +523,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
     buffers ``attn.biases`` / ``attn.relative_position_index`` are dropped (this model computes them for
     whatever group size it meets), and the CrossFormer++ checkpoints of the ``main`` branch. Accepts a
     plain state dict or one wrapped as the official files are (``{'model': ...}``; see
-    :func:`~attnzoo.backbones._pyramid.unwrap_checkpoint`). Classifier keys may differ (timm drops or
+    :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Classifier keys may differ (timm drops or
     re-creates the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
     state_dict = {k: v for k, v in unwrap_checkpoint(state_dict).items() if not _OFFICIAL_BUFFERS.search(k)}

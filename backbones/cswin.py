@@ -29,7 +29,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, rename_by_first_rule
+from ._checkpoint import convert_checkpoint, rename_by_first_rule
+from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['CSWinTransformer']
 
@@ -387,7 +388,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CSWinTransf
     """Converts an official CSWin checkpoint (or one of ours) to this model's keys.
 
     Accepts a plain state dict or one wrapped as the official files are (see
-    :func:`~attnzoo.backbones._pyramid.unwrap_checkpoint`). Our own state dict passes through unchanged.
+    :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Our own state dict passes through unchanged.
     Classifier keys may differ (timm drops or re-creates the head when num_classes changes); any other
     mismatch raises a ValueError naming the keys.
     """

@@ -43,7 +43,8 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 from timm.models._builder import resolve_pretrained_cfg
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, unwrap_checkpoint
+from ._checkpoint import convert_checkpoint, unwrap_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage
 from .nat import ConvDownsample, NeighborhoodAttention
 
 __all__ = ['DAT']
@@ -470,23 +471,8 @@ def _resize_rpe_table(table: torch.Tensor, size: Tuple[int, int]) -> torch.Tenso
     return F.interpolate(table[None].float(), size=size, mode='bicubic')[0].to(table.dtype)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dict[str, torch.Tensor]:
-    """Converts an official DAT++ checkpoint (or one of ours) to this model's keys.
-
-    Accepts the official classification checkpoints (plain or wrapped, see
-    :func:`~attnzoo.backbones._pyramid.unwrap_checkpoint`), DAT-Detection / DAT-Segmentation
-    checkpoints (a whole detector or segmentor, whose ``backbone.`` weights are taken, or the
-    backbone alone; see :func:`_dense_backbone`) and our own state dicts. The official 1x1 convs
-    become linear weights; deformable bias tables trained at another ``img_size`` are resized
-    bicubically, as the official loaders do. Classifier keys may differ (timm drops or re-creates
-    the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
-    """
-    state_dict = unwrap_checkpoint(state_dict)
-    if any(k.startswith(_DENSE_PREFIX) or _DENSE_LEVEL_NORM.match(k) for k in state_dict):
-        state_dict = _dense_backbone(state_dict, len(model.stages))
-    state_dict = convert_checkpoint(
-        state_dict, model, _convert_official_key,
-        hint='(after converting official DAT++ names) is it a checkpoint of this variant (dims, stage_spec)?')
+def _fit_official_layouts(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dict[str, torch.Tensor]:
+    """Official 1x1 conv weights as our linear ones; deformable bias tables of another ``img_size`` resized."""
     expected = model.state_dict()
     for key, value in state_dict.items():
         target = expected.get(key)
@@ -497,6 +483,25 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
         elif key.endswith('.rpe_table') and value.shape != target.shape and value.shape[0] == target.shape[0]:
             state_dict[key] = _resize_rpe_table(value, tuple(target.shape[1:]))
     return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dict[str, torch.Tensor]:
+    """Converts an official DAT++ checkpoint (or one of ours) to this model's keys.
+
+    Accepts the official classification checkpoints (plain or wrapped, see
+    :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`), DAT-Detection / DAT-Segmentation
+    checkpoints (a whole detector or segmentor, whose ``backbone.`` weights are taken, or the
+    backbone alone; see :func:`_dense_backbone`) and our own state dicts. The official 1x1 convs
+    become linear weights; deformable bias tables trained at another ``img_size`` are resized
+    bicubically, as the official loaders do. Classifier keys may differ (timm drops or re-creates
+    the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
+    """
+    state_dict = unwrap_checkpoint(state_dict)
+    if any(k.startswith(_DENSE_PREFIX) or _DENSE_LEVEL_NORM.match(k) for k in state_dict):
+        state_dict = _dense_backbone(state_dict, len(model.stages))
+    return convert_checkpoint(
+        state_dict, model, _convert_official_key, adapt=_fit_official_layouts,
+        hint='(after converting official DAT++ names) is it a checkpoint of this variant (dims, stage_spec)?')
 
 
 def _check_weight_source(variant: str, kwargs: Dict):

@@ -37,7 +37,8 @@ from timm.models import (
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from timm.optim import param_groups_weight_decay
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint, rename_by_first_rule
+from ._checkpoint import convert_checkpoint, rename_by_first_rule
+from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['LITv2', 'HiLo', 'DeformConv2dPack', 'DeformableTokenMerging', 'offset_lr_param_groups']
 
@@ -529,8 +530,9 @@ def _suggest_alpha(lofi_heads: int, num_heads: int) -> float:
     return round((lofi_heads + 0.5) / num_heads, 3)
 
 
-def _check_hilo_split(state_dict: Dict[str, torch.Tensor], model: nn.Module):
-    """A checkpoint trained with another alpha has other HiLo shapes; say which alpha it needs."""
+def _check_hilo_split(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``state_dict``, unchanged, if its HiLo layers split their heads as ``model``'s do. A checkpoint trained
+    with another alpha has other HiLo shapes: the error says which alpha it needs."""
     for name, module in model.named_modules():
         if not isinstance(module, HiLo) or module.window_size == 1:
             continue
@@ -538,21 +540,24 @@ def _check_hilo_split(state_dict: Dict[str, torch.Tensor], model: nn.Module):
         hifi_weight = state_dict.get(f'{name}.h_qkv.weight')
         if lofi_weight is None and hifi_weight is None:
             continue  # missing altogether: the key check names it
-        lofi_heads = 0 if lofi_weight is None else lofi_weight.shape[0] // module.head_dim
         num_heads = module.l_heads + module.h_heads
+        if (lofi_weight if lofi_weight is not None else hifi_weight).shape[1] != module.head_dim * num_heads:
+            continue  # a layer of another width (another variant): the shape check names it
+        lofi_heads = 0 if lofi_weight is None else lofi_weight.shape[0] // module.head_dim
         if lofi_heads != module.l_heads:
             raise ValueError(
                 f'checkpoint does not match LITv2: its HiLo layer {name} has {lofi_heads} Lo-Fi heads of '
                 f'{num_heads}, this model {module.l_heads} (alpha sets int(num_heads * alpha) Lo-Fi heads); '
                 f'create the model with alpha={_suggest_alpha(lofi_heads, num_heads)}, e.g. '
                 f"timm.create_model('litv2_small', alpha={_suggest_alpha(lofi_heads, num_heads)}, ...)")
+    return state_dict
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LITv2) -> Dict[str, torch.Tensor]:
     """Converts an official LITv2 checkpoint (or one of ours) to this model's keys.
 
     Accepts a plain state dict or one wrapped as the official files are (``model``, or ``state_dict``
-    as the detection loader accepts; see :func:`~attnzoo.backbones._pyramid.unwrap_checkpoint`). Our own
+    as the detection loader accepts; see :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Our own
     state dict passes through unchanged. A checkpoint of the official alpha sweep needs a model with
     its alpha (the error says which). Classifier keys may differ (timm drops or re-creates the head
     when num_classes changes); any other mismatch raises a ValueError naming the keys.
@@ -561,7 +566,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LITv2) -> D
         state_dict, model, _convert_official_key,
         hint='(after converting official LITv2 names) is it a classification checkpoint of this variant '
              '(depths, window_size 0 / non-zero per stage, alpha)?',
-        check=_check_hilo_split)
+        adapt=_check_hilo_split)
 
 
 def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:

@@ -45,7 +45,8 @@ from timm.models._features import feature_take_indices
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 
-from ._pyramid import PyramidStage, check_checkpoint_keys, check_image, unwrap_checkpoint
+from ._checkpoint import check_checkpoint_keys, unwrap_checkpoint
+from ._pyramid import PyramidStage, check_image
 
 __all__ = ['Moat']
 
@@ -772,8 +773,8 @@ def _check_weights_are_converted(variant: str, kwargs: Dict):
     if not cfg.get('file') and not cfg.get('hf_hub_id') and str(cfg.get('url', '')).endswith('.tar.gz'):
         raise RuntimeError(
             f'{variant}: the official MOAT weights are TensorFlow checkpoints ({cfg["url"]}); download and '
-            f'unpack the archive, convert it with `python tools/convert.py {variant} <unpacked checkpoint prefix> '
-            f'{variant}.safetensors` and create the model with pretrained_cfg_overlay=dict(file='
+            f'unpack the archive, convert it with `python tools/convert.py <unpacked checkpoint prefix> --model {variant} '
+            f'-o {variant}.safetensors` and create the model with pretrained_cfg_overlay=dict(file='
             f'"{variant}.safetensors") (AttnzooBackbone: checkpoint="{variant}.safetensors")')
 
 

@@ -27,7 +27,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._pyramid import ChannelsLastPyramid, PyramidStage, convert_checkpoint
+from ._checkpoint import convert_checkpoint
+from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['NAT']
 
@@ -333,7 +334,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: NAT) -> Dic
     """Converts an official NAT / DiNAT checkpoint (or one of ours) to this model's keys.
 
     Accepts a plain state dict or one wrapped as the official files are (see
-    :func:`~attnzoo.backbones._pyramid.unwrap_checkpoint`). Our own state dict passes through unchanged.
+    :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Our own state dict passes through unchanged.
     Classifier keys may differ (timm drops or re-creates the head when num_classes changes); any other
     mismatch raises a ValueError naming the keys.
     """

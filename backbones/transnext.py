@@ -40,7 +40,8 @@ from timm.models import register_notrace_function
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._pyramid import ChannelsLastPyramid, convert_checkpoint, unwrap_checkpoint
+from ._checkpoint import convert_checkpoint, unwrap_checkpoint
+from ._pyramid import ChannelsLastPyramid
 
 __all__ = ['TransNeXt']
 
@@ -819,7 +820,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) 
     """Converts an official TransNeXt checkpoint (or one of ours) to this model's keys.
 
     Accepts a plain state dict or one wrapped as the official files may be (``{'model': ...}``; see
-    :func:`~attnzoo.backbones._pyramid.unwrap_checkpoint`). The CPB index / coordinate buffers are
+    :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). The CPB index / coordinate buffers are
     rebuilt by the model for its own size, never loaded. Classifier keys may differ (timm drops or
     re-creates the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """

@@ -25,6 +25,8 @@ import torch
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from attnzoo.backbones._checkpoint import UnsafeCheckpointError, unsafe_checkpoint_error
+
 try:
     from numpy._core import multiarray as _multiarray  # numpy 2
 except ImportError:  # numpy 1
@@ -41,10 +43,6 @@ _NUMPY_NUMERIC_TYPES = (
 
 # what HistoryBuffer._set_default_statistics puts in every buffer's table of statistics methods
 _HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
-
-
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint holds a pickled object that is not one of the types OpenMMLab checkpoints hold."""
 
 
 def _history_buffer_statistic(owner, name: str):
@@ -69,17 +67,6 @@ OPENMMLAB_CHECKPOINT_GLOBALS = [
 ]
 
 
-def _refusal(filename: str, error: pickle.UnpicklingError) -> UnsafeCheckpointError:
-    # torch re-raises the unpickler's reason (kept as the context) wrapped in advice (weights_only=False,
-    # add_safe_globals) that this module exists to avoid
-    reason = ' '.join(str(error.__context__ or error).split()).split(' Please use ')[0]
-    return UnsafeCheckpointError(
-        f'refused to load {filename}: it holds a pickled object that mmengine / mmdet / mmseg checkpoints do not '
-        f'hold ({reason}). attnzoo loads checkpoints with torch.load(weights_only=True), so that loading a file '
-        f'cannot run code. If you made the file yourself and trust it, load it with torch.load(path, '
-        f'weights_only=False) and save only its tensors (e.g. its "state_dict") for mmengine.')
-
-
 def load_from_local(filename: str, map_location=None):
     """mmengine's loader of local checkpoint files, with ``weights_only=True`` and a clear refusal."""
     filename = os.path.expanduser(filename)
@@ -88,7 +75,7 @@ def load_from_local(filename: str, map_location=None):
     try:
         return torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:  # torch re-raises every refusal (ours included) as one
-        raise _refusal(filename, error) from error
+        raise unsafe_checkpoint_error(filename, error, 'mmengine / mmdet / mmseg checkpoints') from error
 
 
 def allow_openmmlab_checkpoints() -> None:

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from attnzoo.backbones._pyramid import rename_by_first_rule
+from attnzoo.backbones._checkpoint import rename_by_first_rule
 from reference_params import OFFICIAL_PARAMS
 
 # len(official_model.state_dict()) of each variant, 1000-class head
@@ -348,12 +348,34 @@ _TO_OFFICIAL_RULES = {
         (r'^stages\.(\d+)\.blocks\.', lambda m: f'layers.{m[1]}.blocks.'),
         (r'^head\.fc\.', lambda m: 'head.'),
     ),
+    # timm-native families whose release files are not in timm's layout: SHViT (model/shvit.py of ysj9909/SHViT:
+    # stage s's modules in blocks{s+1}, the downsampling first: Sequential(dw conv, FFN), PatchMerging,
+    # Sequential(dw conv, FFN)) and DaViT (the Microsoft layout timm's davit.checkpoint_filter_fn documents:
+    # patch_embeds, main_blocks, cpe.0 / cpe.1, norms, head)
+    'shvit': (
+        (r'^stages\.0\.blocks\.', lambda m: 'blocks1.'),
+        (r'^stages\.(\d)\.downsample\.([01])\.', lambda m: f'blocks{int(m[1]) + 1}.0.{m[2]}.'),
+        (r'^stages\.(\d)\.downsample\.2\.', lambda m: f'blocks{int(m[1]) + 1}.1.'),
+        (r'^stages\.(\d)\.downsample\.([34])\.', lambda m: f'blocks{int(m[1]) + 1}.2.{int(m[2]) - 3}.'),
+        (r'^stages\.(\d)\.blocks\.(\d+)\.', lambda m: f'blocks{int(m[1]) + 1}.{int(m[2]) + 3}.'),
+    ),
+    'davit': (
+        (r'^stem\.conv\.', lambda m: 'patch_embeds.0.proj.'),
+        (r'^stem\.norm\.', lambda m: 'patch_embeds.0.norm.'),
+        (r'^stages\.(\d)\.downsample\.conv\.', lambda m: f'patch_embeds.{m[1]}.proj.'),
+        (r'^stages\.(\d)\.downsample\.norm\.', lambda m: f'patch_embeds.{m[1]}.norm.'),
+        (r'^stages\.(\d)\.blocks\.(.*)\.cpe([12])\.', lambda m: f'main_blocks.{m[1]}.{m[2]}.cpe.{int(m[3]) - 1}.'),
+        (r'^stages\.(\d)\.blocks\.', lambda m: f'main_blocks.{m[1]}.'),
+        (r'^head\.fc\.', lambda m: 'head.'),
+        (r'^head\.norm\.', lambda m: 'norms.'),
+    ),
 }
 
 
 def to_official_layout(family: str, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Our state dict of a CSWin (``family='cswin'``), NAT / DiNAT (``'nat'``) or CrossFormer (``'crossformer'``,
-    the main branch's names) model under the official names."""
+    the main branch's names) model, or timm's of an SHViT (``'shvit'``) or DaViT (``'davit'``), under the
+    official names."""
     return {rename_by_first_rule(k, _TO_OFFICIAL_RULES[family]): v for k, v in state_dict.items()}
 
 
@@ -398,3 +420,4 @@ def assert_official_layout_converts(name: str, model: nn.Module, checkpoint_filt
     assert official_parameter_count(official) == OFFICIAL_PARAMS[name]
     converted = checkpoint_filter_fn(official, model)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
+

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / 'tools'
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
-import _common  # noqa: E402
+import _runtime  # noqa: E402
 import mm_test  # noqa: E402
 import mm_train  # noqa: E402
 
@@ -263,9 +263,9 @@ def test_a_checkpoint_with_a_foreign_object_is_refused_and_nothing_runs(runner_c
     torch.save(checkpoint, crafted)
 
     # pickle protocol 2 (torch.save's) writes subprocess.check_call under its Python 2 name, commands.check_call
-    with pytest.raises(_common.ToolError, match=r'refused to load .*crafted\.pth.*Unsupported global.*\.check_call'):
+    with pytest.raises(_runtime.ToolError, match=r'refused to load .*crafted\.pth.*Unsupported global.*\.check_call'):
         mm_test.main([str(config), str(crafted), '--work-dir', str(tmp_path / 'test')])
-    with pytest.raises(_common.ToolError, match='refused to load'):
+    with pytest.raises(_runtime.ToolError, match='refused to load'):
         mm_train.main([str(config), '--work-dir', str(tmp_path / 'train'), '--resume', str(crafted)])
     assert not marker.exists()
 
@@ -296,7 +296,7 @@ def test_command_line_errors(tmp_path):
     env = {k: os.environ.pop(k) for k in ('RANK', 'LOCAL_RANK') if k in os.environ}
     try:
         for tool, argv, match in cases:
-            with pytest.raises(_common.ToolError, match=match):
+            with pytest.raises(_runtime.ToolError, match=match):
                 tool.main(argv + ['--work-dir', str(tmp_path / 'work')])
     finally:
         os.environ.update(env)

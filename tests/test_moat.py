@@ -26,7 +26,7 @@ from tf_checkpoints import write_tensor_bundle
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 DATA = Path(__file__).resolve().parent / 'data' / 'moat_official'
 sys.path.insert(0, str(TOOLS))
-import _common as common  # noqa: E402
+import _runtime as runtime  # noqa: E402
 import convert as convert_tool  # noqa: E402
 
 # the reduced architecture of the official fixture (make_fixture.py: REDUCED)
@@ -72,7 +72,7 @@ def test_pretrained_cfgs_follow_the_official_checkpoint_table(name, size, mean):
 
 
 def test_pretrained_without_a_converted_file_says_how_to_convert():
-    with pytest.raises(RuntimeError, match='tools/convert.py tiny_moat_0'):
+    with pytest.raises(RuntimeError, match='tools/convert.py <unpacked checkpoint prefix> --model tiny_moat_0'):
         timm.create_model('tiny_moat_0', pretrained=True)
 
 
@@ -224,8 +224,8 @@ def test_window_attention_against_a_per_window_reference(window, size, fused):
 @pytest.fixture(scope='module')
 def converted_official(tmp_path_factory):
     out = tmp_path_factory.mktemp('moat') / 'reduced.safetensors'
-    convert_tool.main(['tiny_moat_0', str(DATA / 'official.ckpt'), str(out), '--model-kwargs',
-                       *[f'{k}={v}' for k, v in REDUCED.items()]])
+    convert_tool.main([str(DATA / 'official.ckpt'), '--model', 'tiny_moat_0', '-o', str(out),
+                       '--model-kwargs', *[f'{k}={v}' for k, v in REDUCED.items()]])
     return out
 
 
@@ -254,8 +254,8 @@ def test_converted_official_checkpoint_gives_the_official_dense_features(convert
 def test_the_trained_values_are_not_the_ema_ones(tmp_path):
     """The fixture's trained values are random: taking them (--no-ema) must not give the official logits."""
     out = tmp_path / 'raw.safetensors'
-    convert_tool.main(['tiny_moat_0', str(DATA / 'official.ckpt'), str(out), '--no-ema', '--model-kwargs',
-                       *[f'{k}={v}' for k, v in REDUCED.items()]])
+    convert_tool.main([str(DATA / 'official.ckpt'), '--model', 'tiny_moat_0', '-o', str(out), '--no-ema',
+                       '--model-kwargs', *[f'{k}={v}' for k, v in REDUCED.items()]])
     model = timm.create_model('tiny_moat_0', pretrained=True, pretrained_cfg_overlay=dict(file=str(out), num_classes=10),
                               **REDUCED)
     with torch.no_grad():
@@ -292,7 +292,7 @@ def test_every_official_variable_lands_in_its_layer(tmp_path, name, official):
             tensors[f'{n}/Adam'] = value + 1
     write_tensor_bundle(str(tmp_path / 'model.ckpt-1'), tensors)
     out = tmp_path / 'converted.safetensors'
-    convert_tool.main([name, str(tmp_path), str(out)])
+    convert_tool.main([str(tmp_path), '--model', name, '-o', str(out)])
     state = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(out))).state_dict()
     t = lambda n: torch.from_numpy(values[f'moat/{n}'])  # noqa: E731
     stem = t('stem/conv_0/kernel')  # [kh, kw, in, out]
@@ -325,12 +325,12 @@ def test_every_official_variable_lands_in_its_layer(tmp_path, name, official):
 def test_position_embedding_mismatch_names_the_other_variant(tmp_path):
     layout = official_layout('tiny_moat0_pretrain_256_1k')
     write_tensor_bundle(str(tmp_path / 'model.ckpt-1'), {n: np.zeros(s, np.float32) for n, s in layout.items()})
-    with pytest.raises(common.ToolError, match='relative_position_bias_table.*_no_pe'):
-        convert_tool.main(['tiny_moat_0_no_pe', str(tmp_path), str(tmp_path / 'out.safetensors')])
+    with pytest.raises(runtime.ToolError, match='relative_position_bias_table.*_no_pe'):
+        convert_tool.main([str(tmp_path), '--model', 'tiny_moat_0_no_pe', '-o', str(tmp_path / 'out.safetensors')])
     missing = {n: np.zeros(s, np.float32) for n, s in layout.items() if not n.endswith('attention/k/weight')}
     write_tensor_bundle(str(tmp_path / 'model.ckpt-1'), missing)
-    with pytest.raises(common.ToolError, match='qkv.weight'):
-        convert_tool.main(['tiny_moat_0', str(tmp_path), str(tmp_path / 'out.safetensors')])
+    with pytest.raises(runtime.ToolError, match='qkv.weight'):
+        convert_tool.main([str(tmp_path), '--model', 'tiny_moat_0', '-o', str(tmp_path / 'out.safetensors')])
 
 
 # ---------------------------------------------------------------- any size, TorchScript, FX, compile

@@ -12,7 +12,6 @@ What a family must do to pass: see the ``ChannelsLastPyramid`` / ``PyramidStage`
 backbones/_pyramid.py. Where a timm-native family behaves differently, the difference is recorded
 below as an exact expectation (timm's own message, where timm raises), not skipped.
 """
-import pkgutil
 import re
 import sys
 
@@ -23,17 +22,8 @@ from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-import attnzoo.backbones
+from attnzoo.backbones._families import TIMM_NATIVE_FAMILIES, attnzoo_families
 from reference_params import OFFICIAL_PARAMS, README_PARAMS_M
-
-# timm-native families: timm module name -> the variants attnzoo supports (the papers' models).
-TIMM_NATIVE = {
-    'maxxvit': ['maxvit_tiny_tf_224', 'maxvit_tiny_tf_384', 'maxvit_tiny_tf_512', 'maxvit_small_tf_224',
-                'maxvit_base_tf_224', 'maxvit_large_tf_224'],
-    'davit': ['davit_tiny', 'davit_small', 'davit_base'],
-    'shvit': ['shvit_s1', 'shvit_s2', 'shvit_s3', 'shvit_s4'],
-    'byoanet': ['halonet_h1', 'halonet26t', 'sehalonet33ts', 'halonet50ts', 'eca_halonext26ts'],
-}
 
 # Sizes that timm's own models reject: (the timm file that raises, the message it raises with, why).
 # HaloNet's check has an empty message, so the file is what identifies it.
@@ -67,20 +57,8 @@ ODD_SIZE = (230, 190)
 TEST_SIZE = 128  # timm's tests run TorchScript, FX and backward at 128 px where the model allows
 
 
-def attnzoo_families():
-    """attnzoo family module name -> its registered variants."""
-    families = {}
-    for info in pkgutil.iter_modules(attnzoo.backbones.__path__):
-        if info.name.startswith('_'):
-            continue
-        variants = timm.list_models(module=info.name)
-        if variants:
-            families[info.name] = variants
-    return families
-
-
 ATTNZOO_FAMILIES = attnzoo_families()
-FAMILIES = {**ATTNZOO_FAMILIES, **TIMM_NATIVE}
+FAMILIES = {**ATTNZOO_FAMILIES, **TIMM_NATIVE_FAMILIES}
 ALL_VARIANTS = sorted(v for variants in FAMILIES.values() for v in variants)
 
 
@@ -416,7 +394,7 @@ def test_forward_intermediates_nhwc(small_model):
     """``output_fmt='NHWC'`` gives the NCHW intermediates, channels last."""
     name, model = small_model
     x = images(size_for_tests(name))
-    if FAMILY_OF[name] in TIMM_NATIVE:
+    if FAMILY_OF[name] in TIMM_NATIVE_FAMILIES:
         with pytest.raises(AssertionError, match=TIMM_NCHW_ONLY_MESSAGE):
             model.forward_intermediates(x, output_fmt='NHWC')
         return
@@ -522,7 +500,7 @@ def test_torch_compile_runs(family):
     x = images(default_size(name))
     with torch.no_grad():
         expected = model(x)
-        compiled = torch.compile(model, backend='aot_eager', fullgraph=family not in TIMM_NATIVE)
+        compiled = torch.compile(model, backend='aot_eager', fullgraph=family not in TIMM_NATIVE_FAMILIES)
         torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
 
 

@@ -28,7 +28,10 @@ from official_checkpoints import cswin_official_state_dict, nat_official_state_d
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 sys.path.insert(0, str(TOOLS))
-import _common as common  # noqa: E402
+import _checkpoints as checkpoints  # noqa: E402
+import _evaluation as evaluation  # noqa: E402
+import _models as models  # noqa: E402
+import _runtime as runtime  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # tiny shapes (conftest.py)
 
@@ -108,14 +111,14 @@ def _assert_same_tensors(a, b):
 
 def test_every_epoch_leaves_a_complete_checkpoint(run_dir):
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == sorted([common.MODEL_FILE, common.EMA_FILE, common.OPTIMIZER_FILE, common.STATE_FILE])  # no temp files
-    state = json.loads((run_dir / common.STATE_FILE).read_text())
+    assert names == sorted([checkpoints.MODEL_FILE, checkpoints.EMA_FILE, checkpoints.OPTIMIZER_FILE, checkpoints.STATE_FILE])  # no temp files
+    state = json.loads((run_dir / checkpoints.STATE_FILE).read_text())
     assert (state['epoch'], state['step']) == (2, 6)
     assert [h['epoch'] for h in state['history']] == [1, 2]
     model = timm.create_model(MODEL, num_classes=10)
-    model.load_state_dict(_tensors(run_dir / common.MODEL_FILE), strict=True)
-    model.load_state_dict(_tensors(run_dir / common.EMA_FILE), strict=True)
-    optimizer_state = _tensors(run_dir / common.OPTIMIZER_FILE)
+    model.load_state_dict(_tensors(run_dir / checkpoints.MODEL_FILE), strict=True)
+    model.load_state_dict(_tensors(run_dir / checkpoints.EMA_FILE), strict=True)
+    optimizer_state = _tensors(run_dir / checkpoints.OPTIMIZER_FILE)
     assert len(optimizer_state) == 3 * len(list(model.parameters()))  # step, exp_avg, exp_avg_sq
     assert all(v.item() == 6 for k, v in optimizer_state.items() if k.endswith('.step'))
 
@@ -149,15 +152,15 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(straight_run, tmp_
     out = tmp_path / 'killed'
     batches = record_batches(monkeypatch)
     train_until_killed(RUN + ['--output', str(out)], monkeypatch)
-    assert json.loads((out / common.STATE_FILE).read_text())['epoch'] == 1
+    assert json.loads((out / checkpoints.STATE_FILE).read_text())['epoch'] == 1
 
     torch.manual_seed(1234)  # a resumed process starts with other random state
     train_tool.main(['--resume', str(out), '--device', 'cpu'])
     assert batches == straight_batches  # the resumed epoch sees the second epoch's order, not the first's
-    for name in (common.MODEL_FILE, common.EMA_FILE, common.OPTIMIZER_FILE):
+    for name in (checkpoints.MODEL_FILE, checkpoints.EMA_FILE, checkpoints.OPTIMIZER_FILE):
         _assert_same_tensors(_tensors(out / name), _tensors(run_dir / name))
-    resumed = json.loads((out / common.STATE_FILE).read_text())
-    straight = json.loads((run_dir / common.STATE_FILE).read_text())
+    resumed = json.loads((out / checkpoints.STATE_FILE).read_text())
+    straight = json.loads((run_dir / checkpoints.STATE_FILE).read_text())
     assert resumed['history'] == straight['history']
     assert resumed['optimizer_param_groups'] == straight['optimizer_param_groups']
 
@@ -165,23 +168,23 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(straight_run, tmp_
 def test_resume_with_a_float16_grad_scaler(tmp_path, monkeypatch):
     """The scaler's state (scale, steps since the last overflow) carries over a kill, as the weights do."""
     # validation adds nothing here and float16 is slow on a CPU
-    monkeypatch.setattr(common, 'evaluate', lambda *args, **kwargs: {'top1': 0., 'top5': 0., 'num_images': 0})
+    monkeypatch.setattr(evaluation, 'evaluate', lambda *args, **kwargs: {'top1': 0., 'top5': 0., 'num_images': 0})
     run = TINY + ['--epochs', '2', '--max-steps-per-epoch', '1', '--amp', '--amp-dtype', 'float16']
     train_tool.main(run + ['--output', str(tmp_path / 'straight')])
     train_until_killed(run + ['--output', str(tmp_path / 'killed')], monkeypatch)
     train_tool.main(['--resume', str(tmp_path / 'killed'), '--device', 'cpu'])
-    straight = json.loads((tmp_path / 'straight' / common.STATE_FILE).read_text())
-    resumed = json.loads((tmp_path / 'killed' / common.STATE_FILE).read_text())
+    straight = json.loads((tmp_path / 'straight' / checkpoints.STATE_FILE).read_text())
+    resumed = json.loads((tmp_path / 'killed' / checkpoints.STATE_FILE).read_text())
     assert straight['grad_scaler'] is not None and straight['grad_scaler']['_growth_tracker'] > 0
     assert resumed['grad_scaler'] == straight['grad_scaler']
-    for name in (common.MODEL_FILE, common.OPTIMIZER_FILE):
+    for name in (checkpoints.MODEL_FILE, checkpoints.OPTIMIZER_FILE):
         _assert_same_tensors(_tensors(tmp_path / 'killed' / name), _tensors(tmp_path / 'straight' / name))
 
 
 def test_resume_keeps_the_run_unchanged(run_dir):
-    with pytest.raises(common.ToolError, match='--epochs 5 differs'):
+    with pytest.raises(runtime.ToolError, match='--epochs 5 differs'):
         train_tool.main(['--resume', str(run_dir), '--epochs', '5'])
-    with pytest.raises(common.ToolError, match='already holds a training run'):
+    with pytest.raises(runtime.ToolError, match='already holds a training run'):
         train_tool.main(RUN + ['--output', str(run_dir)])
 
 
@@ -189,8 +192,8 @@ def test_resume_refuses_a_checkpoint_torn_by_a_kill(run_dir, tmp_path):
     torn = tmp_path / 'torn'
     shutil.copytree(run_dir, torn)
     # the model file of a later save landed, the state file of that save did not
-    (torn / common.MODEL_FILE).write_bytes(common.tensors_to_bytes(_tensors(run_dir / common.MODEL_FILE), step=9))
-    with pytest.raises(common.ToolError, match='killed while writing'):
+    (torn / checkpoints.MODEL_FILE).write_bytes(checkpoints.tensors_to_bytes(_tensors(run_dir / checkpoints.MODEL_FILE), step=9))
+    with pytest.raises(runtime.ToolError, match='killed while writing'):
         train_tool.main(['--resume', str(torn), '--device', 'cpu'])
 
 
@@ -210,7 +213,7 @@ def _direct_top1(weights, name=MODEL, img_size=IMG_SIZE, **model_kwargs):
     return 100.0 * (predictions.numpy() == labels[val]).mean()
 
 
-@pytest.mark.parametrize('weights, history_key', [(common.MODEL_FILE, 'val_top1'), (common.EMA_FILE, 'ema_val_top1')])
+@pytest.mark.parametrize('weights, history_key', [(checkpoints.MODEL_FILE, 'val_top1'), (checkpoints.EMA_FILE, 'ema_val_top1')])
 def test_eval_top1_matches_a_direct_computation(run_dir, tmp_path, weights, history_key):
     report = tmp_path / 'metrics.json'
     # no --img-size: the run's train_state.json beside the weights gives it
@@ -219,7 +222,7 @@ def test_eval_top1_matches_a_direct_computation(run_dir, tmp_path, weights, hist
     expected = _direct_top1(_tensors(run_dir / weights))
     assert metrics['num_images'] == 360 and metrics['input_size'] == [3, IMG_SIZE, IMG_SIZE]
     assert metrics['top1'] == pytest.approx(expected, abs=1e-9)
-    assert metrics['top1'] == pytest.approx(json.loads((run_dir / common.STATE_FILE).read_text())['history'][-1][history_key])
+    assert metrics['top1'] == pytest.approx(json.loads((run_dir / checkpoints.STATE_FILE).read_text())['history'][-1][history_key])
     assert json.loads(report.read_text())['top1'] == metrics['top1']
 
 
@@ -236,7 +239,7 @@ OFFICIAL_LAYOUT_MODELS = {
 @pytest.mark.parametrize('family, ema', [('cswin', False), ('cswin', True), ('nat', False)])
 def test_eval_of_an_official_layout_checkpoint(tmp_path, monkeypatch, family, ema):
     """An official file evaluates with exactly the weights it holds: CSWin's as its training script saves
-    it (weights and EMA weights, DataParallel names; --ema picks the EMA ones), NAT's a plain state dict."""
+    it (weights and EMA weights, DataParallel names; the EMA ones unless --no-ema), NAT's a plain state dict."""
     name, arch, official_keys = OFFICIAL_LAYOUT_MODELS[family]
     torch.manual_seed(0)
     wanted, other = (timm.create_model(name, num_classes=10, **arch).state_dict() for _ in range(2))
@@ -252,16 +255,16 @@ def test_eval_of_an_official_layout_checkpoint(tmp_path, monkeypatch, family, em
     torch.save(checkpoint, path)
 
     loaded = {}
-    load_weights = common.load_weights
+    load_weights = checkpoints.load_weights
 
     def load_and_keep(model, state_dict, source):
         load_weights(model, state_dict, source)
         loaded.update(model.state_dict())
 
-    monkeypatch.setattr(common, 'load_weights', load_and_keep)
+    monkeypatch.setattr(checkpoints, 'load_weights', load_and_keep)
     kwargs = [f'{k}={v!r}'.replace(' ', '') for k, v in arch.items()]
     metrics = eval_tool.main(['--model', name, '--img-size', '32', '--device', 'cpu', '--checkpoint', str(path),
-                              '--model-kwargs', *kwargs] + (['--ema'] if ema else []))
+                              '--model-kwargs', *kwargs] + ([] if ema else ['--no-ema']))
     _assert_same_tensors(loaded, wanted)
     assert metrics['top1'] == pytest.approx(_direct_top1(wanted, name, 32, **arch), abs=1e-9)
 
@@ -270,7 +273,7 @@ def test_training_can_start_from_an_official_checkpoint_of_another_head(tmp_path
     official = timm.create_model(MODEL).state_dict()  # an ImageNet-1k head
     path = tmp_path / 'official.pth'
     torch.save({'state_dict': official}, path)
-    model = common.create_model(MODEL, num_classes=10, pretrained_file=str(path))
+    model = models.create_model(MODEL, num_classes=10, pretrained_file=str(path))
     loaded = model.state_dict()
     assert loaded['head.weight'].shape == (10, 64)
     _assert_same_tensors({k: v for k, v in loaded.items() if not k.startswith('head.')},
@@ -278,15 +281,15 @@ def test_training_can_start_from_an_official_checkpoint_of_another_head(tmp_path
 
 
 def test_a_checkpoint_that_does_not_fit_lists_the_keys(run_dir):
-    weights = _tensors(run_dir / common.MODEL_FILE)
+    weights = _tensors(run_dir / checkpoints.MODEL_FILE)
     weights['blocks.9.extra.weight'] = weights.pop('norm.weight')
-    model = common.create_model(MODEL, num_classes=10)
-    with pytest.raises(common.ToolError) as err:
-        common.load_weights(model, weights, 'ckpt')
-    assert 'missing keys (1): norm.weight' in str(err.value)
-    assert 'unexpected keys (1): blocks.9.extra.weight' in str(err.value)
-    with pytest.raises(common.ToolError, match=r'head.weight: checkpoint \(10, 64\) vs model \(7, 64\)'):
-        common.load_weights(common.create_model(MODEL, num_classes=7), _tensors(run_dir / common.MODEL_FILE), 'ckpt')
+    model = models.create_model(MODEL, num_classes=10)
+    with pytest.raises(runtime.ToolError) as err:
+        checkpoints.load_weights(model, weights, 'ckpt')
+    assert '1 missing keys (in the model, not in the checkpoint) norm.weight' in str(err.value)
+    assert '1 unexpected keys (in the checkpoint, not in the model) blocks.9.extra.weight' in str(err.value)
+    with pytest.raises(runtime.ToolError, match=r'head.weight: checkpoint \(10, 64\) vs model \(7, 64\)'):
+        checkpoints.load_weights(models.create_model(MODEL, num_classes=7), _tensors(run_dir / checkpoints.MODEL_FILE), 'ckpt')
 
 
 @pytest.mark.parametrize('damage', ['garbage', 'truncated'])
@@ -294,14 +297,14 @@ def test_a_checkpoint_that_does_not_fit_lists_the_keys(run_dir):
 def test_a_corrupt_checkpoint_is_a_clear_error(run_dir, tmp_path, damage, suffix):
     good = tmp_path / f'good{suffix}'
     if suffix == '.safetensors':
-        shutil.copy(run_dir / common.MODEL_FILE, good)
+        shutil.copy(run_dir / checkpoints.MODEL_FILE, good)
     else:
-        torch.save({'state_dict': _tensors(run_dir / common.MODEL_FILE)}, good)
+        torch.save({'state_dict': _tensors(run_dir / checkpoints.MODEL_FILE)}, good)
     data = good.read_bytes()
     bad = tmp_path / f'bad{suffix}'
     bad.write_bytes(os.urandom(4096) if damage == 'garbage' else data[: len(data) // 2])
-    with pytest.raises(common.ToolError, match='cannot read checkpoint .*truncated, corrupt'):
-        common.read_state_dict(bad)
+    with pytest.raises(runtime.ToolError, match='cannot read checkpoint .*truncated, corrupt'):
+        checkpoints.read_state_dict(bad)
 
 
 def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
@@ -315,8 +318,8 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
 
 
 def test_an_unknown_model_name_suggests_close_ones():
-    with pytest.raises(common.ToolError, match="unknown model 'test_vitt'.*Close names: .*test_vit"):
-        common.create_model('test_vitt', num_classes=10)
+    with pytest.raises(runtime.ToolError, match="unknown model 'test_vitt'.*Close names: .*test_vit"):
+        models.create_model('test_vitt', num_classes=10)
 
 
 class _MatmulDtypes(TorchDispatchMode):
@@ -339,9 +342,9 @@ def test_amp_training_step_on_cpu(tmp_path):
         metrics = train_tool.main(TINY + ['--epochs', '1', '--max-steps-per-epoch', '2', '--amp', '--output', str(out)])
     assert matmuls.dtypes == {torch.bfloat16}  # forward, backward and evaluation
     assert np.isfinite(metrics['train_loss'])
-    common.seed_everything(0)  # the run's --seed: the same initial weights
-    initial = common.create_model(MODEL, num_classes=10)
-    trained = _tensors(out / common.MODEL_FILE)
+    runtime.seed_everything(0)  # the run's --seed: the same initial weights
+    initial = models.create_model(MODEL, num_classes=10)
+    trained = _tensors(out / checkpoints.MODEL_FILE)
     assert not torch.equal(trained['head.weight'], initial.state_dict()['head.weight'])
 
 
@@ -356,11 +359,11 @@ def test_image_folder_dataset(tmp_path):
     out = tmp_path / 'run'
     args = ['--model', MODEL, '--img-size', str(IMG_SIZE), '--batch-size', '4', '--device', 'cpu', '--dataset', str(root)]
     trained = train_tool.main(args + ['--epochs', '1', '--output', str(out)])
-    evaluated = eval_tool.main(args + ['--checkpoint', str(out / common.MODEL_FILE)])
+    evaluated = eval_tool.main(args + ['--checkpoint', str(out / checkpoints.MODEL_FILE)])
     assert evaluated['num_images'] == 8
     assert evaluated['top1'] == pytest.approx(trained['val_top1'])
     (root / 'val' / 'bird').mkdir()
-    with pytest.raises(common.ToolError, match='different classes'):
+    with pytest.raises(runtime.ToolError, match='different classes'):
         train_tool.main(args + ['--output', str(tmp_path / 'run2')])
 
 
@@ -395,7 +398,7 @@ def save_then_die(*args, **kwargs):
 
 
 train.save_checkpoint = save_then_die
-train.common.run_cli(train.main)
+train.runtime.run_cli(train.main)
 """
 
 
@@ -411,16 +414,16 @@ def test_two_process_torchrun_resumed_equals_one_process_with_the_combined_batch
     killer.write_text(_TRAIN_UNTIL_FIRST_CHECKPOINT.format(tools=str(TOOLS)))
     returncode, stderr = _run_process_group(
         torchrun + [str(killer), *common_args, '--batch-size', str(BATCH // 2), '--output', str(ddp)], env, timeout=300)
-    assert returncode != 0 and json.loads((ddp / common.STATE_FILE).read_text())['epoch'] == 1, stderr[-3000:]
+    assert returncode != 0 and json.loads((ddp / checkpoints.STATE_FILE).read_text())['epoch'] == 1, stderr[-3000:]
     returncode, stderr = _run_process_group(
         torchrun + [str(TOOLS / 'train.py'), '--resume', str(ddp), '--device', 'cpu'], env, timeout=300)
     assert returncode == 0, stderr[-3000:]
 
     train_tool.main(common_args + ['--batch-size', str(BATCH), '--output', str(tmp_path / 'single')])
-    ddp_weights = _tensors(ddp / common.MODEL_FILE)
-    single = _tensors(tmp_path / 'single' / common.MODEL_FILE)
+    ddp_weights = _tensors(ddp / checkpoints.MODEL_FILE)
+    single = _tensors(tmp_path / 'single' / checkpoints.MODEL_FILE)
     for key in single:
         torch.testing.assert_close(ddp_weights[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
-    ddp_state = json.loads((ddp / common.STATE_FILE).read_text())
+    ddp_state = json.loads((ddp / checkpoints.STATE_FILE).read_text())
     assert ddp_state['epoch'] == 2 and ddp_state['args']['batch_size'] == BATCH // 2
     assert [h['val_num_images'] for h in ddp_state['history']] == [360, 360]

@@ -25,7 +25,7 @@ from mmengine.runner import Runner
 
 import attnzoo.heads  # noqa: F401  (registers AttnzooBackbone; safe checkpoint loading)
 from attnzoo.heads.checkpoint import UnsafeCheckpointError
-from _common import ToolError
+from _runtime import ToolError
 
 # the task libraries these tools drive: default_scope -> the package that provides it
 SCOPES = {'mmdet': 'mmdet', 'mmseg': 'mmsegmentation'}

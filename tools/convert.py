@@ -1,44 +1,59 @@
-"""Converts an official checkpoint into a safetensors file that loads into an attnzoo / timm model.
+"""Converts an official checkpoint of any family attnzoo supports into a safetensors file for its model.
 
-    python tools/convert.py moat_0 moat0_imagenet_1k_224_w_position_embedding/model-ckpt moat_0.safetensors
-    python tools/convert.py cswin_tiny_224 cswin_tiny_224.pth cswin_tiny_224.safetensors
+    python tools/convert.py biformer_small_in1k.pth --model biformer_small -o biformer_small.safetensors
+    python tools/convert.py moat0_imagenet_1k_224_w_position_embedding --model moat_0 -o moat_0.safetensors
+
+then (after ``import attnzoo.backbones``) ``timm.create_model('biformer_small', pretrained=True,
+pretrained_cfg_overlay=dict(file='biformer_small.safetensors'))`` or ``AttnzooBackbone(checkpoint=...)`` loads it.
 
 The source format is detected (``--format`` overrides it), and each format has a reader:
 
-* ``tf``: a TensorFlow checkpoint (``PREFIX.index`` + ``PREFIX.data-*``; pass the prefix, the ``.index``
+* ``torch``: a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin`` file, read with ``torch.load(weights_only=True)`` (a
+  file that needs pickled code is refused; the training arguments official scripts save beside the
+  weights are allowed), or a ``.safetensors`` file. The weights are taken as every attnzoo loader takes
+  them: from ``state_dict_ema`` / ``model_ema`` where the file holds EMA weights (``--no-ema``: the trained
+  ones), else ``state_dict`` / ``model``, else the file itself; DataParallel's ``module.`` prefix is removed.
+* ``tf``: a TensorFlow checkpoint (MOAT; ``PREFIX.index`` + ``PREFIX.data-*``; pass the prefix, the ``.index``
   file or the directory), read without TensorFlow by ``tensorbundle.py``. TF keeps optimizer state as
   slot variables (``VAR/SLOT``) and exponential moving averages as ``VAR/ExponentialMovingAverage``:
   the slots are dropped and the EMA copy of a variable replaces it when there is one (``--no-ema``:
   the trained values).
-* ``torch``: a ``.pth`` / ``.pt`` / ``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors`` file,
-  unwrapped from ``state_dict`` / ``model`` (``state_dict_ema`` / ``model_ema`` first unless ``--no-ema``).
 
-The tensors then go through the model family's ``checkpoint_filter_fn`` (the same conversion
-``pretrained=True`` uses: official names and layouts to ours) and are loaded strictly into the model;
-any missing, unexpected or mis-shaped key is an error that lists them. The file written is that model's
-state dict; load it with ``pretrained_cfg_overlay=dict(file=OUTPUT)`` or ``AttnzooBackbone(checkpoint=OUTPUT)``.
+The tensors then go through the family's checkpoint filter (``checkpoint_filter_fn``: the conversion
+``pretrained=True`` uses, official names and layouts to ours; timm's own for MaxViT, DaViT, SHViT and
+HaloNet) and must then fit the model exactly. The model is built on the meta device (its shapes only),
+so converting costs no initialisation. A summary of the mapping is printed. A file that does not fit is
+refused with the missing, unexpected and mis-shaped keys, and the family (and variant) it looks like.
+The file written holds exactly the model's state dict, in its dtypes.
 """
 import argparse
+import re
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import safetensors.torch
 import torch
 from timm.utils import ParseKwargs
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import _common as common
+from attnzoo.backbones._checkpoint import CheckpointMismatchError, checkpoint_wrapper, compare_keys, listed
+from attnzoo.backbones._families import checkpoint_filter_of, family_of, supported_families
+import _checkpoints as checkpoints
+import _models as models
+import _runtime as runtime
 from tensorbundle import TF_DTYPES, TensorBundle, TensorBundleError, resolve_checkpoint_prefix
 
 TF_EMA_SLOT = 'ExponentialMovingAverage'
-TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
+TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin', '.safetensors')
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('model', help='timm or attnzoo model name the weights are for, e.g. moat_0')
-    p.add_argument('source', help='official checkpoint: TF prefix / .index / directory, or a .pth / .safetensors file')
-    p.add_argument('output', help='safetensors file to write')
+    p.add_argument('source', help='official checkpoint: a .pth / .pth.tar / .safetensors file, '
+                                  'or a TF prefix / .index / directory')
+    p.add_argument('--model', required=True, help='timm or attnzoo model name the weights are for, e.g. biformer_small')
+    p.add_argument('-o', '--output', default=None, help='safetensors file to write (default: MODEL.safetensors)')
     p.add_argument('--format', choices=('auto', *READERS), default='auto', help='source format')
     p.add_argument('--no-ema', action='store_true',
                    help='take the trained weights, not their exponential moving average, where a checkpoint has both')
@@ -79,7 +94,7 @@ def read_tf(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
     try:
         bundle = TensorBundle(path)
     except TensorBundleError as err:
-        raise common.ToolError(str(err)) from err
+        raise runtime.ToolError(str(err)) from err
     numeric = [name for name, entry in bundle.entries.items() if entry.dtype in TF_DTYPES]
     chosen, counts = tf_model_variables(numeric, use_ema)
     print(f'{bundle.prefix}: {len(bundle)} tensors; {counts["variables"]} variables '
@@ -87,11 +102,15 @@ def read_tf(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
     try:
         return {variable: bundle.read(name) for variable, name in chosen.items()}
     except TensorBundleError as err:
-        raise common.ToolError(str(err)) from err
+        raise runtime.ToolError(str(err)) from err
 
 
 def read_torch(path: str, use_ema: bool) -> Dict[str, torch.Tensor]:
-    return common.read_state_dict(path, use_ema=use_ema)
+    checkpoint = checkpoints.read_checkpoint(path)
+    state_dict = checkpoints.state_dict_of(checkpoint, path, use_ema)
+    wrapper = checkpoint_wrapper(checkpoint, use_ema)
+    print(f'{path}: {len(state_dict)} tensors' + (f" under '{wrapper}'" if wrapper else ''))
+    return state_dict
 
 
 READERS: Dict[str, Callable[[str, bool], Dict[str, torch.Tensor]]] = {'tf': read_tf, 'torch': read_torch}
@@ -99,29 +118,147 @@ READERS: Dict[str, Callable[[str, bool], Dict[str, torch.Tensor]]] = {'tf': read
 
 def detect_format(source: str) -> str:
     path = Path(source)
-    if path.suffix in TORCH_SUFFIXES and path.is_file():
+    if path.name.endswith(TORCH_SUFFIXES) and path.is_file():
         return 'torch'
     try:
         prefix = resolve_checkpoint_prefix(path)
     except TensorBundleError as err:
-        raise common.ToolError(str(err)) from err
+        raise runtime.ToolError(str(err)) from err
     if Path(f'{prefix}.index').is_file():
         return 'tf'
-    raise common.ToolError(
+    raise runtime.ToolError(
         f'{source} is neither a TensorFlow checkpoint (no {prefix}.index) nor a {"/".join(TORCH_SUFFIXES)} file')
+
+
+# ---------------------------------------------------------------- which model a checkpoint is for
+
+MIN_FAMILY_FIT = 0.5  # the share of layer names a file must have in common with a family to look like its
+SURE_FAMILY_FIT = 0.9
+
+
+class _NoInPlaceOps(TorchDispatchMode):
+    """Skips in-place ops (weight initialisation) on meta tensors, which have no values to change but
+    whose shape checks in torch's Python meta kernels cost most of a meta model's build."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.is_mutable and func is not torch.ops.aten.resize_.default:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def build_on_meta(model_name: str, model_kwargs: Optional[Dict] = None) -> torch.nn.Module:
+    """``model_name`` with its parameters' shapes only: what conversion needs, with no initialisation."""
+    kwargs = dict(model_kwargs or {})
+    with torch.device('meta'), _NoInPlaceOps():
+        return models.create_model(model_name, num_classes=kwargs.pop('num_classes', 1000), model_kwargs=kwargs)
+
+
+def converted_for(tensors: Dict[str, torch.Tensor], model: torch.nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """``tensors`` through the model family's checkpoint filter, whether they fit the model or not; None
+    where the filter cannot convert them at all."""
+    filter_fn = checkpoint_filter_of(model.pretrained_cfg['architecture'])
+    try:
+        return tensors if filter_fn is None else filter_fn(dict(tensors), model)
+    except CheckpointMismatchError as err:
+        return err.state_dict
+    except Exception:  # a filter meeting another family's keys fails in its own way
+        return None
+
+
+def _key_patterns(keys) -> set:
+    # block and stage numbers left out: the variants of a family differ in depth, not in their layers' names
+    return {re.sub(r'(?<=\.)\d+(?=\.|$)', 'N', k) for k in keys if not k.startswith('head.')}
+
+
+def family_fit(converted: Optional[Dict[str, torch.Tensor]], model: torch.nn.Module) -> float:
+    """The share of layer names (blocks' numbers and classifiers left out) that the converted checkpoint
+    and the model have in common: near 1 for any variant of the checkpoint's family, low for others."""
+    if converted is None:
+        return 0.
+    ours, theirs = _key_patterns(converted), _key_patterns(model.state_dict())
+    return len(ours & theirs) / max(1, len(ours | theirs))
+
+
+def fits_exactly(converted: Optional[Dict[str, torch.Tensor]], model: torch.nn.Module) -> bool:
+    """Every key and shape matches, classifiers left out (their size is the dataset's)."""
+    return converted is not None and not compare_keys(converted, model.state_dict(), ignore_prefixes=('head.',))
+
+
+def likely_model(tensors: Dict[str, torch.Tensor], model_name: str, model_kwargs: Optional[Dict] = None) -> str:
+    """A sentence naming the family (and, where some fit exactly, the variants) that ``tensors`` look like;
+    ``model_name`` is built with ``model_kwargs``, the other variants with their defaults."""
+    models_built = {}
+
+    def built(name):
+        if name not in models_built:
+            models_built[name] = build_on_meta(name, model_kwargs if name == model_name else None)
+        return models_built[name]
+
+    def fit_to_family(name):
+        model = built(name)
+        return family_fit(converted_for(tensors, model), model)
+
+    own_family = family_of(model_name)
+    family_fits = {own_family: fit_to_family(model_name)}
+    for family, variants in supported_families().items():  # each costs a model build: stop at a sure one
+        if max(family_fits.values()) < SURE_FAMILY_FIT and family not in family_fits:
+            family_fits[family] = fit_to_family(variants[0])
+    family, fit = max(family_fits.items(), key=lambda item: item[1])
+    if fit < MIN_FAMILY_FIT:
+        return (f'It does not look like a checkpoint of any family attnzoo supports (the closest, {family}, '
+                f'shares {fit:.0%} of its layer names); is it a classification checkpoint?')
+    exact = []
+    for variant in supported_families().get(family, [model_name]):
+        model = built(variant)
+        if fits_exactly(converted_for(tensors, model), model):
+            exact.append(variant)
+    which = ' or '.join(f'--model {v}' for v in exact)
+    if family != own_family:
+        return (f'It looks like a {family} checkpoint, not one of {own_family} ({model_name}): convert it with '
+                + (which or f'the {family} variant it was trained as ({", ".join(supported_families()[family])})')
+                + '.')
+    if model_name in exact:
+        return (f'Its layers fit {model_name}; only its classifier differs: give the number of classes it was '
+                f'trained for, --model-kwargs num_classes=N.')
+    if exact:
+        return f'It is a checkpoint of another {family} variant: convert it with {which}.'
+    return (f'It looks like a {family} checkpoint, but no {family} variant fits it exactly: check the variant '
+            f'and the options in --model-kwargs.')
 
 
 # ---------------------------------------------------------------- conversion
 
-def convert(model_name: str, source: str, output: str, fmt: str = 'auto', use_ema: bool = True,
-            model_kwargs: Dict = None) -> Dict[str, torch.Tensor]:
-    """Reads ``source``, converts it for ``model_name`` and writes ``output``; returns what was written."""
+def mapping_summary(tensors: Dict[str, torch.Tensor], converted: Dict[str, torch.Tensor]) -> str:
+    """Which source tensors kept their name, were renamed, or were not carried over as they are (dropped,
+    or reshaped / merged into others); filters rename by passing the same tensor objects on."""
+    source_key = {id(v): k for k, v in tensors.items()}
+    origin = {k: source_key.get(id(v)) for k, v in converted.items()}
+    renamed = [f'{source} -> {k}' for k, source in origin.items() if source not in (None, k)]
+    kept = sum(1 for k, source in origin.items() if source == k)
+    left = sorted(set(tensors) - set(origin.values()))
+    return (f'  {kept} tensors kept their name, {len(renamed)} renamed ({listed(renamed, 3)})\n'
+            f'  {len(converted) - kept - len(renamed)} model tensors made by the filter (reshaped, merged or split); '
+            f'{len(left)} source tensors not carried over as they are' + (f' ({listed(left)})' if left else ''))
+
+
+def convert(model_name: str, source: str, output: Optional[str] = None, fmt: str = 'auto', use_ema: bool = True,
+            model_kwargs: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
+    """Reads ``source``, converts it for ``model_name`` and writes ``output`` (default:
+    ``MODEL.safetensors``); returns what was written."""
+    output = output or f'{model_name}.safetensors'
     fmt = detect_format(source) if fmt == 'auto' else fmt
     tensors = READERS[fmt](source, use_ema)
-    model = common.create_model(model_name, num_classes=(model_kwargs or {}).get('num_classes', 1000),
-                                model_kwargs={k: v for k, v in (model_kwargs or {}).items() if k != 'num_classes'})
-    common.load_weights(model, tensors, source)
-    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    model = build_on_meta(model_name, model_kwargs)
+    try:
+        converted = checkpoints.fit_to_model(model, tensors, source)
+    except runtime.ToolError as err:
+        raise runtime.ToolError(f'{err}\n{likely_model(tensors, model_name, model_kwargs)}') from err
+    print(f'{family_of(model_name)} checkpoint filter: {len(tensors)} source tensors -> {len(converted)} '
+          f'for {model_name}')
+    print(mapping_summary(tensors, converted))
+    print('  missing keys: none; unexpected keys: none; shape mismatches: none')
+    expected = model.state_dict()
+    state_dict = {k: v.to(expected[k].dtype).contiguous() for k, v in converted.items()}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(state_dict, output, metadata={
         'format': 'pt', 'model': model_name, 'source': Path(source).name, 'source_format': fmt,
@@ -137,4 +274,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    common.run_cli(main)
+    runtime.run_cli(main)

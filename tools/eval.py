@@ -4,9 +4,10 @@
     python tools/eval.py --model cswin_tiny_224 --dataset /data/imagenet --checkpoint cswin_tiny_224.pth
 
 ``--checkpoint`` is a ``model.safetensors`` / ``ema.safetensors`` written by tools/train.py, or
-an official ``.pth`` / ``.pt`` file: it is loaded with ``torch.load(weights_only=True)``,
-unwrapped from ``state_dict`` / ``model`` (``--ema``: ``state_dict_ema`` / ``model_ema``), and
-converted by the model family's ``checkpoint_filter_fn``. Loading is strict: any missing,
+an official ``.pth`` / ``.pth.tar`` / ``.pt`` file: it is loaded with ``torch.load(weights_only=True)``,
+unwrapped as every attnzoo loader unwraps (the EMA weights, ``state_dict_ema`` / ``model_ema``, where the
+file holds them, else ``state_dict`` / ``model``; ``--no-ema``: the trained weights), and converted by
+the model family's ``checkpoint_filter_fn``. Loading is strict: any missing,
 unexpected or mis-shaped key is an error that lists them. The classifier has as many classes
 as the dataset split has. For a file written by tools/train.py, ``--img-size`` and
 ``--model-kwargs`` default to the run's (read from ``train_state.json`` beside it). Runs under
@@ -19,7 +20,11 @@ from pathlib import Path
 import torch
 from timm.utils import ParseKwargs
 
-import _common as common
+import _checkpoints as checkpoints
+import _datasets as datasets
+import _evaluation as evaluation
+import _models as models
+import _runtime as runtime
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,45 +32,46 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--model', required=True, help='timm or attnzoo model name, e.g. cswin_tiny_224')
     p.add_argument('--checkpoint', required=True, help='weights file: .safetensors, .pth, .pt or .bin')
-    p.add_argument('--dataset', default=common.DIGITS,
+    p.add_argument('--dataset', default=datasets.DIGITS,
                    help="'digits' (embedded, from scikit-learn) or an ImageFolder root")
     p.add_argument('--split', default='val', help="split to evaluate: 'val' or 'train' for digits, a folder otherwise")
     p.add_argument('--img-size', type=int, default=None,
-                   help=f'input size; default: the training run\'s when {common.STATE_FILE} sits beside the checkpoint, '
-                        f'else {common.DIGITS_IMG_SIZE} for digits and the model\'s own otherwise')
-    p.add_argument('--ema', action='store_true', help="take 'state_dict_ema' / 'model_ema' from an official checkpoint")
+                   help=f'input size; default: the training run\'s when {checkpoints.STATE_FILE} sits beside the checkpoint, '
+                        f'else {datasets.DIGITS_IMG_SIZE} for digits and the model\'s own otherwise')
+    p.add_argument('--no-ema', action='store_true',
+                   help="take an official checkpoint's trained weights ('state_dict' / 'model'), not its EMA ones")
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='extra create_model arguments, key=value; default: the training run\'s, as for --img-size')
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--amp', action='store_true', help='mixed precision: bfloat16 on CPU, float16 on CUDA')
     p.add_argument('--amp-dtype', choices=('float16', 'bfloat16'), default=None, help='override the AMP dtype')
     p.add_argument('--workers', type=int, default=0, help='data loader processes')
-    p.add_argument('--device', default=common.default_device())
+    p.add_argument('--device', default=runtime.default_device())
     p.add_argument('--json', default=None, metavar='PATH', help='also write the metrics to this JSON file')
     return p
 
 
 def training_run_args(checkpoint: str, model: str) -> dict:
     """Arguments of the tools/train.py run that wrote ``checkpoint`` for ``model``; {} for other files."""
-    state_file = Path(checkpoint).parent / common.STATE_FILE
+    state_file = Path(checkpoint).parent / checkpoints.STATE_FILE
     if not state_file.is_file():
         return {}
-    run_args = common.read_train_state(state_file.parent)['args']
+    run_args = checkpoints.read_train_state(state_file.parent)['args']
     return run_args if run_args['model'] == model else {}
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     """Builds the model, loads ``args.checkpoint`` strictly and measures it on ``args.split``."""
-    dist_info = common.init_distributed(args.device)
+    dist_info = runtime.init_distributed(args.device)
     run_args = training_run_args(args.checkpoint, args.model)
-    num_classes = common.num_classes_of(args.dataset, args.split)
-    model = common.create_model(args.model, num_classes, model_kwargs=args.model_kwargs or run_args.get('model_kwargs'))
-    common.load_weights(model, common.read_state_dict(args.checkpoint, use_ema=args.ema), args.checkpoint)
+    num_classes = datasets.num_classes_of(args.dataset, args.split)
+    model = models.create_model(args.model, num_classes, model_kwargs=args.model_kwargs or run_args.get('model_kwargs'))
+    checkpoints.load_weights(model, checkpoints.read_state_dict(args.checkpoint, use_ema=not args.no_ema), args.checkpoint)
     model.to(dist_info.device)
-    config = common.data_config(model, args.dataset, args.img_size or run_args.get('img_size'))
-    loader = common.eval_loader(common.build_dataset(args.dataset, args.split, config, training=False),
+    config = datasets.data_config(model, args.dataset, args.img_size or run_args.get('img_size'))
+    loader = datasets.eval_loader(datasets.build_dataset(args.dataset, args.split, config, training=False),
                                 args.batch_size, args.workers, dist_info)
-    metrics = common.evaluate(model, loader, dist_info, common.amp_dtype(args.amp, args.amp_dtype, dist_info.device),
+    metrics = evaluation.evaluate(model, loader, dist_info, runtime.amp_dtype(args.amp, args.amp_dtype, dist_info.device),
                               desc=f'{args.model} on {args.dataset}/{args.split}')
     metrics |= {'model': args.model, 'checkpoint': str(args.checkpoint), 'dataset': args.dataset,
                 'split': args.split, 'input_size': list(config['input_size'])}
@@ -85,4 +91,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    common.run_cli(main)
+    runtime.run_cli(main)

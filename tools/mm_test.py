@@ -11,7 +11,7 @@ written as JSON under the work dir. The checkpoint is any file mmengine loads (a
 import argparse
 
 import _mm
-from _common import ToolError, run_cli
+from _runtime import ToolError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ gradient-scaler state, and skips the batches the killed run had already trained 
 import argparse
 
 import _mm
-from _common import ToolError, run_cli
+from _runtime import ToolError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,11 @@ from timm.utils import ModelEmaV3, ParseKwargs
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import _common as common
+import _checkpoints as checkpoints
+import _datasets as datasets
+import _evaluation as evaluation
+import _models as models
+import _runtime as runtime
 
 # arguments that may differ between a run and its --resume (they do not change the result)
 RESUMABLE_OVERRIDES = ('resume', 'workers', 'device')
@@ -39,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--model', help='timm or attnzoo model name, e.g. cswin_tiny_224 (required unless --resume)')
-    p.add_argument('--dataset', default=common.DIGITS,
+    p.add_argument('--dataset', default=datasets.DIGITS,
                    help="'digits' (embedded, from scikit-learn) or an ImageFolder root with train/ and val/ folders")
     p.add_argument('--train-split', default='train', help='training folder under an ImageFolder root')
     p.add_argument('--val-split', default='val', help='validation folder under an ImageFolder root')
     p.add_argument('--img-size', type=int, default=None,
-                   help=f'input size; default {common.DIGITS_IMG_SIZE} for digits, the model\'s own otherwise')
+                   help=f'input size; default {datasets.DIGITS_IMG_SIZE} for digits, the model\'s own otherwise')
     p.add_argument('--output', default=None, help='run directory for checkpoints (default runs/<model>)')
     p.add_argument('--resume', default=None, metavar='DIR',
                    help='continue the run in DIR with its saved arguments')
@@ -69,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra create_model arguments, key=value')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=0, help='data loader processes per training process')
-    p.add_argument('--device', default=common.default_device())
+    p.add_argument('--device', default=runtime.default_device())
     return p
 
 
@@ -81,30 +85,30 @@ def resolve_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
             parser.error('--model is required (or --resume DIR)')
         if args.output is None:
             args.output = str(Path('runs') / args.model)
-        if (Path(args.output) / common.STATE_FILE).exists():
-            raise common.ToolError(f'{args.output} already holds a training run; continue it with --resume {args.output} '
+        if (Path(args.output) / checkpoints.STATE_FILE).exists():
+            raise runtime.ToolError(f'{args.output} already holds a training run; continue it with --resume {args.output} '
                                    f'or choose another --output')
         return args
-    saved = common.read_train_state(args.resume)['args']
+    saved = checkpoints.read_train_state(args.resume)['args']
     defaults = vars(parser.parse_args([]))
     given = json.loads(json.dumps(vars(args)))
     for key, value in given.items():
         if key not in RESUMABLE_OVERRIDES + ('output',) and value != defaults[key] and value != saved.get(key):
-            raise common.ToolError(f'--{key.replace("_", "-")} {value} differs from the resumed run\'s {saved.get(key)}; '
+            raise runtime.ToolError(f'--{key.replace("_", "-")} {value} differs from the resumed run\'s {saved.get(key)}; '
                                    f'--resume continues a run unchanged: drop the option, or start a new run in another --output')
     if args.output is not None and Path(args.output).resolve() != Path(args.resume).resolve():
-        raise common.ToolError('--output differs from --resume; a resumed run keeps writing into its own directory')
+        raise runtime.ToolError('--output differs from --resume; a resumed run keeps writing into its own directory')
     merged = {**saved, **{k: given[k] for k in RESUMABLE_OVERRIDES}, 'output': args.resume}
     return argparse.Namespace(**merged)
 
 
 def save_checkpoint(output: Path, model, ema, optimizer, scaler, args, epoch: int, step: int, history: list) -> None:
-    files = {common.MODEL_FILE: common.tensors_to_bytes(model.state_dict(), step)}
+    files = {checkpoints.MODEL_FILE: checkpoints.tensors_to_bytes(model.state_dict(), step)}
     if ema is not None:
-        files[common.EMA_FILE] = common.tensors_to_bytes(ema.module.state_dict(), step)
-    files[common.OPTIMIZER_FILE] = common.tensors_to_bytes(common.optimizer_tensors(optimizer), step)
+        files[checkpoints.EMA_FILE] = checkpoints.tensors_to_bytes(ema.module.state_dict(), step)
+    files[checkpoints.OPTIMIZER_FILE] = checkpoints.tensors_to_bytes(checkpoints.optimizer_tensors(optimizer), step)
     state = {
-        'format': common.STATE_FORMAT,
+        'format': checkpoints.STATE_FORMAT,
         'epoch': epoch,
         'step': step,
         'args': vars(args),
@@ -112,17 +116,17 @@ def save_checkpoint(output: Path, model, ema, optimizer, scaler, args, epoch: in
         'grad_scaler': scaler.state_dict() if scaler is not None else None,
         'history': history,
     }
-    files[common.STATE_FILE] = json.dumps(state, indent=1).encode()  # last: marks the set complete
-    common.write_files_atomically(output, files)
+    files[checkpoints.STATE_FILE] = json.dumps(state, indent=1).encode()  # last: marks the set complete
+    checkpoints.write_files_atomically(output, files)
 
 
 def load_checkpoint(run_dir: Path, model, ema, optimizer, scaler) -> dict:
-    state = common.read_train_state(run_dir)
+    state = checkpoints.read_train_state(run_dir)
     step = state['step']
-    common.load_weights(model, common.read_safetensors(run_dir / common.MODEL_FILE, step), str(run_dir / common.MODEL_FILE))
+    checkpoints.load_weights(model, checkpoints.read_safetensors(run_dir / checkpoints.MODEL_FILE, step), str(run_dir / checkpoints.MODEL_FILE))
     if ema is not None:
-        common.load_weights(ema.module, common.read_safetensors(run_dir / common.EMA_FILE, step), str(run_dir / common.EMA_FILE))
-    common.load_optimizer(optimizer, common.read_safetensors(run_dir / common.OPTIMIZER_FILE, step),
+        checkpoints.load_weights(ema.module, checkpoints.read_safetensors(run_dir / checkpoints.EMA_FILE, step), str(run_dir / checkpoints.EMA_FILE))
+    checkpoints.load_optimizer(optimizer, checkpoints.read_safetensors(run_dir / checkpoints.OPTIMIZER_FILE, step),
                           state['optimizer_param_groups'])
     if scaler is not None:
         scaler.load_state_dict(state['grad_scaler'])
@@ -157,7 +161,7 @@ def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, criterion,
             optimizer.step()
         step += 1
         if ema is not None:
-            ema.update(common.unwrap(model), step=step)
+            ema.update(models.unwrap(model), step=step)
         loss_sum += loss.detach()
         bar.update()
         if dist_info.is_main and (i % 10 == 0 or i == steps - 1):
@@ -171,7 +175,7 @@ def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, criterion,
 
 def train(args: argparse.Namespace) -> dict:
     """Trains as ``args`` say and returns the last epoch's metrics."""
-    dist_info = common.init_distributed(args.device)
+    dist_info = runtime.init_distributed(args.device)
     metrics = _train(args, dist_info)
     if dist_info.enabled:
         # The DDP wrapper must be gone before the process group: a reducer that holds the group's
@@ -181,19 +185,19 @@ def train(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def _train(args: argparse.Namespace, dist_info: common.DistInfo) -> dict:
+def _train(args: argparse.Namespace, dist_info: runtime.DistInfo) -> dict:
     device = dist_info.device
     output = Path(args.output)
-    common.seed_everything(args.seed)  # the same initial weights on every rank
+    runtime.seed_everything(args.seed)  # the same initial weights on every rank
 
-    num_classes = common.num_classes_of(args.dataset, args.train_split)
-    common.check_same_classes(args.dataset, args.train_split, args.val_split)
-    model = common.create_model(args.model, num_classes, args.pretrained, args.pretrained_file,
+    num_classes = datasets.num_classes_of(args.dataset, args.train_split)
+    datasets.check_same_classes(args.dataset, args.train_split, args.val_split)
+    model = models.create_model(args.model, num_classes, args.pretrained, args.pretrained_file,
                                 args.drop_path, args.model_kwargs).to(device)
-    config = common.data_config(model, args.dataset, args.img_size)
-    loader = common.train_loader(common.build_dataset(args.dataset, args.train_split, config, training=True),
+    config = datasets.data_config(model, args.dataset, args.img_size)
+    loader = datasets.train_loader(datasets.build_dataset(args.dataset, args.train_split, config, training=True),
                                  args.batch_size, args.workers, dist_info, args.seed)
-    val_loader = common.eval_loader(common.build_dataset(args.dataset, args.val_split, config, training=False),
+    val_loader = datasets.eval_loader(datasets.build_dataset(args.dataset, args.val_split, config, training=False),
                                     args.batch_size, args.workers, dist_info)
     steps = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
 
@@ -201,7 +205,7 @@ def _train(args: argparse.Namespace, dist_info: common.DistInfo) -> dict:
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps, lr_min=args.min_lr,
                                   warmup_t=round(args.warmup_epochs * steps), warmup_lr_init=args.warmup_lr,
                                   t_in_epochs=False)
-    autocast_dtype = common.amp_dtype(args.amp, args.amp_dtype, device)
+    autocast_dtype = runtime.amp_dtype(args.amp, args.amp_dtype, device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
@@ -219,15 +223,15 @@ def _train(args: argparse.Namespace, dist_info: common.DistInfo) -> dict:
         if dist_info.enabled else model
 
     for epoch in range(start_epoch, args.epochs):
-        common.seed_everything(args.seed, epoch + 1, dist_info.rank)
+        runtime.seed_everything(args.seed, epoch + 1, dist_info.rank)
         loader.sampler.set_epoch(epoch)
         step, train_loss = train_one_epoch(train_model, ema, loader, optimizer, scheduler, scaler, criterion, args,
                                            dist_info, autocast_dtype, epoch, step, steps)
         metrics = {'epoch': epoch + 1, 'step': step, 'train_loss': train_loss}
-        metrics |= {f'val_{k}': v for k, v in common.evaluate(model, val_loader, dist_info, autocast_dtype,
+        metrics |= {f'val_{k}': v for k, v in evaluation.evaluate(model, val_loader, dist_info, autocast_dtype,
                                                                desc='val', leave=False).items()}
         if ema is not None:
-            metrics |= {f'ema_val_{k}': v for k, v in common.evaluate(ema.module, val_loader, dist_info, autocast_dtype,
+            metrics |= {f'ema_val_{k}': v for k, v in evaluation.evaluate(ema.module, val_loader, dist_info, autocast_dtype,
                                                                       desc='val ema', leave=False).items()}
         history.append(metrics)
         if dist_info.is_main:
@@ -245,4 +249,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-    common.run_cli(main)
+    runtime.run_cli(main)

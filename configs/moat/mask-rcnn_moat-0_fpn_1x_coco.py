@@ -2,6 +2,6 @@
 _base_ = ['./mask-rcnn_tiny-moat-2_fpn_1x_coco.py']
 
 model = dict(
-    # weights: python tools/convert.py moat_0 <unpacked checkpoint> moat_0.safetensors
+    # weights: python tools/convert.py <unpacked checkpoint> --model moat_0 -o moat_0.safetensors
     backbone=dict(model_name='moat_0', drop_path_rate=0.2),
     neck=dict(in_channels=[96, 192, 384, 768]))

@@ -2,6 +2,6 @@
 _base_ = ['./mask-rcnn_tiny-moat-2_fpn_1x_coco.py']
 
 model = dict(
-    # weights: python tools/convert.py moat_1 <unpacked checkpoint> moat_1.safetensors
+    # weights: python tools/convert.py <unpacked checkpoint> --model moat_1 -o moat_1.safetensors
     backbone=dict(model_name='moat_1', drop_path_rate=0.3),
     neck=dict(in_channels=[96, 192, 384, 768]))

@@ -23,7 +23,7 @@ model = dict(
         # feature 0 is the stride-2 stem; 1-4 are the stride-4..32 stages
         out_indices=(1, 2, 3, 4),
         # the official ImageNet-1K weights are TensorFlow checkpoints: convert them first
-        # (python tools/convert.py tiny_moat_2 <unpacked checkpoint> tiny_moat_2.safetensors, see
+        # (python tools/convert.py <unpacked checkpoint> --model tiny_moat_2 -o tiny_moat_2.safetensors, see
         # model_cards/moat.md) and set checkpoint='tiny_moat_2.safetensors'
         pretrained=True,
         # window attention (14x14 at stride 16, 7x7 at stride 32; the 32x32 and 16x16 maps of a 512 crop
