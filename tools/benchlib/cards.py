@@ -206,7 +206,7 @@ def zoo_table(figures, configs):
     lines = ['| family | variant | params (M) | GMACs | top-1 as the paper reports it | fused kernel '
              '| configs (det / seg) | card |', '|---|---|---:|---:|---:|---|---|---|']
     for fam in zoo.FAMILIES:
-        kernel = f'`{fam.kernel}`' if fam.kernel else '- (SDPA)'
+        kernel = f'`{fam.kernel}`' if fam.kernel else '-'
         for v in fam.variants:
             fig = figures[v.name]
             top1 = '-' if v.top1 is None else f'{_top1(v)} @{v.resolution}'
@@ -215,7 +215,8 @@ def zoo_table(figures, configs):
                          f'| [{fam.card}](model_cards/{fam.card}.md) |')
     lines += ['', 'Params and GMACs (multiply-adds at the default input size, 1000-class head) are measured on '
               'attnzoo\'s code by `tools/benchmark.py`; top-1 is ImageNet-1k as each paper (or official README) '
-              'reports it, not re-evaluated. timm\'s HaloNets are timm\'s own designs, not the paper\'s H0-H7: '
+              'reports it, not re-evaluated. Fused kernel: the `attnzoo.kernels` op the family runs on ("-": '
+              'plain PyTorch attention, `F.scaled_dot_product_attention` where the family uses it). timm\'s HaloNets are timm\'s own designs, not the paper\'s H0-H7: '
               'no paper top-1 belongs to them. Throughput is in each card and in the plot '
               '[model_cards/benchmarks/](model_cards/benchmarks/README.md#the-zoo-at-a-glance).']
     return '\n'.join(lines)
