@@ -34,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.harness import (Result, cpu_peak_mib, markdown_table, run_case, time_call,  # noqa: E402
-                              time_interleaved)
+from benchlib.harness import (Result, _fmt as fmt, cpu_peak_mib, markdown_table, run_case,  # noqa: E402
+                              time_call, time_interleaved)
 
 KERNEL_SECTIONS = ('neighborhood', 'routing')
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'
@@ -156,10 +156,10 @@ def _run_models(args, device, dtype):
                              str(dtype).replace('torch.', ''),
                              extra={'params_m': params / 1e6, 'gmacs': gmacs, 'kernel_backend': kernel_backend,
                                     **facts})
-                progress.update(1)
+                results.append(row)
                 if skip:
                     row.error = f'not timed: {gmacs:.0f} GMACs > --max-gmacs {args.max_gmacs:g}'
-                    results.append(row)
+                    progress.update(1)
                     continue
                 model.train(mode != 'fwd')
 
@@ -176,7 +176,7 @@ def _run_models(args, device, dtype):
                     row.extra['img_per_s'] = args.batch / (row.ms * 1e-3)
                 except Exception as exc:  # reported in the table, not fatal for the other models
                     row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
-                results.append(row)
+                progress.update(1)
         del model, x
     progress.close()
     base = {r.mode: r for r in results if r.impl == args.baseline}
@@ -190,8 +190,6 @@ def _run_models(args, device, dtype):
 
 def models_table(results, baseline_of):
     """One row per model and mode: size, paper top-1, time, throughput, ratio to the baseline."""
-    def fmt(value, spec):
-        return '-' if value is None else format(value, spec)
     lines = ['| case | model | family | dtype | mode | params (M) | GMACs | paper top-1 | ms | img/s | x vs baseline '
              '| peak MiB | note |', '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
     for r in results:
@@ -254,8 +252,6 @@ def _cpu_rows(section, case, mode, dtype, calls, args, progress):
 
 def cpu_table(results, baseline_of):
     """Kernel rows: speed-ups over the reference and over dense SDPA; model rows: time over the baseline model."""
-    def fmt(value, spec):
-        return '-' if value is None else format(value, spec)
     lines = ['| case | impl | mode | ms (wall) | ms (CPU) | x vs reference | x vs sdpa-dense | peak MiB '
              '| mem vs reference |', '|---|---|---|---:|---:|---:|---:|---:|---:|']
     for r in results:
