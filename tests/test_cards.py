@@ -7,6 +7,7 @@ pretrained lines as comments), so running them is what a reader does, minus the 
 import importlib.util
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,11 @@ sys.path.insert(0, str(ROOT / 'tools'))
 from benchlib import cards, zoo  # noqa: E402
 
 CARDS = sorted((ROOT / 'model_cards').glob('*.md'))
-PYTHON_BLOCK = re.compile(r'^```python\n(.*?)^```', re.S | re.M)
+PYTHON_BLOCK = re.compile(r'^( *)```python\n(.*?)^\1```', re.S | re.M)   # also inside list items
 
 
 def python_blocks(path):
-    return PYTHON_BLOCK.findall(path.read_text())
+    return [textwrap.dedent(code) for _, code in PYTHON_BLOCK.findall(path.read_text())]
 
 
 def meta_params(name):
