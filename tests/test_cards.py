@@ -103,6 +103,24 @@ def test_the_smallest_variant_of_each_family_counts_as_its_card_says():
         assert printed == meta_params(name), name
 
 
+TEMPLATE_SECTIONS = ['What it is', 'Numbers', 'Variants', 'Usage', 'Source and license', 'Citation']
+
+
+@pytest.mark.parametrize('fam', zoo.FAMILIES, ids=lambda fam: fam.card)
+def test_every_card_follows_the_template(fam):
+    """Front matter first (Hugging Face model-card metadata), the template's sections in order (a family
+    adds its own between them), the generated blocks filled, a Usage section with runnable python."""
+    text = (ROOT / 'model_cards' / f'{fam.card}.md').read_text()
+    front, body = text.split('\n---\n', 1)
+    assert front.startswith('---\nlibrary_name: timm\nlicense: ') and '\ndatasets:\n- imagenet-1k' in front
+    sections = re.findall(r'^## (.+)$', body, re.M)
+    assert [s for s in sections if s in TEMPLATE_SECTIONS] == TEMPLATE_SECTIONS, sections
+    for name in ('numbers', 'configs', 'citation'):
+        assert (cards.block(text, name) or '').strip(), f'{fam.card}: empty {name} block'
+    usage = body.split('\n## Usage\n', 1)[1].split('\n## ', 1)[0]
+    assert '```python' in usage
+
+
 def test_generated_blocks_need_their_markers():
     text = '# card\n<!-- attnzoo:begin numbers -->\nold\n<!-- attnzoo:end numbers -->\nrest\n'
     assert cards.replace_block(text, 'numbers', 'new', 'card.md') == text.replace('old', 'new')
