@@ -142,7 +142,8 @@ def _run_models(args, device, dtype):
         skip = args.max_gmacs is not None and gmacs is not None and gmacs > args.max_gmacs
         model = None if skip else timm.create_model(name).to(device=device, dtype=dtype)
         with torch.device('meta'):
-            params = sum(p.numel() for p in timm.create_model(name).parameters())
+            meta = timm.create_model(name)
+        params = sum(p.numel() for p in meta.parameters())
         fam = next((f for f in zoo.FAMILIES if name in f.variant_names()), None)
         variant = fam.variants[fam.variant_names().index(name)] if fam else None
         facts = dict(family=fam.title if fam else '', paper_top1=variant.top1 if variant else None,
@@ -154,7 +155,8 @@ def _run_models(args, device, dtype):
             for mode in args.modes:
                 row = Result('models', f'{name} @{size[0]}x{size[1]} b{args.batch}', impl, mode,
                              str(dtype).replace('torch.', ''),
-                             extra={'params_m': params / 1e6, 'gmacs': gmacs, 'kernel_backend': kernel_backend,
+                             extra={'params_m': params / 1e6, 'params': params, 'gmacs': gmacs, 'size': size,
+                                    'license': meta.pretrained_cfg.get('license'), 'kernel_backend': kernel_backend,
                                     **facts})
                 results.append(row)
                 if skip:
@@ -402,15 +404,18 @@ ZOO_LEGEND = ('One process, the variants one after another, each at its default 
               'top-1 comes from tools/benchlib/zoo.py; params and GMACs are measured on the code.')
 
 
-def regenerate_cards(out):
+def regenerate_cards(out, results=()):
     """The cards' generated blocks, README's zoo table and the zoo plots, from the code, tools/benchlib/zoo.py
-    and the zoo results in ``out``."""
+    and the zoo results in ``out``; the params and GMACs of ``results`` (this run's) are not counted again."""
     from benchlib import cards, zoo
+    figures = {r.impl: dict(params=r.extra['params'], gmacs=r.extra['gmacs'], license=r.extra['license'],
+                            size=tuple(r.extra['size'])) for r in results if 'license' in r.extra}
     with tqdm(total=len(zoo.all_variants()), desc='cards: params and GMACs', unit='model') as progress:
-        written = cards.regenerate(out, progress=progress)
+        written = cards.regenerate(out, figures=figures, progress=progress)
     for header, rows in cards.zoo_runs(out):
+        threads = f', {header["threads"]} thread{"s" if header["threads"] != 1 else ""}' if 'threads' in header else ''
         cards.plot_zoo(rows, Path(out) / header['file'].replace('.json', '.png'),
-                       f'attnzoo zoo on {header["device"]} ({header["date"]}, batch {header["batch"]}, fp32)')
+                       f'attnzoo zoo on {header["device"]} ({header["date"]}, batch {header["batch"]}{threads}, fp32)')
     print('regenerated ' + ', '.join(str(p.relative_to(Path(__file__).resolve().parent.parent)) for p in written))
 
 
@@ -424,7 +429,8 @@ def parse_args(argv=None):
     parser.add_argument('--cases', default=None, help='kernels section: only cases whose name matches this regex')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--warmup', type=int, default=None, help='default: 1 with --family, else 3')
-    parser.add_argument('--iters', type=int, default=None, help='default: 3 with --family, else 10')
+    parser.add_argument('--iters', type=int, default=None, help='timed calls (default: 10; with --family at most '
+                                                                 'what fits in --budget-s)')
     parser.add_argument('--models', nargs='+', default=None,
                         help='models section: model names (default: cswin_tiny_224 unless --family is given)')
     parser.add_argument('--family', nargs='+', default=None,
@@ -440,7 +446,7 @@ def parse_args(argv=None):
                         help='models section: list but do not time models above this many GMACs per image')
     parser.add_argument('--budget-s', type=float, default=None,
                         help='models section: at most as many timed calls as fit in this many seconds, at least '
-                             'one (default with --family: 10)')
+                             'one (default with --family: 5)')
     parser.add_argument('--kernel-backends', nargs='+', default=['auto'], choices=('auto', 'triton', 'reference'),
                         help="models section: run each model (not the baseline) with the attention ops on each of "
                              "these (attnzoo.kernels.use_backend; 'auto': Triton on CUDA, the CPU kernels on CPU), "
@@ -471,10 +477,10 @@ def parse_args(argv=None):
             args.threads = 1
     args.models = args.models or ['cswin_tiny_224']
     args.warmup = (1 if zoo_run else 3) if args.warmup is None else args.warmup
-    args.iters = (3 if zoo_run else 10) if args.iters is None else args.iters
+    args.iters = 10 if args.iters is None else args.iters
     args.batch = (1 if zoo_run else 32) if args.batch is None else args.batch
     args.modes = args.modes or (['fwd'] if zoo_run else ['fwd', 'fwd+bwd'])
-    args.budget_s = args.budget_s if args.budget_s is not None else (10. if zoo_run else None)
+    args.budget_s = args.budget_s if args.budget_s is not None else (5. if zoo_run else None)
     return args
 
 
@@ -512,7 +518,7 @@ def main(argv=None):
           plotter=plot_zoo if zoo_run else plot, notes=notes, legend=ZOO_LEGEND if zoo_run else LEGEND)
     if zoo_run and 'all' in args.family:
         if Path(args.out).resolve() == DEFAULT_OUT:
-            regenerate_cards(args.out)
+            regenerate_cards(args.out, results)
         else:   # the cards link their figures' files in model_cards/benchmarks/
             print(f'cards not regenerated: --out is not {DEFAULT_OUT}')
 

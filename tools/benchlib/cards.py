@@ -230,9 +230,14 @@ def set_front_matter(text, body):
 
 
 def regenerate(results_dir, root=ROOT, figures=None, progress=None):
-    """Rewrite every card's generated blocks and README's zoo table; returns the files written."""
-    names = [v.name for v in zoo.all_variants()]
-    figures = figures or static_figures(names, progress=progress)
+    """Rewrite every card's generated blocks and README's zoo table; returns the files written.
+    ``figures``: what static_figures gives, for the variants already counted (the rest are counted here)."""
+    figures = dict(figures or {})
+    missing = [v.name for v in zoo.all_variants() if v.name not in figures]
+    if progress is not None:
+        progress.total = len(missing)
+        progress.refresh()
+    figures.update(static_figures(missing, progress=progress))
     configs = configs_by_variant(root)
     runs = zoo_runs(results_dir)
     written = []
@@ -262,7 +267,9 @@ def plot_zoo(rows, path, title):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(11, 7))
-    colours = plt.get_cmap('tab20').colors
+    tab20 = plt.get_cmap('tab20').colors
+    colours = tab20[::2] + tab20[1::2]          # the ten strong colours first, then their light shades
+    markers = 'os^DvPXp<>h'
     left_out = []
     for index, fam in enumerate(zoo.FAMILIES):
         points = []
@@ -276,7 +283,7 @@ def plot_zoo(rows, path, title):
             continue
         xs, ys, params, names = zip(*points)
         ax.scatter(xs, ys, s=[8 + 3 * p for p in params], color=colours[index % len(colours)], alpha=0.6,
-                   edgecolors='black', linewidths=0.5, label=fam.title)
+                   marker=markers[index % len(markers)], edgecolors='black', linewidths=0.5, label=fam.title)
         for x, y, name in zip(xs, ys, names):
             ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords='offset points')
     ax.set_xscale('log')
