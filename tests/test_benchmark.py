@@ -176,6 +176,8 @@ def test_cards_take_the_zoo_run(tmp_path):
     Numbers blocks and the README table, and leaves the hand-written rest alone (figures given, so
     nothing is counted here)."""
     import shutil
+    import timm
+    import attnzoo.backbones  # noqa: F401  registers the attnzoo families
     root = Path(__file__).resolve().parent.parent
     shutil.copytree(root / 'model_cards', tmp_path / 'model_cards', ignore=shutil.ignore_patterns('*.png', '*.json'))
     shutil.copytree(root / 'configs', tmp_path / 'configs')
@@ -187,14 +189,15 @@ def test_cards_take_the_zoo_run(tmp_path):
             dict(impl='shvit_s2', mode='fwd', ms=None, error='not timed: 0 GMACs > --max-gmacs 0.3', extra={})]
     (results / 'cpu-test-x2-models-zoo.json').write_text(json.dumps({**header, 'results': rows}))
     figures = {v.name: dict(params=OFFICIAL_PARAMS[v.name], gmacs=1.0, size=(v.resolution,) * 2,
-                            license=__import__('timm').get_pretrained_cfg(v.name).license) for v in zoo.all_variants()}
+                            license=timm.get_pretrained_cfg(v.name).license) for v in zoo.all_variants()}
     before = (tmp_path / 'model_cards' / 'shvit.md').read_text()
     cards.regenerate(results, root=tmp_path, figures=figures)
     text = (tmp_path / 'model_cards' / 'shvit.md').read_text()
     numbers = cards.block(text, 'numbers')
     assert '| img/s, CPU Test x2 |' in numbers and '| `shvit_s1` | 72.8 | 224 | 6,330,808 | 1.00 @224 | 100 |' in numbers
     assert '| `shvit_s2` |' in numbers and 'not timed |' in numbers and '| `shvit_s3` |' in numbers
-    assert 'load average (1, 5, 15 min) 1.0, 2.0, 3.0 at the start' in numbers
+    assert 'load average (1, 5, 15 min) 1.0, 2.0, 3.0 at the start' in numbers and '1 thread,' in numbers
+    assert '"not timed": above the run\'s `--max-gmacs`' in numbers
     assert 'GPU: no GPU run exists yet' in numbers
     outside = lambda s: s.replace(cards.block(s, 'numbers'), '').split('\n---\n', 1)[1]  # noqa: E731
     assert outside(text) == outside(before)

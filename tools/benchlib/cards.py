@@ -137,16 +137,18 @@ def _throughput(row):
     return f'{row["extra"]["img_per_s"]:.3g}'
 
 
-def _run_note(header):
-    extra = header.get('notes', header)
-    load = extra.get('load_average_at_start'), extra.get('load_average_at_end')
+def _run_note(header, rows):
+    load = header.get('load_average_at_start'), header.get('load_average_at_end')
     load_text = ''
     if all(load):
         load_text = (f'; load average (1, 5, 15 min) {", ".join(f"{x:.1f}" for x in load[0])} at the start, '
                      f'{", ".join(f"{x:.1f}" for x in load[1])} at the end')
+    threads = header.get('threads')
+    baseline = next((r for r in rows.values() if not r['extra'].get('family') and r.get('ms')), None)
+    baseline_text = f'; baseline {baseline["impl"]} {_throughput(baseline)} img/s' if baseline else ''
     return (f'**{header["device"]}**: {header["date"]}, torch {header["torch"]}, {header.get("dtype", "fp32")}, '
-            f'batch {header.get("batch")}, forward only, {extra.get("threads")} threads, median of up to '
-            f'{header.get("iters")} timed calls after {header.get("warmup")} warm-up{load_text} '
+            f'batch {header.get("batch")}, forward only, {threads} thread{"" if threads == 1 else "s"}, median of '
+            f'up to {header.get("iters")} timed calls after {header.get("warmup")} warm-up{baseline_text}{load_text} '
             f'([{header["file"]}](benchmarks/{header["file"]}))')
 
 
@@ -170,11 +172,13 @@ def numbers_block(fam, figures, runs):
     if runs:
         notes += ['', 'Throughput (images / s, batch 1, fp32), each column from one run of '
                   '`python tools/benchmark.py models --family all`:', '']
-        notes += [f'- {_run_note(header)}' for header, _ in runs]
+        notes += [f'- {_run_note(header, rows)}' for header, rows in runs]
         if any(h['device'].startswith('CPU') for h, _ in runs):
-            notes += ['', 'The CPU figures come from a 2-core machine shared with other work, so they are noisy: '
-                      'compare variants within a column, not with other machines. "not timed": above the run\'s '
-                      '`--max-gmacs` (too slow for one CPU run).']
+            notes += ['', 'The CPU figures come from a 2-core machine shared with other work, so they are noisy '
+                      '(model_cards/benchmarks/README.md, "The zoo at a glance"): compare variants within a column, '
+                      'not with other machines.']
+        if any(_throughput(rows.get(name)) == 'not timed' for _, rows in runs for name in fam.variant_names()):
+            notes += ['', '"not timed": above the run\'s `--max-gmacs`.']
     if not any(not h['device'].startswith('CPU') for h, _ in runs):
         notes += ['', 'GPU: no GPU run exists yet (`python tools/benchmark.py models --family all` on a GPU adds '
                   'its column).']
