@@ -197,7 +197,8 @@ def models_table(results, baseline_of):
     for r in results:
         impl = r.impl + (' (baseline)' if baseline_of.get(r.case) == r.impl else '')
         e = r.extra
-        lines.append(f'| {r.case} | {impl} | {e.get("family", "")} | {r.dtype} | {r.mode} | {fmt(e["params_m"], ".2f")} '
+        lines.append(f'| {r.case} | {impl} | {e.get("family", "")} | {r.dtype} | {r.mode} '
+                     f'| {fmt(e["params_m"], ".2f")} '
                      f'| {fmt(e["gmacs"], ".2f")} | {fmt(e.get("paper_top1"), "g")} | {fmt(r.ms, ".1f")} '
                      f'| {fmt(e.get("img_per_s"), ".3g")} | {fmt(r.speedup_vs_baseline, ".2f")} '
                      f'| {fmt(r.peak_mib, ".1f")} | {r.error} |')
@@ -410,7 +411,8 @@ def regenerate_cards(out, results=()):
     from benchlib import cards, zoo
     figures = {r.impl: dict(params=r.extra['params'], gmacs=r.extra['gmacs'], license=r.extra['license'],
                             size=tuple(r.extra['size'])) for r in results if 'license' in r.extra}
-    with tqdm(total=len(zoo.all_variants()), desc='cards: params and GMACs', unit='model') as progress:
+    with tqdm(total=len(zoo.all_variants()), desc='cards: params and GMACs', unit='model',
+              disable=len(figures) == len(zoo.all_variants())) as progress:
         written = cards.regenerate(out, figures=figures, progress=progress)
     for header, rows in cards.zoo_runs(out):
         threads = f', {header["threads"]} thread{"s" if header["threads"] != 1 else ""}' if 'threads' in header else ''

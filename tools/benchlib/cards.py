@@ -168,7 +168,9 @@ def numbers_block(fam, figures, runs):
              '"at" (not re-evaluated here: no ImageNet on the development machine). Params and GMACs are '
              "attnzoo's, measured by `tools/benchmark.py` (parameters counted on the meta device with the "
              '1000-class head; multiply-adds of one forward pass at the default input size, '
-             '`torch.utils.flop_counter`, attention counted through its explicit path).']
+             '`torch.utils.flop_counter`, attention counted through its explicit path). Official code: '
+             + (fam.official_repo or 'none was released') + (f'; the model is timm\'s (`{fam.module}`).'
+                                                             if fam.timm_native else '.')]
     if runs:
         notes += ['', 'Throughput (images / s, batch 1, fp32), each column from one run of '
                   '`python tools/benchmark.py models --family all`:', '']
@@ -214,13 +216,15 @@ def zoo_table(figures, configs):
         for v in fam.variants:
             fig = figures[v.name]
             top1 = '-' if v.top1 is None else f'{_top1(v)} @{v.resolution}'
-            lines.append(f'| {fam.title} | `{v.name}` | {fig["params"] / 1e6:.2f} | {fig["gmacs"]:.2f} @{fig["size"][0]} '
+            lines.append(f'| {fam.title} | `{v.name}` | {fig["params"] / 1e6:.2f} '
+                         f'| {fig["gmacs"]:.2f} @{fig["size"][0]} '
                          f'| {top1} | {kernel} | {config_summary(configs.get(v.name, []))} '
                          f'| [{fam.card}](model_cards/{fam.card}.md) |')
     lines += ['', 'Params and GMACs (multiply-adds at the default input size, 1000-class head) are measured on '
               'attnzoo\'s code by `tools/benchmark.py`; top-1 is ImageNet-1k as each paper (or official README) '
               'reports it, not re-evaluated. Fused kernel: the `attnzoo.kernels` op the family runs on ("-": '
-              'plain PyTorch attention, `F.scaled_dot_product_attention` where the family uses it). timm\'s HaloNets are timm\'s own designs, not the paper\'s H0-H7: '
+              'plain PyTorch attention, `F.scaled_dot_product_attention` where the family uses it). '
+              'timm\'s HaloNets are timm\'s own designs, not the paper\'s H0-H7: '
               'no paper top-1 belongs to them. Throughput is in each card and in the plot '
               '[model_cards/benchmarks/](model_cards/benchmarks/README.md#the-zoo-at-a-glance).']
     return '\n'.join(lines)

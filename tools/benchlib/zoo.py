@@ -33,7 +33,7 @@ class Family:
     title: str                     # the card's and the table's name of the family
     paper: str                     # authors, venue, year
     module: str                    # the module that registers the variants: attnzoo.backbones.X or timm.models.X
-    official_repo: str
+    official_repo: Optional[str]   # None: no official code was released
     top1_source: str               # where the top-1 figures are copied from
     kernel: Optional[str]          # the attnzoo.kernels op the family runs on; None: SDPA / explicit attention
     citation: str                  # BibTeX, as the official README gives it where it gives one
@@ -133,7 +133,7 @@ FAMILIES = (
 }'''),
     Family(
         card='halonet', title='HaloNet', paper='Vaswani et al., CVPR 2021',
-        module='timm.models.byoanet', official_repo='none released (timm: https://github.com/huggingface/pytorch-image-models)',
+        module='timm.models.byoanet', official_repo=None,   # the paper's code was never released
         top1_source='paper', kernel=None, timm_native=True, tags=('blocked-local-attention',),
         # timm's HaloNets are timm's own designs, not the paper's H0-H7 (the paper's table could not be
         # confirmed from a stored source either): no paper top-1 belongs to them
@@ -164,7 +164,8 @@ FAMILIES = (
         top1_source='official README', kernel=None, timm_native=True, tags=('multi-axis-attention',),
         variants=(_v([('maxvit_tiny_tf_224', 83.62)]) + _v([('maxvit_tiny_tf_384', 85.24)], 384)
                   + _v([('maxvit_tiny_tf_512', 85.72)], 512)
-                  + _v([('maxvit_small_tf_224', 84.45), ('maxvit_base_tf_224', 84.95), ('maxvit_large_tf_224', 85.17)])),
+                  + _v([('maxvit_small_tf_224', 84.45), ('maxvit_base_tf_224', 84.95),
+                        ('maxvit_large_tf_224', 85.17)])),
         citation='''@inproceedings{tu2022maxvit,
   title     = {MaxViT: Multi-Axis Vision Transformer},
   author    = {Tu, Zhengzhong and Talebi, Hossein and Zhang, Han and Yang, Feng and Milanfar, Peyman and
@@ -178,7 +179,8 @@ FAMILIES = (
         top1_source='official README', kernel=None, tags=('mobile-convolution-attention',),
         variants=(_v([('moat_0', 83.3), ('moat_1', 84.2)]) + _v([('moat_2', 87.5)], 384, pretrain='in22k')
                   + _v([('moat_3', 88.4), ('moat_4', 89.1)], 512, pretrain='in22k')
-                  + _v([('tiny_moat_0', 76.6), ('tiny_moat_1', 79.2), ('tiny_moat_2', 81.7), ('tiny_moat_3', 83.3)], 256)
+                  + _v([('tiny_moat_0', 76.6), ('tiny_moat_1', 79.2), ('tiny_moat_2', 81.7),
+                        ('tiny_moat_3', 83.3)], 256)
                   + _v([('moat_0_no_pe', 83.0), ('moat_1_no_pe', 84.1)])
                   + _v([('moat_2_no_pe', 87.2)], 384, pretrain='in22k')
                   + _v([('moat_3_no_pe', 88.2), ('moat_4_no_pe', 88.9)], 512, pretrain='in22k')
