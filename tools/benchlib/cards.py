@@ -168,7 +168,9 @@ def numbers_block(fam, figures, runs):
              '"at" (not re-evaluated here: no ImageNet on the development machine). Params and GMACs are '
              "attnzoo's, measured by `tools/benchmark.py` (parameters counted on the meta device with the "
              '1000-class head; multiply-adds of one forward pass at the default input size, '
-             '`torch.utils.flop_counter`, attention counted through its explicit path). Official code: '
+             '`torch.utils.flop_counter`, attention counted through its explicit path). Attention runs on '
+             + (f'attnzoo\'s fused `{fam.kernel}` op (`attnzoo.kernels`)' if fam.kernel else
+                'plain PyTorch (no attnzoo kernel)') + '. Official code: '
              + (fam.official_repo or 'none was released') + (f'; the model is timm\'s (`{fam.module}`).'
                                                              if fam.timm_native else '.')]
     if runs:
