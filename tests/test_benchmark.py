@@ -195,7 +195,7 @@ def test_cards_take_the_zoo_run(tmp_path):
     text = (tmp_path / 'model_cards' / 'shvit.md').read_text()
     numbers = cards.block(text, 'numbers')
     assert '| img/s, CPU Test x2 |' in numbers
-    assert '| `shvit_s1` | 72.8 | 224 | 6,330,808 | 1.00 @224 | 100 |' in numbers
+    assert '| `shvit_s1` | 72.8 | 224 | 6,330,808 | 1.000 @224 | 100 |' in numbers
     assert '| `shvit_s2` |' in numbers and 'not timed |' in numbers and '| `shvit_s3` |' in numbers
     assert 'load average (1, 5, 15 min) 1.0, 2.0, 3.0 at the start' in numbers and '1 thread,' in numbers
     assert '"not timed": above the run\'s `--max-gmacs`' in numbers

@@ -55,7 +55,7 @@ def block(text, name):
 
 # ---------------------------------------------------------------------------------------------- figures
 
-def static_figures(names, gmacs=True, progress=None):
+def static_figures(names, progress=None):
     """{name: {'params': int, 'gmacs': float, 'size': (H, W), 'license': str}}: counted on the meta device
     (parameters) and by tools/benchmark.py's FLOP counter at the default input size (GMACs)."""
     import timm
@@ -71,7 +71,7 @@ def static_figures(names, gmacs=True, progress=None):
         size = tuple(model.pretrained_cfg['input_size'][1:])
         figures[name] = dict(params=sum(p.numel() for p in model.parameters()), size=size,
                              license=model.pretrained_cfg.get('license'),
-                             gmacs=model_gmacs(name, size) if gmacs else None)
+                             gmacs=model_gmacs(name, size))
         if progress is not None:
             progress.update(1)
     return figures
@@ -160,7 +160,7 @@ def numbers_block(fam, figures, runs):
     for v in fam.variants:
         fig = figures[v.name]
         cells = [f'`{v.name}`', _top1(v), str(v.resolution), f'{fig["params"]:,}',
-                 f'{fig["gmacs"]:.2f} @{fig["size"][0]}']
+                 f"{fig['gmacs']:.3f} @{fig['size'][0]}"]
         cells += [_throughput(rows.get(v.name)) for _, rows in runs] or ['not measured']
         lines.append('| ' + ' | '.join(cells) + ' |')
     notes = ['',
