@@ -10,27 +10,35 @@
     python tools/benchmark.py cpu                     # CPU kernels vs reference vs dense SDPA; NAT vs CSWin train steps
     python tools/benchmark.py cpu --threads 1         # fewer threads than cores: steadier on a loaded machine
     python tools/benchmark.py models --models dat_pp_tiny --kernel-backends auto reference  # fused vs reference
+    python tools/benchmark.py models --family all     # the zoo: every variant, then the cards, README table and plot
+    python tools/benchmark.py models --family biformer nat   # some families' variants (files tagged zoo-<families>)
+    python tools/benchmark.py cards                   # regenerate the cards' and README's generated parts only
 
 Results go to --out (default model_cards/benchmarks/) as <device>-<section>[-<tag>].md (a table),
-.json (every number) and .png (a plot), the device named in each file.
+.json (every number, with the device, library versions and the machine's load), .csv (one row per
+measurement) and .png (a plot), the device named in each file.
 """
 import argparse
+import csv
 import datetime
 import json
 import os
 import platform
 import re
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.harness import (Result, cpu_peak_mib, markdown_table, run_case, time_call,  # noqa: E402
-                              time_interleaved)
+from benchlib.harness import (Result, _fmt as fmt, cpu_peak_mib, markdown_table, run_case,  # noqa: E402
+                              time_call, time_interleaved)
 
 KERNEL_SECTIONS = ('neighborhood', 'routing')
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
@@ -106,40 +114,73 @@ def run_models(args, device, dtypes):
     return results, {r.case: args.baseline for r in results}
 
 
+def time_within(fn, device, warmup, iters, budget_s):
+    """``time_call`` with at most as many timed calls as fit in ``budget_s`` (at least one), judged by the
+    warm-up calls: a 100-GMAC model on two CPU cores takes tens of seconds per call."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    per_call = (time.perf_counter() - start) / warmup if warmup else 0.
+    calls = iters if budget_s is None or per_call == 0 else max(1, min(iters, int(budget_s // per_call)))
+    ms, peak = time_call(fn, device, 0, calls)
+    return ms, peak, calls
+
+
 def _run_models(args, device, dtype):
     import timm
     import attnzoo.backbones  # noqa: F401  registers the attnzoo families
     from attnzoo.kernels import use_backend
+    from benchlib import zoo
     names = [args.baseline] + [n for n in args.models if n != args.baseline]
+    runs = sum(len(['auto'] if n == args.baseline else args.kernel_backends) for n in names) * len(args.modes)
     results = []
-    for name in tqdm(names, desc=f'models {dtype}', unit='model'):
-        model = timm.create_model(name).to(device=device, dtype=dtype)
-        size = tuple(model.pretrained_cfg['input_size'][1:])
-        params = sum(p.numel() for p in model.parameters())
-        gmacs = model_gmacs(name, size)
-        x = torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
+    progress = tqdm(total=runs, desc=f'models {str(dtype).replace("torch.", "")}', unit='run')
+    for name in names:
+        progress.set_postfix_str(name)
+        size = tuple(timm.models.get_pretrained_cfg(name).input_size[1:]) if timm.is_model(name) else None
+        gmacs = model_gmacs(name, size) if size else None   # an unknown name fails below, in create_model
+        skip = args.max_gmacs is not None and gmacs is not None and gmacs > args.max_gmacs
+        model = None if skip else timm.create_model(name).to(device=device, dtype=dtype)
+        with torch.device('meta'):
+            meta = timm.create_model(name)
+        params = sum(p.numel() for p in meta.parameters())
+        fam = next((f for f in zoo.FAMILIES if name in f.variant_names()), None)
+        variant = fam.variants[fam.variant_names().index(name)] if fam else None
+        facts = dict(family=fam.title if fam else '', paper_top1=variant.top1 if variant else None,
+                     paper_resolution=variant.resolution if variant else None)
+        x = None if skip else torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
         # the baseline runs once, on the default kernels; each other model once per --kernel-backends entry
         for kernel_backend in ['auto'] if name == args.baseline else args.kernel_backends:
             impl = name if kernel_backend == 'auto' else f'{name} ({kernel_backend} kernels)'
-            for mode in ('fwd', 'fwd+bwd'):
+            for mode in args.modes:
                 row = Result('models', f'{name} @{size[0]}x{size[1]} b{args.batch}', impl, mode,
                              str(dtype).replace('torch.', ''),
-                             extra={'params_m': params / 1e6, 'gmacs': gmacs, 'kernel_backend': kernel_backend})
+                             extra={'params_m': params / 1e6, 'params': params, 'gmacs': gmacs, 'size': size,
+                                    'license': meta.pretrained_cfg.get('license'), 'kernel_backend': kernel_backend,
+                                    **facts})
+                results.append(row)
+                if skip:
+                    row.error = f'not timed: {gmacs:.0f} GMACs > --max-gmacs {args.max_gmacs:g}'
+                    progress.update(1)
+                    continue
                 model.train(mode != 'fwd')
 
                 def step():
                     if mode == 'fwd':
-                        with torch.no_grad():
+                        with torch.inference_mode():
                             model(x)
                     else:
                         model(x).float().sum().backward()
                 try:
                     with use_backend(None if kernel_backend == 'auto' else kernel_backend):
-                        row.ms, row.peak_mib = time_call(step, device, args.warmup, args.iters)
+                        row.ms, row.peak_mib, row.extra['timed_calls'] = time_within(
+                            step, device, args.warmup, args.iters, args.budget_s)
                     row.extra['img_per_s'] = args.batch / (row.ms * 1e-3)
                 except Exception as exc:  # reported in the table, not fatal for the other models
                     row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
-                results.append(row)
+                progress.update(1)
+        del model, x
+    progress.close()
     base = {r.mode: r for r in results if r.impl == args.baseline}
     for row in results:
         if row.ms and base[row.mode].ms:
@@ -147,6 +188,21 @@ def _run_models(args, device, dtype):
         if row.peak_mib is not None and base[row.mode].peak_mib:
             row.memory_vs_baseline = row.peak_mib / base[row.mode].peak_mib
     return results
+
+
+def models_table(results, baseline_of):
+    """One row per model and mode: size, paper top-1, time, throughput, ratio to the baseline."""
+    lines = ['| case | model | family | dtype | mode | params (M) | GMACs | paper top-1 | ms | img/s | x vs baseline '
+             '| peak MiB | note |', '|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|']
+    for r in results:
+        impl = r.impl + (' (baseline)' if baseline_of.get(r.case) == r.impl else '')
+        e = r.extra
+        lines.append(f'| {r.case} | {impl} | {e.get("family", "")} | {r.dtype} | {r.mode} '
+                     f'| {fmt(e["params_m"], ".2f")} '
+                     f'| {fmt(e["gmacs"], ".2f")} | {fmt(e.get("paper_top1"), "g")} | {fmt(r.ms, ".1f")} '
+                     f'| {fmt(e.get("img_per_s"), ".3g")} | {fmt(r.speedup_vs_baseline, ".2f")} '
+                     f'| {fmt(r.peak_mib, ".1f")} | {r.error} |')
+    return '\n'.join(lines)
 
 
 def _ratio(numerator, denominator):
@@ -199,8 +255,6 @@ def _cpu_rows(section, case, mode, dtype, calls, args, progress):
 
 def cpu_table(results, baseline_of):
     """Kernel rows: speed-ups over the reference and over dense SDPA; model rows: time over the baseline model."""
-    def fmt(value, spec):
-        return '-' if value is None else format(value, spec)
     lines = ['| case | impl | mode | ms (wall) | ms (CPU) | x vs reference | x vs sdpa-dense | peak MiB '
              '| mem vs reference |', '|---|---|---|---:|---:|---:|---:|---:|---:|']
     for r in results:
@@ -287,6 +341,29 @@ CPU_LEGEND = ('Medians of calls timed in turns (one call of every implementation
               'call, from the profiler\'s memory events (tools/benchlib/harness.py, cpu_peak_mib).')
 
 
+def versions():
+    """The libraries and the code a result was measured with."""
+    import timm
+    import torchvision
+    try:
+        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return dict(torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
+                python=platform.python_version(), attnzoo_commit=commit)
+
+
+def write_csv(results, path):
+    """One line per result, its ``extra`` figures as columns of their own."""
+    rows = [{k: v for k, v in r.as_dict().items() if k != 'extra'} | r.extra for r in results]
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, 'w', newline='') as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write(results, baseline_of, section, args, device, table=markdown_table, plotter=plot, notes=None,
           legend=LEGEND):
     out = Path(args.out)
@@ -297,7 +374,7 @@ def write(results, baseline_of, section, args, device, table=markdown_table, plo
     header = {
         'device': name,
         'date': datetime.date.today().isoformat(),
-        'torch': torch.__version__,
+        **versions(),
         'dtype': ' '.join(args.dtype),
         'section': section,
         'tag': args.tag,
@@ -307,35 +384,79 @@ def write(results, baseline_of, section, args, device, table=markdown_table, plo
         **(notes or {}),
     }
     stem.with_suffix('.json').write_text(json.dumps({**header, 'results': [r.as_dict() for r in results]}, indent=1))
+    write_csv(results, stem.with_suffix('.csv'))
     lines = [f'# {section} benchmark on {name}', '',
              ', '.join(f'{k}: {v}' for k, v in header.items() if k not in ('device', 'section')), '',
              legend, '', table(results, baseline_of), '']
     stem.with_suffix('.md').write_text('\n'.join(lines))
     plotter(results, section, stem.with_suffix('.png'), f'{section} on {name} ({" ".join(args.dtype)})')
-    print(f'wrote {stem}.md / .json / .png')
+    print(f'wrote {stem}.md / .json / .csv / .png')
+    return stem
+
+
+def plot_zoo(results, section, path, title):
+    from benchlib.cards import plot_zoo as draw
+    draw({r.impl: r.as_dict() for r in results if r.mode == 'fwd'}, path, title)
+
+
+ZOO_LEGEND = ('One process, the variants one after another, each at its default input size (the paper\'s '
+              'resolution). Throughput = batch / median time of the timed calls; "x vs baseline" > 1 means faster '
+              'than the baseline, measured in the same run. Rows "not timed" are above --max-gmacs. The paper\'s '
+              'top-1 comes from tools/benchlib/zoo.py; params and GMACs are measured on the code.')
+
+
+def regenerate_cards(out, results=()):
+    """The cards' generated blocks, README's zoo table and the zoo plots, from the code, tools/benchlib/zoo.py
+    and the zoo results in ``out``; the params and GMACs of ``results`` (this run's) are not counted again."""
+    from benchlib import cards, zoo
+    figures = {r.impl: dict(params=r.extra['params'], gmacs=r.extra['gmacs'], license=r.extra['license'],
+                            size=tuple(r.extra['size'])) for r in results if 'license' in r.extra}
+    with tqdm(total=len(zoo.all_variants()), desc='cards: params and GMACs', unit='model',
+              disable=len(figures) == len(zoo.all_variants())) as progress:
+        written = cards.regenerate(out, figures=figures, progress=progress)
+    for header, rows in cards.zoo_runs(out):
+        threads = f', {header["threads"]} thread{"s" if header["threads"] != 1 else ""}' if 'threads' in header else ''
+        cards.plot_zoo(rows, Path(out) / header['file'].replace('.json', '.png'),
+                       f'attnzoo zoo on {header["device"]} ({header["date"]}, batch {header["batch"]}{threads}, fp32)')
+    print('regenerated ' + ', '.join(str(p.relative_to(Path(__file__).resolve().parent.parent)) for p in written))
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('section', choices=('kernels', 'models', 'cpu'))
+    parser.add_argument('section', choices=('kernels', 'models', 'cpu', 'cards'))
     parser.add_argument('--only', nargs='+', choices=KERNEL_SECTIONS, help='kernel sections to run (default: all)')
     parser.add_argument('--quick', action='store_true', help='tiny shapes: a smoke run, also on CPU')
     parser.add_argument('--dtype', nargs='+', choices=DTYPES, default=None,
                         help='one or more; default: bf16 and fp32 on CUDA, fp32 on CPU')
     parser.add_argument('--cases', default=None, help='kernels section: only cases whose name matches this regex')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--warmup', type=int, default=3)
-    parser.add_argument('--iters', type=int, default=10)
-    parser.add_argument('--models', nargs='+', default=['cswin_tiny_224'], help='models section: model names')
+    parser.add_argument('--warmup', type=int, default=None, help='default: 1 with --family, else 3')
+    parser.add_argument('--iters', type=int, default=None, help='timed calls (default: 10; with --family at most '
+                                                                 'what fits in --budget-s)')
+    parser.add_argument('--models', nargs='+', default=None,
+                        help='models section: model names (default: cswin_tiny_224 unless --family is given)')
+    parser.add_argument('--family', nargs='+', default=None,
+                        help="models section: every variant of these families (tools/benchlib/zoo.py: biformer, "
+                             "nat, ...; 'all' for the whole zoo, which also regenerates the cards, README table and "
+                             "plot)")
     parser.add_argument('--baseline', default='resnet50', help='models section: the model every other is compared to')
-    parser.add_argument('--batch', type=int, default=32, help='models section: batch size')
+    parser.add_argument('--batch', type=int, default=None, help='models section: batch size (default: 1 with '
+                                                                 '--family, else 32)')
+    parser.add_argument('--modes', nargs='+', default=None, choices=('fwd', 'fwd+bwd'),
+                        help='models section (default: fwd with --family, else both)')
+    parser.add_argument('--max-gmacs', type=float, default=None,
+                        help='models section: list but do not time models above this many GMACs per image')
+    parser.add_argument('--budget-s', type=float, default=None,
+                        help='models section: at most as many timed calls as fit in this many seconds, at least '
+                             'one (default with --family: 5)')
     parser.add_argument('--kernel-backends', nargs='+', default=['auto'], choices=('auto', 'triton', 'reference'),
                         help="models section: run each model (not the baseline) with the attention ops on each of "
                              "these (attnzoo.kernels.use_backend; 'auto': Triton on CUDA, the CPU kernels on CPU), "
                              "e.g. 'auto reference' for fused vs reference rows")
     parser.add_argument('--tag', default='', help='names the result files <device>-<section>-<tag> (e.g. a family)')
-    parser.add_argument('--threads', type=int, default=None, help='cpu section: torch threads (default: torch\'s)')
-    parser.add_argument('--out', default=str(Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'))
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch threads (default: 1 with --family on CPU, else torch\'s)')
+    parser.add_argument('--out', default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     if args.section == 'cpu':
         args.device = 'cpu'
@@ -343,6 +464,25 @@ def parse_args(argv=None):
             parser.error(f'the cpu section runs one --dtype at a time, got {" ".join(args.dtype)}')
     if args.dtype is None:
         args.dtype = ['bf16', 'fp32'] if args.device.startswith('cuda') else ['fp32']
+    zoo_run = args.family is not None
+    if zoo_run:
+        from benchlib import zoo
+        try:
+            families = zoo.FAMILIES if 'all' in args.family else [zoo.family(name) for name in args.family]
+        except ValueError as exc:
+            parser.error(str(exc))
+        args.models = [name for fam in families for name in fam.variant_names()] + (args.models or [])
+        args.tag = args.tag or ('zoo' if 'all' in args.family else 'zoo-' + '-'.join(args.family))
+        if args.threads is None and not args.device.startswith('cuda'):
+            # one thread: on a CPU shared with other work, two threads wait on each other and times jump
+            # 10-30x from call to call; one thread per process gives steady, comparable figures
+            args.threads = 1
+    args.models = args.models or ['cswin_tiny_224']
+    args.warmup = (1 if zoo_run else 3) if args.warmup is None else args.warmup
+    args.iters = 10 if args.iters is None else args.iters
+    args.batch = (1 if zoo_run else 32) if args.batch is None else args.batch
+    args.modes = args.modes or (['fwd'] if zoo_run else ['fwd', 'fwd+bwd'])
+    args.budget_s = args.budget_s if args.budget_s is not None else (5. if zoo_run else None)
     return args
 
 
@@ -352,19 +492,37 @@ def main(argv=None):
     dtypes = [DTYPES[name] for name in args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.section == 'cards':
+        regenerate_cards(args.out)
+        return
+    # the machine's load (1, 5, 15 min averages) says how far wall times are from an idle machine's
+    notes = dict(cpu=cpu_model(), threads=torch.get_num_threads(), cpus=os.cpu_count(),
+                 load_average_at_start=os.getloadavg())
     if args.section == 'cpu':
-        # the machine's load (1, 5, 15 min averages) says how far wall times are from an idle machine's
-        notes = dict(threads=torch.get_num_threads(), cpus=os.cpu_count(), load_average_at_start=os.getloadavg())
         results, baseline_of = run_cpu(args, device, dtypes[0])
         notes['load_average_at_end'] = os.getloadavg()
         print(cpu_table(results, baseline_of))
         write(results, baseline_of, args.section, args, device, table=cpu_table, plotter=plot_cpu, notes=notes,
               legend=CPU_LEGEND)
         return
-    runner = run_kernels if args.section == 'kernels' else run_models
-    results, baseline_of = runner(args, device, dtypes)
-    print(markdown_table(results, baseline_of))
-    write(results, baseline_of, args.section, args, device)
+    if args.section == 'kernels':
+        results, baseline_of = run_kernels(args, device, dtypes)
+        notes['load_average_at_end'] = os.getloadavg()
+        print(markdown_table(results, baseline_of))
+        write(results, baseline_of, args.section, args, device, notes=notes)
+        return
+    results, baseline_of = run_models(args, device, dtypes)
+    notes.update(load_average_at_end=os.getloadavg(), batch=args.batch, max_gmacs=args.max_gmacs,
+                 budget_s=args.budget_s)
+    print(models_table(results, baseline_of))
+    zoo_run = args.family is not None
+    write(results, baseline_of, args.section, args, device, table=models_table,
+          plotter=plot_zoo if zoo_run else plot, notes=notes, legend=ZOO_LEGEND if zoo_run else LEGEND)
+    if zoo_run and 'all' in args.family:
+        if Path(args.out).resolve() == DEFAULT_OUT:
+            regenerate_cards(args.out, results)
+        else:   # the cards link their figures' files in model_cards/benchmarks/
+            print(f'cards not regenerated: --out is not {DEFAULT_OUT}')
 
 
 if __name__ == '__main__':

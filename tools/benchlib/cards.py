@@ -1,0 +1,312 @@
+"""The generated parts of the model cards and of the README, and the zoo plot.
+
+Every card (model_cards/<family>.md) has the same generated blocks, each between a pair of markers:
+
+    front matter        Hugging Face model-card metadata (library_name, license, tags, datasets), at the top
+    <!-- attnzoo:begin numbers -->     the paper's top-1 beside attnzoo's measured params / GMACs / throughput
+    <!-- attnzoo:begin configs -->     the det / seg configs in configs/<family>/
+    <!-- attnzoo:begin citation -->    the BibTeX
+
+and README.md has the zoo table (``<!-- attnzoo:begin zoo -->``). The facts come from benchlib.zoo, the
+figures from the code (params and GMACs, deterministic: counted here) and from the committed results of
+``tools/benchmark.py models --family all`` (throughput: model_cards/benchmarks/<device>-models-zoo.json).
+Everything between markers is overwritten; everything else in a card is written by hand.
+"""
+import json
+import re
+from pathlib import Path
+
+from . import zoo
+
+ROOT = Path(__file__).resolve().parents[2]
+ZOO_TAG = 'zoo'
+TASKS = {   # config file name prefix -> (task, method)
+    'cascade-mask-rcnn': ('detection', 'Cascade Mask R-CNN'),
+    'mask-rcnn': ('detection', 'Mask R-CNN'),
+    'retinanet': ('detection', 'RetinaNet'),
+    'upernet': ('segmentation', 'UPerNet'),
+    'fpn': ('segmentation', 'Semantic FPN'),
+}
+DATASET_NAMES = {'coco': 'COCO', 'ade20k': 'ADE20K'}
+PRETRAIN = {'in1k': '', 'in22k': ' (IN-22k pre-trained)'}
+
+
+def marker(name, end=False):
+    return f'<!-- attnzoo:{"end" if end else "begin"} {name} -->'
+
+
+def replace_block(text, name, body, where):
+    """``text`` with what lies between the ``name`` markers replaced by ``body``."""
+    begin, end = marker(name), marker(name, end=True)
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f'{where}: needs exactly one {begin} and one {end} line around its generated '
+                         f'{name} block (found {text.count(begin)} / {text.count(end)}); add them where the '
+                         'block belongs and run `python tools/benchmark.py cards` again')
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f'{head}{begin}\n{body.strip()}\n{end}{tail}'
+
+
+def block(text, name):
+    """What lies between the ``name`` markers of ``text`` (None without them)."""
+    match = re.search(re.escape(marker(name)) + r'\n(.*?)' + re.escape(marker(name, end=True)), text, re.S)
+    return match.group(1) if match else None
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+def static_figures(names, progress=None):
+    """{name: {'params': int, 'gmacs': float, 'size': (H, W), 'license': str}}: counted on the meta device
+    (parameters) and by tools/benchmark.py's FLOP counter at the default input size (GMACs)."""
+    import timm
+    import torch
+    import attnzoo.backbones  # noqa: F401  registers the attnzoo families
+    from benchmark import model_gmacs
+    figures = {}
+    for name in names:
+        if progress is not None:
+            progress.set_postfix_str(name)
+        with torch.device('meta'):
+            model = timm.create_model(name)
+        size = tuple(model.pretrained_cfg['input_size'][1:])
+        figures[name] = dict(params=sum(p.numel() for p in model.parameters()), size=size,
+                             license=model.pretrained_cfg.get('license'),
+                             gmacs=model_gmacs(name, size))
+        if progress is not None:
+            progress.update(1)
+    return figures
+
+
+def configs_by_variant(root=ROOT):
+    """{variant: [(path relative to root, task, method, dataset)]} for every config naming a model_name."""
+    found = {}
+    for path in sorted((root / 'configs').glob('*/*.py')):
+        match = re.search(r"model_name\s*=\s*'([^']+)'", path.read_text())
+        if not match:
+            continue
+        prefix = next((p for p in TASKS if path.name.startswith(p + '_')), None)
+        if prefix is None:
+            raise ValueError(f'{path}: the config name does not start with a known method '
+                             f'({", ".join(TASKS)}); name it as mmdet / mmseg do')
+        dataset = next((label for key, label in DATASET_NAMES.items() if key in path.name), '?')
+        found.setdefault(match.group(1), []).append((path.relative_to(root).as_posix(), *TASKS[prefix], dataset))
+    return found
+
+
+def zoo_runs(results_dir):
+    """The committed zoo runs, CPU first: [(header, {variant: row})] from <device>-models-zoo.json files."""
+    runs = []
+    for path in sorted(Path(results_dir).glob(f'*-models-{ZOO_TAG}.json')):
+        report = json.loads(path.read_text())
+        rows = {r['impl']: r for r in report['results'] if r['mode'] == 'fwd'}
+        runs.append(({**report, 'file': path.name}, rows))
+    return sorted(runs, key=lambda run: not run[0]['device'].startswith('CPU'))
+
+
+def license_of(fam, figures):
+    licenses = {figures[name]['license'] for name in fam.variant_names()}
+    if len(licenses) != 1 or None in licenses:
+        raise ValueError(f'{fam.title}: the variants\' pretrained_cfg licenses disagree or are missing '
+                         f'({licenses}); set one license per family in its default_cfgs')
+    return licenses.pop()
+
+
+# ------------------------------------------------------------------------------------------------- text
+
+def front_matter(fam, figures):
+    datasets = sorted({d for v in fam.variants for d in zoo.DATASETS[v.pretrain]}, key=lambda d: d != 'imagenet-1k')
+    tags = ['image-classification', 'timm', 'attnzoo', 'vision-transformer', *fam.tags]
+    lines = ['---', 'library_name: timm', f'license: {license_of(fam, figures)}', 'tags:']
+    lines += [f'- {tag}' for tag in tags]
+    lines += ['datasets:'] + [f'- {d}' for d in datasets]
+    lines += ['pipeline_tag: image-classification', '---']
+    return '\n'.join(lines) + '\n'
+
+
+def _top1(variant, source='paper'):
+    if variant.top1 is None:
+        return '-'
+    return f'{variant.top1:g}{PRETRAIN[variant.pretrain]}'
+
+
+def _throughput(row):
+    if row is None:
+        return 'not run'
+    if row.get('error'):
+        return 'not timed' if row['error'].startswith('not timed') else 'failed'
+    return f'{row["extra"]["img_per_s"]:.3g}'
+
+
+def _run_note(header, rows):
+    load = header.get('load_average_at_start'), header.get('load_average_at_end')
+    load_text = ''
+    if all(load):
+        load_text = (f'; load average (1, 5, 15 min) {", ".join(f"{x:.1f}" for x in load[0])} at the start, '
+                     f'{", ".join(f"{x:.1f}" for x in load[1])} at the end')
+    threads = header.get('threads')
+    baseline = next((r for r in rows.values() if not r['extra'].get('family') and r.get('ms')), None)
+    baseline_text = f'; baseline {baseline["impl"]} {_throughput(baseline)} img/s' if baseline else ''
+    return (f'**{header["device"]}**: {header["date"]}, torch {header["torch"]}, {header.get("dtype", "fp32")}, '
+            f'batch {header.get("batch")}, forward only, {threads} thread{"" if threads == 1 else "s"}, median of '
+            f'up to {header.get("iters")} timed calls after {header.get("warmup")} warm-up{baseline_text}{load_text} '
+            f'([{header["file"]}](benchmarks/{header["file"]}))')
+
+
+def numbers_block(fam, figures, runs):
+    runs = runs or []
+    head = ['variant', f'top-1 ({fam.top1_source})', 'at', 'params (attnzoo)', 'GMACs (attnzoo)']
+    head += [f'img/s, {h["device"]}' for h, _ in runs] or ['img/s']
+    lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---:|' * (len(head) - 1)]
+    for v in fam.variants:
+        fig = figures[v.name]
+        cells = [f'`{v.name}`', _top1(v), str(v.resolution), f'{fig["params"]:,}',
+                 f"{fig['gmacs']:.3f} @{fig['size'][0]}"]
+        cells += [_throughput(rows.get(v.name)) for _, rows in runs] or ['not measured']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    notes = ['',
+             f'The top-1 column is ImageNet-1k top-1 as the {fam.top1_source} reports it, at the resolution in '
+             '"at" (not re-evaluated here: no ImageNet on the development machine). Params and GMACs are '
+             "attnzoo's, measured by `tools/benchmark.py` (parameters counted on the meta device with the "
+             '1000-class head; multiply-adds of one forward pass at the default input size, '
+             '`torch.utils.flop_counter`, attention counted through its explicit path). Attention runs on '
+             + (f'attnzoo\'s fused `{fam.kernel}` op (`attnzoo.kernels`)' if fam.kernel else
+                'plain PyTorch (no attnzoo kernel)') + '. Official code: '
+             + (fam.official_repo or 'none was released') + (f'; the model is timm\'s (`{fam.module}`).'
+                                                             if fam.timm_native else '.')]
+    if runs:
+        notes += ['', 'Throughput (images / s, batch 1, fp32), each column from one run of '
+                  '`python tools/benchmark.py models --family all`:', '']
+        notes += [f'- {_run_note(header, rows)}' for header, rows in runs]
+        if any(h['device'].startswith('CPU') for h, _ in runs):
+            notes += ['', 'The CPU figures come from a 2-core machine shared with other work, so they are noisy '
+                      '(model_cards/benchmarks/README.md, "The zoo at a glance"): compare variants within a column, '
+                      'not with other machines.']
+        if any(_throughput(rows.get(name)) == 'not timed' for _, rows in runs for name in fam.variant_names()):
+            notes += ['', '"not timed": above the run\'s `--max-gmacs`.']
+    if not any(not h['device'].startswith('CPU') for h, _ in runs):
+        notes += ['', 'GPU: no GPU run exists yet (`python tools/benchmark.py models --family all` on a GPU adds '
+                  'its column).']
+    return '\n'.join(lines + notes)
+
+
+def configs_block(fam, configs):
+    rows = [(path, task, method, dataset, name) for name in fam.variant_names() for path, task, method, dataset
+            in configs.get(name, [])]
+    if not rows:
+        return f'No OpenMMLab configs in `configs/{fam.card}/` yet.'
+    lines = ['| config | task | method | dataset | variant |', '|---|---|---|---|---|']
+    lines += [f'| [`{Path(path).name}`](../{path}) | {task} | {method} | {dataset} | `{name}` |'
+              for path, task, method, dataset, name in rows]
+    return '\n'.join(lines)
+
+
+def citation_block(fam):
+    return f'```bibtex\n{fam.citation}\n```'
+
+
+def config_summary(configs_of_variant):
+    det = sorted({method for _, task, method, _ in configs_of_variant if task == 'detection'})
+    seg = sorted({method for _, task, method, _ in configs_of_variant if task == 'segmentation'})
+    return ' / '.join([', '.join(det) or '-', ', '.join(seg) or '-']) if det or seg else '-'
+
+
+def zoo_table(figures, configs):
+    lines = ['| family | variant | params (M) | GMACs | top-1 as the paper reports it | fused kernel '
+             '| configs (det / seg) | card |', '|---|---|---:|---:|---:|---|---|---|']
+    for fam in zoo.FAMILIES:
+        kernel = f'`{fam.kernel}`' if fam.kernel else '-'
+        for v in fam.variants:
+            fig = figures[v.name]
+            top1 = '-' if v.top1 is None else f'{_top1(v)} @{v.resolution}'
+            lines.append(f'| {fam.title} | `{v.name}` | {fig["params"] / 1e6:.2f} '
+                         f'| {fig["gmacs"]:.2f} @{fig["size"][0]} '
+                         f'| {top1} | {kernel} | {config_summary(configs.get(v.name, []))} '
+                         f'| [{fam.card}](model_cards/{fam.card}.md) |')
+    lines += ['', 'Params and GMACs (multiply-adds at the default input size, 1000-class head) are measured on '
+              'attnzoo\'s code by `tools/benchmark.py`; top-1 is ImageNet-1k as each paper (or official README) '
+              'reports it, not re-evaluated. Fused kernel: the `attnzoo.kernels` op the family runs on ("-": '
+              'plain PyTorch attention, `F.scaled_dot_product_attention` where the family uses it). '
+              'timm\'s HaloNets are timm\'s own designs, not the paper\'s H0-H7: '
+              'no paper top-1 belongs to them. Throughput is in each card and in the plot '
+              '[model_cards/benchmarks/](model_cards/benchmarks/README.md#the-zoo-at-a-glance).']
+    return '\n'.join(lines)
+
+
+def set_front_matter(text, body):
+    if text.startswith('---\n'):
+        end = text.index('\n---\n', 4) + len('\n---\n')
+        text = text[end:]
+    return body + text
+
+
+def regenerate(results_dir, root=ROOT, figures=None, progress=None):
+    """Rewrite every card's generated blocks and README's zoo table; returns the files written.
+    ``figures``: what static_figures gives, for the variants already counted (the rest are counted here)."""
+    figures = dict(figures or {})
+    missing = [v.name for v in zoo.all_variants() if v.name not in figures]
+    if progress is not None:
+        progress.total = len(missing)
+        progress.refresh()
+    figures.update(static_figures(missing, progress=progress))
+    configs = configs_by_variant(root)
+    runs = zoo_runs(results_dir)
+    written = []
+    for fam in zoo.FAMILIES:
+        path = root / 'model_cards' / f'{fam.card}.md'
+        if not path.exists():
+            raise FileNotFoundError(f'{path}: every family in tools/benchlib/zoo.py needs a card; start it from '
+                                    'another family\'s card (the markers are what the generator needs)')
+        text = set_front_matter(path.read_text(), front_matter(fam, figures))
+        text = replace_block(text, 'numbers', numbers_block(fam, figures, runs), path)
+        text = replace_block(text, 'configs', configs_block(fam, configs), path)
+        text = replace_block(text, 'citation', citation_block(fam), path)
+        path.write_text(text)
+        written.append(path)
+    readme = root / 'README.md'
+    readme.write_text(replace_block(readme.read_text(), 'zoo', zoo_table(figures, configs), readme))
+    written.append(readme)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------- plot
+
+def plot_zoo(rows, path, title):
+    """Throughput (log x) against the paper's top-1, marker area proportional to params, one colour per
+    family; variants without a paper top-1 or a time are left out (listed under the plot)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(11, 7))
+    tab20 = plt.get_cmap('tab20').colors
+    colours = tab20[::2] + tab20[1::2]          # the ten strong colours first, then their light shades
+    markers = 'os^DvPXp<>h'
+    left_out = []
+    for index, fam in enumerate(zoo.FAMILIES):
+        points = []
+        for v in fam.variants:
+            row = rows.get(v.name)
+            if v.top1 is None or row is None or not row.get('ms'):
+                left_out.append(v.name)
+                continue
+            points.append((row['extra']['img_per_s'], v.top1, row['extra']['params_m'], v.name))
+        if not points:
+            continue
+        xs, ys, params, names = zip(*points)
+        ax.scatter(xs, ys, s=[8 + 3 * p for p in params], color=colours[index % len(colours)], alpha=0.6,
+                   marker=markers[index % len(markers)], edgecolors='black', linewidths=0.5, label=fam.title)
+        for x, y, name in zip(xs, ys, names):
+            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords='offset points')
+    ax.set_xscale('log')
+    ax.set_xlabel('images / s (batch 1, fp32, forward; log scale)')
+    ax.set_ylabel('ImageNet-1k top-1 as the paper reports it (%)')
+    ax.grid(True, which='both', alpha=0.3)
+    legend = ax.legend(fontsize=7, loc='lower left', markerscale=0.5)
+    for handle in legend.legend_handles:
+        handle.set_sizes([30])
+    ax.set_title(title, fontsize=9)
+    if left_out:
+        fig.text(0.01, 0.005, 'not shown (no paper top-1, or not timed): ' + ', '.join(left_out), fontsize=6,
+                 wrap=True)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
