@@ -391,10 +391,6 @@ def _neighborhood_op(q, k, v, kernel_size, dilation=(1, 1), scale=None, rpb=None
     if backend == 'triton' and q.dtype not in KERNEL_DTYPES:
         raise TypeError(f'{OP_NAME}: backend="triton" supports {[str(t) for t in KERNEL_DTYPES]}, got {q.dtype}; '
                         f'use backend="reference" for other dtypes')
-    if backend == 'triton' and any(k * d > n for k, d, n in zip(spec.kernel_size, spec.dilation, q.shape[1:3])):
-        raise ValueError(f'{OP_NAME}: the fused kernels need kernel_size * dilation {spec.kernel_size} x '
-                         f'{spec.dilation} to fit in the map {tuple(q.shape[1:3])}; pad the map or use '
-                         f'backend="reference"')
     out, _ = torch.ops.attnzoo.neighborhood_attention_2d_forward(
         q, k, v, list(spec.kernel_size), list(spec.dilation), spec.scale, rpb, border, extra_k, extra_v, backend,
         extra_bias, window_weight)
@@ -417,8 +413,8 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
             float16, bfloat16; float64 off the Triton path), ``16 <= head_dim <= 128``. Under
             ``torch.autocast`` they are cast to the autocast dtype (rpb to float32).
         kernel_size: window size, int or ``(rows, cols)``; odd or even.
-        dilation: int or ``(rows, cols)``; ``kernel_size * dilation`` must fit in the map (with
-            ``border="zero"`` only on the fused path: the reference masks a larger window).
+        dilation: int or ``(rows, cols)``; ``kernel_size * dilation`` must fit in the map with
+            ``border="clamp"`` (a zero border masks what falls outside).
         scale: logit scale, ``head_dim ** -0.5`` when None.
         rpb: optional relative position bias ``[heads, 2 * kh - 1, 2 * kw - 1]`` (float32 or q's
             dtype) added to the window logits (NAT / DiNAT).

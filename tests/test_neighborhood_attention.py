@@ -5,6 +5,7 @@ import torch
 
 from attnzoo.kernels import _neighborhood_cpu, neighborhood_attention_2d
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference, validate
+from test_kernel_fuzz import assert_matches
 
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
@@ -362,18 +363,61 @@ def test_op_with_extra_bias_and_window_weight_matches_reference(border, layout):
     assert_close_to_reference(inputs, dict(kernel_size=3, border=border, scale=0.5), backend=None)
 
 
+def transnext_call(height, width, heads, sr_ratio, dtype, device, seed=3):
+    """The arguments of TransNeXt's aggregated-attention call, laid out as the model makes them: q on its own,
+    k / v heads-last views of one kv projection, the pooled k / v views of the pooled projection
+    (``L = (H // sr) * (W // sr)`` tokens), the [heads, 9] local bias as the centre of a 5x5 rpb table, the pool
+    bias ``[heads, H * W, L]`` and the window weight ``[B, H, W, heads, 9]`` (float32 biases, as under autocast)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, head_dim, n_pool = 2, 24, (height // sr_ratio) * (width // sr_ratio)
+
+    def randn(*size, dtype=dtype):
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    kv = randn(batch, height, width, 2, heads, head_dim).requires_grad_()
+    kv_pool = randn(batch, n_pool, 2, heads, head_dim).requires_grad_()
+    k, v = kv.unbind(3)
+    extra_k, extra_v = kv_pool.unbind(2)
+    inputs = dict(q=randn(batch, height, width, heads, head_dim).requires_grad_(), k=k, v=v,
+                  rpb=torch.nn.functional.pad(randn(heads, 3, 3, dtype=torch.float32), (1, 1, 1, 1)).requires_grad_(),
+                  extra_k=extra_k, extra_v=extra_v,
+                  extra_bias=randn(heads, height * width, n_pool, dtype=torch.float32).requires_grad_(),
+                  window_weight=randn(batch, height, width, heads, 9).requires_grad_())
+    return inputs
+
+
+@pytest.mark.parametrize('height, width, heads, sr_ratio, dtype', [
+    (8, 8, 2, 2, torch.float32),       # stage-1-like: a pool of (H / sr)^2 = 16 tokens
+    (14, 10, 2, 2, torch.float32),     # non-square, L = 35 (two extra-token blocks)
+    (7, 9, 1, 4, torch.float16),       # odd sizes: the pool floors, L = 1 x 2
+    (6, 6, 2, 1, torch.bfloat16),      # L = 36 > the map's 3x3 windows
+])
+@pytest.mark.parametrize('device, backend', [(DEVICE, 'triton'), ('cpu', None)], ids=['triton', 'cpu_kernels'])
+def test_transnext_call_matches_reference(height, width, heads, sr_ratio, dtype, device, backend):
+    """TransNeXt's call on the fused kernels (the interpreter on CPU) and on the CPU kernels: output and every
+    gradient (q, the kv and pooled-kv projections through their views, local bias, pool bias, window weight)
+    against the float64 reference."""
+    inputs = transnext_call(height, width, heads, sr_ratio, dtype, device)
+    options = dict(kernel_size=3, border='zero', scale=1.0)
+    grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(1)).to(device)
+    got = outputs_and_grads(neighborhood_attention_2d, inputs, grad_out, backend=backend, **options)
+    expected = reference_in_float64(inputs, grad_out, **options)
+    for name, g, e in zip(['out'] + list(inputs), got, expected):
+        assert g.dtype == inputs.get(name, inputs['q']).dtype, name
+        assert_matches(name, g, e, dtype)   # the fuzz tests' rule: the window weight makes gradients large
+
+
 def test_zero_border_window_larger_than_the_map():
-    """The reference masks what falls outside; the fused kernels need the window inside the map and say so."""
+    """A centred window larger than the map sees only the map (TransNeXt's 3x3 window on 1x1 / 2x2 maps of
+    small inputs): reference, CPU kernels and Triton kernels against the dense oracle."""
     inputs = {name: t.detach().double() for name, t in make_inputs((1, 2, 3, 1, 16), 5, n_extra=2).items()}
     out = neighborhood_attention_2d_reference(**inputs, kernel_size=5, border='zero')
     expected = dense_attention(**inputs, kernel_size=(5, 5), dilation=(1, 1), border='zero', scale=16 ** -0.5)
     torch.testing.assert_close(out, expected)
-    q = inputs['q'].float()
-    cpu_default = neighborhood_attention_2d(**{name: t.float() for name, t in inputs.items()}, kernel_size=5,
-                                            border='zero', backend=None if q.device.type == 'cpu' else 'reference')
-    torch.testing.assert_close(cpu_default.double(), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match='fused kernels need'):
-        neighborhood_attention_2d(q, q, q, 5, border='zero', backend='triton')
+    for device, backend in (('cpu', None), (DEVICE, 'triton')):
+        got = neighborhood_attention_2d(**{name: t.float().to(device) for name, t in inputs.items()}, kernel_size=5,
+                                        border='zero', backend=backend)
+        torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 def _bad_transnext_calls():
