@@ -10,11 +10,17 @@ columns and mask every (query, key) pair by the exact window rule.
 
 Kernels:
 - ``_forward_kernel``: per query tile, online softmax (base 2) over the window blocks and then the
-  extra tokens; writes the output and the log-sum-exp (base 2), no score matrix.
+  extra tokens (plus their per-query ``extra_bias``); writes the output and the log-sum-exp (base 2),
+  no score matrix. A ``window_weight`` adds a second accumulator, ``sum_j w_j v_j`` over the same
+  window blocks (the weights gathered by window position), to the normalised output.
 - ``_backward_dq_kernel``: per query tile, recomputes the probabilities from the LSE; dQ, the
-  softmax-backward term ``delta = rowsum(dO * O)`` (for the other kernels) and, when asked, each
-  tile's partial d_rpb (summed over tiles by torch: deterministic, no atomics).
-- ``_backward_dkdv_kernel``: per key tile, loops over its inverse neighborhood; dK, dV.
+  softmax-backward term ``delta = rowsum(dO * O)`` (for the other kernels), the extra tokens' ``ds``
+  as d_extra_bias and, when asked, each tile's partial d_rpb (summed over tiles by torch:
+  deterministic, no atomics). With a window weight, O also holds ``sum_j w_j v_j``, which is not
+  attention: a first pass over the window computes ``dO . v_j``, which is d_window_weight and whose
+  ``w``-weighted sum comes out of delta, before the main pass (whose rpb histogram needs the final delta).
+- ``_backward_dkdv_kernel``: per key tile, loops over its inverse neighborhood; dK, dV (dV from the
+  probabilities plus the window weights).
 - ``_backward_extra_kernel``: per block of extra tokens, loops over every query of the image;
   d_extra_k, d_extra_v.
 """
