@@ -407,6 +407,27 @@ def test_transnext_call_matches_reference(height, width, heads, sr_ratio, dtype,
         assert_matches(name, g, e, dtype)   # the fuzz tests' rule: the window weight makes gradients large
 
 
+@pytest.mark.parametrize('transnext', [False, True], ids=['nat', 'transnext'])
+def test_flop_counter_counts_the_op_as_the_reference(transnext):
+    """torch.utils.flop_counter sees the registered forward / backward ops (a model's GMACs on the default
+    path): the same FLOPs as the reference's own products, forward and forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if transnext:
+        inputs, options = transnext_call(7, 6, 2, 2, torch.float32, 'cpu'), dict(kernel_size=3, border='zero')
+    else:
+        inputs, options = make_inputs((2, 9, 8, 2, 16), (5, 3), rpb=True, n_extra=3), dict(kernel_size=(5, 3))
+    counts = {}
+    for backend in (None, 'reference'):
+        for mode in ('fwd', 'fwd+bwd'):
+            with FlopCounterMode(display=False) as counter:
+                out = neighborhood_attention_2d(**inputs, **options, backend=backend)
+                if mode == 'fwd+bwd':
+                    torch.autograd.grad(out, [t for t in inputs.values() if t.requires_grad], torch.ones_like(out))
+            counts[backend, mode] = counter.get_total_flops()
+    assert counts[None, 'fwd'] == counts['reference', 'fwd'] > 0
+    assert counts[None, 'fwd+bwd'] == counts['reference', 'fwd+bwd'] == 3 * counts[None, 'fwd']
+
+
 def test_zero_border_window_larger_than_the_map():
     """A centred window larger than the map sees only the map (TransNeXt's 3x3 window on 1x1 / 2x2 maps of
     small inputs): reference, CPU kernels and Triton kernels against the dense oracle."""
