@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from timm.layers import register_notrace_function
+from torch.utils.flop_counter import register_flop_formula
 
 from . import _neighborhood_cpu
 from ._dispatch import LIBRARY, device_backend, register_autocast, requested_backend
@@ -370,6 +371,38 @@ def _no_double_backward(ctx, *grads):
 
 torch.library.register_autograd(_forward_op, _forward_backward, setup_context=_save_for_backward)
 torch.library.register_autograd(_backward_op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _matmul_units(q_shape, kernel_size, extra_k_shape, window_weight_shape):
+    """Multiply-adds of one ``[queries x keys] x head_dim`` product per key of the call, summed over the window
+    (every ``kh * kw`` position, as the reference's gather computes them), the extra tokens and the window
+    weight's keys: ``(window, extra, weighted window)`` MACs."""
+    batch, height, width, heads, head_dim = q_shape
+    per_key = batch * height * width * heads * head_dim
+    window = per_key * kernel_size[0] * kernel_size[1]
+    extra = per_key * extra_k_shape[1] if extra_k_shape is not None else 0
+    return window, extra, window if window_weight_shape is not None else 0
+
+
+@register_flop_formula(torch.ops.attnzoo.neighborhood_attention_2d_forward)
+def _forward_flops(q_shape, k_shape, v_shape, kernel_size, dilation, scale, rpb_shape, border, extra_k_shape,
+                   extra_v_shape, backend, extra_bias_shape=None, window_weight_shape=None, out_shape=None,
+                   **kwargs) -> int:
+    """FLOPs of the forward for ``torch.utils.flop_counter`` (2 per multiply-add): logits and weighted sum over
+    the window and the extra tokens, and the window weight's sum; what the reference's products count."""
+    window, extra, weighted = _matmul_units(q_shape, kernel_size, extra_k_shape, window_weight_shape)
+    return 2 * (2 * window + 2 * extra + weighted)
+
+
+@register_flop_formula(torch.ops.attnzoo.neighborhood_attention_2d_backward)
+def _backward_flops(grad_out_shape, q_shape, k_shape, v_shape, saved_out_shape, lse_shape, kernel_size, dilation,
+                    scale, rpb_shape, border, extra_k_shape, extra_v_shape, backend, rpb_grad, extra_grad,
+                    extra_bias_shape=None, window_weight_shape=None, extra_bias_grad=False, window_weight_grad=False,
+                    out_shape=None, **kwargs) -> int:
+    """FLOPs of the backward: two products per forward product (the gradients of both its operands), as
+    autograd of the reference counts them; the kernels' recomputation of the logits is not counted."""
+    window, extra, weighted = _matmul_units(q_shape, kernel_size, extra_k_shape, window_weight_shape)
+    return 2 * 2 * (2 * window + 2 * extra + weighted)
 
 # extra_bias and window_weight come after backend: positional callers of the earlier schema keep working
 LIBRARY.define(
