@@ -1,11 +1,16 @@
 """neighborhood_attention_2d: Triton kernels (interpreted on CPU) against the PyTorch reference, the
 reference against independent definitions (dense masked softmax, NATTEN), and input validation."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from attnzoo.kernels import _neighborhood_cpu, neighborhood_attention_2d
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference, validate
 from test_kernel_fuzz import assert_matches
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tools'))   # benchlib: TransNeXt's call
 
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
@@ -364,26 +369,12 @@ def test_op_with_extra_bias_and_window_weight_matches_reference(border, layout):
 
 
 def transnext_call(height, width, heads, sr_ratio, dtype, device, seed=3):
-    """The arguments of TransNeXt's aggregated-attention call, laid out as the model makes them: q on its own,
-    k / v heads-last views of one kv projection, the pooled k / v views of the pooled projection
-    (``L = (H // sr) * (W // sr)`` tokens), the [heads, 9] local bias as the centre of a 5x5 rpb table, the pool
-    bias ``[heads, H * W, L]`` and the window weight ``[B, H, W, heads, 9]`` (float32 biases, as under autocast)."""
-    gen = torch.Generator().manual_seed(seed)
-    batch, head_dim, n_pool = 2, 24, (height // sr_ratio) * (width // sr_ratio)
-
-    def randn(*size, dtype=dtype):
-        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
-
-    kv = randn(batch, height, width, 2, heads, head_dim).requires_grad_()
-    kv_pool = randn(batch, n_pool, 2, heads, head_dim).requires_grad_()
-    k, v = kv.unbind(3)
-    extra_k, extra_v = kv_pool.unbind(2)
-    inputs = dict(q=randn(batch, height, width, heads, head_dim).requires_grad_(), k=k, v=v,
-                  rpb=torch.nn.functional.pad(randn(heads, 3, 3, dtype=torch.float32), (1, 1, 1, 1)).requires_grad_(),
-                  extra_k=extra_k, extra_v=extra_v,
-                  extra_bias=randn(heads, height * width, n_pool, dtype=torch.float32).requires_grad_(),
-                  window_weight=randn(batch, height, width, heads, 9).requires_grad_())
-    return inputs
+    """The arguments of TransNeXt's aggregated-attention call as the model makes them (heads-last views of the
+    kv projections, ``L = (H // sr) * (W // sr)`` pooled tokens, tools/benchlib/transnext.py), batch 2, heads
+    of 24, window weights of unit scale (so that their terms of the gradients are not small)."""
+    from benchlib.transnext import make_call_inputs
+    n_pool = (height // sr_ratio) * (width // sr_ratio)
+    return make_call_inputs(2, height, width, heads, n_pool, seed, weight_std=1.0)(torch.device(device), dtype)
 
 
 @pytest.mark.parametrize('height, width, heads, sr_ratio, dtype', [

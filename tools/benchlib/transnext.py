@@ -67,23 +67,26 @@ def native_aggregated_attention(q, k, v, rpb, extra_k, extra_v, extra_bias, wind
     return out.unflatten(2, (height, width)).permute(0, 2, 3, 1, 4)
 
 
-def make_call_inputs(batch, size, heads, n_pool, seed=0):
-    """``make(device, dtype)`` of one aggregated-attention call, laid out as the model makes it."""
+def make_call_inputs(batch, height, width, heads, n_pool, seed=0, weight_std=0.1):
+    """``make(device, dtype)`` of one aggregated-attention call, laid out as the model makes it: q on its own,
+    k / v heads-last views of one kv projection, the pooled k / v views of the pooled projection, the
+    ``[heads, 9]`` local bias as the centre of the op's 5 x 5 rpb table, the pool bias ``[heads, H * W, L]``
+    and the window weight ``[B, H, W, heads, 9]`` (``weight_std``; the biases float32, as under autocast)."""
     def make(device, dtype):
         gen = torch.Generator().manual_seed(seed)
 
         def randn(*shape, dtype=dtype):
             return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-        kv = randn(batch, size, size, 2, heads, HEAD_DIM).requires_grad_()
+        kv = randn(batch, height, width, 2, heads, HEAD_DIM).requires_grad_()
         kv_pool = randn(batch, n_pool, 2, heads, HEAD_DIM).requires_grad_()
         k, v = kv.unbind(3)
         extra_k, extra_v = kv_pool.unbind(2)
-        return dict(q=randn(batch, size, size, heads, HEAD_DIM).requires_grad_(), k=k, v=v,
+        return dict(q=randn(batch, height, width, heads, HEAD_DIM).requires_grad_(), k=k, v=v,
                     rpb=F.pad(randn(heads, WINDOW, WINDOW, dtype=torch.float32), (1, 1, 1, 1)).requires_grad_(),
                     extra_k=extra_k, extra_v=extra_v,
-                    extra_bias=randn(heads, size * size, n_pool, dtype=torch.float32).requires_grad_(),
-                    window_weight=(0.1 * randn(batch, size, size, heads, WINDOW ** 2)).requires_grad_())
+                    extra_bias=randn(heads, height * width, n_pool, dtype=torch.float32).requires_grad_(),
+                    window_weight=(weight_std * randn(batch, height, width, heads, WINDOW ** 2)).requires_grad_())
     return make
 
 
@@ -104,7 +107,7 @@ def _call_min_bytes(inputs):
 
 def kernel_cases(quick: bool) -> List[KernelCase]:
     """The kernels section (GPU; ``--quick`` on CPU under the Triton interpreter): calls, then models."""
-    cases = [KernelCase(SECTION, name, make_call_inputs(batch, size, heads, n_pool),
+    cases = [KernelCase(SECTION, name, make_call_inputs(batch, size, size, heads, n_pool),
                         call_impls('attnzoo-triton', with_reference=quick), 'native', _call_min_bytes)
              for name, batch, size, heads, n_pool in ((QUICK_SHAPE,) if quick else GPU_SHAPES)]
     if not quick:
@@ -152,7 +155,7 @@ def model_kernel_case(name, batch) -> KernelCase:
 def cpu_cases(quick: bool):
     """The cpu section's TransNeXt cases (:class:`benchlib.cpu.CpuCase`): calls, then models (not quick)."""
     from .cpu import CpuCase
-    cases = [CpuCase(SECTION, name, partial(_on_cpu, make_call_inputs(batch, size, heads, n_pool)),
+    cases = [CpuCase(SECTION, name, partial(_on_cpu, make_call_inputs(batch, size, size, heads, n_pool)),
                      call_impls('attnzoo-cpu', with_reference=True), baseline='native')
              for name, batch, size, heads, n_pool in ((QUICK_SHAPE,) if quick else CPU_SHAPES)]
     if not quick:
