@@ -126,6 +126,18 @@ class TestGPU:
         inputs = make_inputs((2, 29, 35, 3, head_dim), kernel_size, True, 16, torch.bfloat16, 'cuda')
         assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=2, border='zero'))
 
+    @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize('size, heads, sr_ratio', [(56, 3, 8), (28, 6, 4), (14, 12, 2), (13, 5, 2)])
+    def test_transnext_stages(self, dtype, size, heads, sr_ratio):
+        """TransNeXt-Tiny's stages 1-3 at 224 px (7 x 7 pools) and an odd map: compiled kernels, every gradient."""
+        inputs = transnext_call(size, size, heads, sr_ratio, dtype, 'cuda')
+        options = dict(kernel_size=3, border='zero', scale=1.0)
+        grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(1)).to('cuda')
+        got = outputs_and_grads(neighborhood_attention_2d, inputs, grad_out, backend='triton', **options)
+        expected = reference_in_float64(inputs, grad_out, **options)
+        for name, g, e in zip(['out'] + list(inputs), got, expected):
+            assert_matches(name, g, e, dtype)
+
     def test_default_backend_is_triton_on_cuda(self):
         inputs = make_inputs((1, 14, 14, 2, 32), 7, dtype=torch.float16, device='cuda')
         assert_close_to_reference(inputs, dict(kernel_size=7), backend=None)
