@@ -93,9 +93,10 @@ def axis_tiling(length, kernel, dilation, border, tile):
 
 @functools.lru_cache(maxsize=256)
 def _axis_windows(axis: AxisTiling, border):
-    """``inside`` (``[groups, tiles, tile, span]``: key slot in the query slot's window) and the
+    """``inside`` (``[groups, tiles, tile, span]``: key slot in the query slot's window), the
     relative-position-bias row of every (query slot, key slot), ``key' - query' + kernel - 1``
-    (clamped into the table where the key is outside the window). Small: one axis.
+    (clamped into the table where the key is outside the window) and the key's row in the query's
+    window, ``key' - start`` (clamped likewise). Small: one axis.
 
     Query slots past the end of their group (padding) see every key slot: their outputs are
     dropped, and a row with at least one finite logit keeps the softmax and its backward finite.
@@ -113,7 +114,8 @@ def _axis_windows(axis: AxisTiling, border):
     inside = (key >= start) & (key < start + kernel) & (key >= 0) & (key < group_length)
     inside = inside | ~real_query
     bias_row = (key - query + kernel - 1).clamp(0, 2 * kernel - 2).expand(inside.shape)
-    return inside, bias_row
+    window_row = (key - start).clamp(0, kernel - 1).expand(inside.shape)
+    return inside, bias_row, window_row
 
 
 class _AxisBias:
@@ -124,7 +126,7 @@ class _AxisBias:
     separable, so nothing of the size of the logits is kept between calls."""
 
     def __init__(self, axis: AxisTiling, border, device, dtype):
-        inside, bias_row = _axis_windows(axis, border)
+        inside, bias_row, _ = _axis_windows(axis, border)
         self.mask = torch.zeros(inside.shape, dtype=dtype).masked_fill_(~inside, float('-inf')).to(device)
         self.one_hot = F.one_hot(bias_row.flatten(), 2 * axis.kernel - 1).to(device, dtype)
 
@@ -227,6 +229,27 @@ def _slots(axis: AxisTiling):
     return axis.groups, axis.tiles, axis.tile, axis.span
 
 
+def _slot_pairs(rows: AxisTiling, cols: AxisTiling, row_table, col_table, combine):
+    """Per-axis ``[groups, tiles, tile, span]`` tables combined into ``[tiles, T, S]``, the layout of the
+    tiled logits (tiles ordered (row group, column group, row tile, column tile), slots row-major)."""
+    pairs = combine(row_table.view(*_slots(rows), 1, 1, 1, 1), col_table.view(1, 1, 1, 1, *_slots(cols)))
+    return pairs.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(rows.groups * cols.groups * rows.tiles * cols.tiles,
+                                                         rows.tile * cols.tile, rows.span * cols.span)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_positions(rows: AxisTiling, cols: AxisTiling, border):
+    """Where a query's window positions lie in its span (for ``window_weight``): ``position``
+    (``[tiles, T, S]``, the row-major window position of every (query slot, key slot)) and ``inside``
+    (the key slot is in the query's window, inside the map)."""
+    inside_rows, _, position_rows = _axis_windows(rows, border)
+    inside_cols, _, position_cols = _axis_windows(cols, border)
+    kernel_w = cols.kernel
+    position = _slot_pairs(rows, cols, position_rows, position_cols, lambda r, c: r * kernel_w + c)
+    inside = _slot_pairs(rows, cols, inside_rows, inside_cols, torch.logical_and)
+    return position, inside
+
+
 class _Tiled:
     """The tiled problem of one call: query tiles ``[B * heads * tiles, T, D]``, key / value spans
     ``[B * heads * tiles, S, D]`` and the additive bias of every (query slot, key slot): the rpb,
@@ -234,6 +257,7 @@ class _Tiled:
 
     def __init__(self, q, k, v, rpb, spec, tile):
         heads = q.shape[3]
+        self.border = spec.border
         rows, cols = self.rows, self.cols = _tilings(q, spec, tile)
         self.tiles = rows.groups * cols.groups * rows.tiles * cols.tiles
         self.tile, self.span = rows.tile * cols.tile, rows.span * cols.span
@@ -259,10 +283,42 @@ class _Tiled:
         grad = grad.permute(0, 1, 3, 5, 7, 2, 4, 6, 8).reshape(heads, self.row_bias.one_hot.shape[0], -1)
         return self.row_bias.one_hot.T @ grad @ self.col_bias.one_hot
 
-    def logits(self, q, scale, extra_k):
-        """``[B, heads, tiles * T, S (+ L)]`` logits over ``[window span | extra tokens]`` and the scaled query
-        tiles they came from. Computed in float32 (or wider) from bf16 / fp16 inputs too, as the forward's
-        flash kernel does: probabilities that differ from the forward's would skew every gradient."""
+    def extra_bias_rows(self, extra_bias):
+        """``extra_bias`` ``[B or 1, heads or 1, H, W, L]`` in the logits' layout, ``[B or 1, heads or 1,
+        tiles * T, L]``, in the bias's dtype (float32 or wider)."""
+        tiles = _tiles(extra_bias.permute(0, 2, 3, 1, 4).to(self.bias.dtype), self.rows, self.cols)
+        return tiles.view(extra_bias.shape[0], extra_bias.shape[1], -1, extra_bias.shape[-1])
+
+    def untile_extra_rows(self, x, shape):
+        """Inverse of :meth:`extra_bias_rows`: ``[B, heads, tiles * T, L]`` -> ``[B, heads, H, W, L]``."""
+        batch, height, width, heads, _ = shape
+        x = _untile(x.reshape(-1, self.tile, x.shape[-1]), (batch, height, width, heads, x.shape[-1]), self.rows,
+                    self.cols)
+        return x.permute(0, 3, 1, 2, 4)
+
+    def window_weights(self, window_weight):
+        """``window_weight`` ``[B, H, W, heads, kh * kw]`` spread over the spans: ``[B * heads * tiles, T, S]``
+        (zero outside each query's window and the map), in the bias's dtype."""
+        position, inside = _window_positions(self.rows, self.cols, self.border)
+        weights = _tiles(window_weight.to(self.bias.dtype), self.rows, self.cols)     # [B * heads * tiles, T, K]
+        weights = weights.view(-1, self.tiles, self.tile, weights.shape[-1])
+        spread = torch.gather(weights, 3, position.expand(weights.shape[0], -1, -1, -1)) * inside
+        return spread.view(-1, self.tile, self.span)
+
+    def window_weight_grad(self, grad_spread, shape):
+        """Adjoint of :meth:`window_weights`: ``[B * heads * tiles, T, S]`` -> ``[B, H, W, heads, kh * kw]``."""
+        position, inside = _window_positions(self.rows, self.cols, self.border)
+        grad_spread = (grad_spread.view(-1, self.tiles, self.tile, self.span) * inside)
+        window = self.rows.kernel * self.cols.kernel
+        grad = grad_spread.new_zeros(grad_spread.shape[0], self.tiles, self.tile, window)
+        grad.scatter_add_(3, position.expand(grad.shape[0], -1, -1, -1), grad_spread)
+        return _untile(grad.view(-1, self.tile, window), shape[:-1] + (window,), self.rows, self.cols)
+
+    def logits(self, q, scale, extra_k, extra_bias_rows=None):
+        """``[B, heads, tiles * T, S (+ L)]`` logits over ``[window span | extra tokens]`` (plus the extra
+        tokens' bias, in the layout of :meth:`extra_bias_rows`) and the scaled query tiles they came from.
+        Computed in float32 (or wider) from bf16 / fp16 inputs too, as the forward's flash kernel does:
+        probabilities that differ from the forward's would skew every gradient."""
         batch, heads, head_dim = q.shape[0], q.shape[3], q.shape[4]
         wide = self.bias.dtype
         queries = self.queries.to(wide) * scale
@@ -271,6 +327,8 @@ class _Tiled:
         logits = logits.view(batch, heads, -1, self.span)
         if extra_k is not None:
             extra_logits = torch.matmul(queries.view(batch, heads, -1, head_dim), extra_k.to(wide).permute(0, 2, 3, 1))
+            if extra_bias_rows is not None:
+                extra_logits = extra_logits + extra_bias_rows
             logits = torch.cat([logits, extra_logits], -1)
         return logits, queries.to(q.dtype)
 
@@ -290,14 +348,16 @@ LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 d
 
 
 @torch.no_grad()
-def forward(q, k, v, rpb, extra_k, extra_v, spec, tile=None):
+def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, tile=None):
     """Output ``[B, H, W, heads, D]`` and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked
-    arguments (``spec``: kernel_size, dilation, scale, border). ``tile``: fewest queries per tile
-    ``(rows, cols)``, :func:`default_tile` when None.
+    arguments (``spec``: kernel_size, dilation, scale, border; ``extra_bias`` 5-D). ``tile``: fewest
+    queries per tile ``(rows, cols)``, :func:`default_tile` when None.
 
     Every tile is one attention of its queries over its span (and the extra tokens) with the bias
     as an additive mask, in PyTorch's fused CPU flash attention (tiles as its heads): measured 20-45%
-    faster than batched matmuls and a softmax, and no logits in memory."""
+    faster than batched matmuls and a softmax, and no logits in memory. An ``extra_bias`` joins the
+    mask (which then holds a bias per query and extra token, batched if the bias is); a ``window_weight``
+    adds one batched matmul of the weights spread over the spans with the values."""
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
     keys, values = (x.view(batch, heads * tiled.tiles, tiled.span, head_dim) for x in (tiled.keys, tiled.values))
@@ -307,22 +367,40 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, tile=None):
             extra = extra.permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, tiled.tiles, -1, -1)
             return torch.cat([spans.view(batch, heads, tiled.tiles, tiled.span, head_dim), extra], 3).flatten(1, 2)
         keys, values = with_extra(keys, extra_k), with_extra(values, extra_v)
-        bias = F.pad(bias, (0, extra_k.shape[1]))
+        if extra_bias is None:
+            bias = F.pad(bias, (0, extra_k.shape[1]))
+        else:
+            extra_rows = tiled.extra_bias_rows(extra_bias)                      # [B or 1, heads or 1, tiles * T, L]
+            window_bias = bias.view(1, heads, tiled.tiles, tiled.tile, tiled.span)
+            extra_rows = extra_rows.view(extra_rows.shape[0], extra_rows.shape[1], tiled.tiles, tiled.tile, -1)
+            window_bias = window_bias.expand(extra_rows.shape[0], -1, -1, -1, -1)
+            bias = torch.cat([window_bias, extra_rows.expand(-1, heads, -1, -1, -1).to(bias.dtype)], -1)
+            bias = bias.reshape(-1, heads * tiled.tiles, tiled.tile, bias.shape[-1])
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         tiled.queries.view(batch, heads * tiled.tiles, tiled.tile, head_dim), keys, values, 0.0, False,
         attn_mask=bias, scale=spec.scale)
-    out = _untile(out.reshape(-1, tiled.tile, head_dim), q.shape, tiled.rows, tiled.cols)
+    out = out.reshape(-1, tiled.tile, head_dim)
+    if window_weight is not None:
+        spread = tiled.window_weights(window_weight)
+        out = out + torch.bmm(spread, tiled.values.to(spread.dtype)).to(out.dtype)
+    out = _untile(out, q.shape, tiled.rows, tiled.cols)
     return out, (tiled.untile_rows(lse.reshape(batch, heads, -1), q.shape) * LOG2E).float()
 
 
 @torch.no_grad()
-def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad, tile=None):
-    """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v)`` (None where not asked for) from the forward's
-    output. The probabilities are recomputed by a softmax over the recomputed logits: cheaper on CPU
-    than ``exp(logits - lse)`` from the op's float32 ``lse``, and exact in float64."""
+def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
+             extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False,
+             tile=None):
+    """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)`` (None where not
+    asked for) from the forward's output. The probabilities are recomputed by a softmax over the recomputed
+    logits: cheaper on CPU than ``exp(logits - lse)`` from the op's float32 ``lse``, and exact in float64.
+    A ``window_weight``'s term ``sum_j w_j v_j`` of the output is taken out of the softmax backward's
+    ``delta = rowsum(dO * O)`` (it is not attention); its gradient is ``dO . v_j``, the window part of the
+    probabilities' gradient."""
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
-    logits, queries = tiled.logits(q, spec.scale, extra_k)
+    extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None
+    logits, queries = tiled.logits(q, spec.scale, extra_k, extra_rows)
     probs = logits.softmax(-1)                                                     # [B, heads, tiles * T, S (+ L)]
     del logits
     grad_out = grad_out.to(q.dtype)
@@ -331,6 +409,11 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     flat_grad = grad_tiles.view(batch, heads, -1, head_dim)
 
     grad_probs = torch.bmm(grad_tiles, tiled.values.transpose(1, 2)).view(batch, heads, -1, tiled.span)
+    spread = tiled.window_weights(window_weight) if window_weight is not None else None
+    if spread is not None:
+        delta = delta - (spread.view(grad_probs.shape) * grad_probs.to(spread.dtype)).sum(-1, keepdim=True)
+    d_window_weight = (tiled.window_weight_grad(grad_probs.to(spread.dtype), q.shape).to(window_weight.dtype)
+                       if spread is not None and needs_window_weight_grad else None)
     if extra_k is not None:
         grad_probs = torch.cat([grad_probs, torch.matmul(flat_grad, extra_v.permute(0, 2, 3, 1))], -1)
     grad_logits = grad_probs.to(probs.dtype).sub_(delta).mul_(probs)             # softmax backward
@@ -339,7 +422,8 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     def window(x):   # [B, heads, tiles * T, S (+ L)] -> [B * heads * tiles, T, S]
         return x[..., :tiled.span].reshape(queries.shape[0], -1, tiled.span)
 
-    dv = _unspan(torch.bmm(window(probs).transpose(1, 2), grad_tiles), q.shape, tiled.rows, tiled.cols)
+    value_weights = window(probs) if spread is None else (window(probs_wide) + spread).to(q.dtype)
+    dv = _unspan(torch.bmm(value_weights.transpose(1, 2), grad_tiles), q.shape, tiled.rows, tiled.cols)
     dk = _unspan(torch.bmm(window(grad_logits_low).transpose(1, 2), queries), q.shape, tiled.rows, tiled.cols)
     dq = torch.bmm(window(grad_logits_low), tiled.keys)
     d_rpb = d_extra_k = d_extra_v = None
@@ -356,4 +440,10 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
     if rpb is not None and needs_rpb_grad:
         d_rpb = tiled.rpb_grad(grad_logits).to(rpb.dtype).contiguous()
-    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v
+    d_extra_bias = None
+    if extra_bias is not None and needs_extra_bias_grad:   # the bias adds to the logits: its gradient is theirs
+        d_extra_bias = tiled.untile_extra_rows(grad_logits[..., tiled.span:], q.shape)
+        broadcast = tuple(dim for dim in (0, 1) if extra_bias.shape[dim] == 1 and d_extra_bias.shape[dim] != 1)
+        d_extra_bias = d_extra_bias.sum(broadcast, keepdim=True) if broadcast else d_extra_bias
+        d_extra_bias = d_extra_bias.to(extra_bias.dtype).contiguous()
+    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight

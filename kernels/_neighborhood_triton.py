@@ -10,11 +10,17 @@ columns and mask every (query, key) pair by the exact window rule.
 
 Kernels:
 - ``_forward_kernel``: per query tile, online softmax (base 2) over the window blocks and then the
-  extra tokens; writes the output and the log-sum-exp (base 2), no score matrix.
+  extra tokens (plus their per-query ``extra_bias``); writes the output and the log-sum-exp (base 2),
+  no score matrix. A ``window_weight`` adds a second accumulator, ``sum_j w_j v_j`` over the same
+  window blocks (the weights gathered by window position), to the normalised output.
 - ``_backward_dq_kernel``: per query tile, recomputes the probabilities from the LSE; dQ, the
-  softmax-backward term ``delta = rowsum(dO * O)`` (for the other kernels) and, when asked, each
-  tile's partial d_rpb (summed over tiles by torch: deterministic, no atomics).
-- ``_backward_dkdv_kernel``: per key tile, loops over its inverse neighborhood; dK, dV.
+  softmax-backward term ``delta = rowsum(dO * O)`` (for the other kernels), the extra tokens' ``ds``
+  as d_extra_bias and, when asked, each tile's partial d_rpb (summed over tiles by torch:
+  deterministic, no atomics). With a window weight, O also holds ``sum_j w_j v_j``, which is not
+  attention: a first pass over the window computes ``dO . v_j``, which is d_window_weight and whose
+  ``w``-weighted sum comes out of delta, before the main pass (whose rpb histogram needs the final delta).
+- ``_backward_dkdv_kernel``: per key tile, loops over its inverse neighborhood; dK, dV (dV from the
+  probabilities plus the window weights).
 - ``_backward_extra_kernel``: per block of extra tokens, loops over every query of the image;
   d_extra_k, d_extra_v.
 """
@@ -131,6 +137,30 @@ def _in_window(q_y, q_x, win_y, win_x, k_y, k_x, KERNEL_H: tl.constexpr, KERNEL_
 
 
 @triton.jit
+def _window_weight_offsets(q_y, q_x, win_y, win_x, k_y, k_x, group_y, group_x, dil_h, dil_w, s_y, s_x, s_j,
+                           KERNEL_W: tl.constexpr, WIDE: tl.constexpr):
+    """Offsets of ``window_weight[query, window position of key]`` (arguments broadcast to a grid); the
+    position is row-major in the query's window, in group coordinates."""
+    y = q_y * dil_h + group_y
+    x = q_x * dil_w + group_x
+    if WIDE:
+        y = y.to(tl.int64)
+        x = x.to(tl.int64)
+    return y * s_y + x * s_x + ((k_y - win_y) * KERNEL_W + (k_x - win_x)) * s_j
+
+
+@triton.jit
+def _extra_bias_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, idx, s_y, s_x, s_l, WIDE: tl.constexpr):
+    """Offsets of ``extra_bias[query, extra token]`` inside one image and head (arguments broadcast)."""
+    y = q_y * dil_h + group_y
+    x = q_x * dil_w + group_x
+    if WIDE:
+        y = y.to(tl.int64)
+        x = x.to(tl.int64)
+    return y * s_y + x * s_x + idx * s_l
+
+
+@triton.jit
 def _rpb_coord(y, x, KERNEL_W: tl.constexpr):
     """Linear position in a row-major rpb table: a key's minus a query's is the pair's table offset."""
     return y * (2 * KERNEL_W - 1) + x
@@ -189,13 +219,14 @@ def _block_cols(args):
 
 @triton.jit
 def _forward_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, rpb_ptr, ek_ptr, ev_ptr,
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, rpb_ptr, ek_ptr, ev_ptr, eb_ptr, ww_ptr,
         sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
         so_b, so_y, so_x, so_h, so_d, sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d,
+        seb_b, seb_h, seb_y, seb_x, seb_l, sww_b, sww_y, sww_x, sww_h, sww_j,
         heads, height, width, dil_h, dil_w, n_extra, qk_scale,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
-        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
-        PRECISION: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, HAS_WW: tl.constexpr,
+        AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     BLOCK_M: tl.constexpr = TILE_H * TILE_W
@@ -214,12 +245,14 @@ def _forward_kernel(
     col_lo, col_hi = _key_span(x0, tl.minimum(x0 + TILE_W, len_x) - 1, len_x, KERNEL_W, CLAMP)
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
+    ww_base = ww_ptr + b * sww_b + h * sww_h
     rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
     q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
 
     m_i = tl.full((BLOCK_M,), float('-inf'), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    acc_ww = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)   # sum_j w_j v_j, added after the normalisation
     for row0 in range(row_lo, row_hi, BLOCK_ROWS):
         for col0 in range(col_lo, col_hi, BLOCK_COLS):
             k_y = row0 + offs_n // BLOCK_COLS
@@ -237,19 +270,34 @@ def _forward_kernel(
                                KERNEL_H, KERNEL_W)
             s = tl.where(mask, s, float('-inf'))
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
+            if HAS_WW:
+                ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None],
+                                                 k_y[None, :], k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y,
+                                                 sww_x, sww_j, KERNEL_W, WIDE)
+                ww = tl.load(ww_base + ww_offs, mask=mask & q_valid[:, None], other=0.0).to(tl.float32)
+                acc_ww += tl.dot(ww.to(v.dtype), v, input_precision=PRECISION)
     if HAS_EXTRA:
         offs_e = tl.arange(0, BLOCK_E)
         ek_base = ek_ptr + b * sek_b + h * sek_h
         ev_base = ev_ptr + b * sev_b + h * sev_h
+        eb_base = eb_ptr + b * seb_b + h * seb_h
         for e0 in range(0, n_extra, BLOCK_E):
             ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
             ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
             s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
-            s = tl.where((e0 + offs_e < n_extra)[None, :], s, float('-inf'))
+            e_valid = (e0 + offs_e < n_extra)[None, :]
+            if HAS_EXTRA_BIAS:
+                eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                              (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
+                s += tl.load(eb_base + eb_offs, mask=e_valid & q_valid[:, None], other=0.0).to(tl.float32) \
+                    * LOG2E_IN_KERNEL
+            s = tl.where(e_valid, s, float('-inf'))
             m_i, l_i, acc = _online_softmax_step(s, ev, m_i, l_i, acc, PRECISION)
 
     l_i = tl.where(l_i > 0, l_i, 1.0)  # only padding queries of partial tiles see no key
     out = acc / l_i[:, None]
+    if HAS_WW:
+        out += acc_ww
     o_offs = _token_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d, offs_d, WIDE)
     tl.store(o_ptr + b * so_b + h * so_h + o_offs, out.to(o_ptr.dtype.element_ty),
              mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -260,12 +308,16 @@ def _forward_kernel(
 @triton.jit
 def _backward_dq_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, rpb_ptr, drpb_ptr, ek_ptr, ev_ptr,
+        eb_ptr, deb_ptr, ww_ptr, dww_ptr,
         sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
         so_b, so_y, so_x, so_h, so_d, sdo_b, sdo_y, sdo_x, sdo_h, sdo_d,
         sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d, sg_b, sg_y, sg_x, sg_h, sg_d,
+        seb_b, seb_h, seb_y, seb_x, seb_l, sdeb_b, sdeb_h, sdeb_y, sdeb_x, sdeb_l,
+        sww_b, sww_y, sww_x, sww_h, sww_j,
         heads, height, width, dil_h, dil_w, n_extra, qk_scale, scale, drpb_tiles,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
-        HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr, AS_F32: tl.constexpr,
+        HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr,
+        EXTRA_BIAS_GRAD: tl.constexpr, HAS_WW: tl.constexpr, WW_GRAD: tl.constexpr, AS_F32: tl.constexpr,
         WIDE: tl.constexpr,
         PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BIAS_H: tl.constexpr,
         BIAS_W: tl.constexpr,
@@ -286,9 +338,6 @@ def _backward_dq_kernel(
     o = _load_tokens(o_ptr + b * so_b + h * so_h, q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d,
                      q_valid, offs_d, HEAD_DIM, True, WIDE)
     delta = tl.sum(o * do.to(tl.float32), 1)
-    stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
-    tl.store(delta_ptr + stat_offs, delta, mask=q_valid)
-    lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
 
     win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
     win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
@@ -298,6 +347,32 @@ def _backward_dq_kernel(
     v_base = v_ptr + b * sv_b + h * sv_h
     rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
     q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
+    if HAS_WW:
+        # O holds sum_j w_j v_j besides the attention, which the softmax backward must not see: delta =
+        # rowsum(dO * O) - sum_j w_j (dO . v_j). The same dO . v_j are d_window_weight. A pass of its own
+        # because the rpb histogram of the main pass needs the final delta.
+        ww_base = ww_ptr + b * sww_b + h * sww_h
+        dww_base = dww_ptr + b * sww_b + h * sww_h
+        for row0 in range(row_lo, row_hi, BLOCK_ROWS):
+            for col0 in range(col_lo, col_hi, BLOCK_COLS):
+                k_y = row0 + offs_n // BLOCK_COLS
+                k_x = col0 + offs_n % BLOCK_COLS
+                k_valid = (k_y < row_hi) & (k_x < col_hi)
+                v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid,
+                                 offs_d, HEAD_DIM, AS_F32, WIDE)
+                mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
+                                  k_x[None, :], KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None],
+                                                 k_y[None, :], k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y,
+                                                 sww_x, sww_j, KERNEL_W, WIDE)
+                ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
+                delta -= tl.sum(ww * dp, 1)
+                if WW_GRAD:
+                    tl.store(dww_base + ww_offs, dp.to(dww_ptr.dtype.element_ty), mask=mask)
+    stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+    tl.store(delta_ptr + stat_offs, delta, mask=q_valid)
+    lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     drpb = tl.zeros((BIAS_H, BIAS_W), tl.float32)
@@ -327,15 +402,25 @@ def _backward_dq_kernel(
         offs_e = tl.arange(0, BLOCK_E)
         ek_base = ek_ptr + b * sek_b + h * sek_h
         ev_base = ev_ptr + b * sev_b + h * sev_h
+        eb_base = eb_ptr + b * seb_b + h * seb_h
+        deb_base = deb_ptr + b * sdeb_b + h * sdeb_h
         for e0 in range(0, n_extra, BLOCK_E):
             ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
             ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
             s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
             mask = (e0 + offs_e < n_extra)[None, :] & q_valid[:, None]
+            if HAS_EXTRA_BIAS:
+                eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                              (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
+                s += tl.load(eb_base + eb_offs, mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
             p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(ek.dtype), ek, input_precision=PRECISION)
+            if EXTRA_BIAS_GRAD:   # the bias adds to the logit: its gradient is ds itself
+                deb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                               (e0 + offs_e)[None, :], sdeb_y, sdeb_x, sdeb_l, WIDE)
+                tl.store(deb_base + deb_offs, ds, mask=mask)
 
     dq_offs = _token_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d, WIDE)
     tl.store(dq_ptr + b * sg_b + h * sg_h + dq_offs, (dq * scale).to(dq_ptr.dtype.element_ty),
@@ -350,12 +435,12 @@ def _backward_dq_kernel(
 
 @triton.jit
 def _backward_dkdv_kernel(
-        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, rpb_ptr,
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, rpb_ptr, ww_ptr,
         sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
-        sdo_b, sdo_y, sdo_x, sdo_h, sdo_d, sg_b, sg_y, sg_x, sg_h, sg_d,
+        sdo_b, sdo_y, sdo_x, sdo_h, sdo_d, sg_b, sg_y, sg_x, sg_h, sg_d, sww_b, sww_y, sww_x, sww_h, sww_j,
         heads, height, width, dil_h, dil_w, qk_scale, scale,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
-        HAS_RPB: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_WW: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_D: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     BLOCK_N: tl.constexpr = TILE_H * TILE_W
@@ -376,6 +461,7 @@ def _backward_dkdv_kernel(
     do_base = do_ptr + b * sdo_b + h * sdo_h
     stat_base = pid_bh.to(tl.int64) * height * width
     rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    ww_base = ww_ptr + b * sww_b + h * sww_h
     k_coord = _rpb_coord(k_y, k_x, KERNEL_W)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -401,7 +487,14 @@ def _backward_dkdv_kernel(
                 s += _rpb_bias(rpb_base, _rpb_coord(q_y, q_x, KERNEL_W)[None, :], k_coord[:, None], mask,
                                KERNEL_H, KERNEL_W)
             p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
-            dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+            if HAS_WW:   # out += sum_j w_j v_j: v_j's gradient gains w_j dO
+                ww_offs = _window_weight_offsets(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :],
+                                                 k_y[:, None], k_x[:, None], group_y, group_x, dil_h, dil_w, sww_y,
+                                                 sww_x, sww_j, KERNEL_W, WIDE)
+                weight = p + tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                weight = p
+            dv += tl.dot(weight.to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds = p * (dp - delta[None, :])
             dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
@@ -415,11 +508,12 @@ def _backward_dkdv_kernel(
 
 @triton.jit
 def _backward_extra_kernel(
-        q_ptr, do_ptr, lse_ptr, delta_ptr, ek_ptr, ev_ptr, dek_ptr, dev_ptr,
+        q_ptr, do_ptr, lse_ptr, delta_ptr, ek_ptr, ev_ptr, dek_ptr, dev_ptr, eb_ptr,
         sq_b, sq_y, sq_x, sq_h, sq_d, sdo_b, sdo_y, sdo_x, sdo_h, sdo_d,
         sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d, sg_b, sg_l, sg_h, sg_d,
+        seb_b, seb_h, seb_y, seb_x, seb_l,
         heads, height, width, n_extra, qk_scale, scale,
-        HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
@@ -431,6 +525,7 @@ def _backward_extra_kernel(
     ev = _load_extra(ev_ptr + b * sev_b + h * sev_h, offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
     q_base = q_ptr + b * sq_b + h * sq_h
     do_base = do_ptr + b * sdo_b + h * sdo_h
+    eb_base = eb_ptr + b * seb_b + h * seb_h
     stat_base = pid_bh.to(tl.int64) * height * width
 
     dek = tl.zeros((BLOCK_E, BLOCK_D), tl.float32)
@@ -445,7 +540,12 @@ def _backward_extra_kernel(
         lse = tl.load(lse_ptr + stat_base + token, mask=q_valid, other=0.0)
         delta = tl.load(delta_ptr + stat_base + token, mask=q_valid, other=0.0)
         s = tl.dot(ek, tl.trans(q), input_precision=PRECISION) * qk_scale      # [extra, queries]
-        p = tl.where((offs_e < n_extra)[:, None] & q_valid[None, :], tl.exp2(s - lse[None, :]), 0.0)
+        mask = (offs_e < n_extra)[:, None] & q_valid[None, :]
+        if HAS_EXTRA_BIAS:
+            eb_offs = _extra_bias_offsets((token // width)[None, :], (token % width)[None, :], 0, 0, 1, 1,
+                                          offs_e[:, None], seb_y, seb_x, seb_l, WIDE)
+            s += tl.load(eb_base + eb_offs, mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+        p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
         dev += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
         dp = tl.dot(ev, tl.trans(do), input_precision=PRECISION)
         ds = p * (dp - delta[None, :])
@@ -489,9 +589,10 @@ def _tuned(kernel, key, **autotune_options):
 
 
 TUNING_KEY = ['heads', 'height', 'width', 'dil_h', 'dil_w', 'HEAD_DIM', 'KERNEL_H', 'KERNEL_W', 'CLAMP', 'HAS_RPB']
-_FORWARD = _tuned(_forward_kernel, TUNING_KEY + ['HAS_EXTRA'])
-_BACKWARD_DQ = _tuned(_backward_dq_kernel, TUNING_KEY + ['HAS_EXTRA', 'RPB_GRAD'], reset_to_zero=['drpb_ptr'])
-_BACKWARD_DKDV = _tuned(_backward_dkdv_kernel, TUNING_KEY)
+_FORWARD = _tuned(_forward_kernel, TUNING_KEY + ['HAS_EXTRA', 'HAS_EXTRA_BIAS', 'HAS_WW'])
+_BACKWARD_DQ = _tuned(_backward_dq_kernel, TUNING_KEY + ['HAS_EXTRA', 'RPB_GRAD', 'HAS_EXTRA_BIAS', 'HAS_WW'],
+                      reset_to_zero=['drpb_ptr'])
+_BACKWARD_DKDV = _tuned(_backward_dkdv_kernel, TUNING_KEY + ['HAS_WW'])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -522,36 +623,61 @@ def _grid(spec, height, width, batch, heads):
     return grid
 
 
-def forward(q, k, v, rpb, extra_k, extra_v, spec):
+def _full_extra_bias(extra_bias, q, extra_k):
+    """``extra_bias`` (5-D, batch and heads possibly 1) as a ``[B, heads, H, W, L]`` view (stride 0 where
+    broadcast): the kernels index it per (image, head) without a copy."""
+    if extra_bias is None:
+        return None
+    batch, height, width, heads, _ = q.shape
+    return extra_bias.expand(batch, heads, height, width, extra_k.shape[1])
+
+
+def _or_placeholder(tensor, placeholder, dims):
+    """``tensor`` and its strides, or a placeholder pointer and ``dims`` zero strides (the kernels do not
+    read an absent input: its constexpr flag is off)."""
+    return (tensor, tensor.stride()) if tensor is not None else (placeholder, (0,) * dims)
+
+
+def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None):
     """Output ``[B, H, W, heads, D]`` (contiguous) and the base-2 log-sum-exp ``[B, heads, H, W]``."""
     batch, height, width, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=q.device)
     rpb = rpb.contiguous() if rpb is not None else None
-    common = _common(q, spec, k, v, out)
+    extra_bias = _full_extra_bias(extra_bias, q, extra_k)
+    common = _common(q, spec, k, v, out, extra_bias, window_weight)
     for rows in batch_chunks(OP_NAME, batch, heads):   # batch * heads programs on grid axis y
         _forward_launch(q[rows], k[rows], v[rows], out[rows], lse[rows], rpb, _rows(extra_k, rows),
-                        _rows(extra_v, rows), spec, common)
+                        _rows(extra_v, rows), _rows(extra_bias, rows), _rows(window_weight, rows), spec, common)
     return out, lse
 
 
-def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, spec, common):
+def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window_weight, spec, common):
     batch, height, width, heads, _ = q.shape
     ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
+    eb, eb_strides = _or_placeholder(extra_bias, q, 5)
+    ww, ww_strides = _or_placeholder(window_weight, q, 5)
     _FORWARD[_grid(spec, height, width, batch, heads)](
-        q, k, v, out, lse, rpb if rpb is not None else q, ek, ev, *q.stride(), *k.stride(), *v.stride(),
-        *out.stride(), *ek.stride(), *ev.stride(),
+        q, k, v, out, lse, rpb if rpb is not None else q, ek, ev, eb, ww, *q.stride(), *k.stride(), *v.stride(),
+        *out.stride(), *ek.stride(), *ev.stride(), *eb_strides, *ww_strides,
         heads, height, width, *spec.dilation, extra_k.shape[1] if extra_k is not None else 0, spec.scale * LOG2E,
-        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, BLOCK_E=EXTRA_BLOCK, **common)
+        HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, HAS_EXTRA_BIAS=extra_bias is not None,
+        HAS_WW=window_weight is not None, BLOCK_E=EXTRA_BLOCK, **common)
 
 
-def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad):
-    """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v)``; None where not asked for."""
+def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
+             extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False):
+    """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)``; None where not
+    asked for."""
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb = rpb.contiguous() if rpb is not None else None
     rpb_grad = rpb is not None and needs_rpb_grad
     extra_grad = extra_k is not None and needs_extra_grad
+    bias_shape = extra_bias.shape if extra_bias is not None else None
+    extra_bias = _full_extra_bias(extra_bias, q, extra_k)
+    # the window weight's gradient shares its (contiguous) strides; positions outside the map stay zero
+    window_weight = window_weight.contiguous() if window_weight is not None else None
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     delta = torch.empty_like(lse)
     # one slot per (image, head, tile) for the config with the most tiles; unused slots stay zero (a
@@ -562,38 +688,58 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
                                else (batch, 1), dtype=torch.float32, device=q.device)
     d_extra_k = torch.empty(extra_k.shape, dtype=q.dtype, device=q.device) if extra_grad else None
     d_extra_v = torch.empty(extra_v.shape, dtype=q.dtype, device=q.device) if extra_grad else None
-    common = _common(q, spec, k, v, out, grad_out, dq)
+    # per query, float32; summed over the dimensions the bias broadcasts over below
+    d_extra_bias = (torch.empty(extra_bias.shape, dtype=torch.float32, device=q.device)
+                    if extra_bias is not None and needs_extra_bias_grad else None)
+    d_window_weight = (torch.zeros_like(window_weight) if window_weight is not None and needs_window_weight_grad
+                       else None)
+    common = _common(q, spec, k, v, out, grad_out, dq, extra_bias, d_extra_bias, window_weight)
     for rows in batch_chunks(OP_NAME, batch, heads):   # batch * heads programs on grid axis y
         _backward_launch(grad_out[rows], q[rows], k[rows], v[rows], out[rows], lse[rows], delta[rows], dq[rows],
                          dk[rows], dv[rows], rpb, drpb_partial[rows], rpb_grad, drpb_tiles,
                          _rows(extra_k, rows), _rows(extra_v, rows), _rows(d_extra_k, rows), _rows(d_extra_v, rows),
-                         spec, common)
+                         _rows(extra_bias, rows), _rows(d_extra_bias, rows), _rows(window_weight, rows),
+                         _rows(d_window_weight, rows), spec, common)
     d_rpb = drpb_partial.sum((0, 2)).to(rpb.dtype) if rpb_grad else None
-    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v
+    if d_extra_bias is not None:
+        broadcast = tuple(dim for dim in (0, 1) if bias_shape[dim] == 1 and d_extra_bias.shape[dim] != 1)
+        d_extra_bias = d_extra_bias.sum(broadcast, keepdim=True) if broadcast else d_extra_bias
+        d_extra_bias = d_extra_bias.to(extra_bias.dtype).contiguous()
+    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight
 
 
 def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_partial, rpb_grad, drpb_tiles, extra_k,
-                     extra_v, d_extra_k, d_extra_v, spec, common):
+                     extra_v, d_extra_k, d_extra_v, extra_bias, d_extra_bias, window_weight, d_window_weight, spec,
+                     common):
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb_arg = rpb if rpb is not None else q
     ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
+    eb, eb_strides = _or_placeholder(extra_bias, q, 5)
+    deb, deb_strides = _or_placeholder(d_extra_bias, q, 5)
+    ww, ww_strides = _or_placeholder(window_weight, q, 5)
+    dww = d_window_weight if d_window_weight is not None else ww
     n_extra = extra_k.shape[1] if extra_k is not None else 0
     grid = _grid(spec, height, width, batch, heads)
     _BACKWARD_DQ[grid](
-        q, k, v, out, grad_out, lse, delta, dq, rpb_arg, drpb_partial, ek, ev,
+        q, k, v, out, grad_out, lse, delta, dq, rpb_arg, drpb_partial, ek, ev, eb, deb, ww, dww,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *ek.stride(), *ev.stride(),
-        *dq.stride(), heads, height, width, *spec.dilation, n_extra, spec.scale * LOG2E, spec.scale, drpb_tiles,
+        *dq.stride(), *eb_strides, *deb_strides, *ww_strides,
+        heads, height, width, *spec.dilation, n_extra, spec.scale * LOG2E, spec.scale, drpb_tiles,
         HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, HAS_EXTRA=extra_k is not None,
+        HAS_EXTRA_BIAS=extra_bias is not None, EXTRA_BIAS_GRAD=d_extra_bias is not None,
+        HAS_WW=window_weight is not None, WW_GRAD=d_window_weight is not None,
         BLOCK_E=EXTRA_BLOCK, BIAS_H=max(MIN_DOT, triton.next_power_of_2(2 * kernel_h - 1)),
         BIAS_W=max(MIN_DOT, triton.next_power_of_2(2 * kernel_w - 1)), **common)
     _BACKWARD_DKDV[grid](
-        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
-        heads, height, width, *spec.dilation, spec.scale * LOG2E, spec.scale, HAS_RPB=rpb is not None, **common)
+        q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, ww,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ww_strides,
+        heads, height, width, *spec.dilation, spec.scale * LOG2E, spec.scale, HAS_RPB=rpb is not None,
+        HAS_WW=window_weight is not None, **common)
     if d_extra_k is not None:
         _backward_extra_kernel[(triton.cdiv(n_extra, EXTRA_BLOCK), batch * heads)](
-            q, grad_out, lse, delta, extra_k, extra_v, d_extra_k, d_extra_v,
-            *q.stride(), *grad_out.stride(), *extra_k.stride(), *extra_v.stride(), *d_extra_k.stride(),
-            heads, height, width, n_extra, spec.scale * LOG2E, spec.scale, BLOCK_E=EXTRA_BLOCK, BLOCK_M=64,
+            q, grad_out, lse, delta, extra_k, extra_v, d_extra_k, d_extra_v, eb,
+            *q.stride(), *grad_out.stride(), *extra_k.stride(), *extra_v.stride(), *d_extra_k.stride(), *eb_strides,
+            heads, height, width, n_extra, spec.scale * LOG2E, spec.scale, HAS_EXTRA_BIAS=extra_bias is not None,
+            BLOCK_E=EXTRA_BLOCK, BLOCK_M=64,
             **{name: common[name] for name in ('HEAD_DIM', 'AS_F32', 'WIDE', 'PRECISION', 'BLOCK_D')})

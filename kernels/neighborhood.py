@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from timm.layers import register_notrace_function
+from torch.utils.flop_counter import register_flop_formula
 
 from . import _neighborhood_cpu
 from ._dispatch import LIBRARY, device_backend, register_autocast, requested_backend
@@ -207,9 +208,11 @@ class _ReferenceKernels:
     """The op's forward / backward pair computed by the reference (the backward is its ``torch.func.vjp``).
 
     A kernels object (this class, or a module such as ``_neighborhood_triton``) provides
-    ``forward(q, k, v, rpb, extra_k, extra_v, spec) -> (out, lse)`` and ``backward(grad_out, q, k, v,
-    rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad) -> (dq, dk, dv, d_rpb,
-    d_extra_k, d_extra_v)`` (None where not asked for), all outputs contiguous.
+    ``forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None) -> (out, lse)`` and
+    ``backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
+    extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False) ->
+    (dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)`` (None where not asked for), all
+    outputs contiguous; ``extra_bias`` is 5-D (``[B or 1, heads or 1, H, W, L]``) and its gradient has its shape.
     """
 
     @staticmethod
@@ -218,16 +221,8 @@ class _ReferenceKernels:
                        window_weight=window_weight)
 
     @staticmethod
-    def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad):
-        return _ReferenceKernels.backward_extended(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec,
-                                                   needs_rpb_grad, needs_extra_grad)[:6]
-
-    @staticmethod
-    def backward_extended(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
-                          extra_bias=None, window_weight=None, needs_extra_bias_grad=False,
-                          needs_window_weight_grad=False):
-        """``backward`` with TransNeXt's two inputs: also ``d_extra_bias, d_window_weight`` (None where not
-        asked for)."""
+    def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
+                 extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False):
         wanted = dict(q=q, k=k, v=v)
         if rpb is not None and needs_rpb_grad:
             wanted['rpb'] = rpb
@@ -297,11 +292,7 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: 
                 window_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Output and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked arguments."""
     spec = _spec(kernel_size, dilation, scale, border)
-    if extra_bias is None and window_weight is None:
-        return _kernels(backend).forward(q, k, v, rpb, extra_k, extra_v, spec)
-    # the fused Triton and CPU kernels do not take extra_bias / window_weight yet: the reference kernels do,
-    # on every device
-    return _ReferenceKernels.forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight)
+    return _kernels(backend).forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight)
 
 
 @_forward_op.register_fake
@@ -321,14 +312,9 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     """``[dq, dk, dv]``, then ``d_rpb`` if ``rpb_grad``, ``d_extra_k, d_extra_v`` if ``extra_grad``,
     ``d_extra_bias`` if ``extra_bias_grad``, ``d_window_weight`` if ``window_weight_grad``."""
     spec = _spec(kernel_size, dilation, scale, border)
-    if extra_bias is None and window_weight is None:
-        dq, dk, dv, d_rpb, d_extra_k, d_extra_v = _kernels(backend).backward(
-            grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad, extra_grad)
-        d_extra_bias = d_window_weight = None
-    else:
-        dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = _ReferenceKernels.backward_extended(
-            grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad, extra_grad, extra_bias, window_weight,
-            extra_bias_grad, window_weight_grad)
+    dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = _kernels(backend).backward(
+        grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad, extra_grad, extra_bias, window_weight,
+        extra_bias_grad, window_weight_grad)
     return ([dq, dk, dv] + ([d_rpb] if rpb_grad else []) + ([d_extra_k, d_extra_v] if extra_grad else [])
             + ([d_extra_bias] if extra_bias_grad else []) + ([d_window_weight] if window_weight_grad else []))
 
@@ -386,6 +372,38 @@ def _no_double_backward(ctx, *grads):
 torch.library.register_autograd(_forward_op, _forward_backward, setup_context=_save_for_backward)
 torch.library.register_autograd(_backward_op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
+
+def _matmul_units(q_shape, kernel_size, extra_k_shape, window_weight_shape):
+    """Multiply-adds of one ``[queries x keys] x head_dim`` product per key of the call, summed over the window
+    (every ``kh * kw`` position, as the reference's gather computes them), the extra tokens and the window
+    weight's keys: ``(window, extra, weighted window)`` MACs."""
+    batch, height, width, heads, head_dim = q_shape
+    per_key = batch * height * width * heads * head_dim
+    window = per_key * kernel_size[0] * kernel_size[1]
+    extra = per_key * extra_k_shape[1] if extra_k_shape is not None else 0
+    return window, extra, window if window_weight_shape is not None else 0
+
+
+@register_flop_formula(torch.ops.attnzoo.neighborhood_attention_2d_forward)
+def _forward_flops(q_shape, k_shape, v_shape, kernel_size, dilation, scale, rpb_shape, border, extra_k_shape,
+                   extra_v_shape, backend, extra_bias_shape=None, window_weight_shape=None, out_shape=None,
+                   **kwargs) -> int:
+    """FLOPs of the forward for ``torch.utils.flop_counter`` (2 per multiply-add): logits and weighted sum over
+    the window and the extra tokens, and the window weight's sum; what the reference's products count."""
+    window, extra, weighted = _matmul_units(q_shape, kernel_size, extra_k_shape, window_weight_shape)
+    return 2 * (2 * window + 2 * extra + weighted)
+
+
+@register_flop_formula(torch.ops.attnzoo.neighborhood_attention_2d_backward)
+def _backward_flops(grad_out_shape, q_shape, k_shape, v_shape, saved_out_shape, lse_shape, kernel_size, dilation,
+                    scale, rpb_shape, border, extra_k_shape, extra_v_shape, backend, rpb_grad, extra_grad,
+                    extra_bias_shape=None, window_weight_shape=None, extra_bias_grad=False, window_weight_grad=False,
+                    out_shape=None, **kwargs) -> int:
+    """FLOPs of the backward: two products per forward product (the gradients of both its operands), as
+    autograd of the reference counts them; the kernels' recomputation of the logits is not counted."""
+    window, extra, weighted = _matmul_units(q_shape, kernel_size, extra_k_shape, window_weight_shape)
+    return 2 * 2 * (2 * window + 2 * extra + weighted)
+
 # extra_bias and window_weight come after backend: positional callers of the earlier schema keep working
 LIBRARY.define(
     'neighborhood_attention_2d(Tensor q, Tensor k, Tensor v, int[2] kernel_size, int[2] dilation=1, '
@@ -406,11 +424,6 @@ def _neighborhood_op(q, k, v, kernel_size, dilation=(1, 1), scale=None, rpb=None
     if backend == 'triton' and q.dtype not in KERNEL_DTYPES:
         raise TypeError(f'{OP_NAME}: backend="triton" supports {[str(t) for t in KERNEL_DTYPES]}, got {q.dtype}; '
                         f'use backend="reference" for other dtypes')
-    fused = extra_bias is None and window_weight is None
-    if backend == 'triton' and fused and any(k * d > n for k, d, n in zip(spec.kernel_size, spec.dilation, q.shape[1:3])):
-        raise ValueError(f'{OP_NAME}: the fused kernels need kernel_size * dilation {spec.kernel_size} x '
-                         f'{spec.dilation} to fit in the map {tuple(q.shape[1:3])}; pad the map or use '
-                         f'backend="reference"')
     out, _ = torch.ops.attnzoo.neighborhood_attention_2d_forward(
         q, k, v, list(spec.kernel_size), list(spec.dilation), spec.scale, rpb, border, extra_k, extra_v, backend,
         extra_bias, window_weight)
@@ -433,8 +446,8 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
             float16, bfloat16; float64 off the Triton path), ``16 <= head_dim <= 128``. Under
             ``torch.autocast`` they are cast to the autocast dtype (rpb to float32).
         kernel_size: window size, int or ``(rows, cols)``; odd or even.
-        dilation: int or ``(rows, cols)``; ``kernel_size * dilation`` must fit in the map (with
-            ``border="zero"`` only on the fused path: the reference masks a larger window).
+        dilation: int or ``(rows, cols)``; ``kernel_size * dilation`` must fit in the map with
+            ``border="clamp"`` (a zero border masks what falls outside).
         scale: logit scale, ``head_dim ** -0.5`` when None.
         rpb: optional relative position bias ``[heads, 2 * kh - 1, 2 * kw - 1]`` (float32 or q's
             dtype) added to the window logits (NAT / DiNAT).
@@ -446,8 +459,7 @@ def neighborhood_attention_2d(q, k, v, kernel_size, dilation=1, scale=None, rpb:
             ``[B, heads, H, W, L]`` (B and heads may be 1); float32 or q's dtype; differentiable.
         window_weight: optional ``[B, H, W, heads, kh * kw]`` (float32 or q's dtype) added to the window's
             probabilities after the softmax: ``out += sum_j w_j v_j`` over the in-map window positions
-            (row-major in the window); differentiable (into ``w`` and ``v``). With either of these two
-            the op runs the reference kernels on every device (not yet fused).
+            (row-major in the window); differentiable (into ``w`` and ``v``).
         backend: None (the process-wide default of :func:`attnzoo.kernels.use_backend`, else Triton
             on CUDA and the CPU kernels on CPU), ``"triton"``, ``"reference"`` or ``"natten"``
             (``natten.na2d``; clamp border, no rpb).

@@ -49,7 +49,7 @@ def _assert_same_outputs_and_grads(fn, expected_fn, inputs, grad_out, atol, rtol
 def _tiling_covers_windows(length, kernel, dilation, border, tile):
     """Every real query's keys inside its tile's span are exactly its window under the reference's rule."""
     axis = axis_tiling(length, kernel, dilation, border, tile)
-    inside, _ = _axis_windows(axis, border)                                     # [groups, tiles, tile, span]
+    inside, _, _ = _axis_windows(axis, border)                                # [groups, tiles, tile, span]
     keys, valid, _ = axis_neighbors(length, kernel, dilation, border)
     for position in range(length):
         group, index = position % dilation, position // dilation

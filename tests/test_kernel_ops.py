@@ -114,18 +114,16 @@ def test_opcheck_neighborhood_with_extra_bias_and_window_weight():
             positional + ('cpu', extra_bias, window_weight))
 
 
-def test_extra_bias_and_window_weight_fall_back_to_the_reference_kernels(monkeypatch):
-    """The CPU (and fused) kernels do not take TransNeXt's two inputs: such calls run the reference kernels
-    (documented in the op), and the same call without them still runs the CPU kernels."""
+def test_extra_bias_and_window_weight_run_the_default_kernels(monkeypatch):
+    """TransNeXt's two inputs go to the device's kernels (here the CPU kernels' stand-in), forward and backward,
+    with every gradient asked for."""
     counting = CountingKernels(nb_module._ReferenceKernels)
     monkeypatch.setattr(nb_module, '_cpu_kernels', lambda: counting)
     args = nbhd_args()
-    extra_bias, window_weight = leaves((1, 2, 8, 9, 3), (1, 8, 9, 2, 9), seed=1)
-    grads_of(lambda a: neighborhood_attention_2d(**a, kernel_size=3, border='zero', extra_bias=extra_bias,
-                                                 window_weight=window_weight), args)
-    assert counting.calls == []
-    grads_of(lambda a: neighborhood_attention_2d(**a, kernel_size=3, border='zero'), args)
+    args['extra_bias'], args['window_weight'] = leaves((1, 2, 8, 9, 3), (1, 8, 9, 2, 9), seed=1)
+    grads = grads_of(lambda a: neighborhood_attention_2d(**a, kernel_size=3, border='zero'), args)
     assert counting.calls == ['forward', 'backward']
+    assert len(grads) == 1 + len(args) and all(g.abs().sum() > 0 for g in grads[1:])
 
 
 def test_opcheck_routing():

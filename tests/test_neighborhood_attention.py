@@ -1,10 +1,16 @@
 """neighborhood_attention_2d: Triton kernels (interpreted on CPU) against the PyTorch reference, the
 reference against independent definitions (dense masked softmax, NATTEN), and input validation."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from attnzoo.kernels import _neighborhood_cpu, neighborhood_attention_2d
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference, validate
+from test_kernel_fuzz import assert_matches
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tools'))   # benchlib: TransNeXt's call
 
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'
@@ -119,6 +125,18 @@ class TestGPU:
     def test_shapes(self, kernel_size, head_dim):
         inputs = make_inputs((2, 29, 35, 3, head_dim), kernel_size, True, 16, torch.bfloat16, 'cuda')
         assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=2, border='zero'))
+
+    @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+    @pytest.mark.parametrize('size, heads, sr_ratio', [(56, 3, 8), (28, 6, 4), (14, 12, 2), (13, 5, 2)])
+    def test_transnext_stages(self, dtype, size, heads, sr_ratio):
+        """TransNeXt-Tiny's stages 1-3 at 224 px (7 x 7 pools) and an odd map: compiled kernels, every gradient."""
+        inputs = transnext_call(size, size, heads, sr_ratio, dtype, 'cuda')
+        options = dict(kernel_size=3, border='zero', scale=1.0)
+        grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(1)).to('cuda')
+        got = outputs_and_grads(neighborhood_attention_2d, inputs, grad_out, backend='triton', **options)
+        expected = reference_in_float64(inputs, grad_out, **options)
+        for name, g, e in zip(['out'] + list(inputs), got, expected):
+            assert_matches(name, g, e, dtype)
 
     def test_default_backend_is_triton_on_cuda(self):
         inputs = make_inputs((1, 14, 14, 2, 32), 7, dtype=torch.float16, device='cuda')
@@ -362,18 +380,68 @@ def test_op_with_extra_bias_and_window_weight_matches_reference(border, layout):
     assert_close_to_reference(inputs, dict(kernel_size=3, border=border, scale=0.5), backend=None)
 
 
+def transnext_call(height, width, heads, sr_ratio, dtype, device, seed=3):
+    """The arguments of TransNeXt's aggregated-attention call as the model makes them (heads-last views of the
+    kv projections, ``L = (H // sr) * (W // sr)`` pooled tokens, tools/benchlib/transnext.py), batch 2, heads
+    of 24, window weights of unit scale (so that their terms of the gradients are not small)."""
+    from benchlib.transnext import make_call_inputs
+    n_pool = (height // sr_ratio) * (width // sr_ratio)
+    return make_call_inputs(2, height, width, heads, n_pool, seed, weight_std=1.0)(torch.device(device), dtype)
+
+
+@pytest.mark.parametrize('height, width, heads, sr_ratio, dtype', [
+    (8, 8, 2, 2, torch.float32),       # stage-1-like: a pool of (H / sr)^2 = 16 tokens
+    pytest.param(14, 10, 2, 2, torch.float32, marks=pytest.mark.slow),   # non-square, L = 35
+    (7, 9, 1, 4, torch.float16),       # odd sizes: the pool floors, L = 1 x 2
+    (6, 6, 2, 1, torch.bfloat16),      # L = 36: two blocks of extra tokens
+])
+@pytest.mark.parametrize('device, backend', [(DEVICE, 'triton'), ('cpu', None)], ids=['triton', 'cpu_kernels'])
+def test_transnext_call_matches_reference(height, width, heads, sr_ratio, dtype, device, backend):
+    """TransNeXt's call on the fused kernels (the interpreter on CPU) and on the CPU kernels: output and every
+    gradient (q, the kv and pooled-kv projections through their views, local bias, pool bias, window weight)
+    against the float64 reference."""
+    inputs = transnext_call(height, width, heads, sr_ratio, dtype, device)
+    options = dict(kernel_size=3, border='zero', scale=1.0)
+    grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(1)).to(device)
+    got = outputs_and_grads(neighborhood_attention_2d, inputs, grad_out, backend=backend, **options)
+    expected = reference_in_float64(inputs, grad_out, **options)
+    for name, g, e in zip(['out'] + list(inputs), got, expected):
+        assert g.dtype == inputs.get(name, inputs['q']).dtype, name
+        assert_matches(name, g, e, dtype)   # the fuzz tests' rule: the window weight makes gradients large
+
+
+@pytest.mark.parametrize('transnext', [False, True], ids=['nat', 'transnext'])
+def test_flop_counter_counts_the_op_as_the_reference(transnext):
+    """torch.utils.flop_counter sees the registered forward / backward ops (a model's GMACs on the default
+    path): the same FLOPs as the reference's own products, forward and forward + backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if transnext:
+        inputs, options = transnext_call(7, 6, 2, 2, torch.float32, 'cpu'), dict(kernel_size=3, border='zero')
+    else:
+        inputs, options = make_inputs((2, 9, 8, 2, 16), (5, 3), rpb=True, n_extra=3), dict(kernel_size=(5, 3))
+    counts = {}
+    for backend in (None, 'reference'):
+        for mode in ('fwd', 'fwd+bwd'):
+            with FlopCounterMode(display=False) as counter:
+                out = neighborhood_attention_2d(**inputs, **options, backend=backend)
+                if mode == 'fwd+bwd':
+                    torch.autograd.grad(out, [t for t in inputs.values() if t.requires_grad], torch.ones_like(out))
+            counts[backend, mode] = counter.get_total_flops()
+    assert counts[None, 'fwd'] == counts['reference', 'fwd'] > 0
+    assert counts[None, 'fwd+bwd'] == counts['reference', 'fwd+bwd'] == 3 * counts[None, 'fwd']
+
+
 def test_zero_border_window_larger_than_the_map():
-    """The reference masks what falls outside; the fused kernels need the window inside the map and say so."""
+    """A centred window larger than the map sees only the map (TransNeXt's 3x3 window on 1x1 / 2x2 maps of
+    small inputs): reference, CPU kernels and Triton kernels against the dense oracle."""
     inputs = {name: t.detach().double() for name, t in make_inputs((1, 2, 3, 1, 16), 5, n_extra=2).items()}
     out = neighborhood_attention_2d_reference(**inputs, kernel_size=5, border='zero')
     expected = dense_attention(**inputs, kernel_size=(5, 5), dilation=(1, 1), border='zero', scale=16 ** -0.5)
     torch.testing.assert_close(out, expected)
-    q = inputs['q'].float()
-    cpu_default = neighborhood_attention_2d(**{name: t.float() for name, t in inputs.items()}, kernel_size=5,
-                                            border='zero', backend=None if q.device.type == 'cpu' else 'reference')
-    torch.testing.assert_close(cpu_default.double(), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match='fused kernels need'):
-        neighborhood_attention_2d(q, q, q, 5, border='zero', backend='triton')
+    for device, backend in (('cpu', None), (DEVICE, 'triton')):
+        got = neighborhood_attention_2d(**{name: t.float().to(device) for name, t in inputs.items()}, kernel_size=5,
+                                        border='zero', backend=backend)
+        torch.testing.assert_close(got.double().cpu(), expected, atol=1e-5, rtol=1e-5)
 
 
 def _bad_transnext_calls():

@@ -9,6 +9,7 @@
     python tools/benchmark.py models --models biformer_tiny --baseline swin_tiny_patch4_window7_224 --tag biformer
     python tools/benchmark.py cpu                     # CPU kernels vs reference vs dense SDPA; NAT vs CSWin train steps
     python tools/benchmark.py cpu --threads 1         # fewer threads than cores: steadier on a loaded machine
+    python tools/benchmark.py cpu --cases transnext --tag transnext   # TransNeXt fused vs native (calls, models)
     python tools/benchmark.py models --models dat_pp_tiny --kernel-backends auto reference  # fused vs reference
     python tools/benchmark.py models --family all     # the zoo: every variant, then the cards, README table and plot
     python tools/benchmark.py models --family biformer nat   # some families' variants (files tagged zoo-<families>)
@@ -213,8 +214,9 @@ def run_cpu(args, device, dtype):
     """Kernel cases and model train steps on the CPU, every case's implementations timed in turns;
     ratios from process CPU time (wall time is in the table too)."""
     from benchlib import cpu
-    cases = cpu.kernel_cases(args.quick)
-    steps = ((32, 2),) if args.quick else cpu.MODEL_STEPS
+    cases = [case for case in cpu.kernel_cases(args.quick) if args.cases is None or re.search(args.cases, case.name)]
+    steps = [(size, batch) for size, batch in (((32, 2),) if args.quick else cpu.MODEL_STEPS)
+             if args.cases is None or re.search(args.cases, f'train step {size}x{size} b{batch}')]
     results = []
     with tqdm(total=args.iters * (2 * len(cases) + len(steps)), desc='cpu', unit='round') as progress:
         for case in cases:
@@ -428,7 +430,9 @@ def parse_args(argv=None):
     parser.add_argument('--quick', action='store_true', help='tiny shapes: a smoke run, also on CPU')
     parser.add_argument('--dtype', nargs='+', choices=DTYPES, default=None,
                         help='one or more; default: bf16 and fp32 on CUDA, fp32 on CPU')
-    parser.add_argument('--cases', default=None, help='kernels section: only cases whose name matches this regex')
+    parser.add_argument('--cases', default=None,
+                        help="kernels / cpu sections: only cases whose name matches this regex (the cpu section's "
+                             "train steps are named 'train step <size>x<size> b<batch>')")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--warmup', type=int, default=None, help='default: 1 with --family, else 3')
     parser.add_argument('--iters', type=int, default=None, help='timed calls (default: 10; with --family at most '

@@ -9,7 +9,9 @@ Kernel cases (both ops, fp32 by default), each timed forward and forward + backw
 
 Shapes: NAT stage 1 at 224 px (``[2, 56, 56, 2, 32]``, kernel 7, rpb; also batch 8), a DiNAT-L
 sized kernel 11 with dilation 2 on stage 2, and BiFormer-S's three routed stages at 224 px, batch 8
-(56 / 28 / 14 maps, 7x7 regions, topk 1 / 4 / 16, BiFormer's ``dim ** -0.5`` scale).
+(56 / 28 / 14 maps, 7x7 regions, topk 1 / 4 / 16, BiFormer's ``dim ** -0.5`` scale). Then TransNeXt's
+aggregated attention (``benchlib/transnext.py``): the op against the official native sequence (its
+baseline) at TransNeXt-Tiny's stages 1-2, and TransNeXt-Micro / Tiny models fused vs native.
 
 Model cases: one training step (forward, ``sum().backward()``) of ``nat_mini`` against
 ``cswin_tiny_224`` (about the same FLOPs at 224 px) at 224 px (batch 2) and 32 px (batch 16, the
@@ -83,9 +85,11 @@ def routing_case(name, shape, n_win, topk):
 
 
 def kernel_cases(quick: bool) -> List[CpuCase]:
+    from . import transnext
     if quick:
         return [neighborhood_case('nat 14x14 h1 k7 b1', (1, 14, 14, 1, HEAD_DIM), 7),
-                routing_case('biformer 8x8 h1 regions 2x2 topk2 b1', (1, 8, 8, 1, HEAD_DIM), 2, 2)]
+                routing_case('biformer 8x8 h1 regions 2x2 topk2 b1', (1, 8, 8, 1, HEAD_DIM), 2, 2)
+                ] + transnext.cpu_cases(quick)
     return [
         neighborhood_case('nat s1 56x56 h2 k7 b2', (2, 56, 56, 2, HEAD_DIM), 7),
         neighborhood_case('nat s1 56x56 h2 k7 b8', (8, 56, 56, 2, HEAD_DIM), 7),
@@ -93,7 +97,7 @@ def kernel_cases(quick: bool) -> List[CpuCase]:
         routing_case('biformer-s s1 56x56 h2 topk1 b8', (8, 56, 56, 2, HEAD_DIM), 7, 1),
         routing_case('biformer-s s2 28x28 h4 topk4 b8', (8, 28, 28, 4, HEAD_DIM), 7, 4),
         routing_case('biformer-s s3 14x14 h8 topk16 b8', (8, 14, 14, 8, HEAD_DIM), 7, 16),
-    ]
+    ] + transnext.cpu_cases(quick)
 
 
 def kernel_calls(case: CpuCase, dtype) -> Tuple[Dict[str, Callable], Dict[str, Callable]]:

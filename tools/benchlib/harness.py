@@ -40,7 +40,7 @@ class KernelCase:
     ``make_inputs(device, dtype)`` returns the keyword arguments of every implementation (leaf
     tensors that need gradients have ``requires_grad`` set; every implementation uses all of them).
     ``min_bytes(inputs)`` is the least HBM traffic of the forward (inputs read once, output written
-    once); forward+backward adds :func:`fwd_bwd_bytes`.
+    once), or None where no byte model applies (a whole network); forward+backward adds :func:`fwd_bwd_bytes`.
     """
     section: str
     name: str
@@ -155,8 +155,8 @@ def run_case(case: KernelCase, device, dtype, warmup=3, iters=10, progress=None)
                 row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
                 if device.type == 'cuda':
                     torch.cuda.empty_cache()
-            if row.ms is not None and out_bytes is not None:
-                nbytes = case.min_bytes(inputs)
+            nbytes = case.min_bytes(inputs) if row.ms is not None and out_bytes is not None else None
+            if nbytes is not None:   # None: no byte model (a whole network)
                 if mode == 'fwd+bwd':
                     nbytes = fwd_bwd_bytes(inputs, nbytes, out_bytes)
                 row.gbps = nbytes / (row.ms * 1e-3) / 1e9

@@ -17,7 +17,9 @@ The rpb, where a case has one, is added by every implementation (a FlexAttention
 
 Shapes: NAT-Tiny stages 1-3 at 224 px (batch 128, head dim 32) with kernels 7, 9 and 13, dilation 2
 (DiNAT), DiNAT-L's 11 x 11 window at 384 px (batch 32), and TransNeXt-Tiny stages 1-3 (zero border,
-3 x 3 window, 49 pooled tokens as extra keys, rpb).
+3 x 3 window, 49 pooled tokens as extra keys, rpb). Then TransNeXt's whole aggregated attention (pool
+bias and window weight too) against its official native sequence, calls and models
+(``benchlib/transnext.py``; FlexAttention cannot add the window weight, so it has no row there).
 """
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +32,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from attnzoo.kernels import neighborhood_attention_2d
 from attnzoo.kernels.neighborhood import axis_neighbors
 
+from . import transnext
 from .harness import KernelCase
 
 SECTION = 'neighborhood'
@@ -243,4 +246,4 @@ def shapes(quick: bool) -> List[NeighborhoodShape]:
 def cases(quick: bool):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILES)
     natten = _natten_available()
-    return [_case(s, natten, with_reference=quick) for s in shapes(quick)]
+    return [_case(s, natten, with_reference=quick) for s in shapes(quick)] + transnext.kernel_cases(quick)
