@@ -90,8 +90,9 @@ def run_kernels(args, device, dtypes):
 def model_gmacs(name, size):
     """Multiply-adds of one forward pass at ``size``, counted on the meta device. Fused attention is
     switched off while the model is built and run (timm's SDPA and attnzoo's kernels alike): the
-    counter has no formula for CPU / meta SDPA or for attnzoo's custom ops and would skip the
-    attention matmuls; the explicit path computes the same thing."""
+    counter has no formula for CPU / meta SDPA or for the routing op and would skip their attention
+    matmuls (the neighborhood op has one, equal to its reference's count); the explicit path computes
+    the same thing."""
     import timm
     from timm.layers import set_fused_attn, use_fused_attn
     from torch.utils.flop_counter import FlopCounterMode
