@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import safetensors.torch
 import torch
 import torch.nn as nn
+from timm.models import resolve_pretrained_cfg
 from timm.models._input import get_model_traits
 
 EMA_WRAPPERS = ('state_dict_ema', 'model_ema')
@@ -226,3 +227,18 @@ def rename_by_first_rule(key: str, rules: Sequence[RenameRule]) -> str:
         if count:
             return renamed
     return key
+
+
+def require_downloadable_weights(variant: str, kwargs: Dict, is_share_page: Callable[[str], bool],
+                                 also_at: str = '') -> None:
+    """Official weights that sit on share pages timm cannot download (Google Drive, BaiduCloud, OneDrive,
+    TsinghuaCloud): ``pretrained=True`` without a local file (or another source) says where they are and
+    how to load a downloaded file, instead of failing on an HTML page. ``also_at`` names other mirrors."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    if cfg.file or cfg.hf_hub_id or cfg.state_dict or not is_share_page(cfg.url or ''):
+        return
+    raise RuntimeError(
+        f'{variant}: the official weights are only on a share page ({cfg.url}{also_at}), which cannot be '
+        f'downloaded automatically. Download the file and load it with timm.create_model({variant!r}, '
+        f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/file.pth')), or in an OpenMMLab config "
+        f"with AttnzooBackbone(model_name={variant!r}, checkpoint='/path/to/file.pth').")

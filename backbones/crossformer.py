@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, use_fused_attn)
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._checkpoint import convert_checkpoint, unwrap_checkpoint
+from ._checkpoint import convert_checkpoint, require_downloadable_weights, unwrap_checkpoint
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['CrossFormer']
@@ -533,22 +533,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
              '(depths; CrossFormer++ checkpoints need activation_cooling=True, v1 ones False)?')
 
 
-def _check_weight_source(variant: str, kwargs: Dict):
-    """The official weights sit behind Google Drive / BaiduCloud share pages, which timm cannot download:
-    say so, and how to load a downloaded file, instead of failing inside the download."""
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    if cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.url not in _SHARE_PAGES.values():
-        return
-    raise RuntimeError(
-        f'{variant}: the official weights are only on a share page ({cfg.url}), which cannot be downloaded '
-        f'automatically. Download the file and load it with timm.create_model({variant!r}, pretrained=True, '
-        f"pretrained_cfg_overlay=dict(file='/path/to/file.pth')), or in an OpenMMLab config with "
-        f"AttnzooBackbone(model_name={variant!r}, checkpoint='/path/to/file.pth').")
-
-
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> CrossFormer:
     if pretrained:
-        _check_weight_source(variant, kwargs)
+        require_downloadable_weights(variant, kwargs, lambda url: url in _SHARE_PAGES.values())
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))
     return build_model_with_cfg(
         CrossFormer,

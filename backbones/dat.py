@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
-from timm.models._builder import resolve_pretrained_cfg
 
-from ._checkpoint import convert_checkpoint, unwrap_checkpoint
+from ._checkpoint import convert_checkpoint, require_downloadable_weights, unwrap_checkpoint
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 from .nat import ConvDownsample, NeighborhoodAttention
 
@@ -504,21 +503,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
         hint='(after converting official DAT++ names) is it a checkpoint of this variant (dims, stage_spec)?')
 
 
-def _check_weight_source(variant: str, kwargs: Dict):
-    """The official weights sit on share pages that timm cannot download: without a local file (or
-    another source) ``pretrained=True`` says where to get them, instead of failing on an HTML page."""
-    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
-    if cfg.file or cfg.state_dict or cfg.hf_hub_id or not (cfg.url or '').startswith(_SHARE_PAGE):
-        return
-    raise RuntimeError(
-        f'{variant}: timm cannot download the official DAT++ weights (a share page, {cfg.url}); download the '
-        f'file from there (or from the OneDrive links of github.com/LeapLabTHU/DAT) and pass it with '
-        f'pretrained_cfg_overlay=dict(file=path)')
-
-
 def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
     if pretrained:
-        _check_weight_source(variant, kwargs)
+        require_downloadable_weights(variant, kwargs, lambda url: url.startswith(_SHARE_PAGE),
+                                     also_at=', or the OneDrive links of github.com/LeapLabTHU/DAT')
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('dims', (64, 128, 256, 512))))))
     return build_model_with_cfg(
         DAT,
