@@ -24,6 +24,8 @@ Kernels:
 - ``_backward_extra_kernel``: per block of extra tokens, loops over every query of the image;
   d_extra_k, d_extra_v.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -87,6 +89,16 @@ def _tile_of(pid, height, width, dil_h, dil_w, TILE_H: tl.constexpr, TILE_W: tl.
     len_y = (height - group_y + dil_h - 1) // dil_h
     len_x = (width - group_x + dil_w - 1) // dil_w
     return group_y, group_x, tile_y * TILE_H, tile_x * TILE_W, len_y, len_x
+
+
+@triton.jit
+def _image_and_head(pid_bh, heads, WIDE: tl.constexpr):
+    """Image (64-bit: the batch offset always is) and head of program ``pid_bh`` of the batch * heads axis;
+    the head 64-bit too where ``WIDE``: ``h * s_h`` spans the image when the heads are not the last axes."""
+    h = pid_bh % heads
+    if WIDE:
+        h = h.to(tl.int64)
+    return (pid_bh // heads).to(tl.int64), h
 
 
 @triton.jit
@@ -217,13 +229,13 @@ def _block_cols(args):
     return max(MIN_DOT, triton.next_power_of_2(args['TILE_W'] + args['KERNEL_W'] - 1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['size_class'])
 def _forward_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, rpb_ptr, ek_ptr, ev_ptr, eb_ptr, ww_ptr,
         sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
         so_b, so_y, so_x, so_h, so_d, sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d,
         seb_b, seb_h, seb_y, seb_x, seb_l, sww_b, sww_y, sww_x, sww_h, sww_j,
-        heads, height, width, dil_h, dil_w, n_extra, qk_scale,
+        heads, height, width, dil_h, dil_w, size_class, n_extra, qk_scale,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
         HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, HAS_WW: tl.constexpr,
         AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
@@ -231,8 +243,7 @@ def _forward_kernel(
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     BLOCK_M: tl.constexpr = TILE_H * TILE_W
     pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    b, h = _image_and_head(pid_bh, heads, WIDE)
     group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
@@ -262,8 +273,9 @@ def _forward_kernel(
                              HEAD_DIM, AS_F32, WIDE)
             v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d,
                              HEAD_DIM, AS_F32, WIDE)
+            # padding queries of a partial tile lie outside the map: their rpb offsets fall outside the table
             mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
-                              KERNEL_H, KERNEL_W) & k_valid[None, :]
+                              KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             if HAS_RPB:
                 s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask,
@@ -274,7 +286,7 @@ def _forward_kernel(
                 ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None],
                                                  k_y[None, :], k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y,
                                                  sww_x, sww_j, KERNEL_W, WIDE)
-                ww = tl.load(ww_base + ww_offs, mask=mask & q_valid[:, None], other=0.0).to(tl.float32)
+                ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
                 acc_ww += tl.dot(ww.to(v.dtype), v, input_precision=PRECISION)
     if HAS_EXTRA:
         offs_e = tl.arange(0, BLOCK_E)
@@ -305,7 +317,7 @@ def _forward_kernel(
     tl.store(lse_ptr + pid_bh.to(tl.int64) * height * width + lse_offs, m_i + tl.log2(l_i), mask=q_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['size_class'])
 def _backward_dq_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, rpb_ptr, drpb_ptr, ek_ptr, ev_ptr,
         eb_ptr, deb_ptr, ww_ptr, dww_ptr,
@@ -314,7 +326,7 @@ def _backward_dq_kernel(
         sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d, sg_b, sg_y, sg_x, sg_h, sg_d,
         seb_b, seb_h, seb_y, seb_x, seb_l, sdeb_b, sdeb_h, sdeb_y, sdeb_x, sdeb_l,
         sww_b, sww_y, sww_x, sww_h, sww_j,
-        heads, height, width, dil_h, dil_w, n_extra, qk_scale, scale, drpb_tiles,
+        heads, height, width, dil_h, dil_w, size_class, n_extra, qk_scale, scale, drpb_tiles,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
         HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr,
         EXTRA_BIAS_GRAD: tl.constexpr, HAS_WW: tl.constexpr, WW_GRAD: tl.constexpr, AS_F32: tl.constexpr,
@@ -325,8 +337,7 @@ def _backward_dq_kernel(
     BLOCK_M: tl.constexpr = TILE_H * TILE_W
     pid_tile = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    b, h = _image_and_head(pid_bh, heads, WIDE)
     group_y, group_x, y0, x0, len_y, len_x = _tile_of(pid_tile, height, width, dil_h, dil_w, TILE_H, TILE_W)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
@@ -433,20 +444,19 @@ def _backward_dq_kernel(
                  mask=(bias_y < 2 * KERNEL_H - 1) & (bias_x < 2 * KERNEL_W - 1))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['size_class'])
 def _backward_dkdv_kernel(
         q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, rpb_ptr, ww_ptr,
         sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
         sdo_b, sdo_y, sdo_x, sdo_h, sdo_d, sg_b, sg_y, sg_x, sg_h, sg_d, sww_b, sww_y, sww_x, sww_h, sww_j,
-        heads, height, width, dil_h, dil_w, qk_scale, scale,
+        heads, height, width, dil_h, dil_w, size_class, qk_scale, scale,
         HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
         HAS_RPB: tl.constexpr, HAS_WW: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_D: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     BLOCK_N: tl.constexpr = TILE_H * TILE_W
     pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    b, h = _image_and_head(pid_bh, heads, WIDE)
     group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
@@ -516,8 +526,7 @@ def _backward_extra_kernel(
         HEAD_DIM: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = pid_bh % heads
+    b, h = _image_and_head(pid_bh, heads, WIDE)
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_M)
@@ -560,13 +569,17 @@ def _backward_extra_kernel(
 # ----------------------------------------------------------------------------- tuning
 
 
+# Every query / key tile shape, rows of the other side's block, warps and stages the tuner chooses from on a GPU.
+TILE_CONFIGS = tuple(triton.Config({'TILE_H': tile_h, 'TILE_W': tile_w, 'BLOCK_ROWS': rows}, num_warps=warps,
+                                   num_stages=stages)
+                     for tile_h, tile_w in ((8, 8), (16, 8), (8, 16)) for rows in (1, 2) for warps in (4, 8)
+                     for stages in (1, 2))
+INTERPRETER_CONFIG = triton.Config({'TILE_H': 16, 'TILE_W': 8, 'BLOCK_ROWS': 4}, num_warps=4, num_stages=1)
+
+
 def _tile_configs():
-    """Query / key tile shapes and the rows of the other side's block, for the window kernels."""
-    if triton_interpreted():  # one config: the interpreter cannot benchmark
-        return [triton.Config({'TILE_H': 16, 'TILE_W': 8, 'BLOCK_ROWS': 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({'TILE_H': tile_h, 'TILE_W': tile_w, 'BLOCK_ROWS': rows}, num_warps=warps, num_stages=stages)
-            for tile_h, tile_w in ((8, 8), (16, 8), (8, 16)) for rows in (1, 2) for warps in (4, 8)
-            for stages in (1, 2)]
+    """The configs to tune over: one in the interpreter, which cannot benchmark."""
+    return [INTERPRETER_CONFIG] if triton_interpreted() else list(TILE_CONFIGS)
 
 
 def _warps_for_tile(configs, named_args, **kwargs):
@@ -588,11 +601,37 @@ def _tuned(kernel, key, **autotune_options):
                            **autotune_options)(triton.heuristics({'BLOCK_COLS': _block_cols})(kernel))
 
 
-TUNING_KEY = ['heads', 'height', 'width', 'dil_h', 'dil_w', 'HEAD_DIM', 'KERNEL_H', 'KERNEL_W', 'CLAMP', 'HAS_RPB']
+def size_class(batch, heads, height, width, dilation):
+    """The tuning key's part of a call's size: what changes the best tile, each rounded up to a power of two,
+    so a detector's or segmenter's next input size reuses a tuned config instead of benchmarking 12-24 again.
+    The tile shape's fit depends on the dilation group's rows and columns, occupancy on the programs in
+    flight (images * heads * tiles, counted in 64-token tiles and capped where any GPU is full)."""
+    rows, cols = triton.cdiv(height, dilation[0]), triton.cdiv(width, dilation[1])
+    programs = batch * heads * dilation[0] * dilation[1] * triton.cdiv(rows * cols, 64)
+    rows, cols, programs = (triton.next_power_of_2(n).bit_length() for n in (rows, cols, min(programs, 2 ** 14)))
+    return (rows * 32 + cols) * 32 + programs
+
+
+TUNING_KEY = ['size_class', 'dil_h', 'dil_w', 'HEAD_DIM', 'KERNEL_H', 'KERNEL_W', 'CLAMP', 'HAS_RPB']
 _FORWARD = _tuned(_forward_kernel, TUNING_KEY + ['HAS_EXTRA', 'HAS_EXTRA_BIAS', 'HAS_WW'])
 _BACKWARD_DQ = _tuned(_backward_dq_kernel, TUNING_KEY + ['HAS_EXTRA', 'RPB_GRAD', 'HAS_EXTRA_BIAS', 'HAS_WW'],
                       reset_to_zero=['drpb_ptr'])
 _BACKWARD_DKDV = _tuned(_backward_dkdv_kernel, TUNING_KEY + ['HAS_WW'])
+TUNED_KERNELS = {'forward': _FORWARD, 'backward_dq': _BACKWARD_DQ, 'backward_dkdv': _BACKWARD_DKDV}
+
+
+@contextlib.contextmanager
+def forced_config(config):
+    """Every tuned kernel runs ``config`` (one of :data:`TILE_CONFIGS`) inside the block, untuned: how
+    tools/gpu_check.py checks the configs the tuner would not pick on its shapes. Not thread-safe."""
+    saved = {name: kernel.configs for name, kernel in TUNED_KERNELS.items()}
+    try:
+        for kernel in TUNED_KERNELS.values():
+            kernel.configs = [config]
+        yield
+    finally:
+        for name, kernel in TUNED_KERNELS.items():
+            kernel.configs = saved[name]
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -660,7 +699,8 @@ def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window
     _FORWARD[_grid(spec, height, width, batch, heads)](
         q, k, v, out, lse, rpb if rpb is not None else q, ek, ev, eb, ww, *q.stride(), *k.stride(), *v.stride(),
         *out.stride(), *ek.stride(), *ev.stride(), *eb_strides, *ww_strides,
-        heads, height, width, *spec.dilation, extra_k.shape[1] if extra_k is not None else 0, spec.scale * LOG2E,
+        heads, height, width, *spec.dilation, size_class(batch, heads, height, width, spec.dilation),
+        extra_k.shape[1] if extra_k is not None else 0, spec.scale * LOG2E,
         HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, HAS_EXTRA_BIAS=extra_bias is not None,
         HAS_WW=window_weight is not None, BLOCK_E=EXTRA_BLOCK, **common)
 
@@ -721,11 +761,12 @@ def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_p
     dww = d_window_weight if d_window_weight is not None else ww
     n_extra = extra_k.shape[1] if extra_k is not None else 0
     grid = _grid(spec, height, width, batch, heads)
+    tune_size = size_class(batch, heads, height, width, spec.dilation)
     _BACKWARD_DQ[grid](
         q, k, v, out, grad_out, lse, delta, dq, rpb_arg, drpb_partial, ek, ev, eb, deb, ww, dww,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *ek.stride(), *ev.stride(),
         *dq.stride(), *eb_strides, *deb_strides, *ww_strides,
-        heads, height, width, *spec.dilation, n_extra, spec.scale * LOG2E, spec.scale, drpb_tiles,
+        heads, height, width, *spec.dilation, tune_size, n_extra, spec.scale * LOG2E, spec.scale, drpb_tiles,
         HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad, HAS_EXTRA=extra_k is not None,
         HAS_EXTRA_BIAS=extra_bias is not None, EXTRA_BIAS_GRAD=d_extra_bias is not None,
         HAS_WW=window_weight is not None, WW_GRAD=d_window_weight is not None,
@@ -734,7 +775,7 @@ def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_p
     _BACKWARD_DKDV[grid](
         q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, ww,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ww_strides,
-        heads, height, width, *spec.dilation, spec.scale * LOG2E, spec.scale, HAS_RPB=rpb is not None,
+        heads, height, width, *spec.dilation, tune_size, spec.scale * LOG2E, spec.scale, HAS_RPB=rpb is not None,
         HAS_WW=window_weight is not None, **common)
     if d_extra_k is not None:
         _backward_extra_kernel[(triton.cdiv(n_extra, EXTRA_BLOCK), batch * heads)](

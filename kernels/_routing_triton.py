@@ -41,12 +41,16 @@ def _token_yx(region, token, p_w, region_h, region_w):
 
 
 @triton.jit
-def _resident_tokens(blocks, p_w, region_h, region_w, BLOCK: tl.constexpr):
-    """This program's region, head and batch, and its block of the region's tokens: (y, x, valid)."""
+def _resident_tokens(blocks, p_w, region_h, region_w, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """This program's region, head and batch, and its block of the region's tokens: (y, x, valid). The batch
+    is 64-bit, the head too where ``WIDE`` (``head * s_h`` spans the image when heads are not the last axes)."""
     region = tl.program_id(0) // blocks
     offs = (tl.program_id(0) % blocks) * BLOCK + tl.arange(0, BLOCK)
     ys, xs = _token_yx(region, offs, p_w, region_h, region_w)
-    return region, tl.program_id(1), tl.program_id(2).to(tl.int64), ys, xs, offs < region_h * region_w
+    head = tl.program_id(1)
+    if WIDE:
+        head = head.to(tl.int64)
+    return region, head, tl.program_id(2).to(tl.int64), ys, xs, offs < region_h * region_w
 
 
 @triton.jit
@@ -93,7 +97,7 @@ def _routing_fwd_kernel(
         p_w, region_h, region_w, topk, qk_scale_log2, query_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    region, head, batch, qy, qx, m_valid = _resident_tokens(query_blocks, p_w, region_h, region_w, BLOCK_M)
+    region, head, batch, qy, qx, m_valid = _resident_tokens(query_blocks, p_w, region_h, region_w, BLOCK_M, WIDE)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     q_ptrs = _token_ptrs(Q + batch * sq_b + head * sq_h, qy, qx, sq_y, sq_x, sq_d, offs_d, WIDE)
@@ -141,7 +145,7 @@ def _routing_bwd_dq_kernel(
         p_w, region_h, region_w, topk, qk_scale_log2, scale, query_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    region, head, batch, qy, qx, m_valid = _resident_tokens(query_blocks, p_w, region_h, region_w, BLOCK_M)
+    region, head, batch, qy, qx, m_valid = _resident_tokens(query_blocks, p_w, region_h, region_w, BLOCK_M, WIDE)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     md_mask = m_valid[:, None] & d_valid[None, :]
@@ -191,7 +195,7 @@ def _routing_bwd_dkdv_kernel(
         regions_per_image, p_w, region_h, region_w, qk_scale_log2, scale, key_blocks,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE: tl.constexpr):
-    region, head, batch, ky, kx, n_valid = _resident_tokens(key_blocks, p_w, region_h, region_w, BLOCK_N)
+    region, head, batch, ky, kx, n_valid = _resident_tokens(key_blocks, p_w, region_h, region_w, BLOCK_N, WIDE)
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
     nd_mask = n_valid[:, None] & d_valid[None, :]
