@@ -175,7 +175,7 @@ class FlexNeighborhood:
         return order.from_sequence(out)
 
 
-def _natten_available():
+def natten_available():
     try:
         import natten
     except ImportError:
@@ -183,7 +183,7 @@ def _natten_available():
     return bool(natten.HAS_LIBNATTEN)
 
 
-def _make_inputs(s: NeighborhoodShape):
+def make_inputs(s: NeighborhoodShape):
     def make(device, dtype):
         def leaf(*shape, dtype=dtype):
             return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
@@ -204,7 +204,7 @@ def _min_bytes(inputs):
     return sum(t.numel() * t.element_size() for t in inputs.values()) + q.numel() * q.element_size()
 
 
-def _case(s: NeighborhoodShape, natten: bool, with_reference: bool):
+def kernel_case(s: NeighborhoodShape, natten: bool, with_reference: bool):
     options = dict(kernel_size=s.kernel, dilation=s.dilation, border=s.border)
     impls = {'attnzoo-triton': partial(neighborhood_attention_2d, **options, backend='triton'),
              'flex-tiled': FlexNeighborhood(s, TILE),
@@ -213,7 +213,7 @@ def _case(s: NeighborhoodShape, natten: bool, with_reference: bool):
         impls['natten'] = partial(neighborhood_attention_2d, **options, backend='natten')
     if with_reference:
         impls['reference'] = partial(neighborhood_attention_2d, **options, backend='reference')
-    return KernelCase(SECTION, s.name, _make_inputs(s), impls, 'flex-tiled', _min_bytes)
+    return KernelCase(SECTION, s.name, make_inputs(s), impls, 'flex-tiled', _min_bytes)
 
 
 def shapes(quick: bool) -> List[NeighborhoodShape]:
@@ -245,5 +245,5 @@ def shapes(quick: bool) -> List[NeighborhoodShape]:
 
 def cases(quick: bool):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILES)
-    natten = _natten_available()
-    return [_case(s, natten, with_reference=quick) for s in shapes(quick)] + transnext.kernel_cases(quick)
+    natten = natten_available()
+    return [kernel_case(s, natten, with_reference=quick) for s in shapes(quick)] + transnext.kernel_cases(quick)

@@ -52,7 +52,7 @@ def _ceil_div(value, divisor):
     return -(-value // divisor)
 
 
-def _stage_shapes(prefix, batch, input_hw, n_win):
+def stage_shapes(prefix, batch, input_hw, n_win):
     """Stages 1-3 of a BiFormer-T/S on an ``input_hw`` image (strides 4, 8, 16; padded convolutions
     round up), maps padded up to the region grid."""
     shapes = []
@@ -68,11 +68,11 @@ def shapes(quick: bool) -> List[RoutingShape]:
     if quick:
         return [RoutingShape('tiny_region4x4_topk2_b1', 1, 8, 8, 1, 2, 2),
                 RoutingShape('tiny_region3x5_topk3_b1', 1, 6, 10, 1, 2, 3)]
-    return (_stage_shapes('biformer224', 128, (224, 224), 7) + _stage_shapes('ade512', 16, (512, 512), 8)
-            + _stage_shapes('det800x1216', 2, (800, 1216), 16))
+    return (stage_shapes('biformer224', 128, (224, 224), 7) + stage_shapes('ade512', 16, (512, 512), 8)
+            + stage_shapes('det800x1216', 2, (800, 1216), 16))
 
 
-def _make_inputs(shape: RoutingShape):
+def make_inputs(shape: RoutingShape):
     def make(device, dtype) -> Dict[str, object]:
         generator = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(shape.batch, shape.height, shape.width, shape.heads, HEAD_DIM, device=device,
@@ -183,7 +183,7 @@ class FlexRouting:
 
 
 def cases(quick: bool) -> List[KernelCase]:
-    return [KernelCase(section=SECTION, name=shape.name, make_inputs=_make_inputs(shape),
+    return [KernelCase(section=SECTION, name=shape.name, make_inputs=make_inputs(shape),
                        impls={'attnzoo-triton': attnzoo_triton, 'gather-reference': routing_attention_reference,
                               'flex': FlexRouting(), 'sdpa-dense': sdpa_dense},
                        baseline='gather-reference', min_bytes=_min_bytes)
