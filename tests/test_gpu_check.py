@@ -121,3 +121,18 @@ def test_v2_rows_where_the_switch_exists(monkeypatch):
         case.impls['attnzoo-triton-v2'](**inputs)
         case.impls['attnzoo-triton'](**inputs)
     assert chosen == ['v2', 'v1']
+
+
+def test_a_spent_budget_skips_with_notes(tmp_path):
+    """A step past its cap writes a "not run" row for what it left; a step whose turn comes after the budget is
+    spent is skipped with a note: no row disappears."""
+    done = run_dry(tmp_path, '--budget-s', '8', '--steps', 'environment', 'correctness', 'speed')
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / f'{STEM}.json').read_text())
+    steps = {step['name']: step for step in report['steps']}
+    assert steps['environment']['status'] == steps['correctness']['status'] == 'done'
+    assert steps['speed']['status'] == 'skipped' and 'budget' in steps['speed']['note']
+    correctness = [r for r in report['rows'] if r['step'] == 'correctness']
+    assert any('time cap' in r['note'] for r in correctness)
+    assert all('ok' in r or r['note'] for r in correctness)
+    assert any(r['step'] == 'speed' and 'skipped' in r['note'] for r in report['rows'])

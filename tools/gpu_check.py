@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,8 +119,11 @@ def write(report, out: Path, stem):
     write_files_atomically(out, files)
 
 
-def run_steps(args, device, ctx_type, steps_module, goals_module):
+def run_steps(args, device):
+    from functools import partial
+
     import torch
+    from benchlib import goals, gpucheck
     from benchmark import slug, versions
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,9 +133,9 @@ def run_steps(args, device, ctx_type, steps_module, goals_module):
                   dry_run=args.dry_run, budget_s=args.budget_s, **versions(), steps=[], rows=[])
     start = time.perf_counter()
     end = start + args.budget_s
-    script = str(Path(__file__).resolve())
-    functions = {'environment': steps_module.environment, 'correctness': steps_module.correctness,
-                 'sanitizer': None, 'speed': steps_module.speed, 'train steps': steps_module.train_steps}
+    functions = {'environment': gpucheck.environment, 'correctness': gpucheck.correctness,
+                 'sanitizer': partial(gpucheck.sanitizer, script=str(Path(__file__).resolve())),
+                 'speed': gpucheck.speed, 'train steps': gpucheck.train_steps}
     for step_name, cap in STEP_CAPS:
         if args.steps and step_name not in args.steps:
             continue
@@ -147,21 +149,17 @@ def run_steps(args, device, ctx_type, steps_module, goals_module):
             write(report, out, stem)
             continue
         step_start = time.perf_counter()
-        ctx = ctx_type(device, args.dry_run, deadline=step_start + min(cap, left))
+        ctx = gpucheck.Context(device, args.dry_run, deadline=step_start + min(cap, left))
         print(f'gpu_check: {step_name} (cap {min(cap, left):.0f} s)', flush=True)
         try:
-            if step_name == 'sanitizer':
-                note = steps_module.sanitizer(ctx, report['rows'], script, timeout_s=min(cap, left))
-            else:
-                note = functions[step_name](ctx, report['rows'])
+            step['note'] = functions[step_name](ctx, report['rows'])
             step['status'] = 'done'
-            step['note'] = note if isinstance(note, str) else ''
         except Exception as exc:  # a broken step is reported; the later steps still run
             step['status'] = 'failed'
-            step['note'] = steps_module.error_note(exc)
+            step['note'] = gpucheck.error_note(exc)
         step['seconds'] = time.perf_counter() - step_start
         write(report, out, stem)
-    report['rows'] += goals_module.evaluate(report['rows'])
+    report['rows'] += goals.evaluate(report['rows'])
     report['steps'].append(dict(name='goals', cap_s=0, status='done', seconds=0., note=''))
     report['total_s'] = time.perf_counter() - start
     write(report, out, stem)
@@ -183,11 +181,11 @@ def main(argv=None):
         return 2
     else:
         device = torch.device('cuda')
-    from benchlib import gpucheck, goals
     if args.sanitizer_workload:
+        from benchlib import gpucheck
         gpucheck.sanitizer_workload(device)
         return 0
-    run_steps(args, device, gpucheck.Context, gpucheck, goals)
+    run_steps(args, device)
     return 0
 
 

@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,7 @@ def environment(ctx, rows):
         facts['natten'] = f'absent: {error_note(exc)}'
     for key, value in facts.items():
         rows.append(row('environment', key, str(value), ctx=ctx))
-    return facts
+    return f'{facts["device"]}: torch {facts["torch"]}, triton {facts["triton"]}, timm {facts["timm"]}'
 
 
 # ----------------------------------------------------------------------------- b: correctness of every config
@@ -238,7 +238,10 @@ def sanitizer_workload(device):
     sync(device)
 
 
-def sanitizer(ctx, rows, script, timeout_s):
+def sanitizer(ctx, rows, script):
+    """``script --sanitizer-workload`` in a subprocess, under compute-sanitizer's memcheck where it can run,
+    until the step's deadline."""
+    timeout_s = max(1., ctx.deadline - time.perf_counter())
     tool = shutil.which('compute-sanitizer')
     command = [sys.executable, script, '--sanitizer-workload'] + (['--dry-run'] if ctx.dry else [])
     if tool and ctx.device.type == 'cuda':
