@@ -35,7 +35,8 @@ def test_dry_run_runs_every_step_and_writes_the_files(tmp_path):
     assert 'DRY RUN' in markdown
     steps = {step['name']: step for step in report['steps']}
     assert list(steps) == [name for name, _ in gpu_check.STEP_CAPS] + ['goals']
-    assert all(step['status'] == 'done' for step in steps.values()), steps
+    assert all(step['status'] == 'done' for step in steps.values()), \
+        [(step['name'], step['status'], step['note']) for step in steps.values()]
     rows = report['rows']
     assert all(row['dry_run'] for row in rows if row['step'] != 'goals')
     checked = [r for r in rows if r['step'] == 'correctness' and r['impl'] == 'attnzoo-triton']
