@@ -158,6 +158,7 @@ def compare_with_reference(case: CheckCase, device, dtype, backend='triton'):
         if got is None or want is None:
             ok = ok and got is None and want is None
             continue
+        got, want = got.detach(), want.detach()
         diff = (got.double() - want).abs()
         errors[name] = float(diff.max()) if diff.numel() else 0.0
         ok = ok and bool(torch.isfinite(got).all()) and bool((diff <= tol + tol * want.abs()).all())
