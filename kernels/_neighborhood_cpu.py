@@ -493,17 +493,17 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     A tile scores its queries against its whole span, so a non-finite key or value would reach the
     queries whose window does not hold it (a NaN logit plus -inf is NaN; 0 * NaN in P @ V): images with
     one (found by a sum, cheap next to the attention) take the reference's computation instead."""
-    faulty = _nonfinite_images(q.shape[0], (k, v), (rpb,))
+    faulty = _nonfinite_images((k, v), (rpb,))
     if faulty is None:
         return _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, tile)
-    reference = _reference_kernels()
     out, lse = q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[3]) + q.shape[1:3], dtype=torch.float32)
-    for images, kernels_forward in ((~faulty, _forward), (faulty, reference.forward)):
+    for images, kernels_forward in ((~faulty, functools.partial(_forward, tile=tile)),
+                                    (faulty, _reference_kernels().forward)):
         if images.any():
-            part = _images(images, q, k, v, extra_k, extra_v, window_weight)
-            o, l = kernels_forward(*part[:3], rpb, *part[3:5], spec, _batched_images(images, extra_bias), part[5],
-                                   **(dict(tile=tile) if kernels_forward is _forward else {}))
-            out[images], lse[images] = o, l
+            q_i, k_i, v_i, extra_k_i, extra_v_i, window_weight_i = _images(images, q, k, v, extra_k, extra_v,
+                                                                           window_weight)
+            out[images], lse[images] = kernels_forward(q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, spec,
+                                                       _batched_images(images, extra_bias), window_weight_i)
     return out, lse
 
 
@@ -520,7 +520,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     needs_extra_bias_grad = extra_bias is not None and needs_extra_bias_grad
     needs_window_weight_grad = window_weight is not None and needs_window_weight_grad
     batched_bias = extra_bias is not None and extra_bias.shape[0] == q.shape[0]
-    faulty = _nonfinite_images(q.shape[0], (q, k, v, grad_out, window_weight, extra_bias if batched_bias else None),
+    faulty = _nonfinite_images((q, k, v, grad_out, window_weight, extra_bias if batched_bias else None),
                                (rpb, None if batched_bias else extra_bias))
     flags = (needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad)
     if faulty is None:
@@ -541,8 +541,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
             part_grads = reference.backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, out_i, lse_i, spec,
                                             needs_rpb_grad, needs_extra_grad, extra_bias_i, window_weight_i,
                                             needs_extra_bias_grad, needs_window_weight_grad)
-        for index, (grad, like) in enumerate(zip(part_grads, (q, k, v, rpb, extra_k, extra_v, extra_bias,
-                                                              window_weight))):
+        for index, grad in enumerate(part_grads):
             if grad is None:
                 continue
             if index == 3 or (index == 6 and not batched_bias):   # shared by every image: gradients add up
@@ -554,7 +553,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     return tuple(grads)
 
 
-def _nonfinite_images(batch, batched, shared):
+def _nonfinite_images(batched, shared):
     """``[B]`` bool: which images hold a non-finite value in one of the ``batched`` tensors (``[B, ...]``),
     every image if one of the ``shared`` ones does; None when all are finite (the usual case). Sums are
     cheap next to the attention; an overflowing sum of finite values only costs the slower path."""
