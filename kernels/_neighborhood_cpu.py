@@ -283,7 +283,8 @@ class _Tiled:
         if rpb is None:
             self.bias = _window_mask(rows, cols, spec.border, q.device, dtype)
         else:
-            table = torch.cat([rpb.to(dtype).flatten(1), rpb.new_full((rpb.shape[0], 1), float('-inf'), dtype=dtype)], 1)
+            masked = rpb.new_full((rpb.shape[0], 1), float('-inf'), dtype=dtype)
+            table = torch.cat([rpb.to(dtype).flatten(1), masked], 1)
             index = _bias_index(rows, cols, spec.border, q.device)
             self.bias = table.index_select(1, index.flatten()).view((-1,) + index.shape)
 

@@ -7,7 +7,8 @@ batch gives empty outputs and gradients, eagerly and compiled.
 import pytest
 import torch
 
-from attnzoo.kernels import _neighborhood_cpu, _routing_cpu, neighborhood_attention_2d, routing_attention, routing_region_index
+from attnzoo.kernels import (_neighborhood_cpu, _routing_cpu, neighborhood_attention_2d, routing_attention,
+                             routing_region_index)
 from attnzoo.kernels.neighborhood import axis_neighbors
 from test_neighborhood_attention import make_inputs, with_transnext_inputs
 
