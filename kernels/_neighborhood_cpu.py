@@ -22,6 +22,7 @@ log-sum-exp of every query (tiles as the heads of PyTorch's fused CPU flash atte
 batched matmuls (no autograd graph; nothing saved but the op's inputs and outputs).
 """
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -116,19 +117,6 @@ def _axis_windows(axis: AxisTiling, border):
     bias_row = (key - query + kernel - 1).clamp(0, 2 * kernel - 2).expand(inside.shape)
     window_row = (key - start).clamp(0, kernel - 1).expand(inside.shape)
     return inside, bias_row, window_row
-
-
-class _AxisBias:
-    """One axis's share of the additive bias, on ``device`` in ``dtype``: ``mask`` (0 inside the window,
-    -inf outside, ``[groups, tiles, tile, span]``) and ``one_hot`` (``[groups * tiles * tile * span,
-    2 * kernel - 1]``: the rpb row or column of every slot pair). The 2-D bias of a (query, key) pair is
-    the sum of the axes' masks plus ``rpb[row, col]``, which is ``one_hot_rows @ rpb @ one_hot_cols^T``:
-    separable, so nothing of the size of the logits is kept between calls."""
-
-    def __init__(self, axis: AxisTiling, border, device, dtype):
-        inside, bias_row, _ = _axis_windows(axis, border)
-        self.mask = torch.zeros(inside.shape, dtype=dtype).masked_fill_(~inside, float('-inf')).to(device)
-        self.one_hot = F.one_hot(bias_row.flatten(), 2 * axis.kernel - 1).to(device, dtype)
 
 
 def _grouped(x, rows: AxisTiling, cols: AxisTiling):
@@ -250,13 +238,40 @@ def _window_positions(rows: AxisTiling, cols: AxisTiling, border):
     return position, inside
 
 
+# The tables below depend only on the call's geometry: cached (a few per map size and device; small next to
+# the call's own tensors), built outside inference mode so any later call may use them, never written to.
+GEOMETRY_CACHE_SIZE = 16
+
+
+@functools.lru_cache(maxsize=GEOMETRY_CACHE_SIZE)
+def _bias_index(rows: AxisTiling, cols: AxisTiling, border, device):
+    """``[tiles, T, S]`` int64: the entry of every (query slot, key slot) in the flattened
+    ``[2 kh - 1, 2 kw - 1]`` rpb table with one more entry appended, ``-inf``, which every key slot
+    outside the query's window (or the map) reads: the bias is selected, so nothing of a masked slot's
+    table entry (a NaN rpb included) reaches the query."""
+    _, bias_rows, _ = _axis_windows(rows, border)
+    _, bias_cols, _ = _axis_windows(cols, border)
+    _, inside = _window_positions(rows, cols, border)
+    table_w = 2 * cols.kernel - 1
+    index = _slot_pairs(rows, cols, bias_rows, bias_cols, lambda r, c: r * table_w + c)
+    with torch.inference_mode(False):
+        return index.masked_fill(~inside, (2 * rows.kernel - 1) * table_w).to(device)
+
+
+@functools.lru_cache(maxsize=GEOMETRY_CACHE_SIZE)
+def _window_mask(rows: AxisTiling, cols: AxisTiling, border, device, dtype):
+    """``[1, tiles, T, S]``: 0 inside each query slot's window, -inf outside (the bias without rpb)."""
+    _, inside = _window_positions(rows, cols, border)
+    with torch.inference_mode(False):
+        return torch.zeros(inside.shape, dtype=dtype).masked_fill_(~inside, float('-inf')).unsqueeze(0).to(device)
+
+
 class _Tiled:
     """The tiled problem of one call: query tiles ``[B * heads * tiles, T, D]``, key / value spans
     ``[B * heads * tiles, S, D]`` and the additive bias of every (query slot, key slot): the rpb,
-    and -inf outside the window (``[heads, tiles, T, S]``, float32 or wider)."""
+    and -inf outside the window (``[heads or 1, tiles, T, S]``, float32 or wider)."""
 
     def __init__(self, q, k, v, rpb, spec, tile):
-        heads = q.shape[3]
         self.border = spec.border
         rows, cols = self.rows, self.cols = _tilings(q, spec, tile)
         self.tiles = rows.groups * cols.groups * rows.tiles * cols.tiles
@@ -265,23 +280,20 @@ class _Tiled:
         self.keys, self.values = _spans(k, rows, cols), _spans(v, rows, cols)
         dtype = torch.promote_types(torch.promote_types(q.dtype, torch.float32),
                                     rpb.dtype if rpb is not None else torch.float32)
-        self.row_bias, self.col_bias = (_AxisBias(axis, spec.border, q.device, dtype) for axis in (rows, cols))
-        # [heads or 1, gh, nh, th, sh, gw, nw, tw, sw]: one row of the bias matrix per (row slot pair)
-        shape = (-1, rows.groups, rows.tiles, rows.tile, rows.span, cols.groups, cols.tiles, cols.tile, cols.span)
-        bias = (self.row_bias.mask.view(1, *_slots(rows), 1, 1, 1, 1)
-                + self.col_bias.mask.view(1, 1, 1, 1, 1, *_slots(cols)))
-        if rpb is not None:
-            bias = bias + (self.row_bias.one_hot @ rpb.to(dtype) @ self.col_bias.one_hot.T).view(shape)
-        self.bias = bias.permute(0, 1, 5, 2, 6, 3, 7, 4, 8).reshape(-1, self.tiles, self.tile, self.span)
+        if rpb is None:
+            self.bias = _window_mask(rows, cols, spec.border, q.device, dtype)
+        else:
+            masked = rpb.new_full((rpb.shape[0], 1), float('-inf'), dtype=dtype)
+            table = torch.cat([rpb.to(dtype).flatten(1), masked], 1)
+            index = _bias_index(rows, cols, spec.border, q.device)
+            self.bias = table.index_select(1, index.flatten()).view((-1,) + index.shape)
 
-    def rpb_grad(self, grad_logits):
-        """``d rpb = one_hot_rows^T @ (sum over the batch of d logits) @ one_hot_cols``, ``[heads, 2kh-1, 2kw-1]``."""
-        batch, heads = grad_logits.shape[:2]
-        rows, cols = self.rows, self.cols
-        grad = grad_logits[..., :self.span].sum(0).view(heads, rows.groups, cols.groups, rows.tiles, cols.tiles,
-                                                        rows.tile, cols.tile, rows.span, cols.span)
-        grad = grad.permute(0, 1, 3, 5, 7, 2, 4, 6, 8).reshape(heads, self.row_bias.one_hot.shape[0], -1)
-        return self.row_bias.one_hot.T @ grad @ self.col_bias.one_hot
+    def rpb_grad(self, grad_bias, rpb):
+        """Adjoint of the bias's table lookup: ``[heads, tiles, T, S]`` -> ``[heads, 2 kh - 1, 2 kw - 1]``."""
+        index = _bias_index(self.rows, self.cols, self.border, grad_bias.device)
+        table = grad_bias.new_zeros(rpb.shape[0], rpb[0].numel() + 1)
+        table.index_add_(1, index.flatten(), grad_bias.flatten(1))
+        return table[:, :-1].reshape(rpb.shape)
 
     def extra_bias_rows(self, extra_bias):
         """``extra_bias`` ``[B or 1, heads or 1, H, W, L]`` in the logits' layout, ``[B or 1, heads or 1,
@@ -314,28 +326,10 @@ class _Tiled:
         grad.scatter_add_(3, position.expand(grad.shape[0], -1, -1, -1), grad_spread)
         return _untile(grad.view(-1, self.tile, window), shape[:-1] + (window,), self.rows, self.cols)
 
-    def logits(self, q, scale, extra_k, extra_bias_rows=None):
-        """``[B, heads, tiles * T, S (+ L)]`` logits over ``[window span | extra tokens]`` (plus the extra
-        tokens' bias, in the layout of :meth:`extra_bias_rows`) and the scaled query tiles they came from.
-        Computed in float32 (or wider) from bf16 / fp16 inputs too, as the forward's flash kernel does:
-        probabilities that differ from the forward's would skew every gradient."""
-        batch, heads, head_dim = q.shape[0], q.shape[3], q.shape[4]
-        wide = self.bias.dtype
-        queries = self.queries.to(wide) * scale
-        logits = torch.bmm(queries, self.keys.to(wide).transpose(1, 2))
-        logits = logits.view(batch, heads, self.tiles, self.tile, self.span).add_(self.bias)
-        logits = logits.view(batch, heads, -1, self.span)
-        if extra_k is not None:
-            extra_logits = torch.matmul(queries.view(batch, heads, -1, head_dim), extra_k.to(wide).permute(0, 2, 3, 1))
-            if extra_bias_rows is not None:
-                extra_logits = extra_logits + extra_bias_rows
-            logits = torch.cat([logits, extra_logits], -1)
-        return logits, queries.to(q.dtype)
-
-    def tile_rows(self, x):
+    def tile_rows(self, x, pad_value=0.0):
         """``[B, H, W, heads]`` -> ``[B, heads, tiles * T, 1]``, the layout of the logits' rows."""
         batch, heads = x.shape[0], x.shape[3]
-        return _tiles(x.unsqueeze(-1), self.rows, self.cols).view(batch, heads, -1, 1)
+        return _tiles(x.unsqueeze(-1), self.rows, self.cols, pad_value).view(batch, heads, -1, 1)
 
     def untile_rows(self, x, shape):
         """``[B, heads, tiles * T]`` -> ``[B, heads, H, W]``."""
@@ -343,8 +337,146 @@ class _Tiled:
         rows = _untile(x.reshape(-1, self.tile, 1), (batch, height, width, heads, 1), self.rows, self.cols)
         return rows[..., 0].permute(0, 3, 1, 2).contiguous()
 
+    def flash_operands(self, batch, heads, extra_k=None, extra_v=None, extra_bias=None):
+        """Queries, keys, values and mask of PyTorch's fused CPU flash attention, one head per tile: the
+        extra tokens join every tile's keys (unmasked, or with their per-query bias). Without rpb and extra
+        tokens the mask is one ``[1, tiles, T, S]`` table for every image and head (tiles as heads, images
+        and heads as the batch); otherwise ``[B or 1, heads * tiles, T, S (+ L)]``."""
+        head_dim = self.queries.shape[-1]
+        if self.bias.shape[0] == 1 and extra_k is None:
+            shape = (batch * heads, self.tiles)
+            return [x.view(*shape, -1, head_dim) for x in (self.queries, self.keys, self.values)] + [self.bias]
+        bias = self.bias.expand(heads, -1, -1, -1).reshape(1, heads * self.tiles, self.tile, self.span)
+        keys, values = (x.view(batch, heads * self.tiles, self.span, head_dim) for x in (self.keys, self.values))
+        if extra_k is not None:
+            def with_extra(spans, extra):
+                extra = extra.permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, self.tiles, -1, -1)
+                return torch.cat([spans.view(batch, heads, self.tiles, self.span, head_dim), extra], 3).flatten(1, 2)
+            keys, values = with_extra(keys, extra_k), with_extra(values, extra_v)
+            if extra_bias is None:
+                bias = F.pad(bias, (0, extra_k.shape[1]))
+            else:
+                extra_rows = self.extra_bias_rows(extra_bias)                  # [B or 1, heads or 1, tiles * T, L]
+                extra_rows = extra_rows.view(extra_rows.shape[0], extra_rows.shape[1], self.tiles, self.tile, -1)
+                window_bias = bias.view(1, heads, self.tiles, self.tile, self.span)
+                window_bias = window_bias.expand(extra_rows.shape[0], -1, -1, -1, -1)
+                bias = torch.cat([window_bias, extra_rows.expand(-1, heads, -1, -1, -1).to(bias.dtype)], -1)
+                bias = bias.reshape(-1, heads * self.tiles, self.tile, bias.shape[-1])
+        return self.queries.view(batch, heads * self.tiles, self.tile, head_dim), keys, values, bias
+
 
 LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 domain)
+LOGITS_PER_CHUNK = 1 << 16   # the backward's logits per step: with their gradients, in a core's L2 cache
+
+
+def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, tile=None):
+    batch, _, _, heads, head_dim = q.shape
+    tiled = _Tiled(q, k, v, rpb, spec, tile)
+    queries, keys, values, bias = tiled.flash_operands(batch, heads, extra_k, extra_v, extra_bias)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, values, 0.0, False,
+                                                                          attn_mask=bias, scale=spec.scale)
+    out = out.reshape(-1, tiled.tile, head_dim)
+    if window_weight is not None:
+        spread = tiled.window_weights(window_weight)
+        out = out + torch.bmm(spread, tiled.values.to(spread.dtype)).to(out.dtype)
+    out = _untile(out, q.shape, tiled.rows, tiled.cols)
+    return out, (tiled.untile_rows(lse.reshape(batch, heads, -1), q.shape) * LOG2E).float()
+
+
+def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags, tile):
+    """The backward: the probabilities recomputed by a softmax over the recomputed logits (cheaper on CPU than
+    ``exp(logits - lse)`` from the op's float32 ``lse``, and exact in float64), a few tiles of one image and
+    head at a time (contiguous slices of the tiled tensors, written straight into the gradients' buffers) so
+    that the logits and their gradients stay in cache. PyTorch's fused CPU flash attention backward on the
+    same tiles (tiles as heads) was measured slower, 37 vs 27 ms at ``[2, 56, 56, 2, 32]`` k 7 without rpb
+    (one thread): its per-head overhead is large next to a tile's 16 x 100 logits. A
+    ``window_weight``'s term ``sum_j w_j v_j`` of the output is taken out of the softmax backward's
+    ``delta = rowsum(dO * O)`` (it is not attention); its gradient is ``dO . v_j``, the window part of the
+    probabilities' gradient."""
+    needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad = flags
+    batch, _, _, heads, head_dim = q.shape
+    tiled = _Tiled(q, k, v, rpb, spec, tile)
+    n_tiles, n_queries, n_keys = tiled.tiles, tiled.tile, tiled.span
+    wide, low = tiled.bias.dtype, q.dtype
+    n_extra = extra_k.shape[1] if extra_k is not None else 0
+
+    grad_out = grad_out.to(low)
+    grad_tiles = _tiles(grad_out, tiled.rows, tiled.cols)
+    delta = tiled.tile_rows((grad_out.to(wide) * out.to(wide)).sum(-1)).view(-1, n_queries, 1)
+    spread = tiled.window_weights(window_weight) if window_weight is not None else None
+    extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None   # [B|1, h|1, tiles * T, L]
+    queries, keys, values = tiled.queries, tiled.keys, tiled.values                  # [B * heads * tiles, T|S, D]
+
+    dq, dk, dv = (torch.empty_like(x) for x in (queries, keys, values))
+    grad_bias = tiled.bias.new_zeros(heads, n_tiles, n_queries, n_keys) if needs_rpb_grad else None
+    grad_extra_rows = (queries.new_empty(batch, heads, n_tiles * n_queries, n_extra, dtype=wide)
+                       if needs_extra_bias_grad else None)
+    grad_spread = torch.empty_like(spread) if needs_window_weight_grad else None
+    if needs_extra_grad:
+        d_extra_k, d_extra_v = (q.new_zeros(batch, heads, n_extra, head_dim, dtype=wide) for _ in range(2))
+
+    # chunks of tiles of one image and head: contiguous slices of every tiled tensor, no copies
+    step = max(1, LOGITS_PER_CHUNK // (n_queries * (n_keys + n_extra)))
+    for image, head, start in itertools.product(range(batch), range(heads), range(0, n_tiles, step)):
+        part = slice(start, min(start + step, n_tiles))
+        flat = slice((image * heads + head) * n_tiles + part.start, (image * heads + head) * n_tiles + part.stop)
+        rows = slice(part.start * n_queries, part.stop * n_queries)                  # the chunk's logits rows
+        scaled = queries[flat].to(wide) * spec.scale                                   # [c, T, D]
+        keys_c, values_c, grad_c = keys[flat], values[flat], grad_tiles[flat]
+        logits = torch.baddbmm(tiled.bias[min(head, tiled.bias.shape[0] - 1), part], scaled,
+                               keys_c.to(wide).transpose(1, 2))
+        grad_probs = torch.bmm(grad_c, values_c.transpose(1, 2)).to(wide)
+        delta_c = delta[flat]
+        if spread is not None:
+            delta_c = delta_c - (spread[flat] * grad_probs).sum(-1, keepdim=True)
+            if grad_spread is not None:
+                grad_spread[flat] = grad_probs
+        if extra_k is not None:
+            scaled_rows = scaled.view(-1, head_dim)
+            extra_logits = scaled_rows @ extra_k[image, :, head].to(wide).T                # [c * T, L]
+            if extra_rows is not None:
+                extra_logits = extra_logits + extra_rows[min(image, extra_rows.shape[0] - 1),
+                                                         min(head, extra_rows.shape[1] - 1), rows]
+            logits = torch.cat([logits, extra_logits.view(-1, n_queries, n_extra)], -1)
+            extra_grad_probs = (grad_c.view(-1, head_dim) @ extra_v[image, :, head].T).to(wide)
+            grad_probs = torch.cat([grad_probs, extra_grad_probs.view(-1, n_queries, n_extra)], -1)
+        probs = logits.softmax(-1)
+        grad_logits = grad_probs.sub_(delta_c).mul_(probs)                    # softmax backward
+        window_grad = grad_logits[..., :n_keys]
+        value_weights = probs[..., :n_keys] if spread is None else probs[..., :n_keys] + spread[flat]
+        window_grad_low, scaled_low = window_grad.to(low), scaled.to(low)
+        torch.bmm(value_weights.to(low).transpose(1, 2), grad_c, out=dv[flat])
+        torch.bmm(window_grad_low.transpose(1, 2), scaled_low, out=dk[flat])
+        torch.bmm(window_grad_low, keys_c, out=dq[flat])
+        if grad_bias is not None:
+            grad_bias[head, part] += window_grad
+        if extra_k is not None:
+            extra_grad = grad_logits[..., n_keys:].reshape(-1, n_extra)               # [c * T, L]
+            dq[flat] += (extra_grad.to(low) @ extra_k[image, :, head]).view(-1, n_queries, head_dim)
+            if grad_extra_rows is not None:
+                grad_extra_rows[image, head, rows] = extra_grad
+            if needs_extra_grad:   # sums over every query of the map: in float32 (or wider)
+                d_extra_k[image, head] += extra_grad.T @ scaled.view(-1, head_dim)
+                d_extra_v[image, head] += (probs[..., n_keys:].reshape(-1, n_extra).T
+                                           @ grad_c.view(-1, head_dim).to(wide))
+    dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
+    dk, dv = (_unspan(g, q.shape, tiled.rows, tiled.cols) for g in (dk, dv))
+    d_rpb = tiled.rpb_grad(grad_bias, rpb).to(rpb.dtype).contiguous() if grad_bias is not None else None
+    if needs_extra_grad:
+        d_extra_k, d_extra_v = (g.transpose(1, 2).to(low).contiguous() for g in (d_extra_k, d_extra_v))
+    else:
+        d_extra_k = d_extra_v = None
+    d_extra_bias = None
+    if grad_extra_rows is not None:   # the bias adds to the logits: its gradient is theirs
+        d_extra_bias = tiled.untile_extra_rows(grad_extra_rows.view(batch, heads, -1, n_extra), q.shape)
+        broadcast = tuple(dim for dim in (0, 1) if extra_bias.shape[dim] == 1 and d_extra_bias.shape[dim] != 1)
+        d_extra_bias = d_extra_bias.sum(broadcast, keepdim=True) if broadcast else d_extra_bias
+        d_extra_bias = d_extra_bias.to(extra_bias.dtype).contiguous()
+    d_window_weight = None
+    if grad_spread is not None:
+        d_window_weight = tiled.window_weight_grad(grad_spread, q.shape)
+        d_window_weight = d_window_weight.to(window_weight.dtype)
+    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight
 
 
 @torch.no_grad()
@@ -357,34 +489,23 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     as an additive mask, in PyTorch's fused CPU flash attention (tiles as its heads): measured 20-45%
     faster than batched matmuls and a softmax, and no logits in memory. An ``extra_bias`` joins the
     mask (which then holds a bias per query and extra token, batched if the bias is); a ``window_weight``
-    adds one batched matmul of the weights spread over the spans with the values."""
-    batch, _, _, heads, head_dim = q.shape
-    tiled = _Tiled(q, k, v, rpb, spec, tile)
-    keys, values = (x.view(batch, heads * tiled.tiles, tiled.span, head_dim) for x in (tiled.keys, tiled.values))
-    bias = tiled.bias.expand(heads, -1, -1, -1).reshape(1, heads * tiled.tiles, tiled.tile, tiled.span)
-    if extra_k is not None:   # the extra tokens join every tile's keys, unmasked
-        def with_extra(spans, extra):
-            extra = extra.permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, tiled.tiles, -1, -1)
-            return torch.cat([spans.view(batch, heads, tiled.tiles, tiled.span, head_dim), extra], 3).flatten(1, 2)
-        keys, values = with_extra(keys, extra_k), with_extra(values, extra_v)
-        if extra_bias is None:
-            bias = F.pad(bias, (0, extra_k.shape[1]))
-        else:
-            extra_rows = tiled.extra_bias_rows(extra_bias)                      # [B or 1, heads or 1, tiles * T, L]
-            window_bias = bias.view(1, heads, tiled.tiles, tiled.tile, tiled.span)
-            extra_rows = extra_rows.view(extra_rows.shape[0], extra_rows.shape[1], tiled.tiles, tiled.tile, -1)
-            window_bias = window_bias.expand(extra_rows.shape[0], -1, -1, -1, -1)
-            bias = torch.cat([window_bias, extra_rows.expand(-1, heads, -1, -1, -1).to(bias.dtype)], -1)
-            bias = bias.reshape(-1, heads * tiled.tiles, tiled.tile, bias.shape[-1])
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        tiled.queries.view(batch, heads * tiled.tiles, tiled.tile, head_dim), keys, values, 0.0, False,
-        attn_mask=bias, scale=spec.scale)
-    out = out.reshape(-1, tiled.tile, head_dim)
-    if window_weight is not None:
-        spread = tiled.window_weights(window_weight)
-        out = out + torch.bmm(spread, tiled.values.to(spread.dtype)).to(out.dtype)
-    out = _untile(out, q.shape, tiled.rows, tiled.cols)
-    return out, (tiled.untile_rows(lse.reshape(batch, heads, -1), q.shape) * LOG2E).float()
+    adds one batched matmul of the weights spread over the spans with the values.
+
+    A tile scores its queries against its whole span, so a non-finite key or value would reach the
+    queries whose window does not hold it (a NaN logit plus -inf is NaN; 0 * NaN in P @ V): images with
+    one (found by a sum, cheap next to the attention) take the reference's computation instead."""
+    faulty = _nonfinite_images((k, v), (rpb,))
+    if faulty is None:
+        return _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, tile)
+    out, lse = q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[3]) + q.shape[1:3], dtype=torch.float32)
+    for images, kernels_forward in ((~faulty, functools.partial(_forward, tile=tile)),
+                                    (faulty, _reference_kernels().forward)):
+        if images.any():
+            q_i, k_i, v_i, extra_k_i, extra_v_i, window_weight_i = _images(images, q, k, v, extra_k, extra_v,
+                                                                           window_weight)
+            out[images], lse[images] = kernels_forward(q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, spec,
+                                                       _batched_images(images, extra_bias), window_weight_i)
+    return out, lse
 
 
 @torch.no_grad()
@@ -392,58 +513,72 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
              extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False,
              tile=None):
     """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)`` (None where not
-    asked for) from the forward's output. The probabilities are recomputed by a softmax over the recomputed
-    logits: cheaper on CPU than ``exp(logits - lse)`` from the op's float32 ``lse``, and exact in float64.
-    A ``window_weight``'s term ``sum_j w_j v_j`` of the output is taken out of the softmax backward's
-    ``delta = rowsum(dO * O)`` (it is not attention); its gradient is ``dO . v_j``, the window part of the
-    probabilities' gradient."""
-    batch, _, _, heads, head_dim = q.shape
-    tiled = _Tiled(q, k, v, rpb, spec, tile)
-    extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None
-    logits, queries = tiled.logits(q, spec.scale, extra_k, extra_rows)
-    probs = logits.softmax(-1)                                                     # [B, heads, tiles * T, S (+ L)]
-    del logits
-    grad_out = grad_out.to(q.dtype)
-    delta = tiled.tile_rows((grad_out.to(probs.dtype) * out.to(probs.dtype)).sum(-1))
-    grad_tiles = _tiles(grad_out, tiled.rows, tiled.cols)                       # [B * heads * tiles, T, D]
-    flat_grad = grad_tiles.view(batch, heads, -1, head_dim)
+    asked for) from the forward's output (:func:`_chunked_backward`). Images with a non-finite
+    query, key, value, output gradient or per-query bias / weight (whose NaN would reach the gradients of
+    keys outside the windows) take the reference's backward, as in :func:`forward`."""
+    needs_rpb_grad = rpb is not None and needs_rpb_grad
+    needs_extra_grad = extra_k is not None and needs_extra_grad
+    needs_extra_bias_grad = extra_bias is not None and needs_extra_bias_grad
+    needs_window_weight_grad = window_weight is not None and needs_window_weight_grad
+    batched_bias = extra_bias is not None and extra_bias.shape[0] == q.shape[0]
+    faulty = _nonfinite_images((q, k, v, grad_out, window_weight, extra_bias if batched_bias else None),
+                               (rpb, None if batched_bias else extra_bias))
+    flags = (needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad)
+    if faulty is None:
+        return _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags,
+                                 tile)
+    reference = _reference_kernels()
+    grads = [torch.empty_like(q) for _ in range(3)] + [None] * 5
+    for images, finite in ((~faulty, True), (faulty, False)):
+        if not images.any():
+            continue
+        part = _images(images, grad_out, q, k, v, extra_k, extra_v, out, lse, window_weight)
+        g_out, q_i, k_i, v_i, extra_k_i, extra_v_i, out_i, lse_i, window_weight_i = part
+        extra_bias_i = _batched_images(images, extra_bias)
+        if finite:
+            part_grads = _chunked_backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, out_i, spec, extra_bias_i,
+                                           window_weight_i, flags, tile)
+        else:
+            part_grads = reference.backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, out_i, lse_i, spec,
+                                            needs_rpb_grad, needs_extra_grad, extra_bias_i, window_weight_i,
+                                            needs_extra_bias_grad, needs_window_weight_grad)
+        for index, grad in enumerate(part_grads):
+            if grad is None:
+                continue
+            if index == 3 or (index == 6 and not batched_bias):   # shared by every image: gradients add up
+                grads[index] = grad if grads[index] is None else grads[index] + grad
+            else:
+                if grads[index] is None:
+                    grads[index] = grad.new_empty((q.shape[0],) + grad.shape[1:])
+                grads[index][images] = grad
+    return tuple(grads)
 
-    grad_probs = torch.bmm(grad_tiles, tiled.values.transpose(1, 2)).view(batch, heads, -1, tiled.span)
-    spread = tiled.window_weights(window_weight) if window_weight is not None else None
-    if spread is not None:
-        delta = delta - (spread.view(grad_probs.shape) * grad_probs.to(spread.dtype)).sum(-1, keepdim=True)
-    d_window_weight = (tiled.window_weight_grad(grad_probs.to(spread.dtype), q.shape).to(window_weight.dtype)
-                       if spread is not None and needs_window_weight_grad else None)
-    if extra_k is not None:
-        grad_probs = torch.cat([grad_probs, torch.matmul(flat_grad, extra_v.permute(0, 2, 3, 1))], -1)
-    grad_logits = grad_probs.to(probs.dtype).sub_(delta).mul_(probs)             # softmax backward
-    probs_wide, probs, grad_logits_low = probs, probs.to(q.dtype), grad_logits.to(q.dtype)
 
-    def window(x):   # [B, heads, tiles * T, S (+ L)] -> [B * heads * tiles, T, S]
-        return x[..., :tiled.span].reshape(queries.shape[0], -1, tiled.span)
+def _nonfinite_images(batched, shared):
+    """``[B]`` bool: which images hold a non-finite value in one of the ``batched`` tensors (``[B, ...]``),
+    every image if one of the ``shared`` ones does; None when all are finite (the usual case). Sums are
+    cheap next to the attention; an overflowing sum of finite values only costs the slower path."""
+    total = None
+    for tensor in batched:
+        if tensor is not None:
+            sums = tensor.sum(tuple(range(1, tensor.dim())), dtype=torch.promote_types(tensor.dtype, torch.float32))
+            total = sums if total is None else total + sums
+    for tensor in shared:
+        if tensor is not None:
+            total = total + tensor.sum(dtype=torch.promote_types(tensor.dtype, torch.float32))
+    faulty = ~torch.isfinite(total)
+    return faulty if bool(faulty.any()) else None
 
-    value_weights = window(probs) if spread is None else (window(probs_wide) + spread).to(q.dtype)
-    dv = _unspan(torch.bmm(value_weights.transpose(1, 2), grad_tiles), q.shape, tiled.rows, tiled.cols)
-    dk = _unspan(torch.bmm(window(grad_logits_low).transpose(1, 2), queries), q.shape, tiled.rows, tiled.cols)
-    dq = torch.bmm(window(grad_logits_low), tiled.keys)
-    d_rpb = d_extra_k = d_extra_v = None
-    if extra_k is not None:
-        dq = dq + torch.matmul(grad_logits_low[..., tiled.span:], extra_k.transpose(1, 2)).view(dq.shape)
-        if needs_extra_grad:
-            # sums over every query of the map: in float32 (or wider), where bf16 / fp16 terms would cancel badly
-            wide = grad_logits.dtype
-            extra_grad_logits, extra_probs = grad_logits[..., tiled.span:], probs_wide[..., tiled.span:]
-            flat_queries = queries.view(batch, heads, -1, head_dim).to(wide)
-            d_extra_k = torch.matmul(extra_grad_logits.transpose(2, 3), flat_queries)
-            d_extra_v = torch.matmul(extra_probs.transpose(2, 3), flat_grad.to(wide))
-            d_extra_k, d_extra_v = (g.transpose(1, 2).to(q.dtype).contiguous() for g in (d_extra_k, d_extra_v))
-    dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
-    if rpb is not None and needs_rpb_grad:
-        d_rpb = tiled.rpb_grad(grad_logits).to(rpb.dtype).contiguous()
-    d_extra_bias = None
-    if extra_bias is not None and needs_extra_bias_grad:   # the bias adds to the logits: its gradient is theirs
-        d_extra_bias = tiled.untile_extra_rows(grad_logits[..., tiled.span:], q.shape)
-        broadcast = tuple(dim for dim in (0, 1) if extra_bias.shape[dim] == 1 and d_extra_bias.shape[dim] != 1)
-        d_extra_bias = d_extra_bias.sum(broadcast, keepdim=True) if broadcast else d_extra_bias
-        d_extra_bias = d_extra_bias.to(extra_bias.dtype).contiguous()
-    return dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight
+
+def _images(images, *tensors):
+    return [None if t is None else t[images] for t in tensors]
+
+
+def _batched_images(images, extra_bias):
+    """``extra_bias`` of some images: its own where it has a batch axis, else the one shared by all."""
+    return extra_bias[images] if extra_bias is not None and extra_bias.shape[0] != 1 else extra_bias
+
+
+def _reference_kernels():
+    from .neighborhood import _ReferenceKernels   # the op's module imports this one
+    return _ReferenceKernels

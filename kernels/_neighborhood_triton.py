@@ -210,6 +210,20 @@ def _rpb_histogram(ds, q_y, q_x, row0, col0, BLOCK_M: tl.constexpr, BLOCK_ROWS: 
 
 
 @triton.jit
+def _finite_part(x, mask, acc):
+    """``x`` (``[tokens, D]``, the right operand of a dot whose left one, ``[rows, tokens]``, is zero outside
+    ``mask``) with its non-finite entries zeroed, and ``acc`` (``[rows, D]``) NaN where a row's ``mask`` holds
+    one: a masked token's NaN / Inf never meets a zero weight (0 * NaN), an unmasked one still makes its row
+    non-finite, as in the reference. Only blocks holding a non-finite value pay for it."""
+    bad = ~(tl.abs(x.to(tl.float32)) < float('inf'))
+    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+        hits = tl.dot(mask.to(tl.float32), bad.to(tl.float32), input_precision='ieee')
+        acc = tl.where(hits > 0, float('nan'), acc)
+        x = tl.where(bad, tl.zeros_like(x), x)
+    return x, acc
+
+
+@triton.jit
 def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     """Folds one block of base-2 logits ``s`` (-inf where masked) and its values into (m, l, acc)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -281,6 +295,7 @@ def _forward_kernel(
                 s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask,
                                KERNEL_H, KERNEL_W)
             s = tl.where(mask, s, float('-inf'))
+            v, acc = _finite_part(v, mask, acc)
             m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, PRECISION)
             if HAS_WW:
                 ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None],
@@ -306,7 +321,7 @@ def _forward_kernel(
             s = tl.where(e_valid, s, float('-inf'))
             m_i, l_i, acc = _online_softmax_step(s, ev, m_i, l_i, acc, PRECISION)
 
-    l_i = tl.where(l_i > 0, l_i, 1.0)  # only padding queries of partial tiles see no key
+    l_i = tl.where(l_i == 0, 1.0, l_i)  # only padding queries of partial tiles see no key; a NaN stays
     out = acc / l_i[:, None]
     if HAS_WW:
         out += acc_ww
@@ -378,7 +393,7 @@ def _backward_dq_kernel(
                                                  k_y[None, :], k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y,
                                                  sww_x, sww_j, KERNEL_W, WIDE)
                 ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
-                delta -= tl.sum(ww * dp, 1)
+                delta -= tl.sum(tl.where(mask, ww * dp, 0.0), 1)
                 if WW_GRAD:
                     tl.store(dww_base + ww_offs, dp.to(dww_ptr.dtype.element_ty), mask=mask)
     stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
@@ -404,7 +419,8 @@ def _backward_dq_kernel(
                                KERNEL_H, KERNEL_W)
             p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            ds = tl.where(mask, p * (dp - delta[:, None]), 0.0)
+            k, dq = _finite_part(k, mask, dq)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
             if RPB_GRAD:
                 drpb += _rpb_histogram(ds, q_y, q_x, row0, col0, BLOCK_M, BLOCK_ROWS, BLOCK_COLS, KERNEL_H, KERNEL_W,
@@ -504,9 +520,11 @@ def _backward_dkdv_kernel(
                 weight = p + tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
             else:
                 weight = p
-            dv += tl.dot(weight.to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds = p * (dp - delta[None, :])
+            ds = tl.where(mask, p * (dp - delta[None, :]), 0.0)
+            do, dv = _finite_part(do, mask, dv)
+            dv += tl.dot(weight.to(do.dtype), do, input_precision=PRECISION)
+            q, dk = _finite_part(q, mask, dk)
             dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
 
     offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d,

@@ -19,6 +19,8 @@ most of its time. Two paths here, chosen per call by :func:`prefers_dense`:
 The op's kernels interface (as the Triton kernels'): :func:`forward` returns the output and the
 base-2 log-sum-exp of every query, :func:`backward` the gradients of q, k and v.
 """
+import functools
+
 import torch
 
 LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 domain)
@@ -164,10 +166,36 @@ def _is_dense(q, region_index, regions, dense):
     return prefers_dense(regions[0] * regions[1], q.shape[3], region_index.shape[-1]) if dense is None else dense
 
 
+def _nonfinite_images(*tensors):
+    """``[B]`` bool: the images with a non-finite value in one of ``tensors`` (``[B, ...]``); None when all
+    are finite. Such images take the reference's computation: the dense path scores every key of the map,
+    so a non-finite key or value of a region that is not routed would reach the query (NaN - inf is NaN;
+    0 * NaN in P @ V), and the fused flash kernels treat an infinite logit otherwise than the reference's
+    softmax. A sum is cheap next to the attention."""
+    sums = sum(t.sum(tuple(range(1, t.dim())), dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+    faulty = ~torch.isfinite(sums)
+    return faulty if bool(faulty.any()) else None
+
+
+def _reference_kernels():
+    from .routing import _ReferenceKernels   # the op's module imports this one
+    return _ReferenceKernels
+
+
 @torch.no_grad()
 def forward(q, k, v, region_index, regions, scale, dense=None):
     """Output ``[B, H, W, heads, D]`` and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked
-    arguments (``regions`` a pair, ``scale`` a float). ``dense``: force a path (None: :func:`prefers_dense`)."""
+    arguments (``regions`` a pair, ``scale`` a float). ``dense``: force a path (None: :func:`prefers_dense`).
+    Images with a non-finite key or value take the reference's computation (:func:`_nonfinite_images`)."""
+    faulty = _nonfinite_images(k, v)
+    if faulty is not None:
+        out, lse = q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[3]) + q.shape[1:3], dtype=torch.float32)
+        for images, kernels_forward in ((~faulty, functools.partial(forward, dense=dense)),
+                                        (faulty, _reference_kernels().forward)):
+            if images.any():
+                out[images], lse[images] = kernels_forward(q[images], k[images], v[images], region_index[images],
+                                                           regions, scale)
+        return out, lse
     dense = _is_dense(q, region_index, regions, dense)
     out, lse = (_dense_forward if dense else _gathered_forward)(q, k, v, region_index, regions, scale)
     return out.contiguous(), (lse * LOG2E).float().contiguous()
@@ -175,8 +203,20 @@ def forward(q, k, v, region_index, regions, scale, dense=None):
 
 @torch.no_grad()
 def backward(grad_out, q, k, v, out, lse, region_index, regions, scale, dense=None):
-    """``(dq, dk, dv)``, contiguous, from the forward's output and log-sum-exp."""
+    """``(dq, dk, dv)``, contiguous, from the forward's output and log-sum-exp (images with a non-finite query,
+    key, value or output gradient: the reference's backward, as in :func:`forward`)."""
     grad_out = grad_out.to(q.dtype)
+    faulty = _nonfinite_images(q, k, v, grad_out)
+    if faulty is not None:
+        grads = [torch.empty_like(q) for _ in range(3)]
+        for images, kernels_backward in ((~faulty, functools.partial(backward, dense=dense)),
+                                         (faulty, _reference_kernels().backward)):
+            if images.any():
+                part = kernels_backward(grad_out[images], q[images], k[images], v[images], out[images], lse[images],
+                                        region_index[images], regions, scale)
+                for grad, image_grad in zip(grads, part):
+                    grad[images] = image_grad
+        return tuple(grads)
     if _is_dense(q, region_index, regions, dense):
         return _dense_backward(grad_out, q, k, v, out, lse, region_index, regions, scale)
     return _gathered_backward(grad_out, q, k, v, out, lse, region_index, regions, scale)

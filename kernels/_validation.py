@@ -1,4 +1,6 @@
 """Argument checks shared by the attention ops; every message names the op and says what to do."""
+import math
+
 import torch
 
 
@@ -46,9 +48,11 @@ def int_pair(op_name, value, name, meaning='(rows, columns)'):
 
 
 def softmax_scale(op_name, scale, head_dim):
-    """``scale`` as a float; None means ``head_dim ** -0.5``."""
+    """``scale`` as a finite float; None means ``head_dim ** -0.5``."""
     if scale is None:
         return head_dim ** -0.5
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f'{op_name}: scale must be a float or None (head_dim ** -0.5), got {type(scale).__name__}')
+    if not math.isfinite(scale):   # a NaN scale would make every logit NaN, masked or not
+        raise ValueError(f'{op_name}: scale must be a finite float, got {scale}; pass None for head_dim ** -0.5')
     return float(scale)

@@ -269,6 +269,8 @@ def _natten(q, k, v, spec, rpb, extra_k, extra_v, extra_bias=None, window_weight
         raise ValueError(f'{OP_NAME}: NATTEN >= 0.20 has no relative position bias, extra-token bias or window '
                          f'weight, and only the clamped border; use backend="triton" or "reference" for rpb, '
                          f'extra_bias, window_weight or border="zero"')
+    if q.shape[0] == 0:   # natten.na2d fails on an empty batch; the reference is the same attention
+        return _attend(q, k, v, spec, extra_k=extra_k, extra_v=extra_v)
     return natten.na2d(q, k, v, kernel_size=spec.kernel_size, dilation=spec.dilation, scale=spec.scale,
                        additional_keys=extra_k, additional_values=extra_v)
 
@@ -291,6 +293,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: 
                 extra_v: Optional[torch.Tensor], backend: str, extra_bias: Optional[torch.Tensor] = None,
                 window_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Output and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked arguments."""
+    if q.shape[0] == 0:   # an empty batch: empty results, for every kernel (no launch, no 0-element reshape)
+        return _forward_fake(q, k, v, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend)
     spec = _spec(kernel_size, dilation, scale, border)
     return _kernels(backend).forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight)
 
@@ -311,6 +315,10 @@ def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  extra_bias_grad: bool = False, window_weight_grad: bool = False) -> List[torch.Tensor]:
     """``[dq, dk, dv]``, then ``d_rpb`` if ``rpb_grad``, ``d_extra_k, d_extra_v`` if ``extra_grad``,
     ``d_extra_bias`` if ``extra_bias_grad``, ``d_window_weight`` if ``window_weight_grad``."""
+    if q.shape[0] == 0:   # an empty batch: empty gradients, zero for what every image shares (rpb, a shared bias)
+        return [torch.zeros_like(t) for t in _backward_fake(
+            grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend, rpb_grad,
+            extra_grad, extra_bias, window_weight, extra_bias_grad, window_weight_grad)]
     spec = _spec(kernel_size, dilation, scale, border)
     dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = _kernels(backend).backward(
         grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, rpb_grad, extra_grad, extra_bias, window_weight,

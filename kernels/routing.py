@@ -263,6 +263,8 @@ def _kernels(backend):
 def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, region_index: torch.Tensor, regions: List[int],
                 scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Output and base-2 log-sum-exp ``[B, heads, H, W]`` (float32) of checked arguments."""
+    if q.shape[0] == 0:   # an empty batch: empty results, for every kernel (no launch)
+        return _forward_fake(q, k, v, region_index, regions, scale, backend)
     check_index_values(region_index, regions[0] * regions[1])
     return _kernels(backend).forward(q, k, v, region_index.to(torch.int32).contiguous(), regions, scale)
 
@@ -277,6 +279,8 @@ def _forward_fake(q, k, v, region_index, regions, scale, backend):
 def _backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                  lse: torch.Tensor, region_index: torch.Tensor, regions: List[int], scale: float,
                  backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.shape[0] == 0:   # an empty batch: empty gradients, for every kernel (no launch)
+        return _backward_fake(grad_out, q, k, v, out, lse, region_index, regions, scale, backend)
     return _kernels(backend).backward(grad_out, q, k, v, out, lse, region_index.to(torch.int32).contiguous(), regions,
                                       scale)
 

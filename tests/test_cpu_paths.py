@@ -182,6 +182,14 @@ def test_neighborhood_matches_dense_oracle(kernel_size, dilation, border, n_extr
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
+def test_neighborhood_backward_one_tile_at_a_time(monkeypatch):
+    """The backward's chunks (here one tile each) meet every gradient, with extra tokens and rpb."""
+    monkeypatch.setattr(_neighborhood_cpu, 'LOGITS_PER_CHUNK', 1)
+    case = dict(shape=(2, 13, 11, 2, 16), kernel_size=(5, 3), dilation=(1, 2), border='zero', rpb=True, n_extra=3,
+                tile=None, scale=None)
+    assert_neighborhood_matches_reference(case)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
 def test_neighborhood_low_precision(dtype):
     """Outputs and gradients in the input's dtype (rpb stays float32), within the op tests' tolerances."""
