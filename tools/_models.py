@@ -6,6 +6,7 @@ import timm
 import torch
 
 from attnzoo.backbones import close_model_names  # importing it registers every attnzoo family with timm
+from _checkpoints import read_checkpoint
 from _runtime import ToolError
 
 
@@ -32,6 +33,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     if pretrained_file is not None:
         if not Path(pretrained_file).is_file():
             raise ToolError(f'--pretrained-file {pretrained_file} does not exist')
+        read_checkpoint(pretrained_file)  # verified (CRCs, sizes, finite values) before timm's loader reads it
         kwargs['pretrained_cfg_overlay'] = dict(file=str(pretrained_file))
         pretrained = True
     return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
