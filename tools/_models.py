@@ -36,7 +36,40 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
         read_checkpoint(pretrained_file)  # verified (CRCs, sizes, finite values) before timm's loader reads it
         kwargs['pretrained_cfg_overlay'] = dict(file=str(pretrained_file))
         pretrained = True
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        if not model_kwargs:
+            raise
+        raise ToolError(f'--model-kwargs {_as_options(model_kwargs)}: {name} cannot be built with them '
+                        f'({type(err).__name__}: {err}); check the names and the values\' types, e.g. '
+                        f'drop_rate=0.1') from err
+
+
+def _as_options(kwargs: dict) -> str:
+    return ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
+
+
+def check_input_size(model: torch.nn.Module, input_size, img_size: Optional[int],
+                     autocast_dtype: Optional[torch.dtype]) -> None:
+    """Runs one blank image of ``input_size`` (C, H, W) through ``model`` (under autocast to ``autocast_dtype``,
+    as the tool will) and raises a :class:`ToolError` if it cannot take that size; ``img_size`` is the
+    ``--img-size`` asked for (None: the model's own)."""
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            model(torch.zeros(1, *input_size, device=device))
+    except (RuntimeError, ValueError, AssertionError, IndexError) as err:
+        default = model.pretrained_cfg.get('input_size', (None, '?'))[1]
+        option = f'--img-size {img_size}' if img_size is not None else f'input size {input_size[1]}'
+        reason = (str(err).strip().splitlines() or [''])[0]
+        raise ToolError(f'{option}: {model.pretrained_cfg["architecture"]} cannot take {input_size[1]} x '
+                        f'{input_size[2]} images ({type(err).__name__}: {reason}); use its own size, {default}, or '
+                        f'another size it takes') from err
+    finally:
+        model.train(training)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
