@@ -407,6 +407,7 @@ def test_attnzoo_backbone_reads_an_official_file_as_convert_does(tmp_path):
     torch.save({'state_dict': _constants(official, -1), 'state_dict_ema': _constants(official),
                 'args': argparse.Namespace(model='nat_mini')}, tmp_path / 'official.pth')
     backbone = AttnzooBackbone('nat_mini', checkpoint=str(tmp_path / 'official.pth'), out_indices=(0, 1, 2, 3), **arch)
+    backbone.init_weights()  # where OpenMMLab backbones load their pretrained weights
     converted = _convert(tmp_path / 'official.pth', 'nat_mini', tmp_path / 'out.safetensors',
                          '--model-kwargs', *[f'{k}={v}'.replace(' ', '') for k, v in arch.items()])
     features = {k.removeprefix('model.'): v for k, v in backbone.features.state_dict().items()}  # timm's getter
