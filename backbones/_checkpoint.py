@@ -118,14 +118,16 @@ def verify_checkpoint_archive(path) -> None:
     if path.stat().st_size == 0:
         raise CheckpointError(f'checkpoint file {path} is empty (0 bytes): its download or copy did not complete; '
                               f'download or copy it again')
+    with path.open('rb') as f:
+        start = f.read(len(_LEGACY_TORCH_MAGIC))
     if path.suffix == '.safetensors':
         verify_safetensors(path)
     elif zipfile.is_zipfile(path):
         verify_zip_records(path)
-    elif path.open('rb').read(4) == _ZIP_RECORD_SIGNATURE:
+    elif start.startswith(_ZIP_RECORD_SIGNATURE):
         raise CheckpointError(f'{path} is a truncated zip archive (torch.save\'s format): its table of records, at the '
                               f'end, is missing; download or copy it again')
-    elif path.open('rb').read(len(_LEGACY_TORCH_MAGIC)) == _LEGACY_TORCH_MAGIC:
+    elif start == _LEGACY_TORCH_MAGIC:
         warnings.warn(
             f'{path} is in PyTorch\'s legacy (pre-1.6, non-zip) format, which has no checksums: damage to it cannot '
             f'be detected. Re-save it as a checked file: torch.save(torch.load(path, weights_only=True), new_path)')
