@@ -399,13 +399,24 @@ def test_under_float16_the_scaler_skips_non_finite_steps_then_the_run_stops(tmp_
         train_tool.main(run + ['--output', str(tmp_path / 'stopped')])
 
 
-def test_weights_that_are_not_finite_are_never_saved(tmp_path):
-    model = models.create_model(MODEL, num_classes=10)
-    with torch.no_grad():
-        model.blocks[0].attn.qkv.bias[3] = float('inf')
-    with pytest.raises(runtime.ToolError, match=r'after step 7 the weights are not finite \(model\.blocks\.0\.attn\.'
-                                                r'qkv\.bias\) although the loss was: not saved'):
-        train_tool.refuse_nonfinite_weights(model, None, tmp_path, 7)
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
+    """An infinite weight after a finite loss (the last step's update): the second epoch's checkpoint is not written."""
+    out = tmp_path / 'run'
+    train_one_epoch = train_tool.train_one_epoch
+
+    def overflowing_second_epoch(model, *args, **kwargs):
+        result = train_one_epoch(model, *args, **kwargs)
+        if args[-3] == 1:  # (..., epoch, step, steps): the second epoch
+            with torch.no_grad():
+                model.blocks[0].attn.qkv.bias[3] = float('inf')
+        return result
+
+    monkeypatch.setattr(train_tool, 'train_one_epoch', overflowing_second_epoch)
+    with pytest.raises(runtime.ToolError, match=rf'after step 6 the weights are not finite \(model\.blocks\.0\.attn\.'
+                                                rf'qkv\.bias\) although the loss was: not saved, {out} keeps its last good'):
+        train_tool.main(RUN + ['--output', str(out)])
+    assert json.loads((out / checkpoints.STATE_FILE).read_text())['epoch'] == 1
+    assert all(v.isfinite().all() for v in _tensors(out / checkpoints.MODEL_FILE).values())
 
 
 def test_eval_reports_non_finite_outputs_and_fails(run_dir, tmp_path):
