@@ -387,3 +387,10 @@ def require_downloadable_weights(variant: str, kwargs: Dict, is_share_page: Call
         f'downloaded automatically. Download the file and load it with timm.create_model({variant!r}, '
         f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/file.pth')), or in an OpenMMLab config "
         f"with AttnzooBackbone(model_name={variant!r}, checkpoint='/path/to/file.pth').")
+
+
+def pretrained_weights_source(variant: str, kwargs: Dict) -> str:
+    """Where ``timm.create_model(variant, pretrained=True, **kwargs)`` fetches its weights from (a URL or the
+    Hugging Face Hub's page), for a message about a failed download."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    return f'https://huggingface.co/{cfg.hf_hub_id}' if cfg.hf_hub_id else cfg.url or cfg.file or '(no source)'

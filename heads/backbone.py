@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from mmengine.model import BaseModule
 from timm.layers import Format, LayerNorm2d, to_2tuple
 from timm.layers.halo_attn import HaloAttn
-from timm.models import group_parameters, resolve_pretrained_cfg
+from timm.models import group_parameters
 from timm.models.maxxvit import ParallelPartitionAttention, PartitionAttention2d, PartitionAttentionCl
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from attnzoo.backbones import close_model_names  # importing it registers the attnzoo families with timm
-from attnzoo.backbones._checkpoint import load_checkpoint_file
+from attnzoo.backbones._checkpoint import load_checkpoint_file, pretrained_weights_source
 
 __all__ = ['AttnzooBackbone']
 
@@ -86,10 +86,9 @@ def _create_features(model_name: str, out_indices: Tuple[int, ...], model_kwargs
 
 def _download_error(model_name: str, model_kwargs: Dict, error: OSError) -> RuntimeError:
     """What to do when timm cannot fetch the pretrained weights of ``model_name`` (offline, or a moved file)."""
-    cfg = resolve_pretrained_cfg(model_name, model_kwargs.get('pretrained_cfg'), model_kwargs.get('pretrained_cfg_overlay'))
-    source = f'https://huggingface.co/{cfg.hf_hub_id}' if cfg.hf_hub_id else cfg.url
     return RuntimeError(
-        f'AttnzooBackbone: cannot download the pretrained weights of {model_name} from {source} ({type(error).__name__}: '
+        f'AttnzooBackbone: cannot download the pretrained weights of {model_name} from '
+        f'{pretrained_weights_source(model_name, model_kwargs)} ({type(error).__name__}: '
         f'{error}). Download the file where the network reaches it and pass it as a local file: '
         f"checkpoint='/path/to/file.pth' with pretrained=False (in a config: model.backbone.checkpoint, e.g. "
         f'--cfg-options model.backbone.pretrained=False model.backbone.checkpoint=/path/to/file.pth)')

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -461,6 +462,19 @@ def test_train_checks_its_arguments_before_any_work(tmp_path, monkeypatch, argv,
     monkeypatch.setattr(train_tool.datasets, 'build_dataset', no_data)
     with pytest.raises(runtime.ToolError, match=message):
         train_tool.main(TINY + ['--output', str(tmp_path / 'run')] + argv)
+
+
+def test_a_failed_download_names_the_url_and_the_local_file_option(monkeypatch):
+    import timm.models._builder as builder
+
+    def offline(*args, **kwargs):
+        raise URLError('[Errno -2] Name or service not known')
+
+    monkeypatch.setattr(builder, 'load_state_dict_from_url', offline)
+    with pytest.raises(runtime.ToolError, match=r'--pretrained: cannot download the weights of cswin_tiny_224 from '
+                                                r'https://github\.com/microsoft/CSWin-Transformer/releases/download/v0\.1'
+                                                r'\.0/cswin_tiny_224\.pth \(URLError: .*\)\. .*--pretrained-file'):
+        models.create_model('cswin_tiny_224', num_classes=10, pretrained=True, model_kwargs=dict(depths=(1, 1, 1, 1)))
 
 
 def test_resuming_a_finished_run_is_an_error(run_dir):

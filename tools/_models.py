@@ -6,6 +6,7 @@ import timm
 import torch
 
 from attnzoo.backbones import close_model_names  # importing it registers every attnzoo family with timm
+from attnzoo.backbones._checkpoint import pretrained_weights_source
 from _checkpoints import read_checkpoint
 from _runtime import ToolError
 
@@ -38,6 +39,12 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
         pretrained = True
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except OSError as err:  # URLError, HTTPError, the Hub's offline errors: a download that failed
+        if not pretrained or pretrained_file is not None:
+            raise
+        raise ToolError(f'--pretrained: cannot download the weights of {name} from '
+                        f'{pretrained_weights_source(name, kwargs)} ({type(err).__name__}: {err}). Download the file '
+                        f'where the network reaches it and pass it with --pretrained-file /path/to/file') from err
     except (TypeError, ValueError, AssertionError) as err:
         if not model_kwargs:
             raise
