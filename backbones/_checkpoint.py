@@ -17,10 +17,21 @@ and a family's filter pick the same weights); ``use_ema=False`` takes the traine
 Reading (:func:`load_checkpoint_file`): ``.safetensors`` files, or ``torch.load(weights_only=True)`` with
 :data:`SAFE_CHECKPOINT_GLOBALS` allowed, so loading a file cannot run code; a file that needs any other
 pickled object is refused with :class:`UnsafeCheckpointError`, which names the object.
+
+Verifying (:func:`verify_checkpoint_archive`, before reading; :func:`refuse_nonfinite_tensors`, after): torch
+reads a damaged zip archive without checking its records' CRC-32 (4 KB of flipped bytes load as 1,024
+changed weights), and safetensors has no checksums, so the file is checked first: empty, the CRC of every
+record of a zip archive, the header and byte sizes of a safetensors file. PyTorch's legacy (pre-1.6,
+non-zip) format carries no checksums: it loads with a warning saying so. A file holding NaN or Inf values
+is refused, naming the tensors.
 """
 import argparse
+import json
+import math
 import pickle
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -70,19 +81,153 @@ def unsafe_checkpoint_error(filename, error: pickle.UnpicklingError, allowed: st
 def load_checkpoint_file(path) -> Dict:
     """The contents of a ``.safetensors`` file, or of a PyTorch file loaded with ``weights_only=True``
     (tensors, plain containers and :data:`SAFE_CHECKPOINT_GLOBALS`); raises :class:`UnsafeCheckpointError`
-    for a file that needs other pickled objects."""
+    for a file that needs other pickled objects, and :class:`CheckpointError` for a damaged file
+    (:func:`verify_checkpoint_archive`) or one that holds non-finite values (:func:`refuse_nonfinite_tensors`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint file {path} does not exist')
+    verify_checkpoint_archive(path)
     if path.suffix == '.safetensors':
-        return safetensors.torch.load_file(str(path))
+        checkpoint = safetensors.torch.load_file(str(path))
+    else:
+        try:
+            with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as error:
+            if _WEIGHTS_ONLY_REFUSAL not in str(error).lower():  # a damaged file, not a refused object
+                raise
+            raise unsafe_checkpoint_error(path, error, 'weight checkpoints') from error
+    refuse_nonfinite_tensors(checkpoint, path)
+    return checkpoint
+
+
+# the first bytes of PyTorch's legacy format: pickle protocol 2, then the pickled magic number 0x1950a86a20f9469cfc6c
+_LEGACY_TORCH_MAGIC = b'\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19'
+_ZIP_RECORD_SIGNATURE = b'PK\x03\x04'  # what a zip archive starts with
+_SAFETENSORS_ITEMSIZE = {'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E5M2': 1, 'F8_E4M3': 1, 'I16': 2, 'U16': 2, 'F16': 2,
+                         'BF16': 2, 'I32': 4, 'U32': 4, 'F32': 4, 'I64': 8, 'U64': 8, 'F64': 8}
+_READ_CHUNK = 1 << 24
+
+
+def verify_checkpoint_archive(path) -> None:
+    """Checks the file at ``path`` before it is read: not empty; a ``.safetensors`` file's header and the
+    byte size of every tensor (:func:`verify_safetensors`); a PyTorch file's zip records against their
+    CRC-32 (:func:`verify_zip_records`). PyTorch's legacy format, which has no checksums, loads with a
+    warning. Raises :class:`CheckpointError` saying what is wrong and what to do."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f'checkpoint file {path} is empty (0 bytes): its download or copy did not complete; '
+                              f'download or copy it again')
+    with path.open('rb') as f:
+        start = f.read(len(_LEGACY_TORCH_MAGIC))
+    if path.suffix == '.safetensors':
+        verify_safetensors(path)
+    elif zipfile.is_zipfile(path):
+        verify_zip_records(path)
+    elif start.startswith(_ZIP_RECORD_SIGNATURE):
+        raise CheckpointError(f'{path} is a truncated zip archive (torch.save\'s format): its table of records, at the '
+                              f'end, is missing; download or copy it again')
+    elif start == _LEGACY_TORCH_MAGIC:
+        warnings.warn(
+            f'{path} is in PyTorch\'s legacy (pre-1.6, non-zip) format, which has no checksums: damage to it cannot '
+            f'be detected. Re-save it as a checked file: torch.save(torch.load(path, weights_only=True), new_path)')
+    else:
+        raise CheckpointError(
+            f'{path} is not a checkpoint attnzoo reads: neither a zip archive (torch.save) nor PyTorch\'s legacy '
+            f'format, and its name does not end in .safetensors; it may be damaged or an HTML page saved by a '
+            f'failed download: download it again')
+
+
+def verify_zip_records(path) -> None:
+    """Reads every record of the zip archive (``torch.save``'s format) at ``path`` and checks its CRC-32,
+    which ``torch.load`` does not; raises :class:`CheckpointError` naming the damaged records."""
+    damaged = []
     try:
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
-        if _WEIGHTS_ONLY_REFUSAL not in str(error).lower():  # a damaged file, not a refused object
-            raise
-        raise unsafe_checkpoint_error(path, error, 'weight checkpoints') from error
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            for record in records:
+                try:
+                    with archive.open(record) as data:
+                        while data.read(_READ_CHUNK):
+                            pass
+                except (zipfile.BadZipFile, EOFError, OSError):
+                    damaged.append(record.filename)
+    except zipfile.BadZipFile as error:
+        raise CheckpointError(f'{path} is a damaged zip archive ({error}): download or copy it again') from error
+    if damaged:
+        raise CheckpointError(
+            f'{path} is damaged: the CRC-32 check fails for {len(damaged)} of its {len(records)} zip records '
+            f'({listed(damaged)}); loading it would give wrong weights. Download or copy it again')
+
+
+def verify_safetensors(path) -> None:
+    """Checks the header of the safetensors file at ``path`` and that its tensors' byte ranges, each the size
+    its dtype and shape make, tile the rest of the file; raises :class:`CheckpointError` saying what differs."""
+    size = path.stat().st_size
+    with path.open('rb') as f:
+        prefix = f.read(8)
+        header_size = int.from_bytes(prefix, 'little') if len(prefix) == 8 else -1
+        if not 0 < header_size <= size - 8:
+            raise CheckpointError(
+                f'{path} is not a complete safetensors file: it is {size} bytes, too short for the header its first '
+                f'bytes announce; it is truncated or not a safetensors file: download or convert it again')
+        try:
+            header = json.loads(f.read(header_size))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise CheckpointError(f'{path} has a damaged safetensors header ({error}): download or convert it '
+                                  f'again') from error
+    if not isinstance(header, dict):
+        raise CheckpointError(f'{path} has a damaged safetensors header (not a JSON object): download or convert it again')
+    ranges, wrong = [], []
+    for name, entry in header.items():
+        if name == '__metadata__':
+            continue
+        try:
+            begin, end = entry['data_offsets']
+            shape, dtype = list(entry['shape']), entry['dtype']
+        except (KeyError, TypeError, ValueError):
+            wrong.append(f'{name} (entry {entry!r})')
+            continue
+        expected = _SAFETENSORS_ITEMSIZE[dtype] * math.prod(shape) if dtype in _SAFETENSORS_ITEMSIZE else end - begin
+        if end - begin != expected:
+            wrong.append(f'{name} ({end - begin} bytes for {dtype} {shape}, which take {expected})')
+        ranges.append((begin, end))
+    data_size = size - 8 - header_size
+    if wrong:
+        raise CheckpointError(f'{path} has a damaged safetensors header: {listed(wrong)}; download or convert it again')
+    ranges.sort()
+    tiled = all(a_end == b_begin for (_, a_end), (b_begin, _) in zip(ranges, ranges[1:]))
+    if not tiled or (ranges and (ranges[0][0] != 0 or ranges[-1][1] != data_size)) or (not ranges and data_size):
+        described = ranges[-1][1] if ranges else 0
+        raise CheckpointError(
+            f'{path} is damaged: its header describes {described} bytes of tensor data, the file holds {data_size}'
+            + (' (truncated)' if described > data_size else '') + '; download or convert it again')
+
+
+def nonfinite_tensors(checkpoint, prefix: str = '') -> List[str]:
+    """The names (dotted paths through nested dicts and lists) of the floating-point tensors in
+    ``checkpoint`` that hold a NaN or an infinity."""
+    if isinstance(checkpoint, torch.Tensor):
+        finite = not (checkpoint.is_floating_point() or checkpoint.is_complex()) or bool(checkpoint.isfinite().all())
+        return [] if finite else [prefix or '<tensor>']
+    if isinstance(checkpoint, Mapping):
+        items = checkpoint.items()
+    elif isinstance(checkpoint, (list, tuple)):
+        items = enumerate(checkpoint)
+    else:
+        return []
+    return [name for key, value in items for name in nonfinite_tensors(value, f'{prefix}.{key}' if prefix else str(key))]
+
+
+def refuse_nonfinite_tensors(checkpoint, source) -> None:
+    """Raises :class:`CheckpointError` naming the tensors of ``checkpoint`` (read from ``source``) that hold
+    NaN or Inf: weights a diverged run saved, which give non-finite outputs for every input."""
+    names = nonfinite_tensors(checkpoint)
+    if names:
+        raise CheckpointError(
+            f'{source} holds non-finite values (NaN or Inf) in {len(names)} tensors: {listed(names)}. It was saved '
+            f'by a diverged training run or is damaged; use an earlier checkpoint of that run, or retrain with a '
+            f'lower learning rate')
 
 
 def _strip_wrapper_prefixes(key: str) -> str:
@@ -242,3 +387,10 @@ def require_downloadable_weights(variant: str, kwargs: Dict, is_share_page: Call
         f'downloaded automatically. Download the file and load it with timm.create_model({variant!r}, '
         f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/file.pth')), or in an OpenMMLab config "
         f"with AttnzooBackbone(model_name={variant!r}, checkpoint='/path/to/file.pth').")
+
+
+def pretrained_weights_source(variant: str, kwargs: Dict) -> str:
+    """Where ``timm.create_model(variant, pretrained=True, **kwargs)`` fetches its weights from (a URL or the
+    Hugging Face Hub's page), for a message about a failed download."""
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    return f'https://huggingface.co/{cfg.hf_hub_id}' if cfg.hf_hub_id else cfg.url or cfg.file or '(no source)'

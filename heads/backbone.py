@@ -30,6 +30,7 @@ from timm.models.maxxvit import ParallelPartitionAttention, PartitionAttention2d
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from attnzoo.backbones import close_model_names  # importing it registers the attnzoo families with timm
+from attnzoo.backbones._checkpoint import load_checkpoint_file, pretrained_weights_source
 
 __all__ = ['AttnzooBackbone']
 
@@ -61,9 +62,10 @@ def _check_out_indices(out_indices) -> Tuple[int, ...]:
     return tuple(out_indices)
 
 
-def _create_features(model_name: str, out_indices: Tuple[int, ...], pretrained: bool, checkpoint: Optional[str],
-                     model_kwargs: Dict) -> nn.Module:
-    """timm's feature-extraction model; an out-of-range level index becomes an error that lists the levels."""
+def _create_features(model_name: str, out_indices: Tuple[int, ...], model_kwargs: Dict, pretrained: bool = False,
+                     checkpoint: Optional[str] = None) -> nn.Module:
+    """timm's feature-extraction model (with the weights of ``checkpoint``, or timm's own with ``pretrained``);
+    an out-of-range level index becomes an error that lists the levels."""
     if checkpoint is not None:
         # timm loads the file through the family's checkpoint_filter_fn, so official checkpoints load unchanged
         model_kwargs = dict(model_kwargs, pretrained_cfg_overlay=dict(file=checkpoint))
@@ -80,6 +82,16 @@ def _create_features(model_name: str, out_indices: Tuple[int, ...], pretrained: 
         raise ValueError(
             f'AttnzooBackbone: out_indices {out_indices} are outside the feature levels of {model_name}: '
             f'{_level_table(feature_info)}') from error
+
+
+def _download_error(model_name: str, model_kwargs: Dict, error: OSError) -> RuntimeError:
+    """What to do when timm cannot fetch the pretrained weights of ``model_name`` (offline, or a moved file)."""
+    return RuntimeError(
+        f'AttnzooBackbone: cannot download the pretrained weights of {model_name} from '
+        f'{pretrained_weights_source(model_name, model_kwargs)} ({type(error).__name__}: '
+        f'{error}). Download the file where the network reaches it and pass it as a local file: '
+        f"checkpoint='/path/to/file.pth' with pretrained=False (in a config: model.backbone.checkpoint, e.g. "
+        f'--cfg-options model.backbone.pretrained=False model.backbone.checkpoint=/path/to/file.pth)')
 
 
 def _resolve_module_name(net: nn.Module, feature_module: str) -> str:
@@ -189,9 +201,12 @@ class AttnzooBackbone(BaseModule):
             families (``cswin_tiny_224``, ``nat_mini``, ...).
         out_indices: Feature levels to return, indices into the model's ``feature_info``
             (see the module docstring for which index is which stride).
-        pretrained: Load the model's default pretrained weights through timm (downloads them).
+        pretrained: Load the model's default pretrained weights through timm (downloads them) in
+            :meth:`init_weights`, as OpenMMLab backbones load theirs: a Runner's training calls it, its test
+            (whose checkpoint holds the trained weights) does not.
         checkpoint: Path of a classification checkpoint (official or attnzoo/timm, ``.pth`` or
-            ``.safetensors``), converted by the family's ``checkpoint_filter_fn``. Implies pretrained.
+            ``.safetensors``), converted by the family's ``checkpoint_filter_fn``; loaded in :meth:`init_weights`
+            after the file is verified (``attnzoo.backbones._checkpoint``). Implies pretrained.
         out_norm: Add a LayerNorm over channels on every returned map, as the official dense-task
             backbones of Swin and CSWin do (randomly initialised, trained with the task).
         frozen_stages: Freeze (no gradient, eval mode) the stem and the modules of the first
@@ -230,8 +245,8 @@ class AttnzooBackbone(BaseModule):
             raise TypeError(
                 f'AttnzooBackbone: pretrained is a bool (timm\'s default weights), got {pretrained!r}; '
                 f'give a checkpoint file as checkpoint=... (mmseg: keep model.pretrained=None)')
-        if checkpoint is not None and not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f'AttnzooBackbone: checkpoint {checkpoint!r} is not a file')
+        if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f'AttnzooBackbone: checkpoint is the path of a file, got {checkpoint!r}')
         if init_cfg is not None and (pretrained or checkpoint is not None):
             raise ValueError(
                 'AttnzooBackbone: give either pretrained / checkpoint (classification weights, converted by timm) '
@@ -243,7 +258,9 @@ class AttnzooBackbone(BaseModule):
                 f'AttnzooBackbone: {reserved} are set by the wrapper; use out_indices / checkpoint / pretrained')
 
         self.model_name = model_name
-        self.features = _create_features(model_name, out_indices, pretrained, checkpoint, model_kwargs)
+        self.pretrained = pretrained
+        self.checkpoint = checkpoint
+        self.features = _create_features(model_name, out_indices, model_kwargs)
         feature_info = self.features.feature_info
         self.out_indices = out_indices
         self.out_channels = tuple(feature_info.channels())
@@ -272,6 +289,25 @@ class AttnzooBackbone(BaseModule):
             # forward_intermediates, so the model's switch is the one that matters
             target = self.features if hasattr(self.features, 'set_grad_checkpointing') else self.features.model
             target.set_grad_checkpointing(True)
+
+    def init_weights(self):
+        """Loads ``checkpoint`` (verified first) or timm's pretrained weights into the feature model, or, without
+        them, runs mmengine's ``init_cfg``. A failed download names the URL and how to pass a local file."""
+        if not self.pretrained and self.checkpoint is None:
+            return super().init_weights()
+        if self.checkpoint is not None:
+            if not os.path.isfile(self.checkpoint):
+                raise FileNotFoundError(f'AttnzooBackbone: checkpoint {self.checkpoint!r} is not a file')
+            load_checkpoint_file(self.checkpoint)  # CRCs, sizes and finite values, before timm's loader reads it
+        try:
+            loaded = _create_features(self.model_name, self.out_indices, self._model_kwargs, self.pretrained,
+                                      self.checkpoint)
+        except OSError as error:
+            if self.checkpoint is not None:
+                raise
+            raise _download_error(self.model_name, self._model_kwargs, error) from error
+        self.features.load_state_dict(loaded.state_dict())
+        self._is_init = True
 
     def layer_ids(self) -> Tuple[Dict[str, int], int]:
         """The depth of each parameter (by name in this module) as timm's layer-wise learning-rate decay

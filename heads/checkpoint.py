@@ -15,7 +15,9 @@ besides tensors and containers:
   module names numpy 1 and numpy 2 write.
 
 It also makes mmengine's loader of local files pass ``weights_only=True`` explicitly (no environment
-variable can turn it off) and turns a refused object into :class:`UnsafeCheckpointError`, which names it.
+variable can turn it off), turns a refused object into :class:`UnsafeCheckpointError`, which names it, and
+verifies the file first (damaged or empty files and non-finite weights are refused with a
+:class:`~attnzoo.backbones._checkpoint.CheckpointError`).
 """
 import os
 import pickle
@@ -25,7 +27,8 @@ import torch
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from attnzoo.backbones._checkpoint import UnsafeCheckpointError, unsafe_checkpoint_error
+from attnzoo.backbones._checkpoint import (
+    UnsafeCheckpointError, refuse_nonfinite_tensors, unsafe_checkpoint_error, verify_checkpoint_archive)
 
 try:
     from numpy._core import multiarray as _multiarray  # numpy 2
@@ -68,14 +71,18 @@ OPENMMLAB_CHECKPOINT_GLOBALS = [
 
 
 def load_from_local(filename: str, map_location=None):
-    """mmengine's loader of local checkpoint files, with ``weights_only=True`` and a clear refusal."""
+    """mmengine's loader of local checkpoint files, with ``weights_only=True`` and a clear refusal; the file is
+    verified as every attnzoo loader verifies it (CRCs and sizes before, finite values after)."""
     filename = os.path.expanduser(filename)
     if not os.path.isfile(filename):
         raise FileNotFoundError(f'{filename} can not be found.')
+    verify_checkpoint_archive(filename)
     try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:  # torch re-raises every refusal (ours included) as one
         raise unsafe_checkpoint_error(filename, error, 'mmengine / mmdet / mmseg checkpoints') from error
+    refuse_nonfinite_tensors(checkpoint, filename)
+    return checkpoint
 
 
 def allow_openmmlab_checkpoints() -> None:

@@ -5,10 +5,13 @@ make_checkpoint.py, whose values are re-derived here) and against damaged copies
 MOAT path (official variable names and layouts) is tested in tests/test_moat.py.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,8 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from attnzoo.backbones._checkpoint import CheckpointError, CheckpointMismatchError, unwrap_checkpoint
+from attnzoo.backbones._checkpoint import (
+    CheckpointError, CheckpointMismatchError, load_checkpoint_file, unwrap_checkpoint)
 from attnzoo.backbones._families import checkpoint_filter_of, family_of, supported_families
 from official_checkpoints import (
     CHECKPOINT_WRAPS, CROSSFORMER_OFFICIAL_ARCH, CSWIN_OFFICIAL_ARCH, LITV2_OFFICIAL_ARCH, NAT_OFFICIAL_ARCH,
@@ -403,6 +407,7 @@ def test_attnzoo_backbone_reads_an_official_file_as_convert_does(tmp_path):
     torch.save({'state_dict': _constants(official, -1), 'state_dict_ema': _constants(official),
                 'args': argparse.Namespace(model='nat_mini')}, tmp_path / 'official.pth')
     backbone = AttnzooBackbone('nat_mini', checkpoint=str(tmp_path / 'official.pth'), out_indices=(0, 1, 2, 3), **arch)
+    backbone.init_weights()  # where OpenMMLab backbones load their pretrained weights
     converted = _convert(tmp_path / 'official.pth', 'nat_mini', tmp_path / 'out.safetensors',
                          '--model-kwargs', *[f'{k}={v}'.replace(' ', '') for k, v in arch.items()])
     features = {k.removeprefix('model.'): v for k, v in backbone.features.state_dict().items()}  # timm's getter
@@ -441,3 +446,105 @@ def test_the_preference_is_ema_then_trained_and_prefixes_go():
     del weights['state_dict_ema'], weights['state_dict']
     assert unwrap_checkpoint(weights) == {'w': torch.tensor(2.)}
     assert unwrap_checkpoint(weights, use_ema=False) == {'w': torch.tensor(0.)}
+
+
+# ---------------------------------------------------------------- verifying a file before it is read
+
+def _official_file_with_a_real_tensor(tmp_path):
+    """shvit_s1's official file whose largest tensor holds random values (a record of its own, 1.5 MB); and
+    that tensor's name."""
+    official = _constants(OFFICIAL_STATE_DICTS['shvit_s1']())
+    largest = max(official, key=lambda k: official[k].numel())
+    official[largest] = torch.randn(official[largest].shape)
+    path = tmp_path / 'shvit_s1.pth'
+    torch.save({'model': official}, path)
+    return path, largest
+
+
+def _record_data_offset(path, name_suffix):
+    """Where the data of the zip record whose name ends with ``name_suffix`` starts in the file."""
+    with zipfile.ZipFile(path) as archive:
+        record = next(r for r in archive.infolist() if r.filename.endswith(name_suffix))
+    header = path.read_bytes()[record.header_offset:record.header_offset + 30]
+    name_length, extra_length = int.from_bytes(header[26:28], 'little'), int.from_bytes(header[28:30], 'little')
+    return record.header_offset + 30 + name_length + extra_length, record.file_size
+
+
+def test_flipped_bytes_in_a_torch_file_are_refused_naming_the_record(tmp_path):
+    """torch.load does not check the zip records' CRC-32: 4 KB of flipped bytes would load as 1,024 changed weights."""
+    path, largest = _official_file_with_a_real_tensor(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    storage = next(i for i, k in enumerate(checkpoint['model']) if k == largest)  # torch.save numbers storages in order
+    offset, size = _record_data_offset(path, f'/data/{storage}')
+    assert size == 4 * checkpoint['model'][largest].numel()
+    data = bytearray(path.read_bytes())
+    data[offset + 8192:offset + 12288] = bytes(b ^ 0xff for b in data[offset + 8192:offset + 12288])
+    path.write_bytes(data)
+    assert (torch.load(path, weights_only=True)['model'][largest] != checkpoint['model'][largest]).sum() == 1024
+    with pytest.raises(runtime.ToolError, match=rf'damaged: the CRC-32 check fails for 1 of its \d+ zip records '
+                                                rf'\(shvit_s1/data/{storage}\)'):
+        _convert(path, 'shvit_s1', tmp_path / 'out.safetensors')
+    assert not (tmp_path / 'out.safetensors').exists()
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('truncated', r'header describes \d+ bytes of tensor data, the file holds \d+ \(truncated\)'),
+    ('shape', r'damaged safetensors header: w \(4096 bytes for F32 \[1023\], which take 4092\)'),
+    ('header', r'too short for the header its first bytes announce'),
+])
+def test_a_damaged_safetensors_file_is_refused_saying_what_is_wrong(tmp_path, damage, message):
+    path = tmp_path / 'weights.safetensors'
+    save_file({'w': torch.randn(1024), 'v': torch.randn(3)}, str(path))
+    data = path.read_bytes()
+    if damage == 'truncated':
+        data = data[:-100]
+    elif damage == 'shape':
+        data = data.replace(b'[1024]', b'[1023]')  # the header keeps its length
+    else:
+        data = (10 ** 9).to_bytes(8, 'little') + data[8:]
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint_file(path)
+    with pytest.raises(runtime.ToolError, match=message):
+        checkpoints.read_state_dict(path)
+
+
+def test_an_empty_file_says_it_is_empty(tmp_path):
+    """torch.load raises EOFError with no message for it (the tools' own handler failed on that)."""
+    for suffix in ('.pth', '.safetensors'):
+        (tmp_path / f'empty{suffix}').touch()
+        with pytest.raises(runtime.ToolError, match=rf'empty{suffix} is empty \(0 bytes\): .*again'):
+            _convert(tmp_path / f'empty{suffix}', 'shvit_s1', tmp_path / 'out.safetensors')
+    with pytest.raises(runtime.ToolError, match=r'empty\.safetensors is empty'):  # a training run's own file
+        checkpoints.read_safetensors(tmp_path / 'empty.safetensors')
+
+
+def test_a_file_holding_non_finite_values_is_refused_naming_the_tensors(tmp_path):
+    path = _write_official('shvit_s1', tmp_path, 'model')
+    checkpoint = torch.load(path, weights_only=True)
+    names = list(checkpoint['model'])[3:5]
+    for name, value in zip(names, (float('nan'), float('-inf'))):
+        checkpoint['model'][name] = checkpoint['model'][name].clone().index_fill_(0, torch.tensor([0]), value)
+    torch.save(checkpoint, path)
+    with pytest.raises(runtime.ToolError, match=rf'holds non-finite values \(NaN or Inf\) in 2 tensors: '
+                                                rf'model\.{names[0]}, model\.{names[1]}\. .*earlier checkpoint'):
+        _convert(path, 'shvit_s1', tmp_path / 'out.safetensors')
+
+
+def test_a_legacy_torch_file_loads_with_a_warning_that_it_cannot_be_checked(tmp_path):
+    path = tmp_path / 'legacy.pth'
+    torch.save({'model': {'w': torch.ones(2)}}, path, _use_new_zipfile_serialization=False)
+    with pytest.warns(UserWarning, match=r"legacy \(pre-1\.6, non-zip\) format, which has no checksums"):
+        assert torch.equal(load_checkpoint_file(path)['model']['w'], torch.ones(2))
+    path.write_bytes(b'<html>Quota exceeded</html>')
+    with pytest.raises(CheckpointError, match='neither a zip archive .* nor PyTorch\'s legacy format'):
+        load_checkpoint_file(path)
+
+
+def test_convert_writes_the_sha256_of_what_it_wrote(tmp_path, capsys):
+    out = tmp_path / 'out.safetensors'
+    _convert(_write_official('shvit_s1', tmp_path), 'shvit_s1', out)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert (tmp_path / 'out.safetensors.sha256').read_text() == f'{digest}  out.safetensors\n'
+    assert f'SHA-256 {digest}' in capsys.readouterr().out
+    assert subprocess.run(['sha256sum', '-c', 'out.safetensors.sha256'], cwd=tmp_path).returncode == 0

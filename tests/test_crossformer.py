@@ -418,6 +418,7 @@ def test_wrapper_loads_an_official_file(tmp_path):
     torch.save({'model': to_official_layout('crossformer', source.state_dict())}, path)
     backbone = AttnzooBackbone('crossformer_pp_small', checkpoint=str(path), group_size=(7, 7, 7, 7),
                                interval=(8, 4, 2, 1), **SHALLOW)
+    backbone.init_weights()  # where OpenMMLab backbones load their pretrained weights
     expected = source.state_dict()
     loaded = backbone.features.model.state_dict()
     assert len(loaded) == len(expected) - 4  # the features model has no final norm and classifier

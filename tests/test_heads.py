@@ -6,7 +6,9 @@ The task-model tests build CSWin-T (and DiNAT-Mini) with one block per stage (sa
 of the time).
 """
 import re
+import zipfile
 from pathlib import Path
+from urllib.error import URLError
 
 import pytest
 
@@ -28,6 +30,7 @@ from mmengine.structures import InstanceData, PixelData  # noqa: E402
 from mmseg.registry import MODELS as SEG_MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
 
+from attnzoo.backbones._checkpoint import CheckpointError  # noqa: E402
 from attnzoo.heads import AttnzooBackbone, LayerDecayOptimWrapperConstructor  # noqa: E402  (registers them)
 from official_checkpoints import cswin_official_state_dict, nat_official_state_dict, to_official_layout  # noqa: E402
 
@@ -50,9 +53,25 @@ def config_path(prefix: str) -> Path:
     return matches[0]
 
 
+def block_downloads(monkeypatch) -> None:
+    """Every way timm fetches pretrained weights fails as it does offline, cached files or not."""
+    import timm.models._builder as builder
+
+    def offline(*args, **kwargs):
+        raise URLError('[Errno -2] Name or service not known (downloads are blocked in the tests)')
+
+    for name in ('load_state_dict_from_url', 'download_cached_file', 'load_state_dict_from_hf'):
+        monkeypatch.setattr(builder, name, offline)
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """The configs as shipped (pretrained=True) build without a download: the weights load in init_weights()."""
+    block_downloads(monkeypatch)
+
+
 def load_config(path: Path, shallow: bool = False) -> Config:
     cfg = Config.fromfile(str(path))
-    cfg.model.backbone.pretrained = False  # no downloads in tests
     if shallow:
         cfg.model.backbone.update(SHALLOW)
     return cfg
@@ -523,6 +542,7 @@ def test_official_checkpoint_loads_through_the_family_filter(tmp_path, family, n
     path = tmp_path / 'official.pth'
     torch.save(checkpoint, path)
     backbone = AttnzooBackbone(name, checkpoint=str(path), **model_kwargs)
+    backbone.init_weights()
     for key, value in backbone.features.model.state_dict().items():
         assert torch.equal(value, wanted[key]), key
 
@@ -548,7 +568,7 @@ def test_init_cfg_pretrained_loads_a_detector_checkpoint(tmp_path):
     (dict(model_name='cswin_tiny_224', out_indices=3), ValueError, 'sequence'),
     (dict(model_name='cswin_tiny_224', frozen_stages=5), ValueError, 'frozen_stages'),
     (dict(model_name='cswin_tiny_224', pretrained='x.pth'), TypeError, 'checkpoint='),
-    (dict(model_name='cswin_tiny_224', checkpoint='/no/such/file.pth'), FileNotFoundError, 'not a file'),
+    (dict(model_name='cswin_tiny_224', checkpoint=3), TypeError, 'path of a file'),
     (dict(model_name='cswin_tiny_224', pretrained=True, init_cfg=dict(type='Pretrained', checkpoint='x')),
      ValueError, 'not both'),
     (dict(model_name='cswin_tiny_224', features_only=False), ValueError, 'set by the wrapper'),
@@ -557,3 +577,51 @@ def test_bad_arguments(kwargs, error, match):
     shallow = SHALLOW if kwargs['model_name'].startswith('cswin') else {}
     with pytest.raises(error, match=match):
         AttnzooBackbone(**shallow, **kwargs)
+
+
+# ---------------------------------------------------------------- pretrained weights load in init_weights (issue 25)
+
+def test_pretrained_weights_load_in_init_weights_and_a_failed_download_says_what_to_do(monkeypatch):
+    """OpenMMLab's convention: a Runner's test builds the model and loads the trained checkpoint; only training
+    calls init_weights(), which loads the pretrained weights."""
+    backbone = shallow_cswin(pretrained=True)  # offline: no download tried
+    with pytest.raises(RuntimeError, match=r"cannot download the pretrained weights of cswin_tiny_224 from https://github"
+                                           r"\.com/microsoft/CSWin-Transformer/releases/download/v0\.1\.0/cswin_tiny_224\."
+                                           r"pth \(URLError: .*\)\. .*pass it as a local file: checkpoint='/path/to/file"
+                                           r"\.pth' with pretrained=False .*model\.backbone\.checkpoint"):
+        backbone.init_weights()
+    torch.manual_seed(3)
+    wanted = AttnzooBackbone('cswin_tiny_224', **SHALLOW).state_dict()
+    monkeypatch.setattr('timm.models._builder.load_pretrained', _load_as_timm(wanted))
+    backbone = shallow_cswin(pretrained=True)
+    assert not all(torch.equal(v, wanted[k]) for k, v in backbone.state_dict().items() if v.is_floating_point())
+    backbone.init_weights()
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, wanted[key]), key
+
+
+def _load_as_timm(wanted):
+    """Stands in for timm's load_pretrained (after a download): the weights of ``wanted`` (an AttnzooBackbone's)."""
+    def load_pretrained(model, *args, **kwargs):
+        model.load_state_dict({k.removeprefix('features.model.'): v for k, v in wanted.items()}, strict=False)
+    return load_pretrained
+
+
+def test_a_backbone_checkpoint_is_verified_when_the_weights_load(tmp_path):
+    path = tmp_path / 'cswin.pth'
+    torch.save({'state_dict_ema': {k: torch.randn(v.shape) for k, v in timm.create_model(
+        'cswin_tiny_224', **SHALLOW).state_dict().items()}}, path)
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    data = bytearray(path.read_bytes())
+    data[record.header_offset + 200:record.header_offset + 4296] = bytes(4096)  # zeroed: a hole in a download
+    path.write_bytes(data)
+    backbone = shallow_cswin(checkpoint=str(path))  # built without reading it
+    with pytest.raises(CheckpointError, match=rf'cswin\.pth is damaged: the CRC-32 check fails for 1 of its \d+ zip '
+                                              rf'records \({re.escape(record.filename)}\)'):
+        backbone.init_weights()
+    (tmp_path / 'empty.pth').touch()
+    with pytest.raises(CheckpointError, match=r'empty\.pth is empty \(0 bytes\)'):
+        shallow_cswin(checkpoint=str(tmp_path / 'empty.pth')).init_weights()
+    with pytest.raises(FileNotFoundError, match='not a file'):
+        shallow_cswin(checkpoint=str(tmp_path / 'missing.pth')).init_weights()

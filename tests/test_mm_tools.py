@@ -9,8 +9,10 @@ stage and 64 x 64 images to fit CI's budget. The tools run in-process, except th
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from mmengine.runner.checkpoint import _load_checkpoint  # noqa: E402
 
 from attnzoo.heads.checkpoint import OPENMMLAB_CHECKPOINT_GLOBALS, UnsafeCheckpointError  # noqa: E402
 import mm_tiny_data as tiny  # noqa: E402
+from test_heads import block_downloads  # noqa: E402
 
 pytestmark = [pytest.mark.mm, pytest.mark.usefixtures('one_thread')]  # tiny shapes (conftest.py)
 
@@ -275,6 +278,44 @@ def test_getattr_stands_in_only_for_history_buffer_statistics(tmp_path):
     torch.save({'state_dict': {}, 'meta': {'x': _GetsAttribute()}}, path)
     with pytest.raises(UnsafeCheckpointError, match=r"getattr\(.*HistoryBuffer.*'__init__'\)"):
         _load_checkpoint(str(path))
+
+
+# ---------------------------------------------------------------- faults (issue 25)
+
+def test_a_config_with_pretrained_weights_tests_offline(runner_checkpoint, tmp_path, monkeypatch):
+    """The trained checkpoint holds the backbone's weights: testing a config as shipped (pretrained=True)
+    downloads nothing, as OpenMMLab backbones load their pretrained weights in init_weights()."""
+    config, path = runner_checkpoint
+    plain = mm_test.main([str(config), str(path), '--work-dir', str(tmp_path / 'plain')])
+    block_downloads(monkeypatch)
+    offline = mm_test.main([str(config), str(path), '--work-dir', str(tmp_path / 'offline'),
+                            '--cfg-options', 'model.backbone.pretrained=True'])
+    assert offline == plain and 0 <= plain['mIoU'] <= 100
+
+
+def test_non_finite_test_outputs_are_an_error(runner_checkpoint, tmp_path):
+    """Finite weights whose features overflow: mmseg's argmax would turn the NaN logits into a mIoU."""
+    config, path = runner_checkpoint
+    checkpoint = torch.load(path, weights_only=True)
+    stem = next(k for k, v in checkpoint['state_dict'].items() if k.startswith('backbone.') and v.dim() == 4)
+    checkpoint['state_dict'][stem] = torch.full_like(checkpoint['state_dict'][stem], 3e38)
+    torch.save(checkpoint, tmp_path / 'overflowing.pth')
+    with pytest.raises(_runtime.ToolError, match=r'2 of the 2 test images gave non-finite backbone features or '
+                                                 r'predictions \(NaN or Inf\), so the metrics above mean nothing'):
+        mm_test.main([str(config), str(tmp_path / 'overflowing.pth'), '--work-dir', str(tmp_path / 'test')])
+
+
+def test_a_damaged_runner_checkpoint_is_refused(runner_checkpoint, tmp_path):
+    config, path = runner_checkpoint
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    data = bytearray(path.read_bytes())
+    start = record.header_offset + 4096
+    data[start:start + 4096] = bytes(b ^ 0xff for b in data[start:start + 4096])
+    (tmp_path / 'damaged.pth').write_bytes(data)
+    with pytest.raises(_runtime.ToolError, match=rf'damaged\.pth is damaged: the CRC-32 check fails for 1 of its \d+ zip '
+                                                 rf'records \({re.escape(record.filename)}\)'):
+        mm_test.main([str(config), str(tmp_path / 'damaged.pth'), '--work-dir', str(tmp_path / 'test')])
 
 
 # ---------------------------------------------------------------- command-line errors

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -191,6 +192,9 @@ def test_resume_keeps_the_run_unchanged(run_dir):
 def test_resume_refuses_a_checkpoint_torn_by_a_kill(run_dir, tmp_path):
     torn = tmp_path / 'torn'
     shutil.copytree(run_dir, torn)
+    state = json.loads((torn / checkpoints.STATE_FILE).read_text())
+    state['args']['epochs'] = 3  # a run with an epoch to go
+    (torn / checkpoints.STATE_FILE).write_text(json.dumps(state))
     # the model file of a later save landed, the state file of that save did not
     (torn / checkpoints.MODEL_FILE).write_bytes(checkpoints.tensors_to_bytes(_tensors(run_dir / checkpoints.MODEL_FILE), step=9))
     with pytest.raises(runtime.ToolError, match='killed while writing'):
@@ -303,7 +307,7 @@ def test_a_corrupt_checkpoint_is_a_clear_error(run_dir, tmp_path, damage, suffix
     data = good.read_bytes()
     bad = tmp_path / f'bad{suffix}'
     bad.write_bytes(os.urandom(4096) if damage == 'garbage' else data[: len(data) // 2])
-    with pytest.raises(runtime.ToolError, match='cannot read checkpoint .*truncated, corrupt'):
+    with pytest.raises(runtime.ToolError, match=r'bad\.(pth|safetensors) (is|has) (a )?(damaged|truncated|not a (complete|checkpoint)).*again'):
         checkpoints.read_state_dict(bad)
 
 
@@ -313,13 +317,181 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(TOOLS / 'eval.py'), *TINY, '--checkpoint', str(bad)],
                             capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 1
-    assert result.stderr.startswith('error: cannot read checkpoint'), result.stderr
+    assert result.stderr.startswith(f'error: {bad} is not a complete safetensors file'), result.stderr
+    assert result.stderr.count('\n') == 1  # one line: what is wrong and what to do
     assert 'Traceback' not in result.stderr
 
 
 def test_an_unknown_model_name_suggests_close_ones():
     with pytest.raises(runtime.ToolError, match="unknown model 'test_vitt'.*Close names: .*test_vit"):
         models.create_model('test_vitt', num_classes=10)
+
+
+# ---------------------------------------------------------------- non-finite values (issue 25, item 2)
+
+class _PoisoningLoader(_RecordingLoader):
+    """A training loader whose batches number ``poisoned`` (counted over the whole run, from 1) carry one NaN pixel."""
+
+    def __init__(self, loader, counter, poisoned):
+        super().__init__(loader, [])
+        self.counter, self.poisoned = counter, poisoned
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            self.counter.append(None)
+            if len(self.counter) in self.poisoned:
+                images = images.clone()
+                images[0, 0, 0, 0] = float('nan')
+            yield images, labels
+
+
+def poison_batches(monkeypatch, poisoned) -> None:
+    train_one_epoch, counter = train_tool.train_one_epoch, []
+
+    def poisoning(model, ema, loader, *args, **kwargs):
+        return train_one_epoch(model, ema, _PoisoningLoader(loader, counter, poisoned), *args, **kwargs)
+
+    monkeypatch.setattr(train_tool, 'train_one_epoch', poisoning)
+
+
+def test_a_diverging_run_stops_naming_the_step_and_saves_nothing(tmp_path):
+    """The issue's repro on test_vit: with --lr 1e6 the loss is NaN at the second step."""
+    out = tmp_path / 'diverged'
+    with pytest.raises(runtime.ToolError, match=r'the training loss is nan at step 2 \(epoch 1\): the run diverged and '
+                                                r'stopped; no epoch finished, nothing was saved\. Try a lower --lr \(now '
+                                                r'1e\+06\), a longer --warmup-epochs \(now 0\), --clip-grad 1\.0'):
+        train_tool.main(TINY + ['--epochs', '1', '--max-steps-per-epoch', '6', '--lr', '1e6', '--warmup-epochs', '0',
+                                '--output', str(out)])
+    assert not (out / checkpoints.MODEL_FILE).exists()
+
+
+def test_a_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / 'run'
+    poison_batches(monkeypatch, poisoned={4})  # the first batch of the second epoch
+    saved = {}
+    save = train_tool.save_checkpoint
+
+    def save_and_copy(*args, **kwargs):
+        save(*args, **kwargs)
+        saved.update({p.name: p.read_bytes() for p in out.iterdir()})
+
+    monkeypatch.setattr(train_tool, 'save_checkpoint', save_and_copy)
+    with pytest.raises(runtime.ToolError, match=rf'loss is nan at step 4 \(epoch 2\).*{out} keeps the checkpoint of '
+                                                rf'epoch 1 .*--pretrained-file {out / checkpoints.MODEL_FILE}'):
+        train_tool.main(RUN + ['--output', str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == saved  # untouched since epoch 1
+    assert json.loads((out / checkpoints.STATE_FILE).read_text())['epoch'] == 1
+    assert all(v.isfinite().all() for v in _tensors(out / checkpoints.MODEL_FILE).values())
+
+
+def test_under_float16_the_scaler_skips_non_finite_steps_then_the_run_stops(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation, 'evaluate', lambda *args, **kwargs: {'top1': 0., 'top5': 0., 'num_images': 0})
+    run = TINY + ['--epochs', '1', '--max-steps-per-epoch', '6', '--amp', '--amp-dtype', 'float16']
+    with monkeypatch.context() as patch:
+        poison_batches(patch, poisoned={2, 3})  # skipped by the scaler: the weights stay finite
+        metrics = train_tool.main(run + ['--output', str(tmp_path / 'skipped')])
+    assert np.isfinite(metrics['train_loss'])
+    state = json.loads((tmp_path / 'skipped' / checkpoints.STATE_FILE).read_text())
+    assert state['grad_scaler']['scale'] == 2. ** 16 / 4  # halved by each skipped step
+    assert all(v.isfinite().all() for v in _tensors(tmp_path / 'skipped' / checkpoints.MODEL_FILE).values())
+    poison_batches(monkeypatch, poisoned={2, 3, 4})
+    with pytest.raises(runtime.ToolError, match=r'loss is nan at step 4 \(epoch 1\) for 3 steps in a row \(the float16 '
+                                                r'gradient scaler skipped them\).*--amp-dtype bfloat16'):
+        train_tool.main(run + ['--output', str(tmp_path / 'stopped')])
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, monkeypatch):
+    """An infinite weight after a finite loss (the last step's update): the second epoch's checkpoint is not written."""
+    out = tmp_path / 'run'
+    train_one_epoch = train_tool.train_one_epoch
+
+    def overflowing_second_epoch(model, *args, **kwargs):
+        result = train_one_epoch(model, *args, **kwargs)
+        if args[-3] == 1:  # (..., epoch, step, steps): the second epoch
+            with torch.no_grad():
+                model.blocks[0].attn.qkv.bias[3] = float('inf')
+        return result
+
+    monkeypatch.setattr(train_tool, 'train_one_epoch', overflowing_second_epoch)
+    with pytest.raises(runtime.ToolError, match=rf'after step 6 the weights are not finite \(model\.blocks\.0\.attn\.'
+                                                rf'qkv\.bias\) although the loss was: not saved, {out} keeps its last good'):
+        train_tool.main(RUN + ['--output', str(out)])
+    assert json.loads((out / checkpoints.STATE_FILE).read_text())['epoch'] == 1
+    assert all(v.isfinite().all() for v in _tensors(out / checkpoints.MODEL_FILE).values())
+
+
+def test_eval_reports_non_finite_outputs_and_fails(run_dir, tmp_path):
+    """Finite weights whose logits overflow: an accuracy of them would be meaningless."""
+    weights = _tensors(run_dir / checkpoints.MODEL_FILE)
+    weights['head.weight'][0] = 3e38
+    torch.save(weights, tmp_path / 'overflowing.pth')
+    with pytest.raises(runtime.ToolError, match=r'gives non-finite logits \(NaN or Inf\) for 360 of the 360 images of '
+                                                r'digits/val: its accuracy would mean nothing'):
+        eval_tool.main(TINY + ['--checkpoint', str(tmp_path / 'overflowing.pth')])
+
+
+# ---------------------------------------------------------------- damaged checkpoint files (issue 25, item 3)
+
+def test_pretrained_file_is_verified_before_timm_reads_it(run_dir, tmp_path):
+    weights = _tensors(run_dir / checkpoints.MODEL_FILE)
+    weights['blocks.1.mlp.fc2.weight'][2, 3] = float('nan')
+    torch.save({'state_dict': weights}, tmp_path / 'diverged.pth')
+    with pytest.raises(runtime.ToolError, match=r'diverged\.pth holds non-finite values \(NaN or Inf\) in 1 tensors: '
+                                                r'state_dict\.blocks\.1\.mlp\.fc2\.weight'):
+        models.create_model(MODEL, num_classes=10, pretrained_file=str(tmp_path / 'diverged.pth'))
+    (tmp_path / 'empty.pth').touch()
+    with pytest.raises(runtime.ToolError, match=r'empty\.pth is empty \(0 bytes\)'):
+        train_tool.main(TINY + ['--pretrained-file', str(tmp_path / 'empty.pth'), '--output', str(tmp_path / 'run')])
+
+
+# ---------------------------------------------------------------- bad arguments (issue 25, item 8)
+
+@pytest.mark.parametrize('argv, message', [
+    (['--epochs', '0'], r'--epochs 0: must be at least 1$'),
+    (['--batch-size', '0'], r'--batch-size 0: must be at least 1$'),
+    (['--lr', 'nan'], r'--lr nan: must be at least 0'),
+    (['--img-size', '8'], r'--img-size 8: test_vit cannot take 8 x 8 images \(AssertionError: Input height \(8\) should '
+                          r'be divisible by patch size \(16\)\.\); use its own size, 160, or another size it takes'),
+    (['--model-kwargs', 'drop_rate=abc'], r"--model-kwargs drop_rate='abc': test_vit cannot be built with them \(TypeError: "
+                                          r".*\); check the names and the values' types"),
+])
+def test_train_checks_its_arguments_before_any_work(tmp_path, monkeypatch, argv, message):
+    def no_data(*args, **kwargs):
+        raise AssertionError('the training data was read before the arguments were checked')
+
+    monkeypatch.setattr(train_tool.datasets, 'build_dataset', no_data)
+    with pytest.raises(runtime.ToolError, match=message):
+        train_tool.main(TINY + ['--output', str(tmp_path / 'run')] + argv)
+
+
+def test_a_failed_download_names_the_url_and_the_local_file_option(monkeypatch):
+    import timm.models._builder as builder
+
+    def offline(*args, **kwargs):
+        raise URLError('[Errno -2] Name or service not known')
+
+    monkeypatch.setattr(builder, 'load_state_dict_from_url', offline)
+    with pytest.raises(runtime.ToolError, match=r'--pretrained: cannot download the weights of cswin_tiny_224 from '
+                                                r'https://github\.com/microsoft/CSWin-Transformer/releases/download/v0\.1'
+                                                r'\.0/cswin_tiny_224\.pth \(URLError: .*\)\. .*--pretrained-file'):
+        models.create_model('cswin_tiny_224', num_classes=10, pretrained=True, model_kwargs=dict(depths=(1, 1, 1, 1)))
+
+
+def test_resuming_a_finished_run_is_an_error(run_dir):
+    with pytest.raises(runtime.ToolError, match=rf'{run_dir} has finished: it trained all its 2 epochs, so there is '
+                                                rf'nothing to resume\. To train longer, start a new run from its weights: '
+                                                rf'--model test_vit --pretrained-file {run_dir / checkpoints.MODEL_FILE}'):
+        train_tool.main(['--resume', str(run_dir), '--device', 'cpu'])
+
+
+def test_benchmark_refuses_an_unknown_model_before_timing(monkeypatch):
+    benchmark = _load_tool('benchmark')
+    monkeypatch.setattr(benchmark, 'run_models', lambda *args: pytest.fail('timed before checking the names'))
+    for option in ('--models', '--baseline'):
+        with pytest.raises(runtime.ToolError, match=rf"{option}: unknown model 'nat_minii'.*Close names: nat_mini"):
+            benchmark.main(['models', option, 'nat_minii', '--warmup', '0', '--iters', '1', '--batch', '1'])
+    with pytest.raises(runtime.ToolError, match='--batch 0: must be at least 1'):
+        benchmark.main(['models', '--models', 'test_vit', '--batch', '0'])
 
 
 class _MatmulDtypes(TorchDispatchMode):

@@ -7,7 +7,7 @@ the step that the tensor files were saved at, so a run killed while saving is de
 
 Weights are read from those files or from an official checkpoint through attnzoo's one checkpoint path
 (``attnzoo.backbones._checkpoint``: ``weights_only=True``, the same unwrapping and mismatch report as
-the families' ``checkpoint_filter_fn``), and loaded strictly, through the family's filter where their
+the families' ``checkpoint_filter_fn``; the file verified first: CRCs, sizes, finite values), and loaded strictly, through the family's filter where their
 keys are another layout.
 """
 import json
@@ -20,7 +20,8 @@ import safetensors.torch
 import torch
 
 from attnzoo.backbones._checkpoint import (
-    CheckpointError, UnsafeCheckpointError, compare_keys, load_checkpoint_file, unwrap_checkpoint)
+    CheckpointError, UnsafeCheckpointError, compare_keys, load_checkpoint_file, unwrap_checkpoint,
+    verify_checkpoint_archive)
 from attnzoo.backbones._families import checkpoint_filter_of, family_of
 from _runtime import ToolError
 
@@ -66,7 +67,8 @@ def tensors_to_bytes(tensors: Dict[str, torch.Tensor], step: int) -> bytes:
 
 
 def _read_error(path: Path, err: Exception) -> ToolError:
-    reason = str(err).strip().splitlines()[0].split('. ')[0]  # torch's advice after the first sentence does not apply
+    # torch's advice after the first sentence does not apply; some errors (EOFError) have no message
+    reason = (str(err).strip().splitlines() or ['no message'])[0].split('. ')[0]
     return ToolError(f'cannot read checkpoint {path} ({type(err).__name__}: {reason}). The file is truncated, '
                      f'corrupt or not a safetensors/PyTorch checkpoint (PyTorch files are read with '
                      f'weights_only=True: tensors and plain containers only); re-download it or re-run the training')
@@ -77,9 +79,12 @@ def read_safetensors(path: Path, step: Optional[int] = None) -> Dict[str, torch.
     if not path.is_file():
         raise ToolError(f'checkpoint file {path} does not exist')
     try:
+        verify_checkpoint_archive(path)
         with safetensors.safe_open(str(path), framework='pt') as f:
             saved_step = (f.metadata() or {}).get('step')
         tensors = safetensors.torch.load_file(str(path))
+    except CheckpointError as err:
+        raise ToolError(str(err)) from err
     except Exception as err:  # safetensors raises its own error types for every kind of damage
         raise _read_error(path, err) from err
     if step is not None and saved_step != str(step):
@@ -99,7 +104,7 @@ def read_checkpoint(path) -> object:
         raise ToolError(f'checkpoint file {path} does not exist')
     try:
         return load_checkpoint_file(path)
-    except UnsafeCheckpointError as err:
+    except (UnsafeCheckpointError, CheckpointError) as err:  # damaged, non-finite or unsafe: the error says which
         raise ToolError(str(err)) from err
     except Exception as err:  # torch.load and safetensors raise pickle, zip and runtime errors for damaged files
         raise _read_error(path, err) from err

@@ -19,11 +19,16 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
+import mmengine.dist as mmengine_dist
 from mmengine.config import Config, DictAction
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
+from mmengine.structures import BaseDataElement
 
 import attnzoo.heads  # noqa: F401  (registers AttnzooBackbone; safe checkpoint loading)
+from attnzoo.backbones._checkpoint import CheckpointError, nonfinite_tensors
 from attnzoo.heads.checkpoint import UnsafeCheckpointError
 from _runtime import ToolError
 
@@ -103,13 +108,66 @@ def _without_sync_bn(node):
     return node
 
 
+class NonFiniteOutputsHook(Hook):
+    """Counts the test images whose backbone features or predictions hold a NaN or an infinity: mmdet drops
+    NaN-scored boxes and mmseg's argmax turns NaN logits into class 0, so the metrics alone would not show them."""
+
+    def __init__(self):
+        self.images = 0
+        self.nonfinite = 0
+        self._batch_flags = []  # per backbone call of this iteration: which of its samples were not finite
+
+    def before_test(self, runner) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        if hasattr(model, 'backbone'):
+            model.backbone.register_forward_hook(self._note_backbone)
+
+    def _note_backbone(self, module, args, features) -> None:
+        features = features if isinstance(features, (tuple, list)) else (features,)
+        self._batch_flags.append(torch.stack([(~f.isfinite()).flatten(1).any(dim=1) for f in features]).any(dim=0))
+
+    def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        outputs = list(outputs or [])
+        flags = [bool(nonfinite_tensors(_as_dict(sample))) for sample in outputs]
+        for call in self._batch_flags:  # slide inference and test-time augmentation call the backbone on crops
+            flags = [a or b for a, b in zip(flags, call.tolist())] if len(call) == len(flags) else \
+                [a or bool(call.any()) for a in flags]
+        self._batch_flags = []
+        self.images += len(outputs)
+        self.nonfinite += sum(flags)
+
+    def totals(self):
+        """(images with non-finite outputs, images), over every process."""
+        counts = torch.tensor([self.nonfinite, self.images], dtype=torch.float64)
+        mmengine_dist.all_reduce(counts, op='sum')
+        return int(counts[0]), int(counts[1])
+
+
+def _as_dict(sample):
+    """The data fields of an mmengine data element (DetDataSample, SegDataSample, ...), nested elements as dicts."""
+    if isinstance(sample, BaseDataElement):
+        return {key: _as_dict(value) for key, value in sample.items()}
+    return sample
+
+
 def run(cfg: Config, task: str):
     """Builds the Runner of ``cfg`` and runs its ``train()`` or ``test()``; a checkpoint refused for what
-    it pickles becomes a :class:`ToolError`."""
+    it pickles, a damaged or non-finite one, and a test whose outputs are not finite become a :class:`ToolError`."""
     try:
         runner = RUNNERS.build(cfg) if 'runner_type' in cfg else Runner.from_cfg(cfg)
-        return getattr(runner, task)()
-    except UnsafeCheckpointError as error:
+        if task != 'test':
+            return getattr(runner, task)()
+        outputs_check = NonFiniteOutputsHook()
+        runner.register_hook(outputs_check, priority='LOWEST')
+        metrics = runner.test()
+        nonfinite, images = outputs_check.totals()
+        if nonfinite:
+            raise ToolError(
+                f'{nonfinite} of the {images} test images gave non-finite backbone features or predictions (NaN or '
+                f'Inf), so the metrics above mean nothing: the checkpoint\'s weights overflow on these inputs (or '
+                f'the images hold NaN); use an earlier checkpoint of the training run')
+        return metrics
+    except (UnsafeCheckpointError, CheckpointError) as error:
         raise ToolError(str(error)) from error
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -15,6 +15,15 @@ class ToolError(ValueError):
     """A bad input the user can fix; the command-line tools print it without a traceback."""
 
 
+def check_at_least(args, minimums: dict) -> None:
+    """Raises a :class:`ToolError` for the first option of ``minimums`` (``{dest: smallest value}``) that is set
+    below its smallest value (or to NaN)."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and not value >= minimum:
+            raise ToolError(f'--{name.replace("_", "-")} {value}: must be at least {minimum}')
+
+
 def run_cli(main):
     """Runs ``main()`` and turns a :class:`ToolError` into a one-line message and exit status 1."""
     try:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.harness import (Result, _fmt as fmt, cpu_peak_mib, markdown_table, run_case,  # noqa: E402
                               time_call, time_interleaved)
+from _runtime import ToolError, check_at_least, run_cli  # noqa: E402
 
 KERNEL_SECTIONS = ('neighborhood', 'routing')
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'
@@ -488,7 +489,21 @@ def parse_args(argv=None):
     args.batch = (1 if zoo_run else 32) if args.batch is None else args.batch
     args.modes = args.modes or (['fwd'] if zoo_run else ['fwd', 'fwd+bwd'])
     args.budget_s = args.budget_s if args.budget_s is not None else (5. if zoo_run else None)
+    check_args(args)
     return args
+
+
+def check_args(args) -> None:
+    """Raises a :class:`ToolError` for counts below one and, in the models section, unknown model names: before
+    anything is timed."""
+    check_at_least(args, {'batch': 1, 'iters': 1, 'warmup': 0, 'threads': 1, 'budget_s': 0.})
+    if args.section == 'models':
+        import timm
+        from _models import unknown_model_message  # registers the attnzoo families with timm
+        for option, names in (('--baseline', [args.baseline]), ('--models', args.models)):
+            unknown = next((name for name in names if not timm.is_model(name)), None)
+            if unknown is not None:
+                raise ToolError(f'{option}: {unknown_model_message(unknown)}')
 
 
 def main(argv=None):
@@ -531,4 +546,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_cli(main)

@@ -24,9 +24,13 @@ The tensors then go through the family's checkpoint filter (``checkpoint_filter_
 HaloNet) and must then fit the model exactly. The model is built on the meta device (its shapes only),
 so converting costs no initialisation. A summary of the mapping is printed. A file that does not fit is
 refused with the missing, unexpected and mis-shaped keys, and the family (and variant) it looks like.
-The file written holds exactly the model's state dict, in its dtypes.
+The file written holds exactly the model's state dict, in its dtypes; its SHA-256 is printed and written
+beside it as ``OUTPUT.sha256`` (``sha256sum -c OUTPUT.sha256`` checks a copy). The source is verified before
+it is converted: the CRC-32 of every record of a PyTorch zip archive, a safetensors header and sizes, and
+finite values (a damaged or diverged file is refused, naming what is wrong).
 """
 import argparse
+import hashlib
 import re
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -263,9 +267,21 @@ def convert(model_name: str, source: str, output: Optional[str] = None, fmt: str
     safetensors.torch.save_file(state_dict, output, metadata={
         'format': 'pt', 'model': model_name, 'source': Path(source).name, 'source_format': fmt,
         'ema': str(use_ema)})
+    digest = write_sha256(Path(output))
     print(f'wrote {output}: {len(state_dict)} tensors, {sum(v.numel() for v in state_dict.values()):,} values '
-          f'for {model_name}')
+          f'for {model_name}; SHA-256 {digest} (in {output}.sha256)')
     return state_dict
+
+
+def write_sha256(path: Path) -> str:
+    """Writes ``PATH.sha256`` in ``sha256sum``'s format (``sha256sum -c`` checks a copy against it) and returns
+    the digest: safetensors files carry no checksum of their own."""
+    digest = hashlib.sha256()
+    with path.open('rb') as f:
+        for chunk in iter(lambda: f.read(1 << 24), b''):
+            digest.update(chunk)
+    path.with_name(path.name + '.sha256').write_text(f'{digest.hexdigest()}  {path.name}\n')
+    return digest.hexdigest()
 
 
 def main(argv=None):

@@ -11,7 +11,8 @@ the model family's ``checkpoint_filter_fn``. Loading is strict: any missing,
 unexpected or mis-shaped key is an error that lists them. The classifier has as many classes
 as the dataset split has. For a file written by tools/train.py, ``--img-size`` and
 ``--model-kwargs`` default to the run's (read from ``train_state.json`` beside it). Runs under
-torchrun too (each process evaluates a shard).
+torchrun too (each process evaluates a shard). A model that gives non-finite logits for any image is an
+error (exit status 1), not an accuracy.
 """
 import argparse
 import json
@@ -69,12 +70,20 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     checkpoints.load_weights(model, checkpoints.read_state_dict(args.checkpoint, use_ema=not args.no_ema), args.checkpoint)
     model.to(dist_info.device)
     config = datasets.data_config(model, args.dataset, args.img_size or run_args.get('img_size'))
+    autocast_dtype = runtime.amp_dtype(args.amp, args.amp_dtype, dist_info.device)
+    models.check_input_size(model, config['input_size'], args.img_size, autocast_dtype)
     loader = datasets.eval_loader(datasets.build_dataset(args.dataset, args.split, config, training=False),
                                 args.batch_size, args.workers, dist_info)
-    metrics = evaluation.evaluate(model, loader, dist_info, runtime.amp_dtype(args.amp, args.amp_dtype, dist_info.device),
+    metrics = evaluation.evaluate(model, loader, dist_info, autocast_dtype,
                               desc=f'{args.model} on {args.dataset}/{args.split}')
     metrics |= {'model': args.model, 'checkpoint': str(args.checkpoint), 'dataset': args.dataset,
                 'split': args.split, 'input_size': list(config['input_size'])}
+    if metrics['nonfinite_images']:
+        raise runtime.ToolError(
+            f'{args.model} {args.checkpoint} gives non-finite logits (NaN or Inf) for {metrics["nonfinite_images"]} of '
+            f'the {metrics["num_images"]} images of {args.dataset}/{args.split}: its accuracy would mean nothing. The '
+            f'weights overflow on these inputs' + (' in reduced precision (try without --amp)' if args.amp else '')
+            + '; use an earlier checkpoint of the training run')
     if dist_info.is_main:
         print(f'{args.model} {args.checkpoint}: top-1 {metrics["top1"]:.2f}%  top-5 {metrics["top5"]:.2f}%  '
               f'({metrics["num_images"]} images of {args.dataset}/{args.split})')
@@ -87,7 +96,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> dict:
-    return evaluate_checkpoint(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    runtime.check_at_least(args, {'batch_size': 1, 'img_size': 1, 'workers': 0})
+    return evaluate_checkpoint(args)
 
 
 if __name__ == '__main__':

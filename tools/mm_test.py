@@ -6,7 +6,10 @@
 
 The metrics are the config's ``test_evaluator`` (COCO box / mask AP, mIoU, ...), logged by mmengine and
 written as JSON under the work dir. The checkpoint is any file mmengine loads (a Runner checkpoint, or
-``{'state_dict': ...}``), read with ``weights_only=True``.
+``{'state_dict': ...}``), read with ``weights_only=True`` after it is verified (CRCs, sizes, finite values).
+The backbone's pretrained weights are not needed: the checkpoint holds the trained ones, and they load in
+``init_weights()``, which testing does not call, so a config with ``pretrained=True`` tests offline. Test
+images whose backbone features or predictions are not finite are an error (exit status 1) after the metrics.
 """
 import argparse
 

@@ -15,6 +15,11 @@ optimizer hyper-parameters, gradient-scaler state, metrics). ``--resume DIR`` re
 epoch after the last complete one and reproduces the uninterrupted run: the learning rate is a
 function of the step, and data order, dropout and augmentation are seeded from
 (seed, epoch, rank) at the start of every epoch.
+
+A non-finite training loss stops the run with an error that names the step and what to try; the run
+directory keeps the checkpoint of the last complete epoch (a checkpoint is never written with non-finite
+weights). Under float16 AMP the gradient scaler first skips such steps, as it skips steps whose gradients
+overflow: the run stops when the loss stays non-finite for ``SCALER_SKIPPED_STEPS`` steps in a row.
 """
 import argparse
 import gc
@@ -29,6 +34,7 @@ from timm.utils import ModelEmaV3, ParseKwargs
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from attnzoo.backbones._checkpoint import listed, nonfinite_tensors
 import _checkpoints as checkpoints
 import _datasets as datasets
 import _evaluation as evaluation
@@ -37,6 +43,8 @@ import _runtime as runtime
 
 # arguments that may differ between a run and its --resume (they do not change the result)
 RESUMABLE_OVERRIDES = ('resume', 'workers', 'device')
+# float16 AMP: steps in a row with a non-finite loss that the gradient scaler skips before the run stops
+SCALER_SKIPPED_STEPS = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,8 +96,10 @@ def resolve_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
         if (Path(args.output) / checkpoints.STATE_FILE).exists():
             raise runtime.ToolError(f'{args.output} already holds a training run; continue it with --resume {args.output} '
                                    f'or choose another --output')
+        check_args(args)
         return args
-    saved = checkpoints.read_train_state(args.resume)['args']
+    state = checkpoints.read_train_state(args.resume)
+    saved = state['args']
     defaults = vars(parser.parse_args([]))
     given = json.loads(json.dumps(vars(args)))
     for key, value in given.items():
@@ -99,7 +109,32 @@ def resolve_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
     if args.output is not None and Path(args.output).resolve() != Path(args.resume).resolve():
         raise runtime.ToolError('--output differs from --resume; a resumed run keeps writing into its own directory')
     merged = {**saved, **{k: given[k] for k in RESUMABLE_OVERRIDES}, 'output': args.resume}
+    if state['epoch'] >= saved['epochs']:
+        raise runtime.ToolError(
+            f'{args.resume} has finished: it trained all its {saved["epochs"]} epochs, so there is nothing to resume. To '
+            f'train longer, start a new run from its weights: --model {saved["model"]} --pretrained-file '
+            f'{Path(args.resume) / checkpoints.MODEL_FILE} --epochs N --output NEW_DIR')
     return argparse.Namespace(**merged)
+
+
+# options that must be at least this (None: unset, where the option allows it)
+MINIMUM_VALUES = {'epochs': 1, 'batch_size': 1, 'max_steps_per_epoch': 1, 'img_size': 1, 'workers': 0, 'lr': 0.,
+                  'min_lr': 0., 'warmup_epochs': 0., 'warmup_lr': 0., 'weight_decay': 0., 'smoothing': 0.,
+                  'drop_path': 0., 'clip_grad': 0.}
+# options that must be below this
+BELOW_VALUES = {'smoothing': 1., 'drop_path': 1., 'ema_decay': 1.}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raises a :class:`ToolError` for an option no run can use, before any work; the sizes the model
+    takes are checked once it is built (:func:`_models.check_input_size`)."""
+    runtime.check_at_least(args, MINIMUM_VALUES)
+    for name, bound in BELOW_VALUES.items():
+        value = getattr(args, name)
+        if value is not None and not value < bound:
+            raise runtime.ToolError(f'--{name.replace("_", "-")} {value}: must be below {bound}')
+    if args.warmup_epochs > args.epochs:
+        raise runtime.ToolError(f'--warmup-epochs {args.warmup_epochs} is longer than the run (--epochs {args.epochs})')
 
 
 def save_checkpoint(output: Path, model, ema, optimizer, scaler, args, epoch: int, step: int, history: list) -> None:
@@ -120,6 +155,32 @@ def save_checkpoint(output: Path, model, ema, optimizer, scaler, args, epoch: in
     checkpoints.write_files_atomically(output, files)
 
 
+def refuse_nonfinite_weights(model, ema, output: Path, step: int) -> None:
+    """Raises a :class:`ToolError` naming the weights (of the model, or its EMA) that are not finite, so that
+    the last good checkpoint in ``output`` is never overwritten by a diverged one."""
+    weights = {'model': model.state_dict(), **({'ema': ema.module.state_dict()} if ema is not None else {})}
+    names = nonfinite_tensors(weights)
+    if names:
+        raise runtime.ToolError(
+            f'after step {step} the weights are not finite ({listed(names)}) although the loss was: not saved, '
+            f'{output} keeps its last good checkpoint. Try a lower --lr or --clip-grad 1.0, and start a new run')
+
+
+def nonfinite_loss_error(loss: torch.Tensor, step: int, epoch: int, args, output: Path, scaled: bool) -> runtime.ToolError:
+    """The error that stops a run whose loss is not finite (here, or on another process) at optimizer step ``step``."""
+    value = 'not finite on another process' if loss.isfinite() else loss.item()
+    saved = checkpoints.read_train_state(output)['epoch'] if (output / checkpoints.STATE_FILE).is_file() else 0
+    kept = (f'{output} keeps the checkpoint of epoch {saved} (continue from its weights in a new run: '
+            f'--pretrained-file {output / checkpoints.MODEL_FILE})' if saved else 'no epoch finished, nothing was saved')
+    skipped = f' for {SCALER_SKIPPED_STEPS} steps in a row (the float16 gradient scaler skipped them)' if scaled else ''
+    amp = (', or bfloat16 AMP (--amp-dtype bfloat16), whose range does not overflow' if scaled
+           else ', or no --amp' if args.amp else '')
+    return runtime.ToolError(
+        f'the training loss is {value} at step {step + 1} (epoch {epoch + 1}){skipped}: the run diverged and stopped; '
+        f'{kept}. Try a lower --lr (now {args.lr:g}), a longer --warmup-epochs (now {args.warmup_epochs:g}), '
+        f'--clip-grad 1.0{amp}; check the data for NaN or Inf values')
+
+
 def load_checkpoint(run_dir: Path, model, ema, optimizer, scaler) -> dict:
     state = checkpoints.read_train_state(run_dir)
     step = state['step']
@@ -138,7 +199,8 @@ def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, criterion,
     """Runs ``steps`` optimizer steps; returns the global step after them and the mean loss."""
     model.train()
     device = dist_info.device
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.zeros(2, device=device)  # the finite losses' sum and count
+    nonfinite_run = 0  # steps in a row whose loss is not finite
     bar = tqdm(total=steps, desc=f'epoch {epoch + 1}/{args.epochs}', disable=not dist_info.is_main, dynamic_ncols=True)
     start = time.perf_counter()
     for i, (images, labels) in zip(range(steps), loader):
@@ -146,6 +208,12 @@ def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, criterion,
         scheduler.step_update(num_updates=step)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = criterion(model(images), labels)
+        finite = all_ranks_finite(loss, dist_info)
+        nonfinite_run = 0 if finite else nonfinite_run + 1
+        # without a scaler the step would write NaN into the weights; with one, it skips the step itself
+        if nonfinite_run > (SCALER_SKIPPED_STEPS - 1 if scaler is not None else 0):
+            bar.close()
+            raise nonfinite_loss_error(loss.detach(), step, epoch, args, Path(args.output), scaler is not None)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -162,7 +230,8 @@ def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, criterion,
         step += 1
         if ema is not None:
             ema.update(models.unwrap(model), step=step)
-        loss_sum += loss.detach()
+        if finite:
+            loss_sum += torch.stack([loss.detach().float(), torch.ones((), device=device)])
         bar.update()
         if dist_info.is_main and (i % 10 == 0 or i == steps - 1):
             rate = (i + 1) * args.batch_size * dist_info.world_size / (time.perf_counter() - start)
@@ -170,7 +239,16 @@ def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, criterion,
     bar.close()
     if dist_info.enabled:
         torch.distributed.all_reduce(loss_sum)
-    return step, loss_sum.item() / (steps * dist_info.world_size)
+    total, counted = loss_sum.tolist()
+    return step, total / counted if counted else float('nan')
+
+
+def all_ranks_finite(loss: torch.Tensor, dist_info: runtime.DistInfo) -> bool:
+    """Whether the loss is finite on every process (all of them stop together, or none)."""
+    finite = loss.detach().isfinite().to(torch.int32)
+    if dist_info.enabled:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -195,6 +273,8 @@ def _train(args: argparse.Namespace, dist_info: runtime.DistInfo) -> dict:
     model = models.create_model(args.model, num_classes, args.pretrained, args.pretrained_file,
                                 args.drop_path, args.model_kwargs).to(device)
     config = datasets.data_config(model, args.dataset, args.img_size)
+    autocast_dtype = runtime.amp_dtype(args.amp, args.amp_dtype, device)
+    models.check_input_size(model, config['input_size'], args.img_size, autocast_dtype)
     loader = datasets.train_loader(datasets.build_dataset(args.dataset, args.train_split, config, training=True),
                                  args.batch_size, args.workers, dist_info, args.seed)
     val_loader = datasets.eval_loader(datasets.build_dataset(args.dataset, args.val_split, config, training=False),
@@ -205,7 +285,6 @@ def _train(args: argparse.Namespace, dist_info: runtime.DistInfo) -> dict:
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps, lr_min=args.min_lr,
                                   warmup_t=round(args.warmup_epochs * steps), warmup_lr_init=args.warmup_lr,
                                   t_in_epochs=False)
-    autocast_dtype = runtime.amp_dtype(args.amp, args.amp_dtype, device)
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
     ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True) if args.ema else None
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.smoothing)
@@ -238,6 +317,8 @@ def _train(args: argparse.Namespace, dist_info: runtime.DistInfo) -> dict:
             ema_text = f', EMA top-1 {metrics["ema_val_top1"]:.2f}%' if ema is not None else ''
             print(f'epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, val top-1 {metrics["val_top1"]:.2f}% '
                   f'top-5 {metrics["val_top5"]:.2f}%{ema_text}', flush=True)
+        refuse_nonfinite_weights(model, ema, output, step)  # on every process: all stop together
+        if dist_info.is_main:
             save_checkpoint(output, model, ema, optimizer, scaler, args, epoch + 1, step, history)
         if dist_info.enabled:
             torch.distributed.barrier()
