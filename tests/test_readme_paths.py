@@ -1,0 +1,238 @@
+"""A new user's paths through README.md, run as written: fine-tuning on an ImageFolder (the section's
+commands, parsed out of its code block), the generated pretrained-weights table (and that each family does
+what the table says), the OpenMMLab commands with local weights (the documented config overrides), and
+which points of the zoo plot carry a name.
+"""
+import importlib.util
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import attnzoo.backbones  # noqa: F401  registers the attnzoo families
+from mm_stack import needs_mm
+from reference_params import OFFICIAL_PARAMS
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / 'tools'
+README = ROOT / 'README.md'
+sys.path.insert(0, str(TOOLS))
+from benchlib import cards, zoo  # noqa: E402
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f'attnzoo_readme_{name}', TOOLS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def readme_section(title):
+    """The text of README's ``## title`` section (up to the next ``## `` heading)."""
+    text = README.read_text()
+    head = f'\n## {title}\n'
+    assert head in text, f'README.md has no "## {title}" section'
+    return text.split(head, 1)[1].split('\n## ', 1)[0]
+
+
+def bash_commands(section):
+    """The commands of a section's ```bash blocks as argument lists: continuation lines joined, comments and
+    blank lines dropped."""
+    commands = []
+    for code in section.split('```bash\n')[1:]:
+        code = code.split('```', 1)[0].replace('\\\n', ' ')
+        for line in code.splitlines():
+            line = line.split(' #', 1)[0].strip()
+            if line and not line.startswith('#'):
+                commands.append(shlex.split(line))
+    return commands
+
+
+def option(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+# ---------------------------------------------------------------------------- fine-tune on your images
+
+# what the test adds to each documented command (argparse: the last value wins) to make it tiny: a few
+# steps on 32 x 32 images, on the CPU
+TINY = {'tools/train.py': ['--img-size', '32', '--epochs', '1', '--max-steps-per-epoch', '2', '--batch-size', '4',
+                           '--device', 'cpu'],
+        'tools/eval.py': ['--batch-size', '8', '--device', 'cpu']}
+CLASSES = ('cat', 'dog', 'fox')
+IMAGES_PER_CLASS = {'train': 4, 'val': 2}
+
+
+def fine_tune_commands():
+    commands = bash_commands(readme_section('Fine-tune on your images'))
+    assert commands and all(c[0] == 'python' and c[1].startswith('tools/') for c in commands), commands
+    return {c[1]: c[2:] for c in commands}
+
+
+def write_image_folder(root: Path):
+    rng = np.random.default_rng(0)
+    for split, count in IMAGES_PER_CLASS.items():
+        for label in CLASSES:
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f'{i:04d}.png')
+
+
+@pytest.fixture(scope='module')
+def fine_tuned(tmp_path_factory):
+    """The section's train and eval commands, as written plus TINY, in a folder holding the ImageFolder and
+    the pretrained file the commands name: the model with ImageNet's 1000 classes (another classifier)."""
+    commands = fine_tune_commands()
+    train_argv, eval_argv = commands['tools/train.py'], commands['tools/eval.py']
+    work = tmp_path_factory.mktemp('fine_tune')
+    write_image_folder(work / option(train_argv, '--dataset'))
+    torch.manual_seed(123)
+    pretrained = timm.create_model(option(train_argv, '--model'))
+    assert pretrained.num_classes == 1000
+    pretrained_file = work / option(train_argv, '--pretrained-file')
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(pretrained_file))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.chdir(work)
+            monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+            trained = _load_tool('train').main(train_argv + TINY['tools/train.py'])
+            evaluated = _load_tool('eval').main(eval_argv + TINY['tools/eval.py'])
+    finally:
+        torch.set_num_threads(threads)
+    return dict(commands=commands, work=work, pretrained=pretrained, trained=trained, evaluated=evaluated)
+
+
+def test_fine_tune_commands_run_as_documented(fine_tuned):
+    """The run starts from the pretrained file (every weight but the classifier), with a new classifier for
+    the folder's classes, and the evaluation reads the run's checkpoint at the run's image size."""
+    train_argv = fine_tuned['commands']['tools/train.py']
+    run = fine_tuned['work'] / option(train_argv, '--output')
+    checkpoint = fine_tuned['work'] / option(fine_tuned['commands']['tools/eval.py'], '--checkpoint')
+    assert checkpoint.parent == run and checkpoint.is_file()
+    weights = load_file(str(checkpoint))
+    pretrained = fine_tuned['pretrained']
+    classifier = pretrained.pretrained_cfg['classifier']
+    assert weights[f'{classifier}.weight'].shape[0] == len(CLASSES)
+    backbone = {k: v for k, v in pretrained.state_dict().items() if not k.startswith(classifier + '.')}
+    assert backbone.keys() <= weights.keys()
+    for key, value in backbone.items():
+        if value.is_floating_point():
+            # two warm-up steps from --warmup-lr 1e-6 move nothing far; a fresh initialisation would be far off
+            torch.testing.assert_close(weights[key], value, atol=1e-3, rtol=0, msg=key)
+    assert fine_tuned['trained']['epoch'] == 1
+    evaluated = fine_tuned['evaluated']
+    assert evaluated['num_images'] == len(CLASSES) * IMAGES_PER_CLASS['val']
+    assert evaluated['input_size'] == [3, 32, 32]
+    assert 0 <= evaluated['top1'] <= 100
+
+
+def test_fine_tune_command_uses_layer_wise_decay(fine_tuned):
+    """The documented --layer-decay reaches the optimizer: the classifier's group at the full rate, each
+    layer below at the documented factor times the one above, over as many layers as the model has blocks."""
+    train_argv = fine_tuned['commands']['tools/train.py']
+    decay = float(option(train_argv, '--layer-decay'))
+    state = json.loads((fine_tuned['work'] / option(train_argv, '--output') / 'train_state.json').read_text())
+    scales = sorted({group['lr_scale'] for group in state['optimizer_param_groups']}, reverse=True)
+    assert scales[0] == 1.0
+    for above, below in zip(scales, scales[1:]):
+        assert below == pytest.approx(above * decay)
+    blocks = sum(1 for name, _ in fine_tuned['pretrained'].named_modules() if name.count('.') == 3
+                 and name.split('.')[-2] == 'blocks')
+    assert len(scales) >= blocks > 0
+
+
+def test_fine_tune_export_command(fine_tuned):
+    export = TOOLS / 'export.py'
+    if not export.is_file():
+        pytest.skip('tools/export.py is written on the export branch; this runs once it is merged')
+    argv = fine_tuned['commands']['tools/export.py']
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(fine_tuned['work'])
+        _load_tool('export').main(argv)
+    assert (fine_tuned['work'] / option(argv, '-o')).stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------- pretrained weights
+
+
+def test_readme_weights_table_is_the_generated_one():
+    text = README.read_text()
+    assert cards.block(text, cards.WEIGHTS_TAG).strip() == cards.weights_table().strip(), \
+        'README.md is stale: run `python tools/benchmark.py cards`'
+    rows = [line.split('|')[1].strip() for line in cards.weights_table().splitlines()[2:] if line.startswith('|')]
+    assert {fam.title for fam in zoo.FAMILIES} == set(rows)
+    listed = cards.weights_table()
+    for fam in zoo.FAMILIES:
+        groups = [line for line in listed.splitlines() if line.startswith(f'| {fam.title} |')]
+        named = sum(len(fam.variants) if '| all ' in line else line.split('|')[2].count('`') // 2 for line in groups)
+        assert named == len(fam.variants), fam.title
+
+
+class _Download(Exception):
+    pass
+
+
+def pretrained_true(name, monkeypatch):
+    """What ``timm.create_model(name, pretrained=True)`` does, on the meta device, with timm's downloads
+    replaced by a raise: ('url' | 'hub', None) where it would download, ('refused', message) where the family
+    refuses first, ('none', None) where it loads nothing."""
+    import timm.models._builder as builder
+
+    def download(kind):
+        def fetch(*args, **kwargs):
+            raise _Download(kind)
+        return fetch
+    monkeypatch.setattr(builder, 'load_state_dict_from_url', download('url'))
+    monkeypatch.setattr(builder, 'download_cached_file', download('url'))   # custom_load (BiFormer's file names)
+    monkeypatch.setattr(builder, 'load_state_dict_from_hf', download('hub'))
+    try:
+        with torch.device('meta'):
+            timm.create_model(name, pretrained=True)
+    except _Download as reached:
+        return str(reached), None
+    except RuntimeError as refused:
+        return ('none', None) if 'No pretrained weights exist' in str(refused) else ('refused', str(refused))
+    return 'none', None
+
+
+def _one_variant_per_source():
+    """The smallest variant of each family and kind of source (the whole zoo runs under -m slow)."""
+    chosen = {}
+    for fam in zoo.FAMILIES:
+        for name in sorted(fam.variant_names(), key=OFFICIAL_PARAMS.get):
+            chosen.setdefault((fam.card, cards.weight_source(name)[0]), name)
+    return sorted(chosen.values())
+
+
+def _check_source(name, monkeypatch):
+    kind, where = cards.weight_source(name)
+    does, message = pretrained_true(name, monkeypatch)
+    if kind in ('share-page', 'tensorflow'):
+        assert does == 'refused', f'{name}: the table says {kind}, but pretrained=True tries to download ({does})'
+        assert where.strip('`') in message and 'file' in message, message
+        if kind == 'tensorflow':
+            assert 'tools/convert.py' in message, message
+    else:
+        assert does == kind, f'{name}: the table says {kind}, pretrained=True does {does} ({message})'
+
+
+@pytest.mark.parametrize('name', _one_variant_per_source())
+def test_pretrained_true_does_what_the_table_says(name, monkeypatch):
+    _check_source(name, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', [v.name for v in zoo.all_variants()])
+def test_pretrained_true_does_what_the_table_says_for_every_variant(name, monkeypatch):
+    _check_source(name, monkeypatch)
