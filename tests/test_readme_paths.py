@@ -5,7 +5,7 @@ which points of the zoo plot carry a name.
 """
 import importlib.util
 import json
-import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -236,3 +236,52 @@ def test_pretrained_true_does_what_the_table_says(name, monkeypatch):
 @pytest.mark.parametrize('name', [v.name for v in zoo.all_variants()])
 def test_pretrained_true_does_what_the_table_says_for_every_variant(name, monkeypatch):
     _check_source(name, monkeypatch)
+
+
+# ---------------------------------------------------------------------------- the zoo plot
+
+
+def _dominated(point, others):
+    x, y = point
+    return any(ox >= x and oy >= y and (ox, oy) != (x, y) for ox, oy in others)
+
+
+ZOO_RUNS = cards.zoo_runs(ROOT / 'model_cards' / 'benchmarks')
+
+
+@pytest.mark.parametrize('header, rows', ZOO_RUNS, ids=[header['file'] for header, _ in ZOO_RUNS])
+def test_zoo_plot_names_the_pareto_front_and_each_familys_extremes(header, rows, tmp_path, monkeypatch):
+    """Drawn from a committed zoo run: every variant with a paper top-1 and a time is a point; the names on
+    the plot are exactly the Pareto front of (throughput, top-1) and the smallest and largest variant (by
+    parameters) of each family; every other point's name is written under the plot."""
+    import matplotlib.figure
+    drawn = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        ax = fig.axes[0]
+        drawn['names'] = [t.get_text() for t in ax.texts]
+        drawn['points'] = sum(len(c.get_offsets()) for c in ax.collections)
+        drawn['notes'] = ' '.join(t.get_text() for t in fig.texts)
+        return save(fig, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', record)
+    cards.plot_zoo(rows, tmp_path / 'zoo.png', 'zoo')
+
+    shown = {}   # name -> (img/s, top-1, params, family)
+    for fam in zoo.FAMILIES:
+        for v in fam.variants:
+            row = rows.get(v.name)
+            if v.top1 is not None and row is not None and not row.get('error'):
+                shown[v.name] = (row['extra']['img_per_s'], v.top1, row['extra']['params'], fam.card)
+    front = {name for name, p in shown.items() if not _dominated(p[:2], [q[:2] for q in shown.values()])}
+    extremes = set()
+    for fam in zoo.FAMILIES:
+        members = {name: p[2] for name, p in shown.items() if p[3] == fam.card}
+        if members:
+            extremes |= {min(members, key=members.get), max(members, key=members.get)}
+    assert len(front) >= 3 and len(shown) > 40
+    assert len(drawn['names']) == len(set(drawn['names']))
+    assert set(drawn['names']) == front | extremes
+    assert drawn['points'] == len(shown)
+    for name in set(shown) - front - extremes:
+        assert re.search(rf'\b{name}\b', drawn['notes']), name

@@ -15,6 +15,7 @@ figures from the code (params and GMACs, deterministic: counted here) and from t
 Everything between markers is overwritten; everything else in a card is written by hand.
 """
 import json
+import math
 import re
 from pathlib import Path
 from urllib.parse import urlparse
@@ -337,43 +338,134 @@ def regenerate(results_dir, root=ROOT, figures=None, progress=None):
 
 # ------------------------------------------------------------------------------------------------- plot
 
-def plot_zoo(rows, path, title):
-    """Throughput (log x) against the paper's top-1, marker area proportional to params, one colour per
-    family; variants without a paper top-1 or a time are left out (listed under the plot)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(11, 7))
-    tab20 = plt.get_cmap('tab20').colors
-    colours = tab20[::2] + tab20[1::2]          # the ten strong colours first, then their light shades
-    markers = 'os^DvPXp<>h'
-    left_out = []
-    for index, fam in enumerate(zoo.FAMILIES):
-        points = []
+def zoo_points(rows):
+    """{family title: [(img/s, top-1, params in M, name)]} of the variants with a paper top-1 and a time in
+    ``rows`` (one zoo run), and the names of the others."""
+    points, left_out = {}, []
+    for fam in zoo.FAMILIES:
         for v in fam.variants:
             row = rows.get(v.name)
             if v.top1 is None or row is None or not row.get('ms'):
                 left_out.append(v.name)
                 continue
-            points.append((row['extra']['img_per_s'], v.top1, row['extra']['params_m'], v.name))
-        if not points:
+            points.setdefault(fam.title, []).append((row['extra']['img_per_s'], v.top1, row['extra']['params_m'], v.name))
+    return points, left_out
+
+
+def pareto_front(points):
+    """The points that no other point beats in both throughput and top-1 (at least as good in both, better
+    in one), by increasing throughput: the best top-1 to be had at each speed."""
+    best = sorted(points, key=lambda p: (-p[0], -p[1]))   # fastest first; equal speed: better top-1 first
+    front, top = [], -math.inf
+    for point in best:
+        if point[1] > top:
+            front.append(point)
+            top = point[1]
+    return front[::-1]
+
+
+def labelled_names(points):
+    """The variants the zoo plot names: the Pareto front, and the smallest and largest (parameters) of each
+    family."""
+    names = {p[3] for p in pareto_front([p for family in points.values() for p in family])}
+    for family in points.values():
+        names |= {min(family, key=lambda p: p[2])[3], max(family, key=lambda p: p[2])[3]}
+    return names
+
+
+# where a name may sit around its point (offset in points, text alignment), tried in order until one
+# overlaps nothing: beside the point first, then further out along eight directions
+_DIRECTIONS = [((1, 1), 'left', 'bottom'), ((1, -1), 'left', 'top'), ((-1, 1), 'right', 'bottom'),
+               ((-1, -1), 'right', 'top'), ((0, 1), 'center', 'bottom'), ((0, -1), 'center', 'top'),
+               ((1, 0), 'left', 'center'), ((-1, 0), 'right', 'center')]
+_LABEL_PLACES = [((dx * r, dy * r), ha, va) for r in (4, 12, 20, 30, 42, 56) for (dx, dy), ha, va in _DIRECTIONS]
+
+
+def _place_labels(ax, fig, labels, markers):
+    """Annotates each (x, y, name) of ``labels`` at the place of _LABEL_PLACES whose text box, inside the axes,
+    overlaps the fewest markers (``markers``: (x, y, area in points^2)) and names placed before (the first
+    such place); a thin line joins each name to its point."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    pixels_per_point = fig.dpi / 72
+    taken = []
+    for x, y, area in markers:
+        cx, cy = ax.transData.transform((x, y))
+        r = 0.8 * math.sqrt(area) / 2 * pixels_per_point
+        taken.append(Bbox.from_extents(cx - r, cy - r, cx + r, cy + r))
+
+    def clashes(box):
+        if not (inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)):
+            return math.inf
+        return sum(box.overlaps(other) for other in taken)
+
+    for x, y, name in sorted(labels, key=lambda label: -label[1]):
+        best = None
+        for offset, ha, va in _LABEL_PLACES:
+            text = ax.annotate(name, (x, y), xytext=offset, textcoords='offset points', fontsize=6.5, ha=ha, va=va,
+                               arrowprops=dict(arrowstyle='-', lw=0.4, color='0.35', shrinkA=0, shrinkB=2))
+            text.update_positions(renderer)
+            box = Text.get_window_extent(text, renderer).expanded(1.04, 1.2)   # the text alone, not its line
+            score = clashes(box)
+            if best is not None and score >= best[0]:
+                text.remove()
+                continue
+            if best is not None:
+                best[1].remove()
+            best = (score, text, box)
+            if score == 0:
+                break
+        taken.append(best[2])
+
+
+def _marker_area(params_m):
+    return 6 + 1.5 * params_m     # points^2, proportional to the parameter count
+
+
+def plot_zoo(rows, path, title):
+    """Throughput (log x) against the paper's top-1, marker area proportional to params, one colour per
+    family. Every timed variant with a paper top-1 is a point; the Pareto front (a dashed line) and each
+    family's smallest and largest variant are named, the other points' names are listed under the plot
+    (all are in the README's zoo table); variants without a paper top-1 or a time are listed too."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(12, 8.5))
+    tab20 = plt.get_cmap('tab20').colors
+    colours = tab20[::2] + tab20[1::2]          # the ten strong colours first, then their light shades
+    markers = 'os^DvPXp<>h'
+    points, left_out = zoo_points(rows)
+    named = labelled_names(points)
+    for index, fam in enumerate(zoo.FAMILIES):
+        if fam.title not in points:
             continue
-        xs, ys, params, names = zip(*points)
-        ax.scatter(xs, ys, s=[8 + 3 * p for p in params], color=colours[index % len(colours)], alpha=0.6,
+        xs, ys, params, _ = zip(*points[fam.title])
+        ax.scatter(xs, ys, s=[_marker_area(p) for p in params], color=colours[index % len(colours)], alpha=0.6,
                    marker=markers[index % len(markers)], edgecolors='black', linewidths=0.5, label=fam.title)
-        for x, y, name in zip(xs, ys, names):
-            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords='offset points')
+    front = pareto_front([p for family in points.values() for p in family])
+    ax.step([p[0] for p in front], [p[1] for p in front], where='post', color='0.3', linestyle='--', linewidth=0.8,
+            label='Pareto front (no variant is both faster and better)')
     ax.set_xscale('log')
     ax.set_xlabel('images / s (batch 1, fp32, forward; log scale)')
     ax.set_ylabel('ImageNet-1k top-1 as the paper reports it (%)')
     ax.grid(True, which='both', alpha=0.3)
     legend = ax.legend(fontsize=7, loc='lower left', markerscale=0.5)
     for handle in legend.legend_handles:
-        handle.set_sizes([30])
-    ax.set_title(title, fontsize=9)
+        if hasattr(handle, 'set_sizes'):
+            handle.set_sizes([30])
+    ax.set_title(title + '\nnamed: the Pareto front and the smallest / largest variant of each family', fontsize=9)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    every = [p for family in points.values() for p in family]
+    _place_labels(ax, fig, [(p[0], p[1], p[3]) for p in every if p[3] in named],
+                  [(p[0], p[1], _marker_area(p[2])) for p in every])
+    unnamed = [f'{title}: ' + ', '.join(p[3] for p in sorted(family, key=lambda p: p[2]) if p[3] not in named)
+               for title, family in points.items() if any(p[3] not in named for p in family)]
+    notes = ['Points not named (by size): ' + '; '.join(unnamed) + '. Every variant\'s numbers: the README\'s zoo '
+             'table and the cards.']
     if left_out:
-        fig.text(0.01, 0.005, 'not shown (no paper top-1, or not timed): ' + ', '.join(left_out), fontsize=6,
-                 wrap=True)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+        notes.append('Not shown (no paper top-1, or not timed): ' + ', '.join(left_out) + '.')
+    fig.text(0.01, 0.005, '\n'.join(notes), fontsize=6.5, wrap=True, va='bottom')
     fig.savefig(path, dpi=120)
     plt.close(fig)
