@@ -153,6 +153,14 @@ def test_fine_tune_command_uses_layer_wise_decay(fine_tuned):
     assert len(scales) >= blocks > 0
 
 
+@pytest.mark.parametrize('decay', ['0', '1.5', '-0.75'])
+def test_layer_decay_outside_0_1_is_refused(decay, capsys):
+    train_tool = _load_tool('train')
+    with pytest.raises(SystemExit):
+        train_tool.resolve_args(train_tool.build_parser(), ['--model', 'nat_mini', '--layer-decay', decay])
+    assert f'--layer-decay {float(decay)}: the decay per layer is in (0, 1]' in capsys.readouterr().err
+
+
 def test_fine_tune_export_command(fine_tuned):
     export = TOOLS / 'export.py'
     if not export.is_file():

@@ -262,7 +262,7 @@ def weight_source(name):
     cfg = timm.get_pretrained_cfg(name)
     if cfg.hf_hub_id:
         return 'hub', f'`huggingface.co/{cfg.hf_hub_id.split("/")[0]}`'
-    url = cfg.url[0] if isinstance(cfg.url, (tuple, list)) else cfg.url   # (url, file name) is timm's too
+    url = cfg.url[0] if isinstance(cfg.url, (tuple, list)) else cfg.url   # timm also takes (url, file name)
     if not url:
         return 'none', '-'
     host = f'`{urlparse(url).netloc}`'
@@ -276,7 +276,8 @@ def weight_source(name):
 def weights_table():
     """README's pretrained-weights table: per family (and per kind of source where a family's variants differ)
     what ``pretrained=True`` does, where the weights are, and how to load them offline."""
-    lines = ['| family | variants | `pretrained=True` | weights at | offline, or where timm cannot download |', '|---|---|---|---|---|']
+    lines = ['| family | variants | `pretrained=True` | weights at | offline, or where timm cannot download |',
+             '|---|---|---|---|---|']
     for fam in zoo.FAMILIES:
         groups = {}
         for name in fam.variant_names():
@@ -460,8 +461,8 @@ def plot_zoo(rows, path, title):
     every = [p for family in points.values() for p in family]
     _place_labels(ax, fig, [(p[0], p[1], p[3]) for p in every if p[3] in named],
                   [(p[0], p[1], _marker_area(p[2])) for p in every])
-    unnamed = [f'{title}: ' + ', '.join(p[3] for p in sorted(family, key=lambda p: p[2]) if p[3] not in named)
-               for title, family in points.items() if any(p[3] not in named for p in family)]
+    unnamed = [f'{family_title}: ' + ', '.join(p[3] for p in sorted(family, key=lambda p: p[2]) if p[3] not in named)
+               for family_title, family in points.items() if any(p[3] not in named for p in family)]
     notes = ['Points not named (by size): ' + '; '.join(unnamed) + '. Every variant\'s numbers: the README\'s zoo '
              'table and the cards.']
     if left_out:
