@@ -463,10 +463,10 @@ def plot_zoo(rows, path, title):
                   [(p[0], p[1], _marker_area(p[2])) for p in every])
     unnamed = [f'{family_title}: ' + ', '.join(p[3] for p in sorted(family, key=lambda p: p[2]) if p[3] not in named)
                for family_title, family in points.items() if any(p[3] not in named for p in family)]
-    notes = ['Points not named (by size): ' + '; '.join(unnamed) + '. Every variant\'s numbers: the README\'s zoo '
-             'table and the cards.']
+    notes = ['Points not named (by size): ' + '; '.join(unnamed) + '.'] if unnamed else []
     if left_out:
         notes.append('Not shown (no paper top-1, or not timed): ' + ', '.join(left_out) + '.')
+    notes.append("Every variant's numbers: the README's zoo table and the cards.")
     fig.text(0.01, 0.005, '\n'.join(notes), fontsize=6.5, wrap=True, va='bottom')
     fig.savefig(path, dpi=120)
     plt.close(fig)
