@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--warmup-epochs', type=float, default=1.0, help='linear warmup length (fractions allowed)')
     p.add_argument('--warmup-lr', type=float, default=1e-6, help='learning rate of the first step')
     p.add_argument('--weight-decay', type=float, default=0.05)
+    p.add_argument('--layer-decay', type=float, default=None,
+                   help="layer-wise learning-rate decay for fine-tuning: each layer's rate is this times the one of "
+                        "the layer after it (the classifier at --lr), by the model's group_matcher; e.g. 0.75")
     p.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     p.add_argument('--drop-path', type=float, default=None, help="stochastic depth rate (the model's default if unset)")
     p.add_argument('--clip-grad', type=float, default=None, help='clip the gradient norm to this value')
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parsed arguments; with ``--resume``, the run's saved ones (conflicting options are an error)."""
     args = parser.parse_args(argv)
+    if args.layer_decay is not None and not 0 < args.layer_decay <= 1:
+        parser.error(f'--layer-decay {args.layer_decay}: the decay per layer is in (0, 1] (1: no decay; 0.65-0.85 '
+                     'is usual for fine-tuning)')
     if args.resume is None:
         if args.model is None:
             parser.error('--model is required (or --resume DIR)')
@@ -108,7 +114,8 @@ def resolve_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespa
                                    f'--resume continues a run unchanged: drop the option, or start a new run in another --output')
     if args.output is not None and Path(args.output).resolve() != Path(args.resume).resolve():
         raise runtime.ToolError('--output differs from --resume; a resumed run keeps writing into its own directory')
-    merged = {**saved, **{k: given[k] for k in RESUMABLE_OVERRIDES}, 'output': args.resume}
+    # options added to the tool after the run was saved take their defaults
+    merged = {**defaults, **saved, **{k: given[k] for k in RESUMABLE_OVERRIDES}, 'output': args.resume}
     if state['epoch'] >= saved['epochs']:
         raise runtime.ToolError(
             f'{args.resume} has finished: it trained all its {saved["epochs"]} epochs, so there is nothing to resume. To '
@@ -235,7 +242,7 @@ def train_one_epoch(model, ema, loader, optimizer, scheduler, scaler, criterion,
         bar.update()
         if dist_info.is_main and (i % 10 == 0 or i == steps - 1):
             rate = (i + 1) * args.batch_size * dist_info.world_size / (time.perf_counter() - start)
-            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}', img_s=f'{rate:.1f}')
+            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{max(g["lr"] for g in optimizer.param_groups):.2e}', img_s=f'{rate:.1f}')
     bar.close()
     if dist_info.enabled:
         torch.distributed.all_reduce(loss_sum)
@@ -281,7 +288,8 @@ def _train(args: argparse.Namespace, dist_info: runtime.DistInfo) -> dict:
                                     args.batch_size, args.workers, dist_info)
     steps = len(loader) if args.max_steps_per_epoch is None else min(len(loader), args.max_steps_per_epoch)
 
-    optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = create_optimizer_v2(model, 'adamw', lr=args.lr, weight_decay=args.weight_decay,
+                                    layer_decay=args.layer_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.epochs * steps, lr_min=args.min_lr,
                                   warmup_t=round(args.warmup_epochs * steps), warmup_lr_init=args.warmup_lr,
                                   t_in_epochs=False)
