@@ -209,6 +209,55 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _extra_softmax(q, q_y, q_x, q_valid, m_i, l_i, acc, ek_base, ev_base, eb_base, n_extra, qk_scale, group_y,
+                   group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x, seb_l, offs_d,
+                   HEAD_DIM: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Folds the extra tokens (plus their per-query ``extra_bias``) into the online softmax (m, l, acc)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    for e0 in range(0, n_extra, BLOCK_E):
+        ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
+        ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
+        s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
+        e_valid = (e0 + offs_e < n_extra)[None, :]
+        if HAS_EXTRA_BIAS:
+            eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                          (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
+            s += tl.load(eb_base + eb_offs, mask=e_valid & q_valid[:, None], other=0.0).to(tl.float32) \
+                * LOG2E_IN_KERNEL
+        s = tl.where(e_valid, s, float('-inf'))
+        m_i, l_i, acc = _online_softmax_step(s, ev, m_i, l_i, acc, PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _extra_dq(q, do, lse, delta, dq, q_y, q_x, q_valid, ek_base, ev_base, eb_base, deb_base, n_extra, qk_scale,
+              group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x, seb_l, sdeb_y, sdeb_x, sdeb_l,
+              offs_d, HEAD_DIM: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, EXTRA_BIAS_GRAD: tl.constexpr,
+              AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr):
+    """dQ's part from the extra tokens; stores their ``ds`` as d_extra_bias when asked."""
+    offs_e = tl.arange(0, BLOCK_E)
+    for e0 in range(0, n_extra, BLOCK_E):
+        ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
+        ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
+        s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
+        mask = (e0 + offs_e < n_extra)[None, :] & q_valid[:, None]
+        if HAS_EXTRA_BIAS:
+            eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                          (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
+            s += tl.load(eb_base + eb_offs, mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(ek.dtype), ek, input_precision=PRECISION)
+        if EXTRA_BIAS_GRAD:   # the bias adds to the logit: its gradient is ds itself
+            deb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                           (e0 + offs_e)[None, :], sdeb_y, sdeb_x, sdeb_l, WIDE)
+            tl.store(deb_base + deb_offs, ds, mask=mask)
+    return dq
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -277,22 +326,11 @@ def _forward_kernel(
                 ww = tl.load(ww_base + ww_offs, mask=mask & q_valid[:, None], other=0.0).to(tl.float32)
                 acc_ww += tl.dot(ww.to(v.dtype), v, input_precision=PRECISION)
     if HAS_EXTRA:
-        offs_e = tl.arange(0, BLOCK_E)
-        ek_base = ek_ptr + b * sek_b + h * sek_h
-        ev_base = ev_ptr + b * sev_b + h * sev_h
-        eb_base = eb_ptr + b * seb_b + h * seb_h
-        for e0 in range(0, n_extra, BLOCK_E):
-            ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
-            ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
-            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
-            e_valid = (e0 + offs_e < n_extra)[None, :]
-            if HAS_EXTRA_BIAS:
-                eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
-                                              (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
-                s += tl.load(eb_base + eb_offs, mask=e_valid & q_valid[:, None], other=0.0).to(tl.float32) \
-                    * LOG2E_IN_KERNEL
-            s = tl.where(e_valid, s, float('-inf'))
-            m_i, l_i, acc = _online_softmax_step(s, ev, m_i, l_i, acc, PRECISION)
+        m_i, l_i, acc = _extra_softmax(q, q_y, q_x, q_valid, m_i, l_i, acc, ek_ptr + b * sek_b + h * sek_h,
+                                       ev_ptr + b * sev_b + h * sev_h, eb_ptr + b * seb_b + h * seb_h, n_extra,
+                                       qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y,
+                                       seb_x, seb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, AS_F32, WIDE, PRECISION,
+                                       BLOCK_E)
 
     l_i = tl.where(l_i > 0, l_i, 1.0)  # only padding queries of partial tiles see no key
     out = acc / l_i[:, None]
@@ -399,28 +437,11 @@ def _backward_dq_kernel(
                 drpb += _rpb_histogram(ds, q_y, q_x, row0, col0, BLOCK_M, BLOCK_ROWS, BLOCK_COLS, KERNEL_H, KERNEL_W,
                                        BIAS_H, BIAS_W)
     if HAS_EXTRA:
-        offs_e = tl.arange(0, BLOCK_E)
-        ek_base = ek_ptr + b * sek_b + h * sek_h
-        ev_base = ev_ptr + b * sev_b + h * sev_h
-        eb_base = eb_ptr + b * seb_b + h * seb_h
-        deb_base = deb_ptr + b * sdeb_b + h * sdeb_h
-        for e0 in range(0, n_extra, BLOCK_E):
-            ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
-            ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
-            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
-            mask = (e0 + offs_e < n_extra)[None, :] & q_valid[:, None]
-            if HAS_EXTRA_BIAS:
-                eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
-                                              (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
-                s += tl.load(eb_base + eb_offs, mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
-            p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(ek.dtype), ek, input_precision=PRECISION)
-            if EXTRA_BIAS_GRAD:   # the bias adds to the logit: its gradient is ds itself
-                deb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
-                                               (e0 + offs_e)[None, :], sdeb_y, sdeb_x, sdeb_l, WIDE)
-                tl.store(deb_base + deb_offs, ds, mask=mask)
+        dq = _extra_dq(q, do, lse, delta, dq, q_y, q_x, q_valid, ek_ptr + b * sek_b + h * sek_h,
+                       ev_ptr + b * sev_b + h * sev_h, eb_ptr + b * seb_b + h * seb_h, deb_ptr + b * sdeb_b + h * sdeb_h,
+                       n_extra, qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x,
+                       seb_l, sdeb_y, sdeb_x, sdeb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, EXTRA_BIAS_GRAD, AS_F32, WIDE,
+                       PRECISION, BLOCK_E)
 
     dq_offs = _token_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d, WIDE)
     tl.store(dq_ptr + b * sg_b + h * sg_h + dq_offs, (dq * scale).to(dq_ptr.dtype.element_ty),
@@ -564,6 +585,11 @@ def _tile_configs():
     """Query / key tile shapes and the rows of the other side's block, for the window kernels."""
     if triton_interpreted():  # one config: the interpreter cannot benchmark
         return [triton.Config({'TILE_H': 16, 'TILE_W': 8, 'BLOCK_ROWS': 4}, num_warps=4, num_stages=1)]
+    return compiled_tile_configs()
+
+
+def compiled_tile_configs():
+    """The configs the autotuner tries on a GPU (tools/benchlib/design.py reads them too)."""
     return [triton.Config({'TILE_H': tile_h, 'TILE_W': tile_w, 'BLOCK_ROWS': rows}, num_warps=warps, num_stages=stages)
             for tile_h, tile_w in ((8, 8), (16, 8), (8, 16)) for rows in (1, 2) for warps in (4, 8)
             for stages in (1, 2)]
@@ -638,8 +664,9 @@ def _or_placeholder(tensor, placeholder, dims):
     return (tensor, tensor.stride()) if tensor is not None else (placeholder, (0,) * dims)
 
 
-def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None):
-    """Output ``[B, H, W, heads, D]`` (contiguous) and the base-2 log-sum-exp ``[B, heads, H, W]``."""
+def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, forward_kernel=_FORWARD):
+    """Output ``[B, H, W, heads, D]`` (contiguous) and the base-2 log-sum-exp ``[B, heads, H, W]``.
+    ``forward_kernel``: v1's or another with its arguments (``_neighborhood_triton_v2``)."""
     batch, height, width, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=q.device)
@@ -648,16 +675,17 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     common = _common(q, spec, k, v, out, extra_bias, window_weight)
     for rows in batch_chunks(OP_NAME, batch, heads):   # batch * heads programs on grid axis y
         _forward_launch(q[rows], k[rows], v[rows], out[rows], lse[rows], rpb, _rows(extra_k, rows),
-                        _rows(extra_v, rows), _rows(extra_bias, rows), _rows(window_weight, rows), spec, common)
+                        _rows(extra_v, rows), _rows(extra_bias, rows), _rows(window_weight, rows), spec, common,
+                        forward_kernel)
     return out, lse
 
 
-def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window_weight, spec, common):
+def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window_weight, spec, common, kernel):
     batch, height, width, heads, _ = q.shape
     ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
     eb, eb_strides = _or_placeholder(extra_bias, q, 5)
     ww, ww_strides = _or_placeholder(window_weight, q, 5)
-    _FORWARD[_grid(spec, height, width, batch, heads)](
+    kernel[_grid(spec, height, width, batch, heads)](
         q, k, v, out, lse, rpb if rpb is not None else q, ek, ev, eb, ww, *q.stride(), *k.stride(), *v.stride(),
         *out.stride(), *ek.stride(), *ev.stride(), *eb_strides, *ww_strides,
         heads, height, width, *spec.dilation, extra_k.shape[1] if extra_k is not None else 0, spec.scale * LOG2E,
@@ -666,9 +694,10 @@ def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window
 
 
 def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
-             extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False):
+             extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False,
+             dq_kernel=_BACKWARD_DQ):
     """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)``; None where not
-    asked for."""
+    asked for. ``dq_kernel``: v1's or another with its arguments (``_neighborhood_triton_v2``)."""
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb = rpb.contiguous() if rpb is not None else None
@@ -683,7 +712,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     # one slot per (image, head, tile) for the config with the most tiles; unused slots stay zero (a
     # placeholder per image without rpb gradient: the autotuner zeroes it between its trial runs)
     drpb_tiles = max(_tiles(height, width, spec.dilation, c.kwargs['TILE_H'], c.kwargs['TILE_W'])
-                     for c in _BACKWARD_DQ.configs) if rpb_grad else 0
+                     for c in dq_kernel.configs) if rpb_grad else 0
     drpb_partial = torch.zeros((batch, heads, drpb_tiles, 2 * kernel_h - 1, 2 * kernel_w - 1) if rpb_grad
                                else (batch, 1), dtype=torch.float32, device=q.device)
     d_extra_k = torch.empty(extra_k.shape, dtype=q.dtype, device=q.device) if extra_grad else None
@@ -699,7 +728,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
                          dk[rows], dv[rows], rpb, drpb_partial[rows], rpb_grad, drpb_tiles,
                          _rows(extra_k, rows), _rows(extra_v, rows), _rows(d_extra_k, rows), _rows(d_extra_v, rows),
                          _rows(extra_bias, rows), _rows(d_extra_bias, rows), _rows(window_weight, rows),
-                         _rows(d_window_weight, rows), spec, common)
+                         _rows(d_window_weight, rows), spec, common, dq_kernel)
     d_rpb = drpb_partial.sum((0, 2)).to(rpb.dtype) if rpb_grad else None
     if d_extra_bias is not None:
         broadcast = tuple(dim for dim in (0, 1) if bias_shape[dim] == 1 and d_extra_bias.shape[dim] != 1)
@@ -710,7 +739,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
 
 def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_partial, rpb_grad, drpb_tiles, extra_k,
                      extra_v, d_extra_k, d_extra_v, extra_bias, d_extra_bias, window_weight, d_window_weight, spec,
-                     common):
+                     common, dq_kernel):
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb_arg = rpb if rpb is not None else q
@@ -721,7 +750,7 @@ def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_p
     dww = d_window_weight if d_window_weight is not None else ww
     n_extra = extra_k.shape[1] if extra_k is not None else 0
     grid = _grid(spec, height, width, batch, heads)
-    _BACKWARD_DQ[grid](
+    dq_kernel[grid](
         q, k, v, out, grad_out, lse, delta, dq, rpb_arg, drpb_partial, ek, ev, eb, deb, ww, dww,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *ek.stride(), *ev.stride(),
         *dq.stride(), *eb_strides, *deb_strides, *ww_strides,

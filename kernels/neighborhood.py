@@ -38,7 +38,7 @@ from timm.layers import register_notrace_function
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _neighborhood_cpu
-from ._dispatch import LIBRARY, device_backend, register_autocast, requested_backend
+from ._dispatch import LIBRARY, device_backend, get_na_kernel, register_autocast, requested_backend
 from ._validation import check_qkv, check_tensor, check_type, int_pair, softmax_scale
 
 OP_NAME = 'neighborhood_attention_2d'
@@ -253,8 +253,11 @@ def _cpu_kernels():
 
 
 def _kernels(backend):
-    if backend == 'triton':
-        from . import _neighborhood_triton   # triton is optional on CPU-only installs
+    if backend == 'triton':   # triton is optional on CPU-only installs: imported here
+        if get_na_kernel() == 'v2':
+            from . import _neighborhood_triton_v2
+            return _neighborhood_triton_v2
+        from . import _neighborhood_triton
         return _neighborhood_triton
     return _cpu_kernels()
 
