@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from attnzoo.kernels import _dispatch, neighborhood_attention_2d, routing_attention
-from attnzoo.kernels._dispatch import dot_precision, triton_interpreted
+from attnzoo.kernels import _dispatch, neighborhood_attention_2d, routing_attention, use_na_kernel
+from attnzoo.kernels._dispatch import NA_KERNELS, dot_precision, triton_interpreted
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
 from attnzoo.kernels.routing import routing_attention_reference
 
@@ -41,6 +41,13 @@ def assert_matches(name, got, expected, dtype):
     scale = max(1.0, expected.abs().max().item())
     error = (got.double() - expected).abs().max().item()
     assert error <= TOLERANCE[dtype] * scale, f'{name}: max error {error:.3g} > {TOLERANCE[dtype]} * {scale:.3g}'
+
+
+@pytest.fixture(params=NA_KERNELS)
+def na_kernel(request):
+    """Runs a test of the Triton neighborhood path on each version of its kernels (ATTNZOO_NA_KERNEL)."""
+    with use_na_kernel(request.param):
+        yield request.param
 
 
 # the paths under test: (device of the tensors, backend argument)
@@ -175,14 +182,14 @@ def neighborhood_draw(count, first_seed, max_programs):
 
 
 @pytest.mark.parametrize('seed, case', neighborhood_draw(FAST_DRAW, SEED, max_programs=8), ids=seed_id)
-def test_neighborhood_fuzz(seed, case):
+def test_neighborhood_fuzz(seed, case, na_kernel):
     run_neighborhood_case(case, seed)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('seed, case', neighborhood_draw(SLOW_DRAW, SEED + 10_000, max_programs=64),
                          ids=seed_id)
-def test_neighborhood_fuzz_thorough(seed, case):
+def test_neighborhood_fuzz_thorough(seed, case, na_kernel):
     run_neighborhood_case(case, seed)
 
 
