@@ -695,9 +695,9 @@ def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window
 
 def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
              extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False,
-             dq_kernel=_BACKWARD_DQ):
+             dq_kernel=_BACKWARD_DQ, dkdv_kernel=_BACKWARD_DKDV):
     """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)``; None where not
-    asked for. ``dq_kernel``: v1's or another with its arguments (``_neighborhood_triton_v2``)."""
+    asked for. ``dq_kernel``, ``dkdv_kernel``: v1's or others with their arguments (``_neighborhood_triton_v2``)."""
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb = rpb.contiguous() if rpb is not None else None
@@ -728,7 +728,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
                          dk[rows], dv[rows], rpb, drpb_partial[rows], rpb_grad, drpb_tiles,
                          _rows(extra_k, rows), _rows(extra_v, rows), _rows(d_extra_k, rows), _rows(d_extra_v, rows),
                          _rows(extra_bias, rows), _rows(d_extra_bias, rows), _rows(window_weight, rows),
-                         _rows(d_window_weight, rows), spec, common, dq_kernel)
+                         _rows(d_window_weight, rows), spec, common, dq_kernel, dkdv_kernel)
     d_rpb = drpb_partial.sum((0, 2)).to(rpb.dtype) if rpb_grad else None
     if d_extra_bias is not None:
         broadcast = tuple(dim for dim in (0, 1) if bias_shape[dim] == 1 and d_extra_bias.shape[dim] != 1)
@@ -739,7 +739,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
 
 def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_partial, rpb_grad, drpb_tiles, extra_k,
                      extra_v, d_extra_k, d_extra_v, extra_bias, d_extra_bias, window_weight, d_window_weight, spec,
-                     common, dq_kernel):
+                     common, dq_kernel, dkdv_kernel):
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb_arg = rpb if rpb is not None else q
@@ -760,7 +760,7 @@ def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_p
         HAS_WW=window_weight is not None, WW_GRAD=d_window_weight is not None,
         BLOCK_E=EXTRA_BLOCK, BIAS_H=max(MIN_DOT, triton.next_power_of_2(2 * kernel_h - 1)),
         BIAS_W=max(MIN_DOT, triton.next_power_of_2(2 * kernel_w - 1)), **common)
-    _BACKWARD_DKDV[grid](
+    dkdv_kernel[grid](
         q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, ww,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ww_strides,
         heads, height, width, *spec.dilation, spec.scale * LOG2E, spec.scale, HAS_RPB=rpb is not None,

@@ -16,8 +16,10 @@ padded rectangle (at k 7: 112 keys for a window of 49, v1's 8 x 8 tile: 224).
 - ``_backward_dq_kernel``: per band and piece, the probabilities from the LSE, dQ, the window
   weight's delta correction and gradient, the rpb-gradient histogram per band (one-hot products,
   deterministic); v1's launcher and arguments.
-- dK / dV and the extra tokens' gradients: v1's kernels (its rectangle loop over the inverse
-  neighbourhood), launched by v1's ``backward``.
+- ``_backward_dkdv_kernel``: per band of 2 x 8 keys, one flat loop over the queries that see them, in
+  chunks of the smallest forward piece (interior bands: the forward's count of logits; clamped border
+  bands: their larger inverse neighbourhood); v1's launcher and arguments.
+- The extra tokens' gradients: v1's kernel. Everything is launched by v1's ``backward``.
 
 Non-finite values stay where they belong: masked logits are selected away (``tl.where``, never an
 added ``-inf``), and values / keys enter the products with their non-finite entries zeroed, so a NaN
@@ -29,8 +31,8 @@ import triton.language as tl
 
 from . import _neighborhood_triton as v1
 from ._dispatch import triton_interpreted
-from ._neighborhood_triton import (LOG2E_IN_KERNEL, MIN_DOT, TUNING_KEY, _extra_dq, _extra_softmax, _in_window,
-                                   _load_tokens, _rpb_bias, _rpb_coord, _tile_of, _tile_tokens, _token_offsets,
+from ._neighborhood_triton import (MIN_DOT, TUNING_KEY, _extra_dq, _extra_softmax, _in_window, _load_tokens,
+                                   _query_span, _rpb_bias, _rpb_coord, _tile_of, _tile_tokens, _token_offsets,
                                    _window_start, _window_weight_offsets)
 
 TILE_H, TILE_W = 8, 8     # queries of a program
@@ -69,7 +71,8 @@ def _band_meta(args):
     rows, cols = band_keys(args['KERNEL_H'], args['KERNEL_W'], args['BAND'], args['TILE_W'])
     pieces = band_pieces(args['KERNEL_H'], args['KERNEL_W'], args['BAND'], args['TILE_W'])
     pieces = pieces + (0,) * (MAX_PIECES - len(pieces))
-    return dict(KEY_ROWS=rows, KEY_COLS=cols, PIECE_1=pieces[0], PIECE_2=pieces[1], PIECE_3=pieces[2])
+    return dict(KEY_ROWS=rows, KEY_COLS=cols, PIECE_1=pieces[0], PIECE_2=pieces[1], PIECE_3=pieces[2],
+                QUERY_CHUNK=min(p for p in pieces if p))
 
 
 # ----------------------------------------------------------------------------- a piece of a band
@@ -398,6 +401,86 @@ def _backward_dq_kernel(
                  mask=(bias_y < 2 * KERNEL_H - 1) & (bias_x < 2 * KERNEL_W - 1))
 
 
+@triton.jit
+def _backward_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, rpb_ptr, ww_ptr,
+        sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
+        sdo_b, sdo_y, sdo_x, sdo_h, sdo_d, sg_b, sg_y, sg_x, sg_h, sg_d, sww_b, sww_y, sww_x, sww_h, sww_j,
+        heads, height, width, dil_h, dil_w, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_WW: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BAND: tl.constexpr, QUERY_CHUNK: tl.constexpr):
+    """Per band of keys, one flat loop over the queries that see them (``_query_span``: the band's
+    rectangle inside the map, up to twice the window where a clamped border piles windows up), in chunks of
+    ``QUERY_CHUNK`` queries (the smallest forward piece: an interior band's ``KEY_ROWS * KEY_COLS`` queries
+    cost what its forward pieces cost)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, QUERY_CHUNK)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = do_ptr + b * sdo_b + h * sdo_h
+    stat_base = pid_bh.to(tl.int64) * height * width
+    rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    ww_base = ww_ptr + b * sww_b + h * sww_h
+    col_lo, col_hi = _query_span(x0, tl.minimum(x0 + TILE_W, len_x) - 1, len_x, KERNEL_W, CLAMP)
+    span_cols = col_hi - col_lo
+    for band_y in range(y0, tl.minimum(y0 + TILE_H, len_y), BAND):
+        k_y, k_x, k_valid = _tile_tokens(band_y, x0, len_y, len_x, BAND, TILE_W)
+        k = _load_tokens(k_ptr + b * sk_b + h * sk_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d,
+                         k_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
+        v = _load_tokens(v_ptr + b * sv_b + h * sv_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d,
+                         k_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
+        k_coord = _rpb_coord(k_y, k_x, KERNEL_W)
+        row_lo, row_hi = _query_span(band_y, tl.minimum(band_y + BAND, len_y) - 1, len_y, KERNEL_H, CLAMP)
+        span = (row_hi - row_lo) * span_cols
+        dk = tl.zeros((BAND * TILE_W, BLOCK_D), tl.float32)
+        dv = tl.zeros((BAND * TILE_W, BLOCK_D), tl.float32)
+        for n0 in range(0, span, QUERY_CHUNK):
+            n = n0 + offs_c
+            q_y = row_lo + n // span_cols
+            q_x = col_lo + n % span_cols
+            q_valid = n < span
+            q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
+                             HEAD_DIM, AS_F32, WIDE)
+            do = _load_tokens(do_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x, sdo_d, q_valid,
+                              offs_d, HEAD_DIM, AS_F32, WIDE)
+            stat_offs = stat_base + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+            lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
+            delta = tl.load(delta_ptr + stat_offs, mask=q_valid, other=0.0)
+            win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
+            win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
+            mask = _in_window(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :], k_y[:, None], k_x[:, None],
+                              KERNEL_H, KERNEL_W) & q_valid[None, :] & k_valid[:, None]
+            s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale      # [keys, queries]
+            if HAS_RPB:
+                s += _rpb_bias(rpb_base, _rpb_coord(q_y, q_x, KERNEL_W)[None, :], k_coord[:, None], mask,
+                               KERNEL_H, KERNEL_W)
+            p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
+            if HAS_WW:   # out += sum_j w_j v_j: v_j's gradient gains w_j dO
+                ww_offs = _window_weight_offsets(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :],
+                                                 k_y[:, None], k_x[:, None], group_y, group_x, dil_h, dil_w, sww_y,
+                                                 sww_x, sww_j, KERNEL_W, WIDE)
+                weight = p + tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                weight = p
+            # a non-finite q or dO of a query that does not see a key stays out of its gradients (0 * NaN)
+            do_finite, _ = _finite_or_zero(do)
+            q_finite, _ = _finite_or_zero(q)
+            dv += tl.dot(weight.to(do.dtype), do_finite.to(do.dtype), input_precision=PRECISION)
+            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds = tl.where(mask, p * (dp - delta[None, :]), 0.0)
+            dk += tl.dot(ds.to(q.dtype), q_finite.to(q.dtype), input_precision=PRECISION)
+        offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d,
+                                                    offs_d, WIDE)
+        store_mask = k_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+        tl.store(dk_ptr + offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+
+
 # ----------------------------------------------------------------------------- tuning and launches
 
 
@@ -409,15 +492,15 @@ def tile_configs():
     return [triton.Config(layout, num_warps=warps, num_stages=stages) for warps in (4, 8) for stages in (1, 2)]
 
 
-def _tuned(kernel, key, **autotune_options):
+def _tuned(kernel, key, names=('KEY_ROWS', 'KEY_COLS', 'PIECE_1', 'PIECE_2', 'PIECE_3'), **autotune_options):
     return triton.autotune(tile_configs(), key=key, **autotune_options)(triton.heuristics(
-        {name: (lambda args, name=name: _band_meta(args)[name]) for name in
-         ('KEY_ROWS', 'KEY_COLS', 'PIECE_1', 'PIECE_2', 'PIECE_3')})(kernel))
+        {name: (lambda args, name=name: _band_meta(args)[name]) for name in names})(kernel))
 
 
 _FORWARD = _tuned(_forward_kernel, TUNING_KEY + ['HAS_EXTRA', 'HAS_EXTRA_BIAS', 'HAS_WW'])
 _BACKWARD_DQ = _tuned(_backward_dq_kernel, TUNING_KEY + ['HAS_EXTRA', 'RPB_GRAD', 'HAS_EXTRA_BIAS', 'HAS_WW'],
                       reset_to_zero=['drpb_ptr'])
+_BACKWARD_DKDV = _tuned(_backward_dkdv_kernel, TUNING_KEY + ['HAS_WW'], names=('QUERY_CHUNK',))
 
 
 def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None):
@@ -427,7 +510,7 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
 
 def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
              extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False):
-    """v1's ``backward`` on the banded dQ kernel (dK / dV and the extra tokens' gradients: v1's kernels)."""
+    """v1's ``backward`` on the banded dQ and dK / dV kernels (the extra tokens' gradients: v1's kernel)."""
     return v1.backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
                        extra_bias, window_weight, needs_extra_bias_grad, needs_window_weight_grad,
-                       dq_kernel=_BACKWARD_DQ)
+                       dq_kernel=_BACKWARD_DQ, dkdv_kernel=_BACKWARD_DKDV)

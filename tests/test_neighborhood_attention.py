@@ -535,3 +535,32 @@ def test_v2_keeps_non_finite_keys_out_of_other_windows():
         assert 27 <= (~finite).sum() < finite.numel() // 2, name   # three windows' queries (more at the clamp)
         torch.testing.assert_close(got[finite].double(), expected[finite], atol=1e-4, rtol=1e-4, msg=name)
         assert not torch.isfinite(got[~finite]).all(-1).any(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name, kwargs', [
+    ('nat_mini', dict(depths=(1, 1, 1, 1))),
+    ('dinat_mini', dict(depths=(2, 2, 2, 2), dilations=((1, 8), (1, 4), (1, 2), (1, 1)))),
+    ('dat_pp_tiny', dict(stage_spec=('N', 'N', 'ND', 'D'))),
+    ('transnext_micro', dict(depths=(1, 1, 1, 1), img_size=64)),
+])
+def test_models_agree_on_both_kernel_versions(name, kwargs):
+    """A small model (64 px, few blocks) on the Triton path: the same output and parameter gradients on v2 as on v1."""
+    import timm
+
+    import attnzoo.backbones  # noqa: F401 (registers the families)
+    from attnzoo.kernels import use_backend
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).to(DEVICE).train()
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    results = {}
+    for version in ('v1', 'v2'):
+        model.zero_grad()
+        with use_backend('triton'), use_na_kernel(version):
+            torch.manual_seed(1)   # drop path and the like draw the same
+            out = model(x)
+            out.square().sum().backward()
+        results[version] = [out.detach()] + [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    assert len(results['v1']) == len(results['v2']) > 1
+    for index, (a, b) in enumerate(zip(results['v1'], results['v2'])):
+        assert_matches(f'tensor {index}', b, a.double(), torch.float32)
