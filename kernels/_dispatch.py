@@ -115,7 +115,8 @@ def get_na_kernel() -> str:
 def set_na_kernel(version: str) -> None:
     """Picks the Triton neighborhood-attention kernels, forward and backward: ``"v1"`` (tile and halo blocks,
     online softmax) or ``"v2"`` (banded, one exact softmax pass). ``ATTNZOO_NA_KERNEL`` sets the initial
-    value. Read inside the registered ops, so compiled models follow it without recompiling."""
+    value. Read when the registered ops run, so compiled models follow it without recompiling; an eager
+    backward runs the version of its forward."""
     global _na_kernel
     _na_kernel = _checked_na_kernel(version, 'set_na_kernel')
 

@@ -38,7 +38,7 @@ from timm.layers import register_notrace_function
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _neighborhood_cpu
-from ._dispatch import LIBRARY, device_backend, get_na_kernel, register_autocast, requested_backend
+from ._dispatch import LIBRARY, device_backend, get_na_kernel, register_autocast, requested_backend, use_na_kernel
 from ._validation import check_qkv, check_tensor, check_type, int_pair, softmax_scale
 
 OP_NAME = 'neighborhood_attention_2d'
@@ -343,6 +343,7 @@ def _save_for_backward(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, rpb, extra_k, extra_v, out, lse, extra_bias, window_weight)
     ctx.geometry = (kernel_size, dilation, scale, border, backend)
+    ctx.na_kernel = get_na_kernel()   # eager: the backward runs the forward's version of the Triton kernels
     ctx.mark_non_differentiable(lse)
 
 
@@ -353,9 +354,10 @@ def _forward_backward(ctx, grad_out, grad_lse):
     extra_grad = extra_k is not None and (ctx.needs_input_grad[8] or ctx.needs_input_grad[9])
     extra_bias_grad = extra_bias is not None and ctx.needs_input_grad[11]
     window_weight_grad = window_weight is not None and ctx.needs_input_grad[12]
-    grads = torch.ops.attnzoo.neighborhood_attention_2d_backward(
-        grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend, rpb_grad,
-        extra_grad, extra_bias, window_weight, extra_bias_grad, window_weight_grad)
+    with use_na_kernel(ctx.na_kernel):
+        grads = torch.ops.attnzoo.neighborhood_attention_2d_backward(
+            grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend,
+            rpb_grad, extra_grad, extra_bias, window_weight, extra_bias_grad, window_weight_grad)
     grads = list(grads)
     dq, dk, dv = grads[:3]
     rest = grads[3:]

@@ -513,6 +513,11 @@ def test_compiled_op_runs_the_chosen_kernels_forward_and_backward(monkeypatch):
         # v2 reuses v1's launchers, which are then called from v2's
         assert calls[0] == (version, 'forward') and (version, 'backward') in calls
         assert all(call[0] == 'v1' for call in calls) if version == 'v1' else True
+    calls.clear()   # eager: the backward runs the forward's version, wherever the switch is by then
+    with use_na_kernel('v2'):
+        out = neighborhood_attention_2d(**inputs, kernel_size=3, backend='triton')
+    out.sum().backward()
+    assert ('v2', 'backward') in calls
 
 
 def test_v2_keeps_non_finite_keys_out_of_other_windows():

@@ -78,19 +78,13 @@ def kernel_cases(sections, quick, pattern=None, na_kernels=None):
     return cases
 
 
-def run_kernels(args, device, dtypes):
-    from attnzoo.kernels import get_na_kernel, use_na_kernel
-    with use_na_kernel(get_na_kernel()):   # the neighborhood cases set the version they time: restored here
-        return _run_kernels(args, device, dtypes)
-
-
 def run_design(as_json):
     from benchlib.design import design_rows, design_table
     rows = design_rows()
     print(json.dumps(rows, indent=1) if as_json else design_table(rows))
 
 
-def _run_kernels(args, device, dtypes):
+def run_kernels(args, device, dtypes):
     cases = kernel_cases(args.only or KERNEL_SECTIONS, args.quick, args.cases, args.na_kernels)
     total = sum(2 * len(case.impls) for case in cases) * len(dtypes)
     results = []

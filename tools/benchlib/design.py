@@ -9,6 +9,8 @@ of partial tiles and bands included, as the programs compute it):
 - ``exp_per_query``: exp2 evaluations (one per logit, plus v1's online-softmax rescale per block);
 - ``dot_shapes``: the forward's ``M x N x K`` products (QK^T and P@V share them);
 - ``bytes_read_per_query``: q, k and v elements the forward loads (masked loads read nothing), in bf16;
+- ``dkdv_scored_per_key``: logits the dK / dV kernel recomputes per key (its loop over the queries whose
+  windows hold the key tile / band: the inverse neighbourhood, larger at a clamped border);
 - ``tile``: the query tile and key block (v1: the config with the fewest logits among those the autotuner
   tries; v2: its band layout) and the kernels the backward runs.
 
@@ -46,6 +48,28 @@ def _window_starts(group_len, kernel, border):
     return tuple((bias_index[:, 0] + torch.arange(group_len) - (kernel - 1)).tolist())
 
 
+@functools.lru_cache(maxsize=None)
+def _inverse_spans(group_len, kernel, border):
+    """Per key of a group, the queries ``[lo, hi)`` whose windows hold it (what the kernels' ``_query_span``
+    returns for one key), from the op's own window rule."""
+    keys, valid, _ = axis_neighbors(group_len, kernel, 1, border)
+    lo, hi = [group_len] * group_len, [0] * group_len
+    for query, (row, row_valid) in enumerate(zip(keys.tolist(), valid.tolist())):
+        for key, key_valid in zip(row, row_valid):
+            if key_valid:
+                lo[key], hi[key] = min(lo[key], query), max(hi[key], query + 1)
+    return tuple(lo), tuple(hi)
+
+
+def _query_spans(length, dilation, kernel, border, tile):
+    """Per key tile of every group, the length of the query span that sees any of its keys."""
+    spans = []
+    for group_len in _groups(length, dilation):
+        lo, hi = _inverse_spans(group_len, kernel, border)
+        spans += [max(hi[first:first + tile]) - min(lo[first:first + tile]) for first in range(0, group_len, tile)]
+    return spans
+
+
 def _clip(lo, hi, length):
     return max(0, min(hi, length) - max(lo, 0))
 
@@ -65,6 +89,31 @@ def _v1_axis(length, kernel, dilation, border, tile, block):
     return scored, loaded, blocks
 
 
+def _v1_dkdv(size, kernel, dilation, border):
+    """Logits of v1's dK / dV kernel: per key tile, its query span in blocks (the config with the fewest)."""
+    best = None
+    for config in v1.compiled_tile_configs():
+        tile_h, tile_w, block_rows = (config.kwargs[name] for name in ('TILE_H', 'TILE_W', 'BLOCK_ROWS'))
+        block_cols = v1._block_cols(dict(TILE_W=tile_w, KERNEL_W=kernel))
+        rows = sum(math.ceil(span / block_rows) * block_rows
+                   for span in _query_spans(size, dilation, kernel, border, tile_h))
+        cols = sum(math.ceil(span / block_cols) * block_cols
+                   for span in _query_spans(size, dilation, kernel, border, tile_w))
+        scored = tile_h * tile_w * rows * cols
+        best = scored if best is None else min(best, scored)
+    return best
+
+
+def _v2_dkdv(size, kernel, dilation, border):
+    """Logits of v2's dK / dV kernel: per key band, its query span in chunks of ``QUERY_CHUNK``."""
+    layout = v2.tile_configs()[0].kwargs
+    chunk = v2._band_meta(dict(layout, KERNEL_H=kernel, KERNEL_W=kernel))['QUERY_CHUNK']   # the heuristics' value
+    band_spans = _query_spans(size, dilation, kernel, border, layout['BAND'])
+    col_spans = _query_spans(size, dilation, kernel, border, layout['TILE_W'])
+    return layout['BAND'] * layout['TILE_W'] * sum(math.ceil(rows * cols / chunk) * chunk
+                                                   for rows in band_spans for cols in col_spans)
+
+
 def _v1_row(size, kernel, dilation, border, block_d):
     best = None
     for config in v1.compiled_tile_configs():
@@ -79,7 +128,8 @@ def _v1_row(size, kernel, dilation, border, block_d):
                         tile=f'{tile_h}x{tile_w} queries, key blocks {block_rows}x{block_cols}',
                         dots=[f'{queries}x{block_rows * block_cols}x{block_d}'])
     return dict(scored=best['scored'], exp=best['scored'] + best['queries'] * best['blocks'],
-                loaded_keys=best['loaded'], tile=best['tile'], dots=best['dots'])
+                loaded_keys=best['loaded'], tile=best['tile'], dots=best['dots'],
+                dkdv=_v1_dkdv(size, kernel, dilation, border))
 
 
 def _v2_row(size, kernel, dilation, border, block_d):
@@ -87,6 +137,7 @@ def _v2_row(size, kernel, dilation, border, block_d):
     tile_h, tile_w, band = layout['TILE_H'], layout['TILE_W'], layout['BAND']
     key_rows, key_cols = v2.band_keys(kernel, kernel, band, tile_w)
     pieces = v2.band_pieces(kernel, kernel, band, tile_w)
+    meta = v2._band_meta(dict(layout, KERNEL_H=kernel, KERNEL_W=kernel))   # what the kernels' heuristics pass
     bands = loaded_rows = 0            # along y: the bands of every tile, the key rows each loads
     for group_len in _groups(size, dilation):
         starts = _window_starts(group_len, kernel, border)
@@ -104,8 +155,8 @@ def _v2_row(size, kernel, dilation, border, block_d):
     scored = queries * sum(pieces) * bands * tiles_x
     return dict(scored=scored, exp=scored, loaded_keys=loaded_rows * loaded_cols,
                 tile=f'{tile_h}x{tile_w} queries in bands of {band}x{tile_w}, keys {key_rows}x{key_cols} '
-                     f'in pieces {"+".join(map(str, pieces))}; dq banded, dk/dv v1',
-                dots=[f'{queries}x{piece}x{block_d}' for piece in pieces])
+                     f'in pieces {"+".join(map(str, pieces))}; dk/dv: queries in chunks of {meta["QUERY_CHUNK"]}',
+                dots=[f'{queries}x{piece}x{block_d}' for piece in pieces], dkdv=_v2_dkdv(size, kernel, dilation, border))
 
 
 def design_row(version, kernel, dilation, head_dim, size, border='clamp'):
@@ -120,7 +171,8 @@ def design_row(version, kernel, dilation, head_dim, size, border='clamp'):
     return dict(kernel=version, kernel_size=kernel, dilation=dilation, head_dim=head_dim, map=size, border=border,
                 scored_per_query=round(scored, 2), needed_per_query=needed,
                 scored_over_needed=round(scored / needed, 3), exp_per_query=round(figures['exp'] / queries, 2),
-                dot_shapes=figures['dots'], bytes_read_per_query=round(bytes_read, 1), tile=figures['tile'])
+                dot_shapes=figures['dots'], bytes_read_per_query=round(bytes_read, 1),
+                dkdv_scored_per_key=round(figures['dkdv'] / queries, 2), tile=figures['tile'])
 
 
 def design_rows() -> List[dict]:
@@ -138,7 +190,7 @@ def design_rows() -> List[dict]:
 
 
 COLUMNS = ('kernel', 'kernel_size', 'dilation', 'head_dim', 'map', 'border', 'scored_per_query', 'needed_per_query',
-           'scored_over_needed', 'exp_per_query', 'bytes_read_per_query', 'dot_shapes', 'tile')
+           'scored_over_needed', 'exp_per_query', 'bytes_read_per_query', 'dkdv_scored_per_key', 'dot_shapes', 'tile')
 
 
 def design_table(rows) -> str:

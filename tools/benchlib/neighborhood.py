@@ -4,7 +4,7 @@ Every case fixes one problem (shape, window, dilation, border, with or without r
 and times every implementation that computes exactly that problem:
 
 - ``attnzoo-triton``: the fused kernels, v1; ``attnzoo-triton-v2``: the banded v2 kernels (``na_kernels``
-  picks which of the two run; each sets its version for its forward and the backward that follows);
+  picks which of the two run; the backward runs the forward's version);
 - ``natten``: ``natten.na2d`` (cases without rpb and with the clamped border only: NATTEN >= 0.20
   has no rpb), where NATTEN's CUDA library is installed;
 - ``flex-tiled``: FlexAttention (compiled on CUDA) on tokens permuted into 8 x 8 spatial tiles, one
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from attnzoo.kernels import neighborhood_attention_2d, set_na_kernel
+from attnzoo.kernels import neighborhood_attention_2d, use_na_kernel
 from attnzoo.kernels.neighborhood import axis_neighbors
 
 from . import transnext
@@ -248,15 +248,14 @@ def shapes(quick: bool) -> List[NeighborhoodShape]:
 
 
 class _OnNaKernel:
-    """The fused op on one version of the Triton kernels. The version is read when the op runs, forward and
-    backward, so it stays set after the call (for the backward the harness runs next); the caller restores it."""
+    """The fused op on one version of the Triton kernels (its backward follows the forward's version)."""
 
     def __init__(self, version, fn):
         self.version, self.fn = version, fn
 
     def __call__(self, **inputs):
-        set_na_kernel(self.version)
-        return self.fn(**inputs)
+        with use_na_kernel(self.version):
+            return self.fn(**inputs)
 
 
 def _per_na_kernel(case: KernelCase, na_kernels) -> KernelCase:
