@@ -258,6 +258,52 @@ def _extra_dq(q, do, lse, delta, dq, q_y, q_x, q_valid, ek_base, ev_base, eb_bas
     return dq
 
 
+@triton.jit
+def _dkdv_block(k, v, k_y, k_x, k_valid, k_coord, q_y, q_x, q_valid, dk, dv, q_base, do_base, lse_ptr, delta_ptr,
+                stat_base, rpb_base, ww_base, qk_scale, group_y, group_x, dil_h, dil_w, len_y, len_x, width,
+                sq_y, sq_x, sq_d, sdo_y, sdo_x, sdo_d, sww_y, sww_x, sww_j, offs_d,
+                HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+                HAS_RPB: tl.constexpr, HAS_WW: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Adds one block of queries (group coordinates q_y, q_x) to a key tile's dK, dV (unscaled). A query that does
+    not see a key adds exactly zero to it: ds is selected, and q / dO enter with non-finite entries zeroed."""
+    q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
+                     HEAD_DIM, AS_F32, WIDE)
+    do = _load_tokens(do_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x, sdo_d, q_valid,
+                      offs_d, HEAD_DIM, AS_F32, WIDE)
+    stat_offs = stat_base + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+    lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
+    delta = tl.load(delta_ptr + stat_offs, mask=q_valid, other=0.0)
+    win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
+    win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
+    mask = _in_window(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :], k_y[:, None], k_x[:, None],
+                      KERNEL_H, KERNEL_W) & q_valid[None, :] & k_valid[:, None]
+    s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale      # [keys, queries]
+    if HAS_RPB:
+        s += _rpb_bias(rpb_base, _rpb_coord(q_y, q_x, KERNEL_W)[None, :], k_coord[:, None], mask,
+                       KERNEL_H, KERNEL_W)
+    p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
+    if HAS_WW:   # out += sum_j w_j v_j: v_j's gradient gains w_j dO
+        ww_offs = _window_weight_offsets(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :],
+                                         k_y[:, None], k_x[:, None], group_y, group_x, dil_h, dil_w, sww_y,
+                                         sww_x, sww_j, KERNEL_W, WIDE)
+        weight = p + tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        weight = p
+    dv += tl.dot(weight.to(do.dtype), _finite_or_zero(do).to(do.dtype), input_precision=PRECISION)
+    dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds = tl.where(mask, p * (dp - delta[None, :]), 0.0)
+    dk += tl.dot(ds.to(q.dtype), _finite_or_zero(q).to(q.dtype), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _finite_or_zero(x):
+    """``x`` (float32) with its non-finite entries zeroed: what a product with a masked-out weight must see."""
+    x = x.to(tl.float32)
+    return tl.where((x == x) & (tl.abs(x) != float('inf')), x, 0.0)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -492,33 +538,10 @@ def _backward_dkdv_kernel(
             q_y = row0 + offs_m // BLOCK_COLS
             q_x = col0 + offs_m % BLOCK_COLS
             q_valid = (q_y < row_hi) & (q_x < col_hi)
-            q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
-                             HEAD_DIM, AS_F32, WIDE)
-            do = _load_tokens(do_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x, sdo_d, q_valid,
-                              offs_d, HEAD_DIM, AS_F32, WIDE)
-            stat_offs = stat_base + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
-            lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
-            delta = tl.load(delta_ptr + stat_offs, mask=q_valid, other=0.0)
-            win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
-            win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
-            mask = _in_window(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :], k_y[:, None], k_x[:, None],
-                              KERNEL_H, KERNEL_W) & q_valid[None, :] & k_valid[:, None]
-            s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale      # [keys, queries]
-            if HAS_RPB:
-                s += _rpb_bias(rpb_base, _rpb_coord(q_y, q_x, KERNEL_W)[None, :], k_coord[:, None], mask,
-                               KERNEL_H, KERNEL_W)
-            p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
-            if HAS_WW:   # out += sum_j w_j v_j: v_j's gradient gains w_j dO
-                ww_offs = _window_weight_offsets(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :],
-                                                 k_y[:, None], k_x[:, None], group_y, group_x, dil_h, dil_w, sww_y,
-                                                 sww_x, sww_j, KERNEL_W, WIDE)
-                weight = p + tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                weight = p
-            dv += tl.dot(weight.to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds = p * (dp - delta[None, :])
-            dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+            dk, dv = _dkdv_block(k, v, k_y, k_x, k_valid, k_coord, q_y, q_x, q_valid, dk, dv, q_base, do_base, lse_ptr,
+                                 delta_ptr, stat_base, rpb_base, ww_base, qk_scale, group_y, group_x, dil_h, dil_w,
+                                 len_y, len_x, width, sq_y, sq_x, sq_d, sdo_y, sdo_x, sdo_d, sww_y, sww_x, sww_j,
+                                 offs_d, HEAD_DIM, KERNEL_H, KERNEL_W, CLAMP, HAS_RPB, HAS_WW, AS_F32, WIDE, PRECISION)
 
     offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d,
                                                 WIDE)

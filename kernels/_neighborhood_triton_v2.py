@@ -31,9 +31,9 @@ import triton.language as tl
 
 from . import _neighborhood_triton as v1
 from ._dispatch import triton_interpreted
-from ._neighborhood_triton import (MIN_DOT, TUNING_KEY, _extra_dq, _extra_softmax, _in_window, _load_tokens,
-                                   _query_span, _rpb_bias, _rpb_coord, _tile_of, _tile_tokens, _token_offsets,
-                                   _window_start, _window_weight_offsets)
+from ._neighborhood_triton import (MIN_DOT, TUNING_KEY, _dkdv_block, _extra_dq, _extra_softmax, _finite_or_zero,
+                                   _in_window, _load_tokens, _query_span, _rpb_bias, _rpb_coord, _tile_of,
+                                   _tile_tokens, _token_offsets, _window_start, _window_weight_offsets)
 
 TILE_H, TILE_W = 8, 8     # queries of a program
 BAND = 2                  # query rows of a band: BAND * TILE_W = 16 queries, the smallest tl.dot M
@@ -79,11 +79,10 @@ def _band_meta(args):
 
 
 @triton.jit
-def _finite_or_zero(x):
-    """``x`` with its non-finite entries zeroed (float32), and per row whether it had any."""
+def _non_finite_rows(x):
+    """Per row of ``x``, whether it holds a NaN or Inf."""
     x = x.to(tl.float32)
-    finite = (x == x) & (tl.abs(x) != float('inf'))
-    return tl.where(finite, x, 0.0), tl.max(tl.where(finite, 0, 1), 1)
+    return tl.max(tl.where((x == x) & (tl.abs(x) != float('inf')), 0, 1), 1)
 
 
 @triton.jit
@@ -101,7 +100,7 @@ def _piece(k_base, v_base, key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, le
                      AS_F32, WIDE)
     v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
                      AS_F32, WIDE)
-    v_finite, v_bad = _finite_or_zero(v)
+    v_finite, v_bad = _finite_or_zero(v), _non_finite_rows(v)
     mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
                       KERNEL_H, KERNEL_W) & k_valid[None, :]
     return k_y, k_x, k, v_finite.to(v.dtype), v_bad, mask
@@ -283,8 +282,7 @@ def _piece_dq(q, do, lse, delta, k, v, mask, q_coord, k_y, k_x, band_y, x0, rpb_
     p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = tl.where(mask, p * (dp - delta[:, None]), 0.0)
-    k_finite, _ = _finite_or_zero(k)
-    dq = tl.dot(ds.to(k.dtype), k_finite.to(k.dtype), input_precision=PRECISION)
+    dq = tl.dot(ds.to(k.dtype), _finite_or_zero(k).to(k.dtype), input_precision=PRECISION)
     if RPB_GRAD:
         drpb = _rpb_histogram_band(ds, k_y, k_x, band_y, x0, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H, BIAS_W)
     else:
@@ -444,36 +442,10 @@ def _backward_dkdv_kernel(
             q_y = row_lo + n // span_cols
             q_x = col_lo + n % span_cols
             q_valid = n < span
-            q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
-                             HEAD_DIM, AS_F32, WIDE)
-            do = _load_tokens(do_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x, sdo_d, q_valid,
-                              offs_d, HEAD_DIM, AS_F32, WIDE)
-            stat_offs = stat_base + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
-            lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
-            delta = tl.load(delta_ptr + stat_offs, mask=q_valid, other=0.0)
-            win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
-            win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
-            mask = _in_window(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :], k_y[:, None], k_x[:, None],
-                              KERNEL_H, KERNEL_W) & q_valid[None, :] & k_valid[:, None]
-            s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale      # [keys, queries]
-            if HAS_RPB:
-                s += _rpb_bias(rpb_base, _rpb_coord(q_y, q_x, KERNEL_W)[None, :], k_coord[:, None], mask,
-                               KERNEL_H, KERNEL_W)
-            p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
-            if HAS_WW:   # out += sum_j w_j v_j: v_j's gradient gains w_j dO
-                ww_offs = _window_weight_offsets(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :],
-                                                 k_y[:, None], k_x[:, None], group_y, group_x, dil_h, dil_w, sww_y,
-                                                 sww_x, sww_j, KERNEL_W, WIDE)
-                weight = p + tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                weight = p
-            # a non-finite q or dO of a query that does not see a key stays out of its gradients (0 * NaN)
-            do_finite, _ = _finite_or_zero(do)
-            q_finite, _ = _finite_or_zero(q)
-            dv += tl.dot(weight.to(do.dtype), do_finite.to(do.dtype), input_precision=PRECISION)
-            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds = tl.where(mask, p * (dp - delta[None, :]), 0.0)
-            dk += tl.dot(ds.to(q.dtype), q_finite.to(q.dtype), input_precision=PRECISION)
+            dk, dv = _dkdv_block(k, v, k_y, k_x, k_valid, k_coord, q_y, q_x, q_valid, dk, dv, q_base, do_base, lse_ptr,
+                                 delta_ptr, stat_base, rpb_base, ww_base, qk_scale, group_y, group_x, dil_h, dil_w,
+                                 len_y, len_x, width, sq_y, sq_x, sq_d, sdo_y, sdo_x, sdo_d, sww_y, sww_x, sww_j,
+                                 offs_d, HEAD_DIM, KERNEL_H, KERNEL_W, CLAMP, HAS_RPB, HAS_WW, AS_F32, WIDE, PRECISION)
         offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d,
                                                     offs_d, WIDE)
         store_mask = k_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
