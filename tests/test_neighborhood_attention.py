@@ -522,7 +522,8 @@ def test_compiled_op_runs_the_chosen_kernels_forward_and_backward(monkeypatch):
 
 def test_v2_keeps_non_finite_keys_out_of_other_windows():
     """A NaN key, a NaN value and an Inf value reach exactly the queries whose windows hold them (and give them
-    non-finite outputs and dQ); every other query's output and dQ match the reference."""
+    non-finite outputs and dQ); every other query's output and dQ, and every finite dK / dV of the reference,
+    match it."""
     inputs = {name: t.detach().clone() for name, t in make_inputs((1, 12, 12, 1, 16), 3, rpb=True).items()}
     inputs['k'][0, 5, 6, 0, 3] = float('nan')
     inputs['v'][0, 6, 2, 0, 0] = float('nan')
@@ -531,10 +532,14 @@ def test_v2_keeps_non_finite_keys_out_of_other_windows():
     leaves = {name: t.to(DEVICE).requires_grad_() for name, t in inputs.items()}
     with use_na_kernel('v2'):
         out = neighborhood_attention_2d(**leaves, kernel_size=3, backend='triton')
-        (dq,) = torch.autograd.grad(out, [leaves['q']], grad_out.to(DEVICE))
+        dq, dk, dv = torch.autograd.grad(out, [leaves[name] for name in 'qkv'], grad_out.to(DEVICE))
     leaves64 = {name: t.double().requires_grad_() for name, t in inputs.items()}
     out64 = neighborhood_attention_2d_reference(**leaves64, kernel_size=3)
-    (dq64,) = torch.autograd.grad(out64, [leaves64['q']], grad_out.double())
+    dq64, dk64, dv64 = torch.autograd.grad(out64, [leaves64[name] for name in 'qkv'], grad_out.double())
+    for name, got, expected in (('dk', dk.cpu(), dk64), ('dv', dv.cpu(), dv64)):
+        finite = torch.isfinite(expected)
+        assert finite.any() and not finite.all(), name
+        torch.testing.assert_close(got[finite].double(), expected[finite], atol=1e-4, rtol=1e-4, msg=name)
     for name, got, expected in (('out', out.cpu(), out64), ('dq', dq.cpu(), dq64)):
         finite = torch.isfinite(expected).all(-1)
         assert 27 <= (~finite).sum() < finite.numel() // 2, name   # three windows' queries (more at the clamp)
