@@ -74,3 +74,11 @@ def test_rows_follow_the_launch_parameters(monkeypatch):
     # v1: 16 x 8 queries see up to (16 + 6) x (8 + 6) keys, in blocks of 4 rows x 16 columns
     assert after['v1']['scored_per_query'] != before['v1']['scored_per_query']
     assert after['v1']['dot_shapes'] == ['128x64x32'] and after['v1']['tile'].startswith('16x8 queries')
+
+
+def test_kernel_section_times_the_chosen_versions():
+    """tools/benchmark.py kernels: one fused row per version of --na-kernels, in every neighborhood case."""
+    for versions, names in ((None, {'attnzoo-triton', 'attnzoo-triton-v2'}), (['v2'], {'attnzoo-triton-v2'})):
+        cases = benchmark.kernel_cases(['neighborhood'], quick=True, na_kernels=versions)
+        fused = [case for case in cases if any(name.startswith('attnzoo-triton') for name in case.impls)]
+        assert fused and all({n for n in case.impls if n.startswith('attnzoo-triton')} == names for case in fused)
