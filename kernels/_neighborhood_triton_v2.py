@@ -86,30 +86,24 @@ def _non_finite_rows(x):
 
 
 @triton.jit
-def _piece(k_base, v_base, key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, group_y, group_x, dil_h, dil_w,
-           sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, START: tl.constexpr, SIZE: tl.constexpr,
-           KEY_ROWS: tl.constexpr, KEY_COLS: tl.constexpr, HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr,
-           KERNEL_W: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr):
-    """Keys ``START .. START + SIZE`` of a band's rectangle (row-major): their coordinates, k, v (non-finite
-    entries zeroed, and which keys had any) and the [queries, keys] window mask."""
+def _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, START: tl.constexpr, SIZE: tl.constexpr,
+           KEY_ROWS: tl.constexpr, KEY_COLS: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr):
+    """Keys ``START .. START + SIZE`` of a band's rectangle (row-major): their coordinates, which lie in the map,
+    and the [queries, keys] window mask. Their k and v are loaded where used (fewer live registers)."""
     n = START + tl.arange(0, SIZE)
     k_y = key_row0 + n // KEY_COLS
     k_x = key_col0 + n % KEY_COLS
     k_valid = (n < KEY_ROWS * KEY_COLS) & (k_y >= 0) & (k_y < len_y) & (k_x >= 0) & (k_x < len_x)
-    k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d, HEAD_DIM,
-                     AS_F32, WIDE)
-    v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
-                     AS_F32, WIDE)
-    v_finite, v_bad = _finite_or_zero(v), _non_finite_rows(v)
     mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
                       KERNEL_H, KERNEL_W) & k_valid[None, :]
-    return k_y, k_x, k, v_finite.to(v.dtype), v_bad, mask
+    return k_y, k_x, k_valid, mask
 
 
 @triton.jit
 def _piece_logits(q, k, mask, q_coord, k_y, k_x, rpb_base, qk_scale, HAS_RPB: tl.constexpr, KERNEL_H: tl.constexpr,
                   KERNEL_W: tl.constexpr, PRECISION: tl.constexpr):
-    """Base-2 logits, -inf (selected, so a non-finite key outside a window stays out) where masked."""
+    """Base-2 logits of a piece's keys ``k``, -inf (selected, so a non-finite key outside a window stays out)
+    where masked."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_RPB:
         s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask, KERNEL_H, KERNEL_W)
@@ -117,11 +111,12 @@ def _piece_logits(q, k, mask, q_coord, k_y, k_x, rpb_base, qk_scale, HAS_RPB: tl
 
 
 @triton.jit
-def _piece_output(s, m_ref, v, v_bad, mask, q_y, q_x, q_valid, win_y, win_x, k_y, k_x, ww_base, group_y, group_x,
+def _piece_output(s, m_ref, v_raw, mask, q_y, q_x, q_valid, win_y, win_x, k_y, k_x, ww_base, group_y, group_x,
                   dil_h, dil_w, sww_y, sww_x, sww_j, HAS_WW: tl.constexpr, KERNEL_W: tl.constexpr, WIDE: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """A piece's share of the softmax sum, of P @ V, of the window weight's sum, and which queries' windows
-    hold a non-finite value."""
+    """A piece's share of the softmax sum, of P @ V (``v_raw``: the piece's values as loaded; they enter with
+    non-finite entries zeroed), of the window weight's sum, and which queries' windows hold a non-finite value."""
+    v = _finite_or_zero(v_raw).to(v_raw.dtype)
     p = tl.exp2(s - m_ref[:, None])
     acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     if HAS_WW:
@@ -132,7 +127,7 @@ def _piece_output(s, m_ref, v, v_bad, mask, q_y, q_x, q_valid, win_y, win_x, k_y
         acc_ww = tl.dot(ww.to(v.dtype), v, input_precision=PRECISION)
     else:
         acc_ww = tl.zeros(acc.shape, tl.float32)
-    poisoned = tl.max(tl.where(mask & (v_bad[None, :] > 0), 1, 0), 1)
+    poisoned = tl.max(tl.where(mask & (_non_finite_rows(v_raw)[None, :] > 0), 1, 0), 1)
     return tl.sum(p, 1), acc, acc_ww, poisoned
 
 
@@ -152,7 +147,6 @@ def _forward_kernel(
         BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BAND: tl.constexpr, KEY_ROWS: tl.constexpr,
         KEY_COLS: tl.constexpr, PIECE_1: tl.constexpr, PIECE_2: tl.constexpr, PIECE_3: tl.constexpr):
-    BLOCK_M: tl.constexpr = BAND * TILE_W
     pid_bh = tl.program_id(1)
     b = (pid_bh // heads).to(tl.int64)
     h = pid_bh % heads
@@ -173,44 +167,50 @@ def _forward_kernel(
         key_row0 = _window_start(band_y, len_y, KERNEL_H, CLAMP)
         q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
         # every piece's logits first: one exact softmax over the whole window
-        k_y1, k_x1, k1, v1_, bad1, mask1 = _piece(
-            k_base, v_base, key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, group_y, group_x, dil_h, dil_w,
-            sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, 0, PIECE_1, KEY_ROWS, KEY_COLS, HEAD_DIM, KERNEL_H,
-            KERNEL_W, AS_F32, WIDE)
+        k_y1, k_x1, k_valid1, mask1 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, 0,
+                                             PIECE_1, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+        k1 = _load_tokens(k_base, k_y1, k_x1, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid1, offs_d,
+                          HEAD_DIM, AS_F32, WIDE)
         s1 = _piece_logits(q, k1, mask1, q_coord, k_y1, k_x1, rpb_base, qk_scale, HAS_RPB, KERNEL_H, KERNEL_W,
                            PRECISION)
         m_i = tl.max(s1, 1)
         if PIECE_2 > 0:
-            k_y2, k_x2, k2, v2_, bad2, mask2 = _piece(
-                k_base, v_base, key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, group_y, group_x, dil_h,
-                dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, PIECE_1, PIECE_2, KEY_ROWS, KEY_COLS, HEAD_DIM,
-                KERNEL_H, KERNEL_W, AS_F32, WIDE)
+            k_y2, k_x2, k_valid2, mask2 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, PIECE_1,
+                                                 PIECE_2, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+            k2 = _load_tokens(k_base, k_y2, k_x2, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid2, offs_d,
+                              HEAD_DIM, AS_F32, WIDE)
             s2 = _piece_logits(q, k2, mask2, q_coord, k_y2, k_x2, rpb_base, qk_scale, HAS_RPB, KERNEL_H, KERNEL_W,
                                PRECISION)
             m_i = tl.maximum(m_i, tl.max(s2, 1))
         if PIECE_3 > 0:
-            k_y3, k_x3, k3, v3_, bad3, mask3 = _piece(
-                k_base, v_base, key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, group_y, group_x, dil_h,
-                dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, PIECE_1 + PIECE_2, PIECE_3, KEY_ROWS, KEY_COLS,
-                HEAD_DIM, KERNEL_H, KERNEL_W, AS_F32, WIDE)
+            k_y3, k_x3, k_valid3, mask3 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x,
+                                                 PIECE_1 + PIECE_2, PIECE_3, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+            k3 = _load_tokens(k_base, k_y3, k_x3, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid3, offs_d,
+                              HEAD_DIM, AS_F32, WIDE)
             s3 = _piece_logits(q, k3, mask3, q_coord, k_y3, k_x3, rpb_base, qk_scale, HAS_RPB, KERNEL_H, KERNEL_W,
                                PRECISION)
             m_i = tl.maximum(m_i, tl.max(s3, 1))
         m_ref = tl.where(m_i == float('-inf'), 0.0, m_i)   # a padding query sees no key
-        l_i, acc, acc_ww, poisoned = _piece_output(s1, m_ref, v1_, bad1, mask1, q_y, q_x, q_valid, win_y, win_x,
+        v1_ = _load_tokens(v_base, k_y1, k_x1, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid1, offs_d,
+                           HEAD_DIM, AS_F32, WIDE)
+        l_i, acc, acc_ww, poisoned = _piece_output(s1, m_ref, v1_, mask1, q_y, q_x, q_valid, win_y, win_x,
                                                    k_y1, k_x1, ww_base, group_y, group_x, dil_h, dil_w, sww_y, sww_x,
                                                    sww_j, HAS_WW, KERNEL_W, WIDE, PRECISION)
         if PIECE_2 > 0:
+            v2_ = _load_tokens(v_base, k_y2, k_x2, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid2, offs_d,
+                               HEAD_DIM, AS_F32, WIDE)
             l_2, acc_2, acc_ww_2, poisoned_2 = _piece_output(
-                s2, m_ref, v2_, bad2, mask2, q_y, q_x, q_valid, win_y, win_x, k_y2, k_x2, ww_base, group_y, group_x,
+                s2, m_ref, v2_, mask2, q_y, q_x, q_valid, win_y, win_x, k_y2, k_x2, ww_base, group_y, group_x,
                 dil_h, dil_w, sww_y, sww_x, sww_j, HAS_WW, KERNEL_W, WIDE, PRECISION)
             l_i += l_2
             acc += acc_2
             acc_ww += acc_ww_2
             poisoned = tl.maximum(poisoned, poisoned_2)
         if PIECE_3 > 0:
+            v3_ = _load_tokens(v_base, k_y3, k_x3, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid3, offs_d,
+                               HEAD_DIM, AS_F32, WIDE)
             l_3, acc_3, acc_ww_3, poisoned_3 = _piece_output(
-                s3, m_ref, v3_, bad3, mask3, q_y, q_x, q_valid, win_y, win_x, k_y3, k_x3, ww_base, group_y, group_x,
+                s3, m_ref, v3_, mask3, q_y, q_x, q_valid, win_y, win_x, k_y3, k_x3, ww_base, group_y, group_x,
                 dil_h, dil_w, sww_y, sww_x, sww_j, HAS_WW, KERNEL_W, WIDE, PRECISION)
             l_i += l_3
             acc += acc_3
@@ -235,12 +235,15 @@ def _forward_kernel(
 
 
 @triton.jit
-def _piece_ww_correction(do, v, mask, q_y, q_x, win_y, win_x, k_y, k_x, ww_base, dww_base, group_y, group_x, dil_h,
-                         dil_w, sww_y, sww_x, sww_j, WW_GRAD: tl.constexpr, KERNEL_W: tl.constexpr,
-                         WIDE: tl.constexpr, PRECISION: tl.constexpr):
+def _piece_ww_correction(do, v_base, k_valid, mask, q_y, q_x, win_y, win_x, k_y, k_x, ww_base, dww_base, group_y,
+                         group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x, sww_j, offs_d, WW_GRAD: tl.constexpr,
+                         KERNEL_W: tl.constexpr, HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """``sum_j w_j (dO . v_j)`` over a piece (what delta must lose: O holds the window weight's sum, which is
     not attention); stores those ``dO . v_j`` as d_window_weight when asked."""
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
+    dp = tl.dot(do, tl.trans(_finite_or_zero(v).to(v.dtype)), input_precision=PRECISION)
     ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
                                      k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, KERNEL_W, WIDE)
     ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
@@ -273,14 +276,20 @@ def _rpb_histogram_band(ds, k_y, k_x, band_y, x0, BAND: tl.constexpr, TILE_W: tl
 
 
 @triton.jit
-def _piece_dq(q, do, lse, delta, k, v, mask, q_coord, k_y, k_x, band_y, x0, rpb_base, qk_scale, HAS_RPB: tl.constexpr,
-              RPB_GRAD: tl.constexpr, BAND: tl.constexpr, TILE_W: tl.constexpr,
-              KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, BIAS_H: tl.constexpr, BIAS_W: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """A piece's share of dQ (unscaled) and of the band's rpb gradient."""
+def _piece_dq(q, do, lse, delta, k_base, v_base, k_valid, mask, q_coord, k_y, k_x, band_y, x0, rpb_base, qk_scale,
+              group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, HAS_RPB: tl.constexpr,
+              RPB_GRAD: tl.constexpr, BAND: tl.constexpr, TILE_W: tl.constexpr, KERNEL_H: tl.constexpr,
+              KERNEL_W: tl.constexpr, BIAS_H: tl.constexpr, BIAS_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+              AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
+    """A piece's share of dQ (unscaled) and of the band's rpb gradient; k and v enter the products with their
+    non-finite entries zeroed (masked pairs add exactly zero)."""
+    k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
+    v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
     s = _piece_logits(q, k, mask, q_coord, k_y, k_x, rpb_base, qk_scale, HAS_RPB, KERNEL_H, KERNEL_W, PRECISION)
     p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(_finite_or_zero(v).to(v.dtype)), input_precision=PRECISION)
     ds = tl.where(mask, p * (dp - delta[:, None]), 0.0)
     dq = tl.dot(ds.to(k.dtype), _finite_or_zero(k).to(k.dtype), input_precision=PRECISION)
     if RPB_GRAD:
@@ -334,52 +343,49 @@ def _backward_dq_kernel(
         win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
         key_row0 = _window_start(band_y, len_y, KERNEL_H, CLAMP)
         q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
-        k_y1, k_x1, k1, v1_, _, mask1 = _piece(
-            k_base, v_base, key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, group_y, group_x, dil_h, dil_w,
-            sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, 0, PIECE_1, KEY_ROWS, KEY_COLS, HEAD_DIM, KERNEL_H,
-            KERNEL_W, AS_F32, WIDE)
+        k_y1, k_x1, k_valid1, mask1 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, 0,
+                                             PIECE_1, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
         mask1 = mask1 & q_valid[:, None]
         if PIECE_2 > 0:
-            k_y2, k_x2, k2, v2_, _, mask2 = _piece(
-                k_base, v_base, key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, group_y, group_x, dil_h,
-                dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, PIECE_1, PIECE_2, KEY_ROWS, KEY_COLS, HEAD_DIM,
-                KERNEL_H, KERNEL_W, AS_F32, WIDE)
+            k_y2, k_x2, k_valid2, mask2 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, PIECE_1,
+                                                 PIECE_2, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
             mask2 = mask2 & q_valid[:, None]
         if PIECE_3 > 0:
-            k_y3, k_x3, k3, v3_, _, mask3 = _piece(
-                k_base, v_base, key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, group_y, group_x, dil_h,
-                dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, PIECE_1 + PIECE_2, PIECE_3, KEY_ROWS, KEY_COLS,
-                HEAD_DIM, KERNEL_H, KERNEL_W, AS_F32, WIDE)
+            k_y3, k_x3, k_valid3, mask3 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x,
+                                                 PIECE_1 + PIECE_2, PIECE_3, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
             mask3 = mask3 & q_valid[:, None]
         if HAS_WW:   # delta first: the rpb histogram needs the final delta
-            delta -= _piece_ww_correction(do, v1_, mask1, q_y, q_x, win_y, win_x, k_y1, k_x1, ww_base, dww_base,
-                                          group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, WW_GRAD, KERNEL_W,
-                                          WIDE, PRECISION)
+            delta -= _piece_ww_correction(do, v_base, k_valid1, mask1, q_y, q_x, win_y, win_x, k_y1, k_x1, ww_base,
+                                          dww_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x,
+                                          sww_j, offs_d, WW_GRAD, KERNEL_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
             if PIECE_2 > 0:
-                delta -= _piece_ww_correction(do, v2_, mask2, q_y, q_x, win_y, win_x, k_y2, k_x2, ww_base, dww_base,
-                                              group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, WW_GRAD, KERNEL_W,
-                                              WIDE, PRECISION)
+                delta -= _piece_ww_correction(do, v_base, k_valid2, mask2, q_y, q_x, win_y, win_x, k_y2, k_x2, ww_base,
+                                              dww_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x,
+                                              sww_j, offs_d, WW_GRAD, KERNEL_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
             if PIECE_3 > 0:
-                delta -= _piece_ww_correction(do, v3_, mask3, q_y, q_x, win_y, win_x, k_y3, k_x3, ww_base, dww_base,
-                                              group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, WW_GRAD, KERNEL_W,
-                                              WIDE, PRECISION)
+                delta -= _piece_ww_correction(do, v_base, k_valid3, mask3, q_y, q_x, win_y, win_x, k_y3, k_x3, ww_base,
+                                              dww_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x,
+                                              sww_j, offs_d, WW_GRAD, KERNEL_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
         stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
         tl.store(delta_ptr + stat_offs, delta, mask=q_valid)
         lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
-        dq, drpb_band = _piece_dq(q, do, lse, delta, k1, v1_, mask1, q_coord, k_y1, k_x1, band_y, x0, rpb_base,
-                                  qk_scale, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H,
-                                  BIAS_W, PRECISION)
+        dq, drpb_band = _piece_dq(q, do, lse, delta, k_base, v_base, k_valid1, mask1, q_coord, k_y1, k_x1, band_y, x0,
+                                  rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x,
+                                  sv_d, offs_d, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H, BIAS_W,
+                                  HEAD_DIM, AS_F32, WIDE, PRECISION)
         drpb += drpb_band
         if PIECE_2 > 0:
-            dq_2, drpb_band = _piece_dq(q, do, lse, delta, k2, v2_, mask2, q_coord, k_y2, k_x2, band_y, x0, rpb_base,
-                                        qk_scale, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H,
-                                        BIAS_W, PRECISION)
+            dq_2, drpb_band = _piece_dq(q, do, lse, delta, k_base, v_base, k_valid2, mask2, q_coord, k_y2, k_x2, band_y,
+                                        x0, rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y,
+                                        sv_x, sv_d, offs_d, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H,
+                                        BIAS_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
             dq += dq_2
             drpb += drpb_band
         if PIECE_3 > 0:
-            dq_3, drpb_band = _piece_dq(q, do, lse, delta, k3, v3_, mask3, q_coord, k_y3, k_x3, band_y, x0, rpb_base,
-                                        qk_scale, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H,
-                                        BIAS_W, PRECISION)
+            dq_3, drpb_band = _piece_dq(q, do, lse, delta, k_base, v_base, k_valid3, mask3, q_coord, k_y3, k_x3, band_y,
+                                        x0, rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y,
+                                        sv_x, sv_d, offs_d, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H,
+                                        BIAS_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
             dq += dq_3
             drpb += drpb_band
         if HAS_EXTRA:

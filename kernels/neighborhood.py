@@ -22,8 +22,9 @@ offset from the query in group coordinates, ``j' - i' + k - 1`` per axis (NATTEN
 Implementations of one signature: :func:`neighborhood_attention_2d_reference` (a gather of every
 query's window, the ground truth of the tests), the fused Triton kernels (the default on CUDA:
 ``_neighborhood_triton.py``, or the banded ``_neighborhood_triton_v2.py`` where
-:func:`attnzoo.kernels.use_na_kernel` / ``ATTNZOO_NA_KERNEL`` pick ``"v2"``), the CPU kernels (``_neighborhood_cpu.py``, the default on CPU: query tiles
-against the union of their windows, batched, no per-query gather) and NATTEN (``backend="natten"``: clamp border, no rpb).
+:func:`attnzoo.kernels.use_na_kernel` / ``ATTNZOO_NA_KERNEL`` pick ``"v2"``), the CPU kernels
+(``_neighborhood_cpu.py``, the default on CPU: query tiles against the union of their windows, batched, no
+per-query gather) and NATTEN (``backend="natten"``: clamp border, no rpb).
 
 TransNeXt's aggregated attention adds two things: ``extra_bias``, a per-query bias on the logits of the
 extra tokens (its pooled-key position bias), and ``window_weight``, weights added to the window's
