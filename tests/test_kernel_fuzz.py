@@ -50,6 +50,14 @@ def na_kernel(request):
         yield request.param
 
 
+def with_na_kernels(params, ids, v2_slow=()):
+    """Each parametrization (a tuple) once per version of the Triton neighborhood kernels, the version last; v2's
+    run of the cases at ``v2_slow`` (indices) goes under ``slow``: the interpreter's time in the default suite."""
+    return [pytest.param(*values, version, id=f'{version}-{name}',
+                         marks=[pytest.mark.slow] if version == 'v2' and index in v2_slow else [])
+            for version in NA_KERNELS for index, (values, name) in enumerate(zip(params, ids))]
+
+
 # the paths under test: (device of the tensors, backend argument)
 PATHS = {'triton': (DEVICE, 'triton'), 'cpu': ('cpu', None)}
 
@@ -181,9 +189,15 @@ def neighborhood_draw(count, first_seed, max_programs):
             for seed in range(first_seed, first_seed + count)]
 
 
-@pytest.mark.parametrize('seed, case', neighborhood_draw(FAST_DRAW, SEED, max_programs=8), ids=seed_id)
-def test_neighborhood_fuzz(seed, case, na_kernel):
-    run_neighborhood_case(case, seed)
+FAST_NEIGHBORHOOD_DRAW = neighborhood_draw(FAST_DRAW, SEED, max_programs=8)
+
+
+@pytest.mark.parametrize('seed, case, version',
+                         with_na_kernels(FAST_NEIGHBORHOOD_DRAW, [seed_id(seed) for seed, _ in FAST_NEIGHBORHOOD_DRAW],
+                                         v2_slow=range(2, FAST_DRAW)))
+def test_neighborhood_fuzz(seed, case, version):
+    with use_na_kernel(version):
+        run_neighborhood_case(case, seed)
 
 
 @pytest.mark.slow

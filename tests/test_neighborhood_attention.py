@@ -9,7 +9,7 @@ import torch
 
 from attnzoo.kernels import _neighborhood_cpu, neighborhood_attention_2d, use_na_kernel
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference, validate
-from test_kernel_fuzz import assert_matches, na_kernel  # noqa: F401 (a fixture: v1 and v2 Triton kernels)
+from test_kernel_fuzz import assert_matches, na_kernel, with_na_kernels  # noqa: F401 (na_kernel: a fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tools'))   # benchlib: TransNeXt's call
 
@@ -76,22 +76,28 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.parametrize('shape, kernel_size, dilation, border, rpb, n_extra, dtype', TRITON_CASES)
-def test_triton_matches_reference(shape, kernel_size, dilation, border, rpb, n_extra, dtype, na_kernel):
+@pytest.mark.parametrize('shape, kernel_size, dilation, border, rpb, n_extra, dtype, version',
+                         with_na_kernels(TRITON_CASES, [f'case{i}' for i in range(len(TRITON_CASES))],
+                                         v2_slow=(2, 3, 7, 8)))
+def test_triton_matches_reference(shape, kernel_size, dilation, border, rpb, n_extra, dtype, version):
     inputs = make_inputs(shape, kernel_size, rpb, n_extra, dtype, DEVICE)
-    assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=dilation, border=border))
+    with use_na_kernel(version):
+        assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=dilation, border=border))
 
 
-@pytest.mark.parametrize('dtype, head_dim, rpb_dtype', [(torch.bfloat16, 128, 'q'), (torch.float16, 64, 'q'),
-                                                        (torch.bfloat16, 32, torch.float32)],
-                         ids=['bf16-d128-rpb_bf16', 'fp16-d64-rpb_fp16', 'bf16-d32-rpb_fp32'])
-def test_triton_low_precision_and_wide_heads(dtype, head_dim, rpb_dtype, na_kernel):
+@pytest.mark.parametrize('dtype, head_dim, rpb_dtype, version',
+                         with_na_kernels([(torch.bfloat16, 128, 'q'), (torch.float16, 64, 'q'),
+                                          (torch.bfloat16, 32, torch.float32)],
+                                         ['bf16-d128-rpb_bf16', 'fp16-d64-rpb_fp16', 'bf16-d32-rpb_fp32'],
+                                         v2_slow=(0, 1)))
+def test_triton_low_precision_and_wide_heads(dtype, head_dim, rpb_dtype, version):
     """bf16 / fp16 with head dims 64 and 128 (padded tiles of the other sizes are covered above), the rpb
     in q's dtype or float32; every gradient, rpb's included, against the float64 reference."""
     rpb_dtype = dtype if rpb_dtype == 'q' else rpb_dtype
     inputs = make_inputs((1, 9, 11, 2, head_dim), 5, rpb=True, n_extra=3, dtype=dtype, device=DEVICE,
                          rpb_dtype=rpb_dtype)
-    assert_close_to_reference(inputs, dict(kernel_size=5, dilation=(1, 2), border='clamp'))
+    with use_na_kernel(version):
+        assert_close_to_reference(inputs, dict(kernel_size=5, dilation=(1, 2), border='clamp'))
 
 
 def test_triton_strided_views_and_scale(na_kernel):
@@ -390,14 +396,24 @@ def transnext_call(height, width, heads, sr_ratio, dtype, device, seed=3):
     return make_call_inputs(2, height, width, heads, n_pool, seed, weight_std=1.0)(torch.device(device), dtype)
 
 
-@pytest.mark.parametrize('height, width, heads, sr_ratio, dtype', [
+TRANSNEXT_SHAPES = [
     (8, 8, 2, 2, torch.float32),       # stage-1-like: a pool of (H / sr)^2 = 16 tokens
-    pytest.param(14, 10, 2, 2, torch.float32, marks=pytest.mark.slow),   # non-square, L = 35
+    (14, 10, 2, 2, torch.float32),     # non-square, L = 35 (slow)
     (7, 9, 1, 4, torch.float16),       # odd sizes: the pool floors, L = 1 x 2
     (6, 6, 2, 1, torch.bfloat16),      # L = 36: two blocks of extra tokens
-])
-@pytest.mark.parametrize('device, backend, version', [(DEVICE, 'triton', 'v1'), (DEVICE, 'triton', 'v2'),
-                                                     ('cpu', None, 'v1')], ids=['triton', 'triton_v2', 'cpu_kernels'])
+]
+TRANSNEXT_PATHS = {'triton': (DEVICE, 'triton', 'v1'), 'triton_v2': (DEVICE, 'triton', 'v2'),
+                   'cpu_kernels': ('cpu', None, 'v1')}
+
+
+def _transnext_params():
+    """Every shape on every path; the non-square shape, and v2's runs but the first shape, under slow."""
+    return [pytest.param(*shape, *path, id=f'{name}-{index}',
+                         marks=[pytest.mark.slow] if index == 1 or (name == 'triton_v2' and index) else [])
+            for index, shape in enumerate(TRANSNEXT_SHAPES) for name, path in TRANSNEXT_PATHS.items()]
+
+
+@pytest.mark.parametrize('height, width, heads, sr_ratio, dtype, device, backend, version', _transnext_params())
 def test_transnext_call_matches_reference(height, width, heads, sr_ratio, dtype, device, backend, version):
     """TransNeXt's call on the fused kernels (the interpreter on CPU) and on the CPU kernels: output and every
     gradient (q, the kv and pooled-kv projections through their views, local bias, pool bias, window weight)
