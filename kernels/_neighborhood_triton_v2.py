@@ -26,6 +26,8 @@ added ``-inf``), and values / keys enter the products with their non-finite entr
 or Inf of a key outside a query's window cannot reach it through ``0 * NaN``; a query whose window
 holds a non-finite value gets NaN.
 """
+import functools
+
 import triton
 import triton.language as tl
 
@@ -45,6 +47,7 @@ def band_keys(kernel_h, kernel_w, band=BAND, tile_w=TILE_W):
     return kernel_h + band - 1, kernel_w + tile_w - 1
 
 
+@functools.lru_cache(maxsize=None)   # the heuristics ask on every launch
 def band_pieces(kernel_h, kernel_w, band=BAND, tile_w=TILE_W, max_pieces=MAX_PIECES):
     """Sizes of the pieces (powers of two >= 16, largest first, at most ``max_pieces``) that cover a band's
     ``rows * cols`` keys with the fewest scored keys (fewer pieces where equal)."""
