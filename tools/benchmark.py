@@ -74,7 +74,8 @@ def kernel_cases(sections, quick, pattern=None, na_kernels=None):
         module = importlib.import_module(f'benchlib.{section}')
         # the neighborhood section times each version of the Triton kernels named in --na-kernels
         options = dict(na_kernels=na_kernels) if section == 'neighborhood' and na_kernels else {}
-        cases.extend(case for case in module.cases(quick, **options) if pattern is None or re.search(pattern, case.name))
+        cases.extend(case for case in module.cases(quick, **options)
+                     if pattern is None or re.search(pattern, case.name))
     return cases
 
 
