@@ -156,7 +156,8 @@ def _v2_row(size, kernel, dilation, border, block_d):
     return dict(scored=scored, exp=scored, loaded_keys=loaded_rows * loaded_cols,
                 tile=f'{tile_h}x{tile_w} queries in bands of {band}x{tile_w}, keys {key_rows}x{key_cols} '
                      f'in pieces {"+".join(map(str, pieces))}; dk/dv: queries in chunks of {meta["QUERY_CHUNK"]}',
-                dots=[f'{queries}x{piece}x{block_d}' for piece in pieces], dkdv=_v2_dkdv(size, kernel, dilation, border))
+                dots=[f'{queries}x{piece}x{block_d}' for piece in pieces],
+                dkdv=_v2_dkdv(size, kernel, dilation, border))
 
 
 def design_row(version, kernel, dilation, head_dim, size, border='clamp'):
