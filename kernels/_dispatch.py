@@ -8,6 +8,10 @@ Implementations of an op:
 - ``"reference"``: the plain PyTorch reference, traced and differentiated like any PyTorch code;
 - ``"natten"``: ``natten.na2d`` (neighborhood attention only).
 
+The Triton kernels of neighborhood attention come in two versions, ``"v1"`` (``_neighborhood_triton``,
+the default) and ``"v2"`` (``_neighborhood_triton_v2``, banded); :func:`set_na_kernel` /
+:func:`use_na_kernel` or ``ATTNZOO_NA_KERNEL`` pick one until a GPU measurement picks the default.
+
 ``backend=None`` in a call means the process-wide default set by :func:`set_backend` /
 :func:`use_backend` or the ``ATTNZOO_KERNEL_BACKEND`` environment variable, and when none is set,
 ``"triton"`` for CUDA tensors and ``"cpu"`` for others. An explicit ``backend=`` argument wins.
@@ -86,6 +90,46 @@ def device_backend(op_name: str, backend: Optional[str], device: torch.device) -
     if backend == 'cpu' and device.type != 'cpu':
         raise ValueError(f'{op_name}: the "cpu" kernels take CPU tensors, got {device}; use backend=None')
     return backend
+
+
+# ----------------------------------------------------------------------------- neighborhood kernel version
+
+NA_KERNEL_ENV_VAR = 'ATTNZOO_NA_KERNEL'
+NA_KERNELS = ('v1', 'v2')
+
+
+def _checked_na_kernel(value, source):
+    if value not in NA_KERNELS:
+        raise ValueError(f'{source}: unknown neighborhood-attention kernel {value!r}; choose one of {NA_KERNELS}')
+    return value
+
+
+_na_kernel = _checked_na_kernel(os.environ.get(NA_KERNEL_ENV_VAR) or 'v1', f'environment variable {NA_KERNEL_ENV_VAR}')
+
+
+def get_na_kernel() -> str:
+    """The version of the Triton neighborhood-attention kernels that ``backend="triton"`` runs."""
+    return _na_kernel
+
+
+def set_na_kernel(version: str) -> None:
+    """Picks the Triton neighborhood-attention kernels, forward and backward: ``"v1"`` (tile and halo blocks,
+    online softmax) or ``"v2"`` (banded, one exact softmax pass). ``ATTNZOO_NA_KERNEL`` sets the initial
+    value. Read when the registered ops run, so compiled models follow it without recompiling; an eager
+    backward runs the version of its forward."""
+    global _na_kernel
+    _na_kernel = _checked_na_kernel(version, 'set_na_kernel')
+
+
+@contextlib.contextmanager
+def use_na_kernel(version: str):
+    """Context manager form of :func:`set_na_kernel`; restores the previous version on exit."""
+    previous = get_na_kernel()
+    set_na_kernel(version)
+    try:
+        yield
+    finally:
+        set_na_kernel(previous)
 
 
 # ----------------------------------------------------------------------------- Triton launches

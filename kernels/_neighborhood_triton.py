@@ -235,6 +235,103 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _extra_softmax(q, q_y, q_x, q_valid, m_i, l_i, acc, ek_base, ev_base, eb_base, n_extra, qk_scale, group_y,
+                   group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x, seb_l, offs_d,
+                   HEAD_DIM: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Folds the extra tokens (plus their per-query ``extra_bias``) into the online softmax (m, l, acc)."""
+    offs_e = tl.arange(0, BLOCK_E)
+    for e0 in range(0, n_extra, BLOCK_E):
+        ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
+        ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
+        s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
+        e_valid = (e0 + offs_e < n_extra)[None, :]
+        if HAS_EXTRA_BIAS:
+            eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                          (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
+            s += tl.load(eb_base + eb_offs, mask=e_valid & q_valid[:, None], other=0.0).to(tl.float32) \
+                * LOG2E_IN_KERNEL
+        s = tl.where(e_valid, s, float('-inf'))
+        m_i, l_i, acc = _online_softmax_step(s, ev, m_i, l_i, acc, PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _extra_dq(q, do, lse, delta, dq, q_y, q_x, q_valid, ek_base, ev_base, eb_base, deb_base, n_extra, qk_scale,
+              group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x, seb_l, sdeb_y, sdeb_x, sdeb_l,
+              offs_d, HEAD_DIM: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, EXTRA_BIAS_GRAD: tl.constexpr,
+              AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr):
+    """dQ's part from the extra tokens; stores their ``ds`` as d_extra_bias when asked."""
+    offs_e = tl.arange(0, BLOCK_E)
+    for e0 in range(0, n_extra, BLOCK_E):
+        ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
+        ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
+        s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
+        mask = (e0 + offs_e < n_extra)[None, :] & q_valid[:, None]
+        if HAS_EXTRA_BIAS:
+            eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                          (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
+            s += tl.load(eb_base + eb_offs, mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(ek.dtype), ek, input_precision=PRECISION)
+        if EXTRA_BIAS_GRAD:   # the bias adds to the logit: its gradient is ds itself
+            deb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
+                                           (e0 + offs_e)[None, :], sdeb_y, sdeb_x, sdeb_l, WIDE)
+            tl.store(deb_base + deb_offs, ds, mask=mask)
+    return dq
+
+
+@triton.jit
+def _dkdv_block(k, v, k_y, k_x, k_valid, k_coord, q_y, q_x, q_valid, dk, dv, q_base, do_base, lse_ptr, delta_ptr,
+                stat_base, rpb_base, ww_base, qk_scale, group_y, group_x, dil_h, dil_w, len_y, len_x, width,
+                sq_y, sq_x, sq_d, sdo_y, sdo_x, sdo_d, sww_y, sww_x, sww_j, offs_d,
+                HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+                HAS_RPB: tl.constexpr, HAS_WW: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Adds one block of queries (group coordinates q_y, q_x) to a key tile's dK, dV (unscaled). A query that does
+    not see a key adds exactly zero to it: ds is selected, and q / dO enter through ``_finite_part``."""
+    q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
+                     HEAD_DIM, AS_F32, WIDE)
+    do = _load_tokens(do_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x, sdo_d, q_valid,
+                      offs_d, HEAD_DIM, AS_F32, WIDE)
+    stat_offs = stat_base + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+    lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
+    delta = tl.load(delta_ptr + stat_offs, mask=q_valid, other=0.0)
+    win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
+    win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
+    mask = _in_window(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :], k_y[:, None], k_x[:, None],
+                      KERNEL_H, KERNEL_W) & q_valid[None, :] & k_valid[:, None]
+    s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale      # [keys, queries]
+    if HAS_RPB:
+        s += _rpb_bias(rpb_base, _rpb_coord(q_y, q_x, KERNEL_W)[None, :], k_coord[:, None], mask,
+                       KERNEL_H, KERNEL_W)
+    p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
+    if HAS_WW:   # out += sum_j w_j v_j: v_j's gradient gains w_j dO
+        ww_offs = _window_weight_offsets(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :],
+                                         k_y[:, None], k_x[:, None], group_y, group_x, dil_h, dil_w, sww_y,
+                                         sww_x, sww_j, KERNEL_W, WIDE)
+        weight = p + tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        weight = p
+    dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds = tl.where(mask, p * (dp - delta[None, :]), 0.0)
+    do, dv = _finite_part(do, mask, dv)
+    dv += tl.dot(weight.to(do.dtype), do, input_precision=PRECISION)
+    q, dk = _finite_part(q, mask, dk)
+    dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _finite_or_zero(x):
+    """``x`` (float32) with its non-finite entries zeroed: what a product with a masked-out weight must see."""
+    x = x.to(tl.float32)
+    return tl.where((x == x) & (tl.abs(x) != float('inf')), x, 0.0)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 
@@ -304,22 +401,11 @@ def _forward_kernel(
                 ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
                 acc_ww += tl.dot(ww.to(v.dtype), v, input_precision=PRECISION)
     if HAS_EXTRA:
-        offs_e = tl.arange(0, BLOCK_E)
-        ek_base = ek_ptr + b * sek_b + h * sek_h
-        ev_base = ev_ptr + b * sev_b + h * sev_h
-        eb_base = eb_ptr + b * seb_b + h * seb_h
-        for e0 in range(0, n_extra, BLOCK_E):
-            ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
-            ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
-            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
-            e_valid = (e0 + offs_e < n_extra)[None, :]
-            if HAS_EXTRA_BIAS:
-                eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
-                                              (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
-                s += tl.load(eb_base + eb_offs, mask=e_valid & q_valid[:, None], other=0.0).to(tl.float32) \
-                    * LOG2E_IN_KERNEL
-            s = tl.where(e_valid, s, float('-inf'))
-            m_i, l_i, acc = _online_softmax_step(s, ev, m_i, l_i, acc, PRECISION)
+        m_i, l_i, acc = _extra_softmax(q, q_y, q_x, q_valid, m_i, l_i, acc, ek_ptr + b * sek_b + h * sek_h,
+                                       ev_ptr + b * sev_b + h * sev_h, eb_ptr + b * seb_b + h * seb_h, n_extra,
+                                       qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y,
+                                       seb_x, seb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, AS_F32, WIDE, PRECISION,
+                                       BLOCK_E)
 
     l_i = tl.where(l_i == 0, 1.0, l_i)  # only padding queries of partial tiles see no key; a NaN stays
     out = acc / l_i[:, None]
@@ -426,28 +512,11 @@ def _backward_dq_kernel(
                 drpb += _rpb_histogram(ds, q_y, q_x, row0, col0, BLOCK_M, BLOCK_ROWS, BLOCK_COLS, KERNEL_H, KERNEL_W,
                                        BIAS_H, BIAS_W)
     if HAS_EXTRA:
-        offs_e = tl.arange(0, BLOCK_E)
-        ek_base = ek_ptr + b * sek_b + h * sek_h
-        ev_base = ev_ptr + b * sev_b + h * sev_h
-        eb_base = eb_ptr + b * seb_b + h * seb_h
-        deb_base = deb_ptr + b * sdeb_b + h * sdeb_h
-        for e0 in range(0, n_extra, BLOCK_E):
-            ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
-            ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
-            s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
-            mask = (e0 + offs_e < n_extra)[None, :] & q_valid[:, None]
-            if HAS_EXTRA_BIAS:
-                eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
-                                              (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
-                s += tl.load(eb_base + eb_offs, mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
-            p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(ek.dtype), ek, input_precision=PRECISION)
-            if EXTRA_BIAS_GRAD:   # the bias adds to the logit: its gradient is ds itself
-                deb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
-                                               (e0 + offs_e)[None, :], sdeb_y, sdeb_x, sdeb_l, WIDE)
-                tl.store(deb_base + deb_offs, ds, mask=mask)
+        dq = _extra_dq(q, do, lse, delta, dq, q_y, q_x, q_valid, ek_ptr + b * sek_b + h * sek_h,
+                       ev_ptr + b * sev_b + h * sev_h, eb_ptr + b * seb_b + h * seb_h, deb_ptr + b * sdeb_b + h * sdeb_h,
+                       n_extra, qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x,
+                       seb_l, sdeb_y, sdeb_x, sdeb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, EXTRA_BIAS_GRAD, AS_F32, WIDE,
+                       PRECISION, BLOCK_E)
 
     dq_offs = _token_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d, WIDE)
     tl.store(dq_ptr + b * sg_b + h * sg_h + dq_offs, (dq * scale).to(dq_ptr.dtype.element_ty),
@@ -497,35 +566,10 @@ def _backward_dkdv_kernel(
             q_y = row0 + offs_m // BLOCK_COLS
             q_x = col0 + offs_m % BLOCK_COLS
             q_valid = (q_y < row_hi) & (q_x < col_hi)
-            q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
-                             HEAD_DIM, AS_F32, WIDE)
-            do = _load_tokens(do_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x, sdo_d, q_valid,
-                              offs_d, HEAD_DIM, AS_F32, WIDE)
-            stat_offs = stat_base + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
-            lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
-            delta = tl.load(delta_ptr + stat_offs, mask=q_valid, other=0.0)
-            win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
-            win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
-            mask = _in_window(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :], k_y[:, None], k_x[:, None],
-                              KERNEL_H, KERNEL_W) & q_valid[None, :] & k_valid[:, None]
-            s = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale      # [keys, queries]
-            if HAS_RPB:
-                s += _rpb_bias(rpb_base, _rpb_coord(q_y, q_x, KERNEL_W)[None, :], k_coord[:, None], mask,
-                               KERNEL_H, KERNEL_W)
-            p = tl.where(mask, tl.exp2(s - lse[None, :]), 0.0)
-            if HAS_WW:   # out += sum_j w_j v_j: v_j's gradient gains w_j dO
-                ww_offs = _window_weight_offsets(q_y[None, :], q_x[None, :], win_y[None, :], win_x[None, :],
-                                                 k_y[:, None], k_x[:, None], group_y, group_x, dil_h, dil_w, sww_y,
-                                                 sww_x, sww_j, KERNEL_W, WIDE)
-                weight = p + tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
-            else:
-                weight = p
-            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds = tl.where(mask, p * (dp - delta[None, :]), 0.0)
-            do, dv = _finite_part(do, mask, dv)
-            dv += tl.dot(weight.to(do.dtype), do, input_precision=PRECISION)
-            q, dk = _finite_part(q, mask, dk)
-            dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
+            dk, dv = _dkdv_block(k, v, k_y, k_x, k_valid, k_coord, q_y, q_x, q_valid, dk, dv, q_base, do_base, lse_ptr,
+                                 delta_ptr, stat_base, rpb_base, ww_base, qk_scale, group_y, group_x, dil_h, dil_w,
+                                 len_y, len_x, width, sq_y, sq_x, sq_d, sdo_y, sdo_x, sdo_d, sww_y, sww_x, sww_j,
+                                 offs_d, HEAD_DIM, KERNEL_H, KERNEL_W, CLAMP, HAS_RPB, HAS_WW, AS_F32, WIDE, PRECISION)
 
     offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d,
                                                 WIDE)
@@ -695,8 +739,9 @@ def _or_placeholder(tensor, placeholder, dims):
     return (tensor, tensor.stride()) if tensor is not None else (placeholder, (0,) * dims)
 
 
-def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None):
-    """Output ``[B, H, W, heads, D]`` (contiguous) and the base-2 log-sum-exp ``[B, heads, H, W]``."""
+def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, forward_kernel=_FORWARD):
+    """Output ``[B, H, W, heads, D]`` (contiguous) and the base-2 log-sum-exp ``[B, heads, H, W]``.
+    ``forward_kernel``: v1's or another with its arguments (``_neighborhood_triton_v2``)."""
     batch, height, width, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=q.device)
@@ -705,16 +750,17 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     common = _common(q, spec, k, v, out, extra_bias, window_weight)
     for rows in batch_chunks(OP_NAME, batch, heads):   # batch * heads programs on grid axis y
         _forward_launch(q[rows], k[rows], v[rows], out[rows], lse[rows], rpb, _rows(extra_k, rows),
-                        _rows(extra_v, rows), _rows(extra_bias, rows), _rows(window_weight, rows), spec, common)
+                        _rows(extra_v, rows), _rows(extra_bias, rows), _rows(window_weight, rows), spec, common,
+                        forward_kernel)
     return out, lse
 
 
-def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window_weight, spec, common):
+def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window_weight, spec, common, kernel):
     batch, height, width, heads, _ = q.shape
     ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
     eb, eb_strides = _or_placeholder(extra_bias, q, 5)
     ww, ww_strides = _or_placeholder(window_weight, q, 5)
-    _FORWARD[_grid(spec, height, width, batch, heads)](
+    kernel[_grid(spec, height, width, batch, heads)](
         q, k, v, out, lse, rpb if rpb is not None else q, ek, ev, eb, ww, *q.stride(), *k.stride(), *v.stride(),
         *out.stride(), *ek.stride(), *ev.stride(), *eb_strides, *ww_strides,
         heads, height, width, *spec.dilation, size_class(batch, heads, height, width, spec.dilation),
@@ -724,9 +770,10 @@ def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window
 
 
 def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
-             extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False):
+             extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False,
+             dq_kernel=_BACKWARD_DQ, dkdv_kernel=_BACKWARD_DKDV):
     """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)``; None where not
-    asked for."""
+    asked for. ``dq_kernel``, ``dkdv_kernel``: v1's or others with their arguments (``_neighborhood_triton_v2``)."""
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb = rpb.contiguous() if rpb is not None else None
@@ -741,7 +788,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     # one slot per (image, head, tile) for the config with the most tiles; unused slots stay zero (a
     # placeholder per image without rpb gradient: the autotuner zeroes it between its trial runs)
     drpb_tiles = max(_tiles(height, width, spec.dilation, c.kwargs['TILE_H'], c.kwargs['TILE_W'])
-                     for c in _BACKWARD_DQ.configs) if rpb_grad else 0
+                     for c in dq_kernel.configs) if rpb_grad else 0
     drpb_partial = torch.zeros((batch, heads, drpb_tiles, 2 * kernel_h - 1, 2 * kernel_w - 1) if rpb_grad
                                else (batch, 1), dtype=torch.float32, device=q.device)
     d_extra_k = torch.empty(extra_k.shape, dtype=q.dtype, device=q.device) if extra_grad else None
@@ -757,7 +804,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
                          dk[rows], dv[rows], rpb, drpb_partial[rows], rpb_grad, drpb_tiles,
                          _rows(extra_k, rows), _rows(extra_v, rows), _rows(d_extra_k, rows), _rows(d_extra_v, rows),
                          _rows(extra_bias, rows), _rows(d_extra_bias, rows), _rows(window_weight, rows),
-                         _rows(d_window_weight, rows), spec, common)
+                         _rows(d_window_weight, rows), spec, common, dq_kernel, dkdv_kernel)
     d_rpb = drpb_partial.sum((0, 2)).to(rpb.dtype) if rpb_grad else None
     if d_extra_bias is not None:
         broadcast = tuple(dim for dim in (0, 1) if bias_shape[dim] == 1 and d_extra_bias.shape[dim] != 1)
@@ -768,7 +815,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
 
 def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_partial, rpb_grad, drpb_tiles, extra_k,
                      extra_v, d_extra_k, d_extra_v, extra_bias, d_extra_bias, window_weight, d_window_weight, spec,
-                     common):
+                     common, dq_kernel, dkdv_kernel):
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb_arg = rpb if rpb is not None else q
@@ -780,7 +827,7 @@ def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_p
     n_extra = extra_k.shape[1] if extra_k is not None else 0
     grid = _grid(spec, height, width, batch, heads)
     tune_size = size_class(batch, heads, height, width, spec.dilation)
-    _BACKWARD_DQ[grid](
+    dq_kernel[grid](
         q, k, v, out, grad_out, lse, delta, dq, rpb_arg, drpb_partial, ek, ev, eb, deb, ww, dww,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *ek.stride(), *ev.stride(),
         *dq.stride(), *eb_strides, *deb_strides, *ww_strides,
@@ -790,7 +837,7 @@ def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_p
         HAS_WW=window_weight is not None, WW_GRAD=d_window_weight is not None,
         BLOCK_E=EXTRA_BLOCK, BIAS_H=max(MIN_DOT, triton.next_power_of_2(2 * kernel_h - 1)),
         BIAS_W=max(MIN_DOT, triton.next_power_of_2(2 * kernel_w - 1)), **common)
-    _BACKWARD_DKDV[grid](
+    dkdv_kernel[grid](
         q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, ww,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ww_strides,
         heads, height, width, *spec.dilation, tune_size, spec.scale * LOG2E, spec.scale, HAS_RPB=rpb is not None,

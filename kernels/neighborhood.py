@@ -20,9 +20,11 @@ The relative position bias (NAT's ``rpb``, ``[heads, 2k - 1, 2k - 1]``) of a key
 offset from the query in group coordinates, ``j' - i' + k - 1`` per axis (NATTEN < 0.20).
 
 Implementations of one signature: :func:`neighborhood_attention_2d_reference` (a gather of every
-query's window, the ground truth of the tests), the fused Triton kernels (``_neighborhood_triton.py``,
-the default on CUDA), the CPU kernels (``_neighborhood_cpu.py``, the default on CPU: query tiles
-against the union of their windows, batched, no per-query gather) and NATTEN (``backend="natten"``: clamp border, no rpb).
+query's window, the ground truth of the tests), the fused Triton kernels (the default on CUDA:
+``_neighborhood_triton.py``, or the banded ``_neighborhood_triton_v2.py`` where
+:func:`attnzoo.kernels.use_na_kernel` / ``ATTNZOO_NA_KERNEL`` pick ``"v2"``), the CPU kernels
+(``_neighborhood_cpu.py``, the default on CPU: query tiles against the union of their windows, batched, no
+per-query gather) and NATTEN (``backend="natten"``: clamp border, no rpb).
 
 TransNeXt's aggregated attention adds two things: ``extra_bias``, a per-query bias on the logits of the
 extra tokens (its pooled-key position bias), and ``window_weight``, weights added to the window's
@@ -38,7 +40,7 @@ from timm.layers import register_notrace_function
 from torch.utils.flop_counter import register_flop_formula
 
 from . import _neighborhood_cpu
-from ._dispatch import LIBRARY, device_backend, register_autocast, requested_backend
+from ._dispatch import LIBRARY, device_backend, get_na_kernel, register_autocast, requested_backend, use_na_kernel
 from ._validation import check_qkv, check_tensor, check_type, int_pair, softmax_scale
 
 OP_NAME = 'neighborhood_attention_2d'
@@ -253,8 +255,11 @@ def _cpu_kernels():
 
 
 def _kernels(backend):
-    if backend == 'triton':
-        from . import _neighborhood_triton   # triton is optional on CPU-only installs
+    if backend == 'triton':   # triton is optional on CPU-only installs: imported here
+        if get_na_kernel() == 'v2':
+            from . import _neighborhood_triton_v2
+            return _neighborhood_triton_v2
+        from . import _neighborhood_triton
         return _neighborhood_triton
     return _cpu_kernels()
 
@@ -348,6 +353,7 @@ def _save_for_backward(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, rpb, extra_k, extra_v, out, lse, extra_bias, window_weight)
     ctx.geometry = (kernel_size, dilation, scale, border, backend)
+    ctx.na_kernel = get_na_kernel()   # eager: the backward runs the forward's version of the Triton kernels
     ctx.mark_non_differentiable(lse)
 
 
@@ -358,9 +364,10 @@ def _forward_backward(ctx, grad_out, grad_lse):
     extra_grad = extra_k is not None and (ctx.needs_input_grad[8] or ctx.needs_input_grad[9])
     extra_bias_grad = extra_bias is not None and ctx.needs_input_grad[11]
     window_weight_grad = window_weight is not None and ctx.needs_input_grad[12]
-    grads = torch.ops.attnzoo.neighborhood_attention_2d_backward(
-        grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend, rpb_grad,
-        extra_grad, extra_bias, window_weight, extra_bias_grad, window_weight_grad)
+    with use_na_kernel(ctx.na_kernel):
+        grads = torch.ops.attnzoo.neighborhood_attention_2d_backward(
+            grad_out, q, k, v, out, lse, kernel_size, dilation, scale, rpb, border, extra_k, extra_v, backend,
+            rpb_grad, extra_grad, extra_bias, window_weight, extra_bias_grad, window_weight_grad)
     grads = list(grads)
     dq, dk, dv = grads[:3]
     rest = grads[3:]

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from attnzoo.kernels import _dispatch, neighborhood_attention_2d, routing_attention
-from attnzoo.kernels._dispatch import dot_precision, triton_interpreted
+from attnzoo.kernels import _dispatch, neighborhood_attention_2d, routing_attention, use_na_kernel
+from attnzoo.kernels._dispatch import NA_KERNELS, dot_precision, triton_interpreted
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
 from attnzoo.kernels.routing import routing_attention_reference
 
@@ -41,6 +41,21 @@ def assert_matches(name, got, expected, dtype):
     scale = max(1.0, expected.abs().max().item())
     error = (got.double() - expected).abs().max().item()
     assert error <= TOLERANCE[dtype] * scale, f'{name}: max error {error:.3g} > {TOLERANCE[dtype]} * {scale:.3g}'
+
+
+@pytest.fixture(params=NA_KERNELS)
+def na_kernel(request):
+    """Runs a test of the Triton neighborhood path on each version of its kernels (ATTNZOO_NA_KERNEL)."""
+    with use_na_kernel(request.param):
+        yield request.param
+
+
+def with_na_kernels(params, ids, v2_slow=()):
+    """Each parametrization (a tuple) once per version of the Triton neighborhood kernels, the version last; v2's
+    run of the cases at ``v2_slow`` (indices) goes under ``slow``: the interpreter's time in the default suite."""
+    return [pytest.param(*values, version, id=f'{version}-{name}',
+                         marks=[pytest.mark.slow] if version == 'v2' and index in v2_slow else [])
+            for version in NA_KERNELS for index, (values, name) in enumerate(zip(params, ids))]
 
 
 # the paths under test: (device of the tensors, backend argument)
@@ -174,15 +189,21 @@ def neighborhood_draw(count, first_seed, max_programs):
             for seed in range(first_seed, first_seed + count)]
 
 
-@pytest.mark.parametrize('seed, case', neighborhood_draw(FAST_DRAW, SEED, max_programs=8), ids=seed_id)
-def test_neighborhood_fuzz(seed, case):
-    run_neighborhood_case(case, seed)
+FAST_NEIGHBORHOOD_DRAW = neighborhood_draw(FAST_DRAW, SEED, max_programs=8)
+
+
+@pytest.mark.parametrize('seed, case, version',
+                         with_na_kernels(FAST_NEIGHBORHOOD_DRAW, [seed_id(seed) for seed, _ in FAST_NEIGHBORHOOD_DRAW],
+                                         v2_slow=range(2, FAST_DRAW)))
+def test_neighborhood_fuzz(seed, case, version):
+    with use_na_kernel(version):
+        run_neighborhood_case(case, seed)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('seed, case', neighborhood_draw(SLOW_DRAW, SEED + 10_000, max_programs=64),
                          ids=seed_id)
-def test_neighborhood_fuzz_thorough(seed, case):
+def test_neighborhood_fuzz_thorough(seed, case, na_kernel):
     run_neighborhood_case(case, seed)
 
 

@@ -1,14 +1,15 @@
 """neighborhood_attention_2d: Triton kernels (interpreted on CPU) against the PyTorch reference, the
 reference against independent definitions (dense masked softmax, NATTEN), and input validation."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from attnzoo.kernels import _neighborhood_cpu, neighborhood_attention_2d
+from attnzoo.kernels import _neighborhood_cpu, neighborhood_attention_2d, use_na_kernel
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference, validate
-from test_kernel_fuzz import assert_matches
+from test_kernel_fuzz import assert_matches, na_kernel, with_na_kernels  # noqa: F401 (na_kernel: a fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tools'))   # benchlib: TransNeXt's call
 
@@ -75,25 +76,31 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.parametrize('shape, kernel_size, dilation, border, rpb, n_extra, dtype', TRITON_CASES)
-def test_triton_matches_reference(shape, kernel_size, dilation, border, rpb, n_extra, dtype):
+@pytest.mark.parametrize('shape, kernel_size, dilation, border, rpb, n_extra, dtype, version',
+                         with_na_kernels(TRITON_CASES, [f'case{i}' for i in range(len(TRITON_CASES))],
+                                         v2_slow=(2, 3, 7, 8)))
+def test_triton_matches_reference(shape, kernel_size, dilation, border, rpb, n_extra, dtype, version):
     inputs = make_inputs(shape, kernel_size, rpb, n_extra, dtype, DEVICE)
-    assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=dilation, border=border))
+    with use_na_kernel(version):
+        assert_close_to_reference(inputs, dict(kernel_size=kernel_size, dilation=dilation, border=border))
 
 
-@pytest.mark.parametrize('dtype, head_dim, rpb_dtype', [(torch.bfloat16, 128, 'q'), (torch.float16, 64, 'q'),
-                                                        (torch.bfloat16, 32, torch.float32)],
-                         ids=['bf16-d128-rpb_bf16', 'fp16-d64-rpb_fp16', 'bf16-d32-rpb_fp32'])
-def test_triton_low_precision_and_wide_heads(dtype, head_dim, rpb_dtype):
+@pytest.mark.parametrize('dtype, head_dim, rpb_dtype, version',
+                         with_na_kernels([(torch.bfloat16, 128, 'q'), (torch.float16, 64, 'q'),
+                                          (torch.bfloat16, 32, torch.float32)],
+                                         ['bf16-d128-rpb_bf16', 'fp16-d64-rpb_fp16', 'bf16-d32-rpb_fp32'],
+                                         v2_slow=(0, 1)))
+def test_triton_low_precision_and_wide_heads(dtype, head_dim, rpb_dtype, version):
     """bf16 / fp16 with head dims 64 and 128 (padded tiles of the other sizes are covered above), the rpb
     in q's dtype or float32; every gradient, rpb's included, against the float64 reference."""
     rpb_dtype = dtype if rpb_dtype == 'q' else rpb_dtype
     inputs = make_inputs((1, 9, 11, 2, head_dim), 5, rpb=True, n_extra=3, dtype=dtype, device=DEVICE,
                          rpb_dtype=rpb_dtype)
-    assert_close_to_reference(inputs, dict(kernel_size=5, dilation=(1, 2), border='clamp'))
+    with use_na_kernel(version):
+        assert_close_to_reference(inputs, dict(kernel_size=5, dilation=(1, 2), border='clamp'))
 
 
-def test_triton_strided_views_and_scale():
+def test_triton_strided_views_and_scale(na_kernel):
     """q, k, v as views into one qkv tensor (no copies), custom scale, rpb without gradient."""
     gen = torch.Generator().manual_seed(2)
     qkv = torch.randn(1, 10, 12, 3, 1, 24, generator=gen).to(DEVICE).requires_grad_()
@@ -389,21 +396,33 @@ def transnext_call(height, width, heads, sr_ratio, dtype, device, seed=3):
     return make_call_inputs(2, height, width, heads, n_pool, seed, weight_std=1.0)(torch.device(device), dtype)
 
 
-@pytest.mark.parametrize('height, width, heads, sr_ratio, dtype', [
+TRANSNEXT_SHAPES = [
     (8, 8, 2, 2, torch.float32),       # stage-1-like: a pool of (H / sr)^2 = 16 tokens
-    pytest.param(14, 10, 2, 2, torch.float32, marks=pytest.mark.slow),   # non-square, L = 35
+    (14, 10, 2, 2, torch.float32),     # non-square, L = 35 (slow)
     (7, 9, 1, 4, torch.float16),       # odd sizes: the pool floors, L = 1 x 2
     (6, 6, 2, 1, torch.bfloat16),      # L = 36: two blocks of extra tokens
-])
-@pytest.mark.parametrize('device, backend', [(DEVICE, 'triton'), ('cpu', None)], ids=['triton', 'cpu_kernels'])
-def test_transnext_call_matches_reference(height, width, heads, sr_ratio, dtype, device, backend):
+]
+TRANSNEXT_PATHS = {'triton': (DEVICE, 'triton', 'v1'), 'triton_v2': (DEVICE, 'triton', 'v2'),
+                   'cpu_kernels': ('cpu', None, 'v1')}
+
+
+def _transnext_params():
+    """Every shape on every path; the non-square shape, and v2's runs but the first shape, under slow."""
+    return [pytest.param(*shape, *path, id=f'{name}-{index}',
+                         marks=[pytest.mark.slow] if index == 1 or (name == 'triton_v2' and index) else [])
+            for index, shape in enumerate(TRANSNEXT_SHAPES) for name, path in TRANSNEXT_PATHS.items()]
+
+
+@pytest.mark.parametrize('height, width, heads, sr_ratio, dtype, device, backend, version', _transnext_params())
+def test_transnext_call_matches_reference(height, width, heads, sr_ratio, dtype, device, backend, version):
     """TransNeXt's call on the fused kernels (the interpreter on CPU) and on the CPU kernels: output and every
     gradient (q, the kv and pooled-kv projections through their views, local bias, pool bias, window weight)
     against the float64 reference."""
     inputs = transnext_call(height, width, heads, sr_ratio, dtype, device)
     options = dict(kernel_size=3, border='zero', scale=1.0)
     grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(1)).to(device)
-    got = outputs_and_grads(neighborhood_attention_2d, inputs, grad_out, backend=backend, **options)
+    with use_na_kernel(version):
+        got = outputs_and_grads(neighborhood_attention_2d, inputs, grad_out, backend=backend, **options)
     expected = reference_in_float64(inputs, grad_out, **options)
     for name, g, e in zip(['out'] + list(inputs), got, expected):
         assert g.dtype == inputs.get(name, inputs['q']).dtype, name
@@ -431,7 +450,7 @@ def test_flop_counter_counts_the_op_as_the_reference(transnext):
     assert counts[None, 'fwd+bwd'] == counts['reference', 'fwd+bwd'] == 3 * counts[None, 'fwd']
 
 
-def test_zero_border_window_larger_than_the_map():
+def test_zero_border_window_larger_than_the_map(na_kernel):
     """A centred window larger than the map sees only the map (TransNeXt's 3x3 window on 1x1 / 2x2 maps of
     small inputs): reference, CPU kernels and Triton kernels against the dense oracle."""
     inputs = {name: t.detach().double() for name, t in make_inputs((1, 2, 3, 1, 16), 5, n_extra=2).items()}
@@ -464,3 +483,110 @@ def _bad_transnext_calls():
 def test_bad_extra_bias_or_window_weight_raises(call, error, message):
     with pytest.raises(error, match=message):
         neighborhood_attention_2d(**call)
+
+
+# ----------------------------------------------------------------------------- the Triton kernel version (v1 / v2)
+
+
+def test_na_kernel_switch_names_the_choices():
+    from attnzoo.kernels import get_na_kernel, set_na_kernel
+    assert get_na_kernel() in ('v1', 'v2')
+    with pytest.raises(ValueError, match="unknown neighborhood-attention kernel 'v3'; choose one of \\('v1', 'v2'\\)"):
+        set_na_kernel('v3')
+    with use_na_kernel('v2'):
+        assert get_na_kernel() == 'v2'
+    assert get_na_kernel() == 'v1'
+
+
+def test_na_kernel_environment_variable():
+    import subprocess
+    script = 'import attnzoo.kernels as k; print(k.get_na_kernel())'
+    env = dict(os.environ, ATTNZOO_NA_KERNEL='v2')
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == 'v2', result.stderr
+    env['ATTNZOO_NA_KERNEL'] = 'v9'
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and 'ATTNZOO_NA_KERNEL' in result.stderr and "'v9'" in result.stderr
+
+
+def test_compiled_op_runs_the_chosen_kernels_forward_and_backward(monkeypatch):
+    """The switch is read when the registered ops run: a compiled call follows it without recompiling."""
+    from attnzoo.kernels import _neighborhood_triton, _neighborhood_triton_v2
+    calls = []
+    for version, module in (('v1', _neighborhood_triton), ('v2', _neighborhood_triton_v2)):
+        for name in ('forward', 'backward'):
+            def spy(*args, _original=getattr(module, name), _call=(version, name), **kwargs):
+                calls.append(_call)
+                return _original(*args, **kwargs)
+            monkeypatch.setattr(module, name, spy)
+    inputs = make_inputs((1, 6, 7, 1, 16), 3, device=DEVICE)
+    compiled = torch.compile(lambda q, k, v: neighborhood_attention_2d(q, k, v, 3, backend='triton'), backend='eager',
+                             fullgraph=True)
+    for version in ('v1', 'v2'):
+        calls.clear()
+        with use_na_kernel(version):
+            compiled(**inputs).sum().backward()
+        # v2 reuses v1's launchers, which are then called from v2's
+        assert calls[0] == (version, 'forward') and (version, 'backward') in calls
+        assert all(call[0] == 'v1' for call in calls) if version == 'v1' else True
+    calls.clear()   # eager: the backward runs the forward's version, wherever the switch is by then
+    with use_na_kernel('v2'):
+        out = neighborhood_attention_2d(**inputs, kernel_size=3, backend='triton')
+    out.sum().backward()
+    assert ('v2', 'backward') in calls
+
+
+def test_v2_keeps_non_finite_keys_out_of_other_windows():
+    """A NaN key, a NaN value and an Inf value reach exactly the queries whose windows hold them (and give them
+    non-finite outputs and dQ); every other query's output and dQ, and every finite dK / dV of the reference,
+    match it."""
+    inputs = {name: t.detach().clone() for name, t in make_inputs((1, 12, 12, 1, 16), 3, rpb=True).items()}
+    inputs['k'][0, 5, 6, 0, 3] = float('nan')
+    inputs['v'][0, 6, 2, 0, 0] = float('nan')
+    inputs['v'][0, 9, 9, 0, 1] = float('inf')
+    grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(1))
+    leaves = {name: t.to(DEVICE).requires_grad_() for name, t in inputs.items()}
+    with use_na_kernel('v2'):
+        out = neighborhood_attention_2d(**leaves, kernel_size=3, backend='triton')
+        dq, dk, dv = torch.autograd.grad(out, [leaves[name] for name in 'qkv'], grad_out.to(DEVICE))
+    leaves64 = {name: t.double().requires_grad_() for name, t in inputs.items()}
+    out64 = neighborhood_attention_2d_reference(**leaves64, kernel_size=3)
+    dq64, dk64, dv64 = torch.autograd.grad(out64, [leaves64[name] for name in 'qkv'], grad_out.double())
+    for name, got, expected in (('dk', dk.cpu(), dk64), ('dv', dv.cpu(), dv64)):
+        finite = torch.isfinite(expected)
+        assert finite.any() and not finite.all(), name
+        torch.testing.assert_close(got[finite].double(), expected[finite], atol=1e-4, rtol=1e-4, msg=name)
+    for name, got, expected in (('out', out.cpu(), out64), ('dq', dq.cpu(), dq64)):
+        finite = torch.isfinite(expected).all(-1)
+        assert 27 <= (~finite).sum() < finite.numel() // 2, name   # three windows' queries (more at the clamp)
+        torch.testing.assert_close(got[finite].double(), expected[finite], atol=1e-4, rtol=1e-4, msg=name)
+        assert not torch.isfinite(got[~finite]).all(-1).any(), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name, kwargs', [
+    ('nat_mini', dict(depths=(1, 1, 1, 1))),
+    ('dinat_mini', dict(depths=(2, 2, 1, 1), dilations=((1, 2), (1, 1), (1,), (1,)))),   # 16 x 16: k 7 x dilation 2 fits
+    ('dat_pp_tiny', dict(stage_spec=('N', 'N', 'ND', 'D'))),
+    ('transnext_micro', dict(depths=(1, 1, 1, 1), img_size=64)),
+])
+def test_models_agree_on_both_kernel_versions(name, kwargs):
+    """A small model (64 px, few blocks) on the Triton path: the same output and parameter gradients on v2 as on v1."""
+    import timm
+
+    import attnzoo.backbones  # noqa: F401 (registers the families)
+    from attnzoo.kernels import use_backend
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, **kwargs).to(DEVICE).train()
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    results = {}
+    for version in ('v1', 'v2'):
+        model.zero_grad()
+        with use_backend('triton'), use_na_kernel(version):
+            torch.manual_seed(1)   # drop path and the like draw the same
+            out = model(x)
+            out.square().sum().backward()
+        results[version] = [out.detach()] + [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    assert len(results['v1']) == len(results['v2']) > 1
+    for index, (a, b) in enumerate(zip(results['v1'], results['v2'])):
+        assert_matches(f'tensor {index}', b, a.double(), torch.float32)

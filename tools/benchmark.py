@@ -5,6 +5,8 @@
     python tools/benchmark.py kernels --quick         # tiny shapes: a smoke run that works on CPU
     python tools/benchmark.py kernels --only routing  # one section
     python tools/benchmark.py kernels --cases 'k13|dil2' --dtype bf16   # cases whose name matches
+    python tools/benchmark.py kernels --only neighborhood --na-kernels v2   # one version of the Triton NA kernels
+    python tools/benchmark.py design [--json]         # NA kernels v1 / v2: keys scored vs needed, exp, bytes per query
     python tools/benchmark.py models --models cswin_tiny_224 nat_mini --baseline resnet50
     python tools/benchmark.py models --models biformer_tiny --baseline swin_tiny_patch4_window7_224 --tag biformer
     python tools/benchmark.py cpu                     # CPU kernels vs reference vs dense SDPA; NAT vs CSWin train steps
@@ -66,17 +68,26 @@ def slug(text):
     return re.sub(r'[^A-Za-z0-9]+', '-', text).strip('-').lower()
 
 
-def kernel_cases(sections, quick, pattern=None):
+def kernel_cases(sections, quick, pattern=None, na_kernels=None):
     import importlib
     cases = []
     for section in sections:
         module = importlib.import_module(f'benchlib.{section}')
-        cases.extend(case for case in module.cases(quick) if pattern is None or re.search(pattern, case.name))
+        # the neighborhood section times each version of the Triton kernels named in --na-kernels
+        options = dict(na_kernels=na_kernels) if section == 'neighborhood' and na_kernels else {}
+        cases.extend(case for case in module.cases(quick, **options)
+                     if pattern is None or re.search(pattern, case.name))
     return cases
 
 
+def run_design(as_json):
+    from benchlib.design import design_rows, design_table
+    rows = design_rows()
+    print(json.dumps(rows, indent=1) if as_json else design_table(rows))
+
+
 def run_kernels(args, device, dtypes):
-    cases = kernel_cases(args.only or KERNEL_SECTIONS, args.quick, args.cases)
+    cases = kernel_cases(args.only or KERNEL_SECTIONS, args.quick, args.cases, args.na_kernels)
     total = sum(2 * len(case.impls) for case in cases) * len(dtypes)
     results = []
     with tqdm(total=total, desc='kernels', unit='run') as progress:
@@ -427,7 +438,10 @@ def regenerate_cards(out, results=()):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('section', choices=('kernels', 'models', 'cpu', 'cards'))
+    parser.add_argument('section', choices=('kernels', 'models', 'cpu', 'cards', 'design'))
+    parser.add_argument('--json', action='store_true', help='design section: the rows as JSON instead of a table')
+    parser.add_argument('--na-kernels', nargs='+', choices=('v1', 'v2'), default=None,
+                        help='kernels section: versions of the Triton neighborhood kernels to time (default: both)')
     parser.add_argument('--only', nargs='+', choices=KERNEL_SECTIONS, help='kernel sections to run (default: all)')
     parser.add_argument('--quick', action='store_true', help='tiny shapes: a smoke run, also on CPU')
     parser.add_argument('--dtype', nargs='+', choices=DTYPES, default=None,
@@ -514,6 +528,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.section == 'cards':
         regenerate_cards(args.out)
+        return
+    if args.section == 'design':
+        run_design(args.json)
         return
     # the machine's load (1, 5, 15 min averages) says how far wall times are from an idle machine's
     notes = dict(cpu=cpu_model(), threads=torch.get_num_threads(), cpus=os.cpu_count(),

@@ -3,7 +3,8 @@
 Every case fixes one problem (shape, window, dilation, border, with or without rpb and extra tokens)
 and times every implementation that computes exactly that problem:
 
-- ``attnzoo-triton``: the fused kernels;
+- ``attnzoo-triton``: the fused kernels, v1; ``attnzoo-triton-v2``: the banded v2 kernels (``na_kernels``
+  picks which of the two run; the backward runs the forward's version);
 - ``natten``: ``natten.na2d`` (cases without rpb and with the clamped border only: NATTEN >= 0.20
   has no rpb), where NATTEN's CUDA library is installed;
 - ``flex-tiled``: FlexAttention (compiled on CUDA) on tokens permuted into 8 x 8 spatial tiles, one
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from attnzoo.kernels import neighborhood_attention_2d
+from attnzoo.kernels import neighborhood_attention_2d, use_na_kernel
 from attnzoo.kernels.neighborhood import axis_neighbors
 
 from . import transnext
@@ -40,6 +41,9 @@ SECTION = 'neighborhood'
 FLEX_RECOMPILES = 64
 TILE = 8                # flex-tiled: 8 x 8 token tiles, one 64-token sparse block each
 RASTER_BLOCK = 128      # flex-raster: FlexAttention's default sparse block
+NA_KERNELS = ('v1', 'v2')
+FUSED = 'attnzoo-triton'
+FUSED_NAMES = {'v1': FUSED, 'v2': f'{FUSED}-v2'}
 
 
 @dataclass(frozen=True)
@@ -206,7 +210,7 @@ def _min_bytes(inputs):
 
 def kernel_case(s: NeighborhoodShape, natten: bool, with_reference: bool):
     options = dict(kernel_size=s.kernel, dilation=s.dilation, border=s.border)
-    impls = {'attnzoo-triton': partial(neighborhood_attention_2d, **options, backend='triton'),
+    impls = {FUSED: partial(neighborhood_attention_2d, **options, backend='triton'),
              'flex-tiled': FlexNeighborhood(s, TILE),
              'flex-raster': FlexNeighborhood(s, None)}
     if natten and not s.rpb and s.border == 'clamp':
@@ -243,7 +247,28 @@ def shapes(quick: bool) -> List[NeighborhoodShape]:
     return cases
 
 
-def cases(quick: bool):
+class _OnNaKernel:
+    """The fused op on one version of the Triton kernels (its backward follows the forward's version)."""
+
+    def __init__(self, version, fn):
+        self.version, self.fn = version, fn
+
+    def __call__(self, **inputs):
+        with use_na_kernel(self.version):
+            return self.fn(**inputs)
+
+
+def _per_na_kernel(case: KernelCase, na_kernels) -> KernelCase:
+    """The case with its fused implementation once per kernel version in ``na_kernels``."""
+    fused = case.impls.pop(FUSED, None)
+    if fused is not None:
+        case.impls = {**{FUSED_NAMES[v]: _OnNaKernel(v, fused) for v in na_kernels}, **case.impls}
+    return case
+
+
+def cases(quick: bool, na_kernels=NA_KERNELS):
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILES)
     natten = natten_available()
-    return [kernel_case(s, natten, with_reference=quick) for s in shapes(quick)] + transnext.kernel_cases(quick)
+    return [_per_na_kernel(case, na_kernels)
+            for case in [kernel_case(s, natten, with_reference=quick) for s in shapes(quick)]
+            + transnext.kernel_cases(quick)]

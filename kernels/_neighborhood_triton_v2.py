@@ -1,0 +1,497 @@
+"""Version 2 of the Triton kernels of :func:`attnzoo.kernels.neighborhood_attention_2d`: banded.
+
+Geometry (group coordinates, as v1: dilation splits the map into interleaved groups). A program owns
+an 8 x 8 query tile and walks it in bands of ``BAND`` (2) rows x 8 columns. The window start is
+monotone in the query and grows by at most one per step, so every window of a band lies inside a
+rectangle of ``KEY_ROWS = kernel_h + BAND - 1`` rows x ``KEY_COLS = kernel_w + TILE_W - 1`` columns,
+at the window start of the band's first query (clamped or not: the same rule). The rectangle's
+keys, flattened row-major, are scored in at most three power-of-two pieces (``band_pieces``), so a
+band scores ``KEY_ROWS * KEY_COLS`` keys rounded up to a multiple of 16 instead of a power-of-two
+padded rectangle (at k 7: 112 keys for a window of 49, v1's 8 x 8 tile: 224).
+
+- ``_forward_kernel``: per band, every piece's logits, then one exact softmax over them (no online
+  rescale inside the window), then the extra tokens with the online step (their count is a runtime
+  value); ``window_weight``'s sum in the same pass. Arguments as v1's forward kernel, so v1's
+  launcher runs it.
+- ``_backward_dq_kernel``: per band and piece, the probabilities from the LSE, dQ, the window
+  weight's delta correction and gradient, the rpb-gradient histogram per band (one-hot products,
+  deterministic); v1's launcher and arguments.
+- ``_backward_dkdv_kernel``: per band of 2 x 8 keys, one flat loop over the queries that see them, in
+  chunks of the smallest forward piece (interior bands: the forward's count of logits; clamped border
+  bands: their larger inverse neighbourhood); v1's launcher and arguments.
+- The extra tokens' gradients: v1's kernel. Everything is launched by v1's ``backward``.
+
+Non-finite values stay where they belong: masked logits are selected away (``tl.where``, never an
+added ``-inf``), and values / keys enter the products with their non-finite entries zeroed, so a NaN
+or Inf of a key outside a query's window cannot reach it through ``0 * NaN``; a query whose window
+holds a non-finite value gets NaN.
+"""
+import functools
+
+import triton
+import triton.language as tl
+
+from . import _neighborhood_triton as v1
+from ._dispatch import triton_interpreted
+from ._neighborhood_triton import (MIN_DOT, TUNING_KEY, _dkdv_block, _extra_dq, _extra_softmax, _finite_or_zero,
+                                   _in_window, _load_tokens, _query_span, _rpb_bias, _rpb_coord, _tile_of,
+                                   _tile_tokens, _token_offsets, _window_start, _window_weight_offsets)
+
+TILE_H, TILE_W = 8, 8     # queries of a program
+BAND = 2                  # query rows of a band: BAND * TILE_W = 16 queries, the smallest tl.dot M
+MAX_PIECES = 3
+
+
+def band_keys(kernel_h, kernel_w, band=BAND, tile_w=TILE_W):
+    """Rows and columns of the key rectangle that holds every window of a band."""
+    return kernel_h + band - 1, kernel_w + tile_w - 1
+
+
+@functools.lru_cache(maxsize=None)   # the heuristics ask on every launch
+def band_pieces(kernel_h, kernel_w, band=BAND, tile_w=TILE_W, max_pieces=MAX_PIECES):
+    """Sizes of the pieces (powers of two >= 16, largest first, at most ``max_pieces``) that cover a band's
+    ``rows * cols`` keys with the fewest scored keys (fewer pieces where equal)."""
+    rows, cols = band_keys(kernel_h, kernel_w, band, tile_w)
+    total = rows * cols
+    best = [triton.next_power_of_2(max(total, MIN_DOT))]
+    sizes = [MIN_DOT << i for i in range(triton.next_power_of_2(total).bit_length())]
+
+    def search(left, chosen):
+        nonlocal best
+        if left <= 0:
+            if (sum(chosen), len(chosen)) < (sum(best), len(best)):
+                best = list(chosen)
+            return
+        if len(chosen) < max_pieces:
+            for size in sizes:
+                if not chosen or size <= chosen[-1]:
+                    search(left - size, chosen + [size])
+    search(total, [])
+    return tuple(best)
+
+
+def _band_meta(args):
+    rows, cols = band_keys(args['KERNEL_H'], args['KERNEL_W'], args['BAND'], args['TILE_W'])
+    pieces = band_pieces(args['KERNEL_H'], args['KERNEL_W'], args['BAND'], args['TILE_W'])
+    pieces = pieces + (0,) * (MAX_PIECES - len(pieces))
+    return dict(KEY_ROWS=rows, KEY_COLS=cols, PIECE_1=pieces[0], PIECE_2=pieces[1], PIECE_3=pieces[2],
+                QUERY_CHUNK=min(p for p in pieces if p))
+
+
+# ----------------------------------------------------------------------------- a piece of a band
+
+
+@triton.jit
+def _non_finite_rows(x):
+    """Per row of ``x``, whether it holds a NaN or Inf."""
+    x = x.to(tl.float32)
+    return tl.max(tl.where((x == x) & (tl.abs(x) != float('inf')), 0, 1), 1)
+
+
+@triton.jit
+def _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, START: tl.constexpr, SIZE: tl.constexpr,
+           KEY_ROWS: tl.constexpr, KEY_COLS: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr):
+    """Keys ``START .. START + SIZE`` of a band's rectangle (row-major): their coordinates, which lie in the map,
+    and the [queries, keys] window mask. Their k and v are loaded where used (fewer live registers)."""
+    n = START + tl.arange(0, SIZE)
+    k_y = key_row0 + n // KEY_COLS
+    k_x = key_col0 + n % KEY_COLS
+    k_valid = (n < KEY_ROWS * KEY_COLS) & (k_y >= 0) & (k_y < len_y) & (k_x >= 0) & (k_x < len_x)
+    mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
+                      KERNEL_H, KERNEL_W) & k_valid[None, :]
+    return k_y, k_x, k_valid, mask
+
+
+@triton.jit
+def _piece_logits(q, k, mask, q_coord, k_y, k_x, rpb_base, qk_scale, HAS_RPB: tl.constexpr, KERNEL_H: tl.constexpr,
+                  KERNEL_W: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 logits of a piece's keys ``k``, -inf (selected, so a non-finite key outside a window stays out)
+    where masked."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_RPB:
+        s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask, KERNEL_H, KERNEL_W)
+    return tl.where(mask, s, float('-inf'))
+
+
+@triton.jit
+def _piece_output(s, m_ref, v_raw, mask, q_y, q_x, q_valid, win_y, win_x, k_y, k_x, ww_base, group_y, group_x,
+                  dil_h, dil_w, sww_y, sww_x, sww_j, HAS_WW: tl.constexpr, KERNEL_W: tl.constexpr, WIDE: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """A piece's share of the softmax sum, of P @ V (``v_raw``: the piece's values as loaded; they enter with
+    non-finite entries zeroed), of the window weight's sum, and which queries' windows hold a non-finite value."""
+    v = _finite_or_zero(v_raw).to(v_raw.dtype)
+    p = tl.exp2(s - m_ref[:, None])
+    acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if HAS_WW:
+        ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
+                                         k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, KERNEL_W,
+                                         WIDE)
+        ww = tl.load(ww_base + ww_offs, mask=mask & q_valid[:, None], other=0.0).to(tl.float32)
+        acc_ww = tl.dot(ww.to(v.dtype), v, input_precision=PRECISION)
+    else:
+        acc_ww = tl.zeros(acc.shape, tl.float32)
+    poisoned = tl.max(tl.where(mask & (_non_finite_rows(v_raw)[None, :] > 0), 1, 0), 1)
+    return tl.sum(p, 1), acc, acc_ww, poisoned
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=['size_class'])
+def _forward_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, rpb_ptr, ek_ptr, ev_ptr, eb_ptr, ww_ptr,
+        sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
+        so_b, so_y, so_x, so_h, so_d, sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d,
+        seb_b, seb_h, seb_y, seb_x, seb_l, sww_b, sww_y, sww_x, sww_h, sww_j,
+        heads, height, width, dil_h, dil_w, size_class, n_extra, qk_scale,
+        HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, HAS_WW: tl.constexpr,
+        AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BAND: tl.constexpr, KEY_ROWS: tl.constexpr,
+        KEY_COLS: tl.constexpr, PIECE_1: tl.constexpr, PIECE_2: tl.constexpr, PIECE_3: tl.constexpr):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    ww_base = ww_ptr + b * sww_b + h * sww_h
+    rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    key_col0 = _window_start(x0, len_x, KERNEL_W, CLAMP)
+    for band_y in range(y0, tl.minimum(y0 + TILE_H, len_y), BAND):
+        q_y, q_x, q_valid = _tile_tokens(band_y, x0, len_y, len_x, BAND, TILE_W)
+        q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
+                         HEAD_DIM, AS_F32, WIDE)
+        win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
+        win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
+        key_row0 = _window_start(band_y, len_y, KERNEL_H, CLAMP)
+        q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
+        # every piece's logits first: one exact softmax over the whole window
+        k_y1, k_x1, k_valid1, mask1 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, 0,
+                                             PIECE_1, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+        k1 = _load_tokens(k_base, k_y1, k_x1, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid1, offs_d,
+                          HEAD_DIM, AS_F32, WIDE)
+        s1 = _piece_logits(q, k1, mask1, q_coord, k_y1, k_x1, rpb_base, qk_scale, HAS_RPB, KERNEL_H, KERNEL_W,
+                           PRECISION)
+        m_i = tl.max(s1, 1)
+        if PIECE_2 > 0:
+            k_y2, k_x2, k_valid2, mask2 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, PIECE_1,
+                                                 PIECE_2, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+            k2 = _load_tokens(k_base, k_y2, k_x2, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid2, offs_d,
+                              HEAD_DIM, AS_F32, WIDE)
+            s2 = _piece_logits(q, k2, mask2, q_coord, k_y2, k_x2, rpb_base, qk_scale, HAS_RPB, KERNEL_H, KERNEL_W,
+                               PRECISION)
+            m_i = tl.maximum(m_i, tl.max(s2, 1))
+        if PIECE_3 > 0:
+            k_y3, k_x3, k_valid3, mask3 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x,
+                                                 PIECE_1 + PIECE_2, PIECE_3, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+            k3 = _load_tokens(k_base, k_y3, k_x3, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid3, offs_d,
+                              HEAD_DIM, AS_F32, WIDE)
+            s3 = _piece_logits(q, k3, mask3, q_coord, k_y3, k_x3, rpb_base, qk_scale, HAS_RPB, KERNEL_H, KERNEL_W,
+                               PRECISION)
+            m_i = tl.maximum(m_i, tl.max(s3, 1))
+        m_ref = tl.where(m_i == float('-inf'), 0.0, m_i)   # a padding query sees no key
+        v1_ = _load_tokens(v_base, k_y1, k_x1, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid1, offs_d,
+                           HEAD_DIM, AS_F32, WIDE)
+        l_i, acc, acc_ww, poisoned = _piece_output(s1, m_ref, v1_, mask1, q_y, q_x, q_valid, win_y, win_x,
+                                                   k_y1, k_x1, ww_base, group_y, group_x, dil_h, dil_w, sww_y, sww_x,
+                                                   sww_j, HAS_WW, KERNEL_W, WIDE, PRECISION)
+        if PIECE_2 > 0:
+            v2_ = _load_tokens(v_base, k_y2, k_x2, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid2, offs_d,
+                               HEAD_DIM, AS_F32, WIDE)
+            l_2, acc_2, acc_ww_2, poisoned_2 = _piece_output(
+                s2, m_ref, v2_, mask2, q_y, q_x, q_valid, win_y, win_x, k_y2, k_x2, ww_base, group_y, group_x,
+                dil_h, dil_w, sww_y, sww_x, sww_j, HAS_WW, KERNEL_W, WIDE, PRECISION)
+            l_i += l_2
+            acc += acc_2
+            acc_ww += acc_ww_2
+            poisoned = tl.maximum(poisoned, poisoned_2)
+        if PIECE_3 > 0:
+            v3_ = _load_tokens(v_base, k_y3, k_x3, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid3, offs_d,
+                               HEAD_DIM, AS_F32, WIDE)
+            l_3, acc_3, acc_ww_3, poisoned_3 = _piece_output(
+                s3, m_ref, v3_, mask3, q_y, q_x, q_valid, win_y, win_x, k_y3, k_x3, ww_base, group_y, group_x,
+                dil_h, dil_w, sww_y, sww_x, sww_j, HAS_WW, KERNEL_W, WIDE, PRECISION)
+            l_i += l_3
+            acc += acc_3
+            acc_ww += acc_ww_3
+            poisoned = tl.maximum(poisoned, poisoned_3)
+        if HAS_EXTRA:
+            m_i, l_i, acc = _extra_softmax(q, q_y, q_x, q_valid, m_i, l_i, acc, ek_ptr + b * sek_b + h * sek_h,
+                                           ev_ptr + b * sev_b + h * sev_h, eb_ptr + b * seb_b + h * seb_h, n_extra,
+                                           qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d,
+                                           seb_y, seb_x, seb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, AS_F32, WIDE,
+                                           PRECISION, BLOCK_E)
+        l_i = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_i[:, None]
+        if HAS_WW:
+            out += acc_ww
+        out = tl.where(poisoned[:, None] > 0, float('nan'), out)
+        o_offs = _token_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d, offs_d, WIDE)
+        tl.store(o_ptr + b * so_b + h * so_h + o_offs, out.to(o_ptr.dtype.element_ty),
+                 mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+        lse_offs = (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+        tl.store(lse_ptr + pid_bh.to(tl.int64) * height * width + lse_offs, m_i + tl.log2(l_i), mask=q_valid)
+
+
+@triton.jit
+def _piece_ww_correction(do, v_base, k_valid, mask, q_y, q_x, win_y, win_x, k_y, k_x, ww_base, dww_base, group_y,
+                         group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x, sww_j, offs_d, WW_GRAD: tl.constexpr,
+                         KERNEL_W: tl.constexpr, HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """``sum_j w_j (dO . v_j)`` over a piece (what delta must lose: O holds the window weight's sum, which is
+    not attention); stores those ``dO . v_j`` as d_window_weight when asked."""
+    v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
+    dp = tl.dot(do, tl.trans(_finite_or_zero(v).to(v.dtype)), input_precision=PRECISION)
+    ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
+                                     k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, KERNEL_W, WIDE)
+    ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
+    if WW_GRAD:
+        tl.store(dww_base + ww_offs, dp.to(dww_base.dtype.element_ty), mask=mask)
+    return tl.sum(tl.where(mask, ww * dp, 0.0), 1)
+
+
+@triton.jit
+def _rpb_histogram_band(ds, k_y, k_x, band_y, x0, BAND: tl.constexpr, TILE_W: tl.constexpr,
+                        KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, BIAS_H: tl.constexpr, BIAS_W: tl.constexpr):
+    """``[BIAS_H, BIAS_W]`` sums of a band piece's ``ds`` (zero outside the windows) per rpb entry.
+
+    Per key and query row of the band, the rpb row is fixed and the rpb column picks one query column:
+    a gather along the band's query columns lines the queries up by rpb column, and a one-hot product
+    sums the keys into the rpb rows.
+    """
+    ds_t = tl.trans(ds)                                              # [keys, queries]
+    bias_col = tl.arange(0, BIAS_W)[None, :]
+    query_col = k_x[:, None] - x0 - bias_col + KERNEL_W - 1          # the query column of (key, rpb column)
+    in_band = (query_col >= 0) & (query_col < TILE_W)
+    drpb = tl.zeros((BIAS_H, BIAS_W), tl.float32)
+    for row in tl.static_range(BAND):
+        index = tl.where(in_band, row * TILE_W + query_col, 0)
+        by_bias_col = tl.where(in_band, tl.gather(ds_t, index, axis=1), 0.0)   # [keys, BIAS_W]
+        bias_row = k_y - (band_y + row) + KERNEL_H - 1
+        one_hot = (bias_row[:, None] == tl.arange(0, BIAS_H)[None, :]).to(tl.float32)   # [keys, BIAS_H]
+        drpb += tl.dot(tl.trans(one_hot), by_bias_col, input_precision='ieee')
+    return drpb
+
+
+@triton.jit
+def _piece_dq(q, do, lse, delta, k_base, v_base, k_valid, mask, q_coord, k_y, k_x, band_y, x0, rpb_base, qk_scale,
+              group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, HAS_RPB: tl.constexpr,
+              RPB_GRAD: tl.constexpr, BAND: tl.constexpr, TILE_W: tl.constexpr, KERNEL_H: tl.constexpr,
+              KERNEL_W: tl.constexpr, BIAS_H: tl.constexpr, BIAS_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+              AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
+    """A piece's share of dQ (unscaled) and of the band's rpb gradient; k and v enter the products with their
+    non-finite entries zeroed (masked pairs add exactly zero)."""
+    k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
+    v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
+    s = _piece_logits(q, k, mask, q_coord, k_y, k_x, rpb_base, qk_scale, HAS_RPB, KERNEL_H, KERNEL_W, PRECISION)
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(_finite_or_zero(v).to(v.dtype)), input_precision=PRECISION)
+    ds = tl.where(mask, p * (dp - delta[:, None]), 0.0)
+    dq = tl.dot(ds.to(k.dtype), _finite_or_zero(k).to(k.dtype), input_precision=PRECISION)
+    if RPB_GRAD:
+        drpb = _rpb_histogram_band(ds, k_y, k_x, band_y, x0, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H, BIAS_W)
+    else:
+        drpb = tl.zeros((BIAS_H, BIAS_W), tl.float32)
+    return dq, drpb
+
+
+@triton.jit(do_not_specialize=['size_class'])
+def _backward_dq_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, rpb_ptr, drpb_ptr, ek_ptr, ev_ptr,
+        eb_ptr, deb_ptr, ww_ptr, dww_ptr,
+        sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
+        so_b, so_y, so_x, so_h, so_d, sdo_b, sdo_y, sdo_x, sdo_h, sdo_d,
+        sek_b, sek_l, sek_h, sek_d, sev_b, sev_l, sev_h, sev_d, sg_b, sg_y, sg_x, sg_h, sg_d,
+        seb_b, seb_h, seb_y, seb_x, seb_l, sdeb_b, sdeb_h, sdeb_y, sdeb_x, sdeb_l,
+        sww_b, sww_y, sww_x, sww_h, sww_j,
+        heads, height, width, dil_h, dil_w, size_class, n_extra, qk_scale, scale, drpb_tiles,
+        HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+        HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr,
+        EXTRA_BIAS_GRAD: tl.constexpr, HAS_WW: tl.constexpr, WW_GRAD: tl.constexpr, AS_F32: tl.constexpr,
+        WIDE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+        BIAS_H: tl.constexpr, BIAS_W: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BAND: tl.constexpr, KEY_ROWS: tl.constexpr,
+        KEY_COLS: tl.constexpr, PIECE_1: tl.constexpr, PIECE_2: tl.constexpr, PIECE_3: tl.constexpr):
+    pid_tile = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    group_y, group_x, y0, x0, len_y, len_x = _tile_of(pid_tile, height, width, dil_h, dil_w, TILE_H, TILE_W)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    ww_base = ww_ptr + b * sww_b + h * sww_h
+    dww_base = dww_ptr + b * sww_b + h * sww_h
+    rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    key_col0 = _window_start(x0, len_x, KERNEL_W, CLAMP)
+    drpb = tl.zeros((BIAS_H, BIAS_W), tl.float32)
+    for band_y in range(y0, tl.minimum(y0 + TILE_H, len_y), BAND):
+        q_y, q_x, q_valid = _tile_tokens(band_y, x0, len_y, len_x, BAND, TILE_W)
+        q = _load_tokens(q_base, q_y, q_x, group_y, group_x, dil_h, dil_w, sq_y, sq_x, sq_d, q_valid, offs_d,
+                         HEAD_DIM, AS_F32, WIDE)
+        do = _load_tokens(do_ptr + b * sdo_b + h * sdo_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x,
+                          sdo_d, q_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
+        o = _load_tokens(o_ptr + b * so_b + h * so_h, q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d,
+                         q_valid, offs_d, HEAD_DIM, True, WIDE)
+        delta = tl.sum(o * do.to(tl.float32), 1)
+        win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
+        win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
+        key_row0 = _window_start(band_y, len_y, KERNEL_H, CLAMP)
+        q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
+        k_y1, k_x1, k_valid1, mask1 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, 0,
+                                             PIECE_1, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+        mask1 = mask1 & q_valid[:, None]
+        if PIECE_2 > 0:
+            k_y2, k_x2, k_valid2, mask2 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x, PIECE_1,
+                                                 PIECE_2, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+            mask2 = mask2 & q_valid[:, None]
+        if PIECE_3 > 0:
+            k_y3, k_x3, k_valid3, mask3 = _piece(key_row0, key_col0, q_y, q_x, win_y, win_x, len_y, len_x,
+                                                 PIECE_1 + PIECE_2, PIECE_3, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W)
+            mask3 = mask3 & q_valid[:, None]
+        if HAS_WW:   # delta first: the rpb histogram needs the final delta
+            delta -= _piece_ww_correction(do, v_base, k_valid1, mask1, q_y, q_x, win_y, win_x, k_y1, k_x1, ww_base,
+                                          dww_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x,
+                                          sww_j, offs_d, WW_GRAD, KERNEL_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
+            if PIECE_2 > 0:
+                delta -= _piece_ww_correction(do, v_base, k_valid2, mask2, q_y, q_x, win_y, win_x, k_y2, k_x2, ww_base,
+                                              dww_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x,
+                                              sww_j, offs_d, WW_GRAD, KERNEL_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
+            if PIECE_3 > 0:
+                delta -= _piece_ww_correction(do, v_base, k_valid3, mask3, q_y, q_x, win_y, win_x, k_y3, k_x3, ww_base,
+                                              dww_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x,
+                                              sww_j, offs_d, WW_GRAD, KERNEL_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
+        stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+        tl.store(delta_ptr + stat_offs, delta, mask=q_valid)
+        lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
+        dq, drpb_band = _piece_dq(q, do, lse, delta, k_base, v_base, k_valid1, mask1, q_coord, k_y1, k_x1, band_y, x0,
+                                  rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x,
+                                  sv_d, offs_d, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H, BIAS_W,
+                                  HEAD_DIM, AS_F32, WIDE, PRECISION)
+        drpb += drpb_band
+        if PIECE_2 > 0:
+            dq_2, drpb_band = _piece_dq(q, do, lse, delta, k_base, v_base, k_valid2, mask2, q_coord, k_y2, k_x2, band_y,
+                                        x0, rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y,
+                                        sv_x, sv_d, offs_d, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H,
+                                        BIAS_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
+            dq += dq_2
+            drpb += drpb_band
+        if PIECE_3 > 0:
+            dq_3, drpb_band = _piece_dq(q, do, lse, delta, k_base, v_base, k_valid3, mask3, q_coord, k_y3, k_x3, band_y,
+                                        x0, rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y,
+                                        sv_x, sv_d, offs_d, HAS_RPB, RPB_GRAD, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H,
+                                        BIAS_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
+            dq += dq_3
+            drpb += drpb_band
+        if HAS_EXTRA:
+            dq = _extra_dq(q, do, lse, delta, dq, q_y, q_x, q_valid, ek_ptr + b * sek_b + h * sek_h,
+                           ev_ptr + b * sev_b + h * sev_h, eb_ptr + b * seb_b + h * seb_h,
+                           deb_ptr + b * sdeb_b + h * sdeb_h, n_extra, qk_scale, group_y, group_x, dil_h, dil_w, sek_l,
+                           sek_d, sev_l, sev_d, seb_y, seb_x, seb_l, sdeb_y, sdeb_x, sdeb_l, offs_d, HEAD_DIM,
+                           HAS_EXTRA_BIAS, EXTRA_BIAS_GRAD, AS_F32, WIDE, PRECISION, BLOCK_E)
+        dq_offs = _token_offsets(q_y, q_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d, WIDE)
+        tl.store(dq_ptr + b * sg_b + h * sg_h + dq_offs, (dq * scale).to(dq_ptr.dtype.element_ty),
+                 mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
+    if RPB_GRAD:
+        bias_y = tl.arange(0, BIAS_H)[:, None]
+        bias_x = tl.arange(0, BIAS_W)[None, :]
+        drpb_offs = (pid_bh.to(tl.int64) * drpb_tiles + pid_tile) * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+        tl.store(drpb_ptr + drpb_offs + bias_y * (2 * KERNEL_W - 1) + bias_x, drpb,
+                 mask=(bias_y < 2 * KERNEL_H - 1) & (bias_x < 2 * KERNEL_W - 1))
+
+
+@triton.jit(do_not_specialize=['size_class'])
+def _backward_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, rpb_ptr, ww_ptr,
+        sq_b, sq_y, sq_x, sq_h, sq_d, sk_b, sk_y, sk_x, sk_h, sk_d, sv_b, sv_y, sv_x, sv_h, sv_d,
+        sdo_b, sdo_y, sdo_x, sdo_h, sdo_d, sg_b, sg_y, sg_x, sg_h, sg_d, sww_b, sww_y, sww_x, sww_h, sww_j,
+        heads, height, width, dil_h, dil_w, size_class, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, CLAMP: tl.constexpr,
+        HAS_RPB: tl.constexpr, HAS_WW: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BAND: tl.constexpr, QUERY_CHUNK: tl.constexpr):
+    """Per band of keys, one flat loop over the queries that see them (``_query_span``: the band's
+    rectangle inside the map, up to twice the window where a clamped border piles windows up), in chunks of
+    ``QUERY_CHUNK`` queries (the smallest forward piece: an interior band's ``KEY_ROWS * KEY_COLS`` queries
+    cost what its forward pieces cost)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = pid_bh % heads
+    group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, QUERY_CHUNK)
+    q_base = q_ptr + b * sq_b + h * sq_h
+    do_base = do_ptr + b * sdo_b + h * sdo_h
+    stat_base = pid_bh.to(tl.int64) * height * width
+    rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    ww_base = ww_ptr + b * sww_b + h * sww_h
+    col_lo, col_hi = _query_span(x0, tl.minimum(x0 + TILE_W, len_x) - 1, len_x, KERNEL_W, CLAMP)
+    span_cols = col_hi - col_lo
+    for band_y in range(y0, tl.minimum(y0 + TILE_H, len_y), BAND):
+        k_y, k_x, k_valid = _tile_tokens(band_y, x0, len_y, len_x, BAND, TILE_W)
+        k = _load_tokens(k_ptr + b * sk_b + h * sk_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d,
+                         k_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
+        v = _load_tokens(v_ptr + b * sv_b + h * sv_h, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d,
+                         k_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
+        k_coord = _rpb_coord(k_y, k_x, KERNEL_W)
+        row_lo, row_hi = _query_span(band_y, tl.minimum(band_y + BAND, len_y) - 1, len_y, KERNEL_H, CLAMP)
+        span = (row_hi - row_lo) * span_cols
+        dk = tl.zeros((BAND * TILE_W, BLOCK_D), tl.float32)
+        dv = tl.zeros((BAND * TILE_W, BLOCK_D), tl.float32)
+        for n0 in range(0, span, QUERY_CHUNK):
+            n = n0 + offs_c
+            q_y = row_lo + n // span_cols
+            q_x = col_lo + n % span_cols
+            q_valid = n < span
+            dk, dv = _dkdv_block(k, v, k_y, k_x, k_valid, k_coord, q_y, q_x, q_valid, dk, dv, q_base, do_base, lse_ptr,
+                                 delta_ptr, stat_base, rpb_base, ww_base, qk_scale, group_y, group_x, dil_h, dil_w,
+                                 len_y, len_x, width, sq_y, sq_x, sq_d, sdo_y, sdo_x, sdo_d, sww_y, sww_x, sww_j,
+                                 offs_d, HEAD_DIM, KERNEL_H, KERNEL_W, CLAMP, HAS_RPB, HAS_WW, AS_F32, WIDE, PRECISION)
+        offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d,
+                                                    offs_d, WIDE)
+        store_mask = k_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+        tl.store(dk_ptr + offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+
+
+# ----------------------------------------------------------------------------- tuning and launches
+
+
+def tile_configs():
+    """The band layout (one: the design table's figures hold for every config) and the warps / stages tried."""
+    layout = {'TILE_H': TILE_H, 'TILE_W': TILE_W, 'BAND': BAND}
+    if triton_interpreted():  # one config: the interpreter cannot benchmark
+        return [triton.Config(layout, num_warps=4, num_stages=1)]
+    return [triton.Config(layout, num_warps=warps, num_stages=stages) for warps in (4, 8) for stages in (1, 2)]
+
+
+def _tuned(kernel, key, names=('KEY_ROWS', 'KEY_COLS', 'PIECE_1', 'PIECE_2', 'PIECE_3'), **autotune_options):
+    return triton.autotune(tile_configs(), key=key, **autotune_options)(triton.heuristics(
+        {name: (lambda args, name=name: _band_meta(args)[name]) for name in names})(kernel))
+
+
+_FORWARD = _tuned(_forward_kernel, TUNING_KEY + ['HAS_EXTRA', 'HAS_EXTRA_BIAS', 'HAS_WW'])
+_BACKWARD_DQ = _tuned(_backward_dq_kernel, TUNING_KEY + ['HAS_EXTRA', 'RPB_GRAD', 'HAS_EXTRA_BIAS', 'HAS_WW'],
+                      reset_to_zero=['drpb_ptr'])
+_BACKWARD_DKDV = _tuned(_backward_dkdv_kernel, TUNING_KEY + ['HAS_WW'], names=('QUERY_CHUNK',))
+
+
+def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None):
+    """v1's ``forward`` on the banded forward kernel."""
+    return v1.forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, forward_kernel=_FORWARD)
+
+
+def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
+             extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False):
+    """v1's ``backward`` on the banded dQ and dK / dV kernels (the extra tokens' gradients: v1's kernel)."""
+    return v1.backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
+                       extra_bias, window_weight, needs_extra_bias_grad, needs_window_weight_grad,
+                       dq_kernel=_BACKWARD_DQ, dkdv_kernel=_BACKWARD_DKDV)
