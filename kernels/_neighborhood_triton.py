@@ -683,16 +683,18 @@ TUNED_KERNELS = {'forward': _FORWARD, 'backward_dq': _BACKWARD_DQ, 'backward_dkd
 
 
 @contextlib.contextmanager
-def forced_config(config):
-    """Every tuned kernel runs ``config`` (one of :data:`TILE_CONFIGS`) inside the block, untuned: how
-    tools/gpu_check.py checks the configs the tuner would not pick on its shapes. Not thread-safe."""
-    saved = {name: kernel.configs for name, kernel in TUNED_KERNELS.items()}
+def forced_config(config, kernels=None):
+    """Every tuned kernel of ``kernels`` (default: this module's; v2 passes its own) runs ``config`` (one of
+    their configs) inside the block, untuned: how tools/gpu_check.py checks the configs the tuner would not
+    pick on its shapes. Not thread-safe."""
+    kernels = TUNED_KERNELS if kernels is None else kernels
+    saved = {name: kernel.configs for name, kernel in kernels.items()}
     try:
-        for kernel in TUNED_KERNELS.values():
+        for kernel in kernels.values():
             kernel.configs = [config]
         yield
     finally:
-        for name, kernel in TUNED_KERNELS.items():
+        for name, kernel in kernels.items():
             kernel.configs = saved[name]
 
 

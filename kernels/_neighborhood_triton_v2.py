@@ -34,7 +34,7 @@ import triton.language as tl
 from . import _neighborhood_triton as v1
 from ._dispatch import triton_interpreted
 from ._neighborhood_triton import (MIN_DOT, TUNING_KEY, _dkdv_block, _extra_dq, _extra_softmax, _finite_or_zero,
-                                   _in_window, _load_tokens, _query_span, _rpb_bias, _rpb_coord, _tile_of,
+                                   _finite_part, _in_window, _load_tokens, _query_span, _rpb_bias, _rpb_coord, _tile_of,
                                    _tile_tokens, _token_offsets, _window_start, _window_weight_offsets)
 
 TILE_H, TILE_W = 8, 8     # queries of a program
@@ -225,7 +225,7 @@ def _forward_kernel(
                                            qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d,
                                            seb_y, seb_x, seb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, AS_F32, WIDE,
                                            PRECISION, BLOCK_E)
-        l_i = tl.where(l_i > 0, l_i, 1.0)
+        l_i = tl.where(l_i == 0, 1.0, l_i)   # only padding queries see no key; a NaN stays (and in the LSE)
         out = acc / l_i[:, None]
         if HAS_WW:
             out += acc_ww
@@ -246,7 +246,7 @@ def _piece_ww_correction(do, v_base, k_valid, mask, q_y, q_x, win_y, win_x, k_y,
     not attention); stores those ``dO . v_j`` as d_window_weight when asked."""
     v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
                      AS_F32, WIDE)
-    dp = tl.dot(do, tl.trans(_finite_or_zero(v).to(v.dtype)), input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)   # a non-finite v_j: its column, selected below
     ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
                                      k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, KERNEL_W, WIDE)
     ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
@@ -294,7 +294,9 @@ def _piece_dq(q, do, lse, delta, k_base, v_base, k_valid, mask, q_coord, k_y, k_
     p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(_finite_or_zero(v).to(v.dtype)), input_precision=PRECISION)
     ds = tl.where(mask, p * (dp - delta[:, None]), 0.0)
-    dq = tl.dot(ds.to(k.dtype), _finite_or_zero(k).to(k.dtype), input_precision=PRECISION)
+    # a non-finite key of a query's window makes its dQ non-finite (0 * Inf in the reference), others stay clean
+    k, dq = _finite_part(k, mask, tl.zeros_like(q).to(tl.float32))
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     if RPB_GRAD:
         drpb = _rpb_histogram_band(ds, k_y, k_x, band_y, x0, BAND, TILE_W, KERNEL_H, KERNEL_W, BIAS_H, BIAS_W)
     else:
@@ -482,6 +484,12 @@ _FORWARD = _tuned(_forward_kernel, TUNING_KEY + ['HAS_EXTRA', 'HAS_EXTRA_BIAS', 
 _BACKWARD_DQ = _tuned(_backward_dq_kernel, TUNING_KEY + ['HAS_EXTRA', 'RPB_GRAD', 'HAS_EXTRA_BIAS', 'HAS_WW'],
                       reset_to_zero=['drpb_ptr'])
 _BACKWARD_DKDV = _tuned(_backward_dkdv_kernel, TUNING_KEY + ['HAS_WW'], names=('QUERY_CHUNK',))
+TUNED_KERNELS = {'forward': _FORWARD, 'backward_dq': _BACKWARD_DQ, 'backward_dkdv': _BACKWARD_DKDV}
+
+
+def forced_config(config):
+    """v2's tuned kernels run ``config`` (one of :func:`tile_configs`) inside the block (see v1's)."""
+    return v1.forced_config(config, TUNED_KERNELS)
 
 
 def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None):

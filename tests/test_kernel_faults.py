@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnzoo.kernels import (_neighborhood_cpu, _routing_cpu, neighborhood_attention_2d, routing_attention,
-                             routing_region_index)
+                             routing_region_index, use_na_kernel)
 from attnzoo.kernels.neighborhood import axis_neighbors
 from test_neighborhood_attention import make_inputs, with_transnext_inputs
 
@@ -22,7 +22,13 @@ FAULTY_IMAGE = 1
 
 
 def _backend(name):
-    return None if name == 'cpu' else name   # the CPU kernels are what backend=None runs on CPU tensors
+    # the CPU kernels are what backend=None runs on CPU tensors; 'triton-v2': the banded neighborhood kernel
+    return {'cpu': None, 'triton-v2': 'triton'}.get(name, name)
+
+
+def _neighborhood_outputs_and_grads(inputs, backend, **options):
+    with use_na_kernel('v2' if backend == 'triton-v2' else 'v1'):
+        return _outputs_and_grads(neighborhood_attention_2d, inputs, backend=_backend(backend), **options)
 
 
 def _planted(inputs, name, position, value):
@@ -68,10 +74,10 @@ def _windows_holding(position, shape, kernel_size, border):
 
 
 def _neighborhood_cases():
-    for backend in ('cpu', 'triton', 'reference'):
+    for backend in ('cpu', 'triton', 'triton-v2', 'reference'):
         for border in ('clamp', 'zero'):
             for index, plant in enumerate(PLANTS):
-                default = backend != 'triton' or (border, index) in (('clamp', 0), ('zero', 2), ('clamp', 3))
+                default = not backend.startswith('triton') or (border, index) in (('clamp', 0), ('zero', 2), ('clamp', 3))
                 yield pytest.param(backend, border, *plant, marks=() if default else SLOW)
 
 
@@ -79,7 +85,7 @@ def _neighborhood_cases():
 def test_neighborhood_nonfinite_key_reaches_only_its_windows(backend, border, name, position, value):
     options = dict(kernel_size=3, border=border)
     inputs = _planted(make_inputs(SHAPE, 3, rpb=True), name, position, value)
-    got = _outputs_and_grads(neighborhood_attention_2d, inputs, backend=_backend(backend), **options)
+    got = _neighborhood_outputs_and_grads(inputs, backend, **options)
     want = _outputs_and_grads(neighborhood_attention_2d, inputs, backend='reference', **options)
     _assert_same_faults(got, want)
     nonfinite = _nonfinite(got['out'])
@@ -90,13 +96,14 @@ def test_neighborhood_nonfinite_key_reaches_only_its_windows(backend, border, na
 
 @pytest.mark.parametrize('backend, name, position, value', [
     ('cpu', 'v', (4, 4), NAN), ('cpu', 'k', (0, 10), INF), ('triton', 'v', (4, 4), NAN),
-    pytest.param('triton', 'k', (0, 10), INF, marks=SLOW)])
+    pytest.param('triton', 'k', (0, 10), INF, marks=SLOW), ('triton-v2', 'v', (4, 4), NAN),
+    pytest.param('triton-v2', 'k', (0, 10), INF, marks=SLOW)])
 def test_neighborhood_nonfinite_key_with_extra_tokens_and_window_weight(backend, name, position, value):
     """TransNeXt's call (zero border, 3 x 3 window, extra tokens with a per-query bias, window weights)."""
     inputs = with_transnext_inputs(make_inputs(SHAPE, 3, rpb=True, n_extra=4), 3)
     inputs = _planted(inputs, name, position, value)
     options = dict(kernel_size=3, border='zero')
-    got = _outputs_and_grads(neighborhood_attention_2d, inputs, backend=_backend(backend), **options)
+    got = _neighborhood_outputs_and_grads(inputs, backend, **options)
     want = _outputs_and_grads(neighborhood_attention_2d, inputs, backend='reference', **options)
     _assert_same_faults(got, want)
 
@@ -180,12 +187,12 @@ def test_nonfinite_scale_is_refused(op, scale):
 # ----------------------------------------------------------------------------- empty batch
 
 
-@pytest.mark.parametrize('backend', ['cpu', 'triton', 'reference', 'natten'])
+@pytest.mark.parametrize('backend', ['cpu', 'triton', 'triton-v2', 'reference', 'natten'])
 def test_neighborhood_empty_batch(backend):
     if backend == 'natten':
         pytest.importorskip('natten')
     inputs = make_inputs((0, 9, 8, 2, 16), 3, rpb=backend != 'natten', n_extra=2)   # NATTEN has no rpb
-    got = _outputs_and_grads(neighborhood_attention_2d, inputs, kernel_size=3, backend=_backend(backend))
+    got = _neighborhood_outputs_and_grads(inputs, backend, kernel_size=3)
     for name, tensor in inputs.items():
         grad = got['d' + name]
         assert grad.shape == tensor.shape and grad.dtype == tensor.dtype, name

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import attnzoo.kernels
 from attnzoo.kernels import neighborhood_attention_2d, routing_attention, use_backend
-from attnzoo.kernels import _neighborhood_triton
+from attnzoo.kernels import _neighborhood_triton, _neighborhood_triton_v2
 
 from . import neighborhood, routing, transnext
 from .goals import NAT_S1
@@ -30,7 +30,6 @@ from .neighborhood import NeighborhoodShape
 # values and gradients against the float64 reference (as tests/test_neighborhood_attention.py; bf16 as NATTEN's)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 DTYPES = {'bf16': torch.bfloat16, 'fp32': torch.float32}
-V2_ABSENT = 'absent: attnzoo.kernels has no use_na_kernel (the v2 kernel is not in this checkout)'
 
 
 @dataclass
@@ -52,14 +51,9 @@ def error_note(exc):
     return f'{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ""}'
 
 
-def has_v2():
-    return hasattr(attnzoo.kernels, 'use_na_kernel')
-
-
 def na_kernel(version):
-    """The neighborhood kernel ``version`` ('v1' / 'v2') selected inside a block; v1 is the only one where
-    ``attnzoo.kernels`` has no switch."""
-    return attnzoo.kernels.use_na_kernel(version) if has_v2() else nullcontext()
+    """The neighborhood kernel ``version`` ('v1' / 'v2') selected inside a block."""
+    return attnzoo.kernels.use_na_kernel(version)
 
 
 def sync(device):
@@ -76,7 +70,7 @@ def environment(ctx, rows):
     import triton
     facts = dict(python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
                  timm=timm.__version__, cuda=torch.version.cuda, interpreter=os.environ.get('TRITON_INTERPRET') == '1',
-                 na_v2=has_v2(), compute_sanitizer=shutil.which('compute-sanitizer'))
+                 compute_sanitizer=shutil.which('compute-sanitizer'))
     if ctx.device.type == 'cuda':
         props = torch.cuda.get_device_properties(ctx.device)
         facts.update(device=props.name, sm_count=props.multi_processor_count,
@@ -165,16 +159,18 @@ def compare_with_reference(case: CheckCase, device, dtype, backend='triton'):
     return ok, errors
 
 
-def _config_name(config):
-    kwargs = config.kwargs
-    return (f'tile {kwargs["TILE_H"]}x{kwargs["TILE_W"]} rows {kwargs["BLOCK_ROWS"]} warps {config.num_warps} '
-            f'stages {config.num_stages}')
+def _config_name(version, config):
+    layout = ' '.join(f'{name.lower()} {value}' for name, value in config.kwargs.items())
+    return f'{version}: {layout} warps {config.num_warps} stages {config.num_stages}'
 
 
-def forced_configs(dry):
-    """Every config of the tuned neighborhood kernels; in the dry run one per tile geometry (the interpreter
-    ignores warps and stages)."""
-    configs = _neighborhood_triton.TILE_CONFIGS
+KERNEL_MODULES = {'v1': _neighborhood_triton, 'v2': _neighborhood_triton_v2}
+
+
+def forced_configs(version, dry):
+    """Every config of the tuned neighborhood kernels of ``version``; in the dry run one per tile geometry
+    (the interpreter ignores warps and stages)."""
+    configs = tuple(_neighborhood_triton.TILE_CONFIGS if version == 'v1' else _neighborhood_triton_v2.tile_configs())
     if dry:
         seen = {}
         for config in configs:
@@ -184,34 +180,31 @@ def forced_configs(dry):
 
 
 def correctness(ctx, rows):
-    """Every autotune config forced once per (case, dtype), the cases in order of value; the routing kernels
-    (launch parameters by rule: nothing to force) and, where present, the v2 neighborhood kernel at their own
-    choice. Work is ordered for coverage within the cap: every case and dtype once (the first config, the
-    routing kernels, v2) before the other configs, which then run case by case, the odd map first."""
+    """Every autotune config of both neighborhood kernels forced once per (case, dtype), the cases in order of
+    value; the routing kernels (launch parameters by rule: nothing to force) at their own choice. Work is ordered
+    for coverage within the cap: every case and dtype once (each version's first config, the routing kernels)
+    before the other configs, which then run case by case, the odd map first."""
     dtypes = ('fp32',) if ctx.dry else ('bf16', 'fp32')
-    first, *others = forced_configs(ctx.dry)
+    configs = {version: forced_configs(version, ctx.dry) for version in KERNEL_MODULES}
     work, rest = [], []
     for case in check_cases(ctx.dry):
         for dtype in dtypes:
             if case.tuned:
-                work += [(case, dtype, 'v1', first), (case, dtype, 'v2', None)]
-                rest += [(case, dtype, 'v1', config) for config in others]
+                work += [(case, dtype, version, configs[version][0]) for version in KERNEL_MODULES]
+                rest += [(case, dtype, version, config) for version in KERNEL_MODULES
+                         for config in configs[version][1:]]
             else:
                 work.append((case, dtype, 'rule', None))
     work += rest
     for case, dtype, kernel, config in work:
         impl = {'v1': 'attnzoo-triton', 'v2': 'attnzoo-triton-v2', 'rule': 'attnzoo-triton'}[kernel]
-        name = _config_name(config) if config is not None else (
-            'launch parameters by rule (no autotuning)' if kernel == 'rule' else 'its own choice')
+        name = _config_name(kernel, config) if config is not None else 'launch parameters by rule (no autotuning)'
         out = row('correctness', case.name, impl, mode=name, dtype=dtype, ctx=ctx)
         rows.append(out)
-        if kernel == 'v2' and not has_v2():
-            out['note'] = V2_ABSENT
-            continue
         if ctx.out_of_time():
             out['note'] = 'not run: the step\'s time cap was reached'
             continue
-        forced = _neighborhood_triton.forced_config(config) if config is not None else nullcontext()
+        forced = KERNEL_MODULES[kernel].forced_config(config) if config is not None else nullcontext()
         try:
             with forced, na_kernel(kernel if kernel != 'rule' else 'v1'):
                 ok, errors = compare_with_reference(case, ctx.device, DTYPES[dtype])
@@ -228,14 +221,15 @@ def correctness(ctx, rows):
 
 
 def sanitizer_workload(device):
-    """A small neighborhood fwd + bwd (rpb, clamp border, partial tiles, extra tokens) and a small routing
-    fwd + bwd, under one forced config (the tuner's trial runs would multiply memcheck's time)."""
+    """A small neighborhood fwd + bwd (rpb, clamp border, partial tiles, extra tokens) on v1 and v2 and a small
+    routing fwd + bwd, under one forced config (the tuner's trial runs would multiply memcheck's time)."""
     cases = check_cases(dry=True)
-    with _neighborhood_triton.forced_config(_neighborhood_triton.TILE_CONFIGS[0]):
-        for case in (cases[0], cases[-1]):
-            inputs = case.make_inputs(device, torch.float32)
-            out = case.op(**inputs, backend='triton')
-            out.sum().backward()
+    for version, module in KERNEL_MODULES.items():   # the neighborhood case on both kernels, routing once
+        with module.forced_config(forced_configs(version, dry=True)[0]), na_kernel(version):
+            for case in (cases[0], cases[-1]) if version == 'v1' else cases[:1]:
+                inputs = case.make_inputs(device, torch.float32)
+                out = case.op(**inputs, backend='triton')
+                out.sum().backward()
     sync(device)
 
 
@@ -345,7 +339,7 @@ def speed_cases(dry):
     for shape in na_shapes:
         case = neighborhood.kernel_case(shape, natten, with_reference=False)
         impls = {'attnzoo-triton': partial(_with_kernel, 'v1', case.impls['attnzoo-triton']),
-                 'attnzoo-triton-v2': partial(_with_kernel, 'v2', case.impls['attnzoo-triton']) if has_v2() else None,
+                 'attnzoo-triton-v2': partial(_with_kernel, 'v2', case.impls['attnzoo-triton']),
                  'flex-tiled': case.impls['flex-tiled'], 'sdpa-dense': sdpa_dense_neighborhood,
                  'natten': case.impls.get('natten')}
         case.impls = impls
@@ -357,8 +351,6 @@ def speed_cases(dry):
 
 
 def _absent_note(impl):
-    if impl == 'attnzoo-triton-v2':
-        return V2_ABSENT
     if impl == 'natten':
         return 'absent: natten not importable or without its CUDA library (see the environment step)'
     return 'absent'
