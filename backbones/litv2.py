@@ -190,16 +190,17 @@ def deform_conv2d_v1(
 ) -> torch.Tensor:
     """torchvision's deformable convolution without modulation mask (DCNv1), square stride / padding.
 
-    It runs in float32 and returns ``x``'s dtype: torchvision has no bfloat16 CPU kernel, and under autocast
-    the offsets, weights and input arrive in mixed dtypes (the official model runs its DCN in float32 under
-    AMP too). A non-finite offset never reaches torchvision's sampler, whose CPU kernel indexes memory with
-    it and kills the process: the conv samples at offset 0 there instead, and every output at a position
+    It runs in float32 (or wider) and returns ``x``'s dtype: torchvision has no bfloat16 CPU kernel, and under
+    autocast the offsets, weights and input arrive in mixed dtypes (the official model runs its DCN in float32
+    under AMP too). A non-finite offset never reaches torchvision's sampler, whose CPU kernel indexes memory
+    with it and kills the process: the conv samples at offset 0 there instead, and every output at a position
     with a non-finite offset is NaN, so the fault stays visible, in its own sample (the official CUDA DCN
     samples zeros at such offsets and hides it).
     """
     finite = torch.isfinite(offset).all(dim=1, keepdim=True)
     offset = torch.where(finite, offset, 0.)
-    out = deform_conv2d(x.float(), offset.float(), weight.float(), bias.float(),
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    out = deform_conv2d(x.to(dtype), offset.to(dtype), weight.to(dtype), bias.to(dtype),
                         stride=(stride, stride), padding=(padding, padding))
     return torch.where(finite, out, float('nan')).to(x.dtype)
 
