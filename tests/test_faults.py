@@ -59,6 +59,13 @@ CHILD_TIMEOUT_S = 300
 _models = {}
 
 
+@pytest.fixture(scope='module', autouse=True)
+def release_models():
+    """The models built for this module are kept for its tests only."""
+    yield
+    _models.clear()
+
+
 def size_of(name):
     return SIZES.get(FAMILY_OF[name], SIZE)
 
@@ -91,14 +98,14 @@ def run_in_child(check, *args):
         os.write(write_fd, report)
         os._exit(0)
     os.close(write_fd)
-    deadline = time.monotonic() + CHILD_TIMEOUT_S
-    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if waited[0] == 0:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail(f'the check did not end within {CHILD_TIMEOUT_S} s')
     with os.fdopen(read_fd, 'rb') as pipe:
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if waited[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f'the check did not end within {CHILD_TIMEOUT_S} s')
         report = pipe.read().decode()
     status = waited[1]
     if os.WIFSIGNALED(status):
