@@ -191,7 +191,8 @@ def partition_groups(x: torch.Tensor, group_h: int, group_w: int, interval: int)
     B, Hp, Wp, C = x.shape
     regions_h, regions_w = Hp // (group_h * interval), Wp // (group_w * interval)
     x = x.reshape(B, regions_h, group_h, interval, regions_w, group_w, interval, C)
-    return x.permute(0, 1, 4, 3, 6, 2, 5, 7).reshape(B, -1, group_h * group_w, C)
+    num_groups = regions_h * regions_w * interval * interval
+    return x.permute(0, 1, 4, 3, 6, 2, 5, 7).reshape(B, num_groups, group_h * group_w, C)
 
 
 def reverse_groups(x: torch.Tensor, height: int, width: int, group_h: int, group_w: int, interval: int) -> torch.Tensor:

@@ -196,22 +196,25 @@ class DeformableAttention(nn.Module):
         """``[B, heads, H * W, Hk * Wk]`` bias of every query pixel and sampled point."""
         batch_groups = points.shape[0]
         batch = batch_groups // self.groups
+        num_points = points.shape[1] * points.shape[2]
         queries = normalized_grid(height, width, 0., points.dtype, points.device).reshape(1, -1, 1, 2)
-        displacement = (queries - points.reshape(batch_groups, 1, -1, 2)) * 0.5  # [B * g, HW, Ns, 2]
+        displacement = (queries - points.reshape(batch_groups, 1, num_points, 2)) * 0.5  # [B * g, HW, Ns, 2]
         table = self.rpe_table.to(points.dtype)
-        table = table.reshape(1, self.groups, -1, table.shape[-2], table.shape[-1]).expand(batch, -1, -1, -1, -1)
-        bias = F.grid_sample(table.reshape(batch_groups, -1, table.shape[-2], table.shape[-1]), displacement,
+        group_heads, table_h, table_w = self.num_heads // self.groups, table.shape[-2], table.shape[-1]
+        table = table.reshape(1, self.groups, group_heads, table_h, table_w).expand(batch, -1, -1, -1, -1)
+        bias = F.grid_sample(table.reshape(batch_groups, group_heads, table_h, table_w), displacement,
                              mode='bilinear', align_corners=True)
-        return bias.reshape(batch, self.num_heads, height * width, -1)
+        return bias.reshape(batch, self.num_heads, height * width, num_points)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         q = self.proj_q(x)
         points = self.sample_points(q)
         sampled = F.grid_sample(split_groups(x, self.groups), points, mode='bilinear', align_corners=True)
-        sampled = sampled.reshape(B, C, -1).transpose(1, 2)                       # [B, Ns, C]
-        k = self.proj_k(sampled).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.proj_v(sampled).reshape(B, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        num_points = points.shape[1] * points.shape[2]
+        sampled = sampled.reshape(B, C, num_points).transpose(1, 2)               # [B, Ns, C]
+        k = self.proj_k(sampled).reshape(B, num_points, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.proj_v(sampled).reshape(B, num_points, self.num_heads, self.head_dim).transpose(1, 2)
         q = q.reshape(B, H * W, self.num_heads, self.head_dim).transpose(1, 2)   # [B, heads, HW, D]
         # The bias is a dense [B, heads, HW, Ns] tensor, as large as the scores, so a fused SDPA kernel
         # saves nothing here; and SDPA picks other kernels with and without autograd (on CPU), which

@@ -145,7 +145,7 @@ class HiLo(nn.Module):
         num_h, num_w = H // ws, W // ws
         # [B, nh, ws, nw, ws, 3, heads, d] -> [3, B * nh * nw, heads, ws * ws, d]
         qkv = self.h_qkv(x).reshape(B, num_h, ws, num_w, ws, 3, self.h_heads, self.head_dim)
-        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, -1, self.h_heads, ws * ws, self.head_dim)
+        qkv = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B * num_h * num_w, self.h_heads, ws * ws, self.head_dim)
         q, k, v = qkv.unbind(0)
         x = self.attend(q, k, v)
         x = x.reshape(B, num_h, num_w, self.h_heads, ws, ws, self.head_dim)
@@ -157,7 +157,7 @@ class HiLo(nn.Module):
         q = self.l_q(x).reshape(B, H * W, self.l_heads, self.head_dim).transpose(1, 2)
         if self.window_size > 1:
             x = F.avg_pool2d(x.permute(0, 3, 1, 2), self.window_size).permute(0, 2, 3, 1)
-        kv = self.l_kv(x).reshape(B, -1, 2, self.l_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        kv = self.l_kv(x).reshape(B, x.shape[1] * x.shape[2], 2, self.l_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
         x = self.attend(q, k, v).transpose(1, 2).reshape(B, H, W, self.l_dim)
         return self.l_proj(x)
@@ -188,8 +188,21 @@ def deform_conv2d_v1(
         stride: int,
         padding: int,
 ) -> torch.Tensor:
-    """torchvision's deformable convolution without modulation mask (DCNv1), square stride / padding."""
-    return deform_conv2d(x, offset, weight, bias, stride=(stride, stride), padding=(padding, padding))
+    """torchvision's deformable convolution without modulation mask (DCNv1), square stride / padding.
+
+    It runs in float32 (or wider) and returns ``x``'s dtype: torchvision has no bfloat16 CPU kernel, and under
+    autocast the offsets, weights and input arrive in mixed dtypes (the official model runs its DCN in float32
+    under AMP too). A non-finite offset never reaches torchvision's sampler, whose CPU kernel indexes memory
+    with it and kills the process: the conv samples at offset 0 there instead, and every output at a position
+    with a non-finite offset is NaN, so the fault stays visible, in its own sample (the official CUDA DCN
+    samples zeros at such offsets and hides it).
+    """
+    finite = torch.isfinite(offset).all(dim=1, keepdim=True)
+    offset = torch.where(finite, offset, 0.)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    out = deform_conv2d(x.to(dtype), offset.to(dtype), weight.to(dtype), bias.to(dtype),
+                        stride=(stride, stride), padding=(padding, padding))
+    return torch.where(finite, out, float('nan')).to(x.dtype)
 
 
 @register_flop_formula(torch.ops.torchvision.deform_conv2d)

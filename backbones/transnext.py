@@ -286,7 +286,8 @@ class CosineAttentionBase(nn.Module):
         return shape_cpb_bias(bias, query_size, key_size, self.trained_size, self.trained_key_size)
 
     def scaled_query(self, q_norm: torch.Tensor, seq_length_scale: torch.Tensor) -> torch.Tensor:
-        return (q_norm + self.query_embedding) * F.softplus(self.temperature) * seq_length_scale
+        # the length scale is float32 (built per map): the product keeps the activations' dtype
+        return ((q_norm + self.query_embedding) * F.softplus(self.temperature) * seq_length_scale).to(q_norm.dtype)
 
 
 class Attention(CosineAttentionBase):
@@ -319,7 +320,7 @@ class Attention(CosineAttentionBase):
             padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, H, W, C = x.shape
-        qkv = self.qkv(x).reshape(B, -1, 3 * self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+        qkv = self.qkv(x).reshape(B, H * W, 3 * self.num_heads, self.head_dim).permute(0, 2, 1, 3)
         q, k, v = qkv.chunk(3, dim=1)
         bias = self.cpb_bias(relative_pos_index, relative_coords_table, [H, W], [H, W])
         q = self.scaled_query(F.normalize(q, dim=-1), seq_length_scale)
@@ -441,13 +442,14 @@ class AggregatedAttention(CosineAttentionBase):
 
         q_norm = F.normalize(self.q(x).view(B, H, W, heads, head_dim), dim=-1)
         q_scaled = ((q_norm + self.query_embedding.view(1, 1, 1, heads, head_dim))
-                    * F.softplus(self.temperature).view(1, 1, 1, heads, 1) * seq_length_scale.view(1, H, W, 1, 1))
+                    * F.softplus(self.temperature).view(1, 1, 1, heads, 1)
+                    * seq_length_scale.view(1, H, W, 1, 1)).to(q_norm.dtype)
         k, v = self.kv(x).view(B, H, W, 2, heads, head_dim).unbind(3)
         k = F.normalize(k, dim=-1)
 
         x_ = F.adaptive_avg_pool2d(self.act(self.sr(x.permute(0, 3, 1, 2))), (pool[0], pool[1]))
         x_ = self.norm(x_.flatten(2).transpose(1, 2))
-        k_pool, v_pool = self.kv(x_).view(B, -1, 2, heads, head_dim).unbind(2)
+        k_pool, v_pool = self.kv(x_).view(B, pool[0] * pool[1], 2, heads, head_dim).unbind(2)
         k_pool = F.normalize(k_pool, dim=-1)
         pool_bias = self.cpb_bias(relative_pos_index, relative_coords_table, [H, W], pool)
 
@@ -470,25 +472,27 @@ class AggregatedAttention(CosineAttentionBase):
         assert padding_mask is not None  # stage_context builds it for every aggregated-attention stage
         B, H, W, C = x.shape
         pool = pool_size(x, self.sr_ratio, self.fixed_pool_size)
-        x = x.reshape(B, -1, C)
+        N = H * W
+        x = x.reshape(B, N, C)
 
-        q_norm = F.normalize(self.q(x).reshape(B, -1, self.num_heads, self.head_dim).permute(0, 2, 1, 3), dim=-1)
+        q_norm = F.normalize(self.q(x).reshape(B, N, self.num_heads, self.head_dim).permute(0, 2, 1, 3), dim=-1)
         q_norm_scaled = self.scaled_query(q_norm, seq_length_scale)
 
         # unfolded (zero-padded) windows of L2-normalised keys and of values
         k_local, v_local = self.kv(x).chunk(2, dim=-1)
-        k_local = F.normalize(k_local.reshape(B, -1, self.num_heads, self.head_dim), dim=-1).reshape(B, -1, C)
-        kv_local = torch.cat([k_local, v_local], dim=-1).permute(0, 2, 1).reshape(B, -1, H, W)
+        k_local = F.normalize(k_local.reshape(B, N, self.num_heads, self.head_dim), dim=-1).reshape(B, N, C)
+        kv_local = torch.cat([k_local, v_local], dim=-1).permute(0, 2, 1).reshape(B, 2 * C, H, W)
         k_local, v_local = F.unfold(kv_local, self.window_size, padding=self.window_size // 2).reshape(
-            B, 2 * self.num_heads, self.head_dim, self.local_len, -1).permute(0, 1, 4, 2, 3).chunk(2, dim=1)
+            B, 2 * self.num_heads, self.head_dim, self.local_len, N).permute(0, 1, 4, 2, 3).chunk(2, dim=1)
         attn_local = ((q_norm_scaled.unsqueeze(-2) @ k_local).squeeze(-2)
                       + self.relative_pos_bias_local.unsqueeze(1)).masked_fill(padding_mask, float('-inf'))
 
         # pooled keys and values, from the same kv projection
-        x_ = x.permute(0, 2, 1).reshape(B, -1, H, W)
-        x_ = F.adaptive_avg_pool2d(self.act(self.sr(x_)), (pool[0], pool[1])).reshape(B, C, -1).permute(0, 2, 1)
+        pool_len = pool[0] * pool[1]
+        x_ = x.permute(0, 2, 1).reshape(B, C, H, W)
+        x_ = F.adaptive_avg_pool2d(self.act(self.sr(x_)), (pool[0], pool[1])).reshape(B, C, pool_len).permute(0, 2, 1)
         x_ = self.norm(x_)
-        kv_pool = self.kv(x_).reshape(B, -1, 2 * self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+        kv_pool = self.kv(x_).reshape(B, pool_len, 2 * self.num_heads, self.head_dim).permute(0, 2, 1, 3)
         k_pool, v_pool = kv_pool.chunk(2, dim=1)
         pool_bias = self.cpb_bias(relative_pos_index, relative_coords_table, [H, W], pool)
         attn_pool = q_norm_scaled @ F.normalize(k_pool, dim=-1).transpose(-2, -1) + pool_bias
