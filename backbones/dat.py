@@ -569,5 +569,6 @@ def dat_pp_base(pretrained: bool = False, **kwargs) -> DAT:
 
 @register_model
 def dat_pp_base_384(pretrained: bool = False, **kwargs) -> DAT:
-    model_args = dict(_BASE, img_size=384)
-    return _create_dat('dat_pp_base_384', pretrained=pretrained, **dict(model_args, **kwargs))
+    # the official configs/dat_base_384.yaml keeps MODEL.DAT.img_size 224 (only DATA.IMG_SIZE is 384):
+    # the 384 model has the 224 model's bias tables, and its checkpoint's tables load unchanged
+    return _create_dat('dat_pp_base_384', pretrained=pretrained, **dict(_BASE, **kwargs))
