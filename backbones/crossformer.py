@@ -38,7 +38,9 @@ from timm.layers import (
     ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, use_fused_attn)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._checkpoint import convert_checkpoint, require_downloadable_weights, unwrap_checkpoint
+from ._checkpoint import (
+    checkpoint_use_ema, convert_checkpoint, file_through_family_filter, require_downloadable_weights,
+    unwrap_checkpoint)
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['CrossFormer']
@@ -526,7 +528,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
     :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Classifier keys may differ (timm drops or
     re-creates the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
-    state_dict = {k: v for k, v in unwrap_checkpoint(state_dict).items() if not _OFFICIAL_BUFFERS.search(k)}
+    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
+    state_dict = {k: v for k, v in state_dict.items() if not _OFFICIAL_BUFFERS.search(k)}
     return convert_checkpoint(
         state_dict, model, _convert_official_key,
         hint='(after converting official CrossFormer names) is it a classification checkpoint of this variant '
@@ -534,6 +537,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> CrossFormer:
+    kwargs = file_through_family_filter(kwargs)
     if pretrained:
         require_downloadable_weights(variant, kwargs, lambda url: url in _SHARE_PAGES.values())
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))

@@ -42,7 +42,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 
-from ._checkpoint import convert_checkpoint, require_downloadable_weights, unwrap_checkpoint
+from ._checkpoint import (
+    checkpoint_use_ema, convert_checkpoint, file_through_family_filter, require_downloadable_weights,
+    unwrap_checkpoint)
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 from .nat import ConvDownsample, NeighborhoodAttention
 
@@ -495,7 +497,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
     bicubically, as the official loaders do. Classifier keys may differ (timm drops or re-creates
     the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
-    state_dict = unwrap_checkpoint(state_dict)
+    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
     if any(k.startswith(_DENSE_PREFIX) or _DENSE_LEVEL_NORM.match(k) for k in state_dict):
         state_dict = _dense_backbone(state_dict, len(model.stages))
     return convert_checkpoint(
@@ -504,6 +506,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
 
 
 def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
+    kwargs = file_through_family_filter(kwargs)
     if pretrained:
         require_downloadable_weights(variant, kwargs, lambda url: url.startswith(_SHARE_PAGE),
                                      also_at=', or the OneDrive links of github.com/LeapLabTHU/DAT')

@@ -37,7 +37,7 @@ from timm.models import (
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from timm.optim import param_groups_weight_decay
 
-from ._checkpoint import convert_checkpoint, rename_by_first_rule
+from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['LITv2', 'HiLo', 'DeformConv2dPack', 'DeformableTokenMerging', 'offset_lr_param_groups']
@@ -570,6 +570,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LITv2) -> D
 
 
 def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
+    kwargs = file_through_family_filter(kwargs)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))
     return build_model_with_cfg(
         LITv2,

@@ -40,7 +40,7 @@ from timm.models import register_notrace_function
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._checkpoint import convert_checkpoint, unwrap_checkpoint
+from ._checkpoint import checkpoint_use_ema, convert_checkpoint, file_through_family_filter, unwrap_checkpoint
 from ._pyramid import ChannelsLastPyramid
 
 __all__ = ['TransNeXt']
@@ -824,7 +824,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) 
     rebuilt by the model for its own size, never loaded. Classifier keys may differ (timm drops or
     re-creates the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
-    state_dict = {k: v for k, v in unwrap_checkpoint(state_dict).items() if not _OFFICIAL_BUFFERS.search(k)}
+    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
+    state_dict = {k: v for k, v in state_dict.items() if not _OFFICIAL_BUFFERS.search(k)}
     return convert_checkpoint(
         state_dict, model, _convert_official_key,
         hint='(after converting official TransNeXt names) is it a checkpoint of this variant (depths, widths, '
@@ -832,6 +833,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) 
 
 
 def _create_transnext(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
+    kwargs = file_through_family_filter(kwargs)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 15, 2))))))
     return build_model_with_cfg(
         TransNeXt,
