@@ -604,9 +604,10 @@ default_cfgs = generate_default_cfgs({
        for tag, alpha in ALPHA_SWEEP.items()},
     'litv2_medium.in1k': _cfg(_URL.format('v1.0/litv2_m.pth')),
     'litv2_base.in1k': _cfg(_URL.format('v1.0/litv2_b.pth')),
-    # fine-tuned at 384 and evaluated without a crop (TEST.CROP False)
+    # fine-tuned at 384 and evaluated without a crop (TEST.CROP False: data/build.py resizes the whole image
+    # to 384 x 384, timm's squash mode)
     'litv2_base_384.in1k': _cfg(_URL.format('v1.0/litv2_b_384.pth'), input_size=(3, 384, 384), pool_size=(12, 12),
-                                crop_pct=1.0),
+                                crop_pct=1.0, crop_mode='squash'),
 })
 
 _SMALL = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))

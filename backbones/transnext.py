@@ -866,11 +866,14 @@ default_cfgs = generate_default_cfgs({
     'transnext_tiny.in1k': _cfg('transnext-tiny-224-1k'),
     'transnext_small.in1k': _cfg('transnext-small-224-1k'),
     'transnext_base.in1k': _cfg('transnext-base-224-1k'),
-    # the official evaluation at 384 resizes the whole image (no crop)
+    # the official evaluation at 384 warps the whole image to 384 x 384 (classification/datasets.py:
+    # "Warping ... (no cropping)"): timm's squash mode, not a short-side resize and crop
     'transnext_small_384.in1k_ft_in1k': _cfg(
-        'transnext-small-384-1k-ft-1k', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+        'transnext-small-384-1k-ft-1k', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0,
+        crop_mode='squash'),
     'transnext_base_384.in1k_ft_in1k': _cfg(
-        'transnext-base-384-1k-ft-1k', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+        'transnext-base-384-1k-ft-1k', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0,
+        crop_mode='squash'),
     'transnext_micro_aaaa_256.in1k': _cfg(
         'transnext-micro-AAAA-256-1k', input_size=(3, 256, 256), pool_size=(8, 8)),
 })
