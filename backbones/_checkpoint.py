@@ -259,15 +259,19 @@ def rename_by_first_rule(key: str, rules: Sequence[RenameRule]) -> str:
 
 
 def require_downloadable_weights(variant: str, kwargs: Dict, is_share_page: Callable[[str], bool],
-                                 also_at: str = '') -> None:
-    """Official weights that sit on share pages timm cannot download (Google Drive, BaiduCloud, OneDrive,
-    TsinghuaCloud): ``pretrained=True`` without a local file (or another source) says where they are and
-    how to load a downloaded file, instead of failing on an HTML page. ``also_at`` names other mirrors."""
+                                 also_at: str = '', where: str = 'a share page', prepare: str = 'Download the file',
+                                 file_name: str = '/path/to/file.pth') -> None:
+    """Official weights that timm cannot load from their URL: share pages (Google Drive, BaiduCloud,
+    OneDrive, TsinghuaCloud), or archives that need converting (``where``, ``prepare``: what to do first,
+    ``file_name``: the file it gives). ``pretrained=True`` without a local file (or another source) says
+    where they are and how to load a prepared file, instead of failing on an HTML page or an archive.
+    ``also_at`` names other mirrors. ``kwargs`` are the create function's (``pretrained_cfg`` may be a
+    tag, as ``create_model('name.tag')`` passes it)."""
     cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     if cfg.file or cfg.hf_hub_id or cfg.state_dict or not is_share_page(cfg.url or ''):
         return
     raise RuntimeError(
-        f'{variant}: the official weights are only on a share page ({cfg.url}{also_at}), which cannot be '
-        f'downloaded automatically. Download the file and load it with timm.create_model({variant!r}, '
-        f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/file.pth')), or in an OpenMMLab config "
-        f"with AttnzooBackbone(model_name={variant!r}, checkpoint='/path/to/file.pth').")
+        f'{variant}: the official weights are only on {where} ({cfg.url}{also_at}), which cannot be '
+        f'loaded automatically. {prepare} and load it with timm.create_model({variant!r}, '
+        f"pretrained=True, pretrained_cfg_overlay=dict(file='{file_name}')), or in an OpenMMLab config "
+        f"with AttnzooBackbone(model_name={variant!r}, checkpoint='{file_name}').")
