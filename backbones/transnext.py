@@ -633,7 +633,8 @@ class TransNeXt(ChannelsLastPyramid):
         img_size: The input size the model is built for (int or (H, W)): the CPB buffers are computed
             for its stage maps; other sizes resize (or, with ``is_extrapolation``, recompute) the bias.
         pretrain_size: The size of the pre-training that scales the CPB coordinates (the 384 px models
-            use 224); defaults to ``img_size``.
+            use 224); defaults to ``img_size``, and with pretrained weights to the size they were
+            trained at (224; 256 for ``transnext_micro_aaaa_256``).
         in_chans: Number of input image channels.
         num_classes: Number of classes of the classifier head (0: no head).
         global_pool: Global pooling type of the head.
@@ -832,8 +833,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) 
              'window sizes)?')
 
 
-def _create_transnext(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
+def _create_transnext(variant: str, pretrained: bool = False, trained_at: int = 224, **kwargs) -> TransNeXt:
     kwargs = file_through_family_filter(kwargs)
+    if pretrained:
+        # the weights' CPB coordinates are scaled for the size they were trained at (``trained_at``), whatever
+        # img_size the model is built for (as the official dense-task configs pass pretrain_size=224)
+        kwargs.setdefault('pretrain_size', trained_at)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 15, 2))))))
     return build_model_with_cfg(
         TransNeXt,
@@ -920,4 +925,5 @@ def transnext_base_384(pretrained: bool = False, **kwargs) -> TransNeXt:
 def transnext_micro_aaaa_256(pretrained: bool = False, **kwargs) -> TransNeXt:
     # aggregated attention in all four stages ("A-A-A-A"), trained at 256
     model_args = dict(_MICRO, img_size=256, window_size=(3, 3, 3, 3), sr_ratios=(16, 8, 4, 2))
-    return _create_transnext('transnext_micro_aaaa_256', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transnext(
+        'transnext_micro_aaaa_256', pretrained=pretrained, trained_at=256, **dict(model_args, **kwargs))
