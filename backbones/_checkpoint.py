@@ -96,16 +96,16 @@ def _strip_wrapper_prefixes(key: str) -> str:
 
 def checkpoint_wrapper(checkpoint: Mapping, use_ema: bool = True) -> Optional[str]:
     """The key of ``checkpoint`` that :func:`unwrap_checkpoint` takes the weights from; None for a plain
-    state dict."""
-    for wrapper in (EMA_WRAPPERS if use_ema else ()) + TRAINED_WRAPPERS:
+    state dict. ``use_ema`` decides where a file holds both; a file with one kind gives that one."""
+    for wrapper in EMA_WRAPPERS + TRAINED_WRAPPERS if use_ema else TRAINED_WRAPPERS + EMA_WRAPPERS:
         if isinstance(checkpoint.get(wrapper), Mapping):
             return wrapper
     return None
 
 
 def unwrap_checkpoint(checkpoint: Mapping, use_ema: bool = True) -> StateDict:
-    """The weights of a checkpoint: the first of :data:`EMA_WRAPPERS` (with ``use_ema``) and
-    :data:`TRAINED_WRAPPERS` that holds a dict, else the checkpoint itself; without the
+    """The weights of a checkpoint: the first of :data:`EMA_WRAPPERS` and :data:`TRAINED_WRAPPERS` (the
+    trained ones first without ``use_ema``) that holds a dict, else the checkpoint itself; without the
     :data:`WRAPPER_PREFIXES`. Raises :class:`CheckpointError` where that is not a dict of tensors."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'a checkpoint is a dict of tensors (or one under a key such as \'model\'), '

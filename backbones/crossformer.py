@@ -87,7 +87,8 @@ class CrossScaleEmbed(nn.Module):
 
     Convolutions of stride 4 and kernels (4, 8, 16, 32) see the same centres at four scales; their
     outputs (C/2, C/4, C/8, C/8 channels) are concatenated and normalised. An image that is not a
-    multiple of 4 is zero-padded at the bottom / right, so the map has ``ceil(H / 4)`` rows.
+    multiple of 4 is zero-padded at the bottom / right, so the map has ``ceil(H / 4)`` rows. Dropout
+    (``pos_drop``, the official model's after its patch embedding) ends it.
     """
 
     def __init__(
@@ -97,6 +98,7 @@ class CrossScaleEmbed(nn.Module):
             kernel_sizes: Sequence[int] = (4, 8, 16, 32),
             stride: int = 4,
             norm_layer=nn.LayerNorm,
+            pos_drop: float = 0.,
             device=None,
             dtype=None,
     ):
@@ -104,11 +106,12 @@ class CrossScaleEmbed(nn.Module):
         self.stride = stride
         self.projs = cross_scale_convs(in_chans, dim, kernel_sizes, stride, device=device, dtype=dtype)
         self.norm = norm_layer(dim, device=device, dtype=dtype)
+        self.pos_drop = nn.Dropout(pos_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, self.stride)
         x = torch.cat([proj(x) for proj in self.projs], dim=1)
-        return self.norm(x.permute(0, 2, 3, 1))
+        return self.pos_drop(self.norm(x.permute(0, 2, 3, 1)))
 
 
 class CrossScaleMerge(nn.Module):
@@ -413,7 +416,8 @@ class CrossFormer(ChannelsLastPyramid):
         mlp_ratio: MLP hidden width over block width.
         qkv_bias: Bias in the qkv projection.
         drop_rate: Dropout before the classifier.
-        proj_drop_rate: Dropout after the attention projection and in the MLP (the official ``drop_rate``).
+        proj_drop_rate: Dropout after the stem, after the attention projection and in the MLP (the
+            official ``drop_rate``).
         attn_drop_rate: Dropout on the attention weights.
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
@@ -458,7 +462,8 @@ class CrossFormer(ChannelsLastPyramid):
         self.num_features = self.head_hidden_size = dims[-1]
 
         self.stem_stride = 4
-        self.stem = CrossScaleEmbed(in_chans, dims[0], stem_kernel_sizes, self.stem_stride, norm_layer=norm_layer, **dd)
+        self.stem = CrossScaleEmbed(
+            in_chans, dims[0], stem_kernel_sizes, self.stem_stride, norm_layer=norm_layer, pos_drop=proj_drop_rate, **dd)
         # timm adapts every listed conv of a pretrained stem to another in_chans, not only pretrained_cfg's first
         self._traits = dict(first_conv=tuple(f'stem.projs.{i}' for i in range(len(stem_kernel_sizes))))
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)

@@ -166,6 +166,7 @@ class DeformableAttention(nn.Module):
             stride: int,
             offset_kernel_size: int,
             table_size: Tuple[int, int],
+            attn_drop: float = 0.,
             proj_drop: float = 0.,
             device=None,
             dtype=None,
@@ -184,6 +185,7 @@ class DeformableAttention(nn.Module):
         self.proj_v = nn.Linear(dim, dim, **dd)
         self.offset = OffsetNetwork(dim // groups, offset_kernel_size, stride, **dd)
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1, **dd))
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj_out = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.rpe_table, std=.01)
@@ -219,7 +221,7 @@ class DeformableAttention(nn.Module):
         # saves nothing here; and SDPA picks other kernels with and without autograd (on CPU), which
         # would make training and inference outputs differ in the last bits.
         attn = (q @ k.transpose(-2, -1)) * self.scale + self.position_bias(points, H, W).to(q.dtype)
-        x = attn.softmax(dim=-1) @ v
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj_out(x))
 
@@ -241,6 +243,7 @@ class DATBlock(nn.Module):
             nat_kernel_size: int,
             table_size: Tuple[int, int],
             mlp_ratio: float = 4.,
+            attn_drop: float = 0.,
             proj_drop: float = 0.,
             drop_path: float = 0.,
             device=None,
@@ -254,7 +257,8 @@ class DATBlock(nn.Module):
             self.attn = NeighborhoodAttention(dim, num_heads, kernel_size=nat_kernel_size, proj_drop=proj_drop, **dd)
         elif block_type == 'D':
             self.attn = DeformableAttention(
-                dim, num_heads, groups, stride, offset_kernel_size, table_size, proj_drop=proj_drop, **dd)
+                dim, num_heads, groups, stride, offset_kernel_size, table_size, attn_drop=attn_drop, proj_drop=proj_drop,
+                **dd)
         else:
             raise ValueError(f'DATBlock: unknown block type {block_type!r}; DAT++ blocks are one of {BLOCK_TYPES}')
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -284,6 +288,7 @@ class DATStage(PyramidStage):
             table_size: Tuple[int, int],
             downsample: bool,
             mlp_ratio: float,
+            attn_drop: float,
             proj_drop: float,
             drop_path_rates: Sequence[float],
             device=None,
@@ -303,6 +308,7 @@ class DATStage(PyramidStage):
                     nat_kernel_size=nat_kernel_size,
                     table_size=table_size,
                     mlp_ratio=mlp_ratio,
+                    attn_drop=attn_drop,
                     proj_drop=proj_drop,
                     drop_path=drop_path_rates[i],
                     **dd,
@@ -330,6 +336,9 @@ class DAT(ChannelsLastPyramid):
         mlp_ratio: MLP hidden width over block width.
         drop_rate: Dropout before the classifier.
         proj_drop_rate: Dropout after the attention projection and in the MLP.
+        attn_drop_rate: Dropout on the attention weights of the deformable ('D') blocks (the official
+            ``attn_drop_rate``). The neighborhood op of the 'N' blocks has no attention dropout: a
+            ``stage_spec`` with 'N' blocks needs ``attn_drop_rate=0`` (what every official config uses).
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
     family = 'DAT++'
@@ -350,6 +359,7 @@ class DAT(ChannelsLastPyramid):
             mlp_ratio: float = 4.,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             device=None,
             dtype=None,
@@ -366,6 +376,10 @@ class DAT(ChannelsLastPyramid):
             if unknown or not spec:
                 raise ValueError(f'DAT: stage_spec {spec!r} must be a non-empty string of block types '
                                  f'{BLOCK_TYPES}; got {unknown}')
+        if attn_drop_rate > 0 and any('N' in spec for spec in stage_spec):
+            raise ValueError(f'DAT: attn_drop_rate={attn_drop_rate} needs deformable (D) blocks only, but stage_spec '
+                             f'{tuple(stage_spec)} has neighborhood (N) blocks, whose fused op has no attention '
+                             f'dropout; use attn_drop_rate=0 (as every official DAT++ config does) or proj_drop_rate')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.stem_stride = 4
@@ -393,6 +407,7 @@ class DAT(ChannelsLastPyramid):
                 table_size=(img_size[0] // reduction, img_size[1] // reduction),
                 downsample=i > 0,
                 mlp_ratio=mlp_ratio,
+                attn_drop=attn_drop_rate,
                 proj_drop=proj_drop_rate,
                 drop_path_rates=dpr[i],
                 **dd,

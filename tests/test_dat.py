@@ -73,6 +73,7 @@ def test_blocks_follow_the_official_stage_spec(name):
     (dict(stage_spec=('ND', '', 'ND', 'D')), 'non-empty'),
     (dict(groups=(1, 2, 4)), '3 groups entries for 4 stages'),
     (dict(num_heads=(2, 4, 8, 16), groups=(1, 3, 4, 8)), 'groups'),
+    (dict(attn_drop_rate=0.1), r"attn_drop_rate=0.1 needs deformable \(D\) blocks only.*'ND'"),
 ])
 def test_bad_configuration_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -258,6 +259,17 @@ def test_group_matcher_orders_every_parameter_as_it_runs(coarse):
     # stem, one group per stage or per block (a downsample joins its stage's first block, the final norm
     # the last block: timm's 99999 rule), the head with whatever matched nothing
     assert len(groups) == (1 + 4 + 1 if coarse else 1 + 7 + 1)
+
+
+def test_attention_dropout_of_the_deformable_blocks():
+    """The official attn_drop_rate drops out the deformable attention weights: at p = 1 nothing is
+    attended and a block's attention gives the output projection's bias; in eval it is off."""
+    model = small_dat(stage_spec=('D', 'DD', 'D', 'D'), attn_drop_rate=1.0)
+    attn = model.stages[1].blocks[1].attn
+    assert [block.attn.attn_drop.p for stage in model.stages for block in stage.blocks] == [1.0] * 5
+    x = torch.randn(2, 8, 8, 64)
+    torch.testing.assert_close(attn.train()(x), attn.proj_out.bias.expand(2, 8, 8, 64))
+    assert not torch.allclose(attn.eval()(x), attn.proj_out.bias.expand(2, 8, 8, 64))
 
 
 # ---------------------------------------------------------------- official checkpoints

@@ -12,7 +12,7 @@ import timm
 import torch
 
 import attnzoo.backbones  # noqa: F401  (registers the models)
-from attnzoo.backbones._checkpoint import checkpoint_use_ema
+from attnzoo.backbones._checkpoint import checkpoint_use_ema, unwrap_checkpoint
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 sys.path.insert(0, str(TOOLS))
@@ -110,3 +110,10 @@ def test_convert_and_eval_tools(both_weights_file, tmp_path, monkeypatch):
     model_args = [f'{k}={v!r}'.replace(' ', '') for k, v in model_kwargs.items()]
     with pytest.raises(Loaded):  # digits: 10 classes
         eval_tool.main(['--model', name, '--device', 'cpu', '--checkpoint', str(path), '--model-kwargs', *model_args])
+
+
+def test_a_file_with_one_kind_of_weights_gives_them_under_either_rule():
+    only_ema, only_trained = {'model_ema': {'w': torch.ones(1)}}, {'state_dict': {'w': torch.zeros(1)}}
+    for use_ema in (True, False):
+        assert unwrap_checkpoint(only_ema, use_ema) == {'w': torch.ones(1)}
+        assert unwrap_checkpoint(only_trained, use_ema) == {'w': torch.zeros(1)}
