@@ -45,7 +45,9 @@ from ._pyramid import ChannelsLastPyramid
 
 __all__ = ['TransNeXt']
 
-torch.fx.wrap('neighborhood_attention_2d')   # one leaf call in FX graphs, not traced into
+# one leaf call in FX graphs, not traced into; the helper, not the op's public function, so that a scripted FX
+# graph compiles the helper's TorchScript branch (the registered op), not the public function's Python checks
+torch.fx.wrap('aggregated_neighborhood_attention')
 
 AGGREGATED_ATTENTION_IMPLS = ('fused', 'native')
 
