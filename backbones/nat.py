@@ -32,7 +32,9 @@ from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['NAT']
 
-torch.fx.wrap('neighborhood_attention_2d')   # one leaf call in FX graphs, not traced into
+# one leaf call in FX graphs, not traced into: the helper, whose TorchScript branch is the registered op (a
+# scripted FX graph would otherwise compile the public function's Python checks)
+torch.fx.wrap('neighborhood_attention')
 
 
 @torch.fx.wrap
