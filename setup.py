@@ -33,9 +33,12 @@ setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
     install_requires=[
-        'torch>=2.4',
+        # torch.serialization.safe_globals (the checkpoint reader) is new in 2.5; torch.library.custom_op,
+        # register_fake and register_autograd (the ops) in 2.4
+        'torch>=2.5',
         'torchvision',
-        'timm>=1.0.20',
+        # timm.models._input.get_model_traits is new in 1.0.31 (tests/test_version_floors.py)
+        'timm>=1.0.31',
         'safetensors',
         'tqdm',
         'numpy',

@@ -8,11 +8,14 @@ functions, so a file gives the same weights, and a mismatch the same report, whi
 Unwrapping (:func:`unwrap_checkpoint`): official training scripts save their weights under a key of a
 dict: ``model`` (DeiT / Swin-style scripts: BiFormer, CrossFormer, NAT, LITv2, DAT++, TransNeXt),
 ``state_dict`` (timm's saver, mmengine), and their exponential moving average beside them as
-``model_ema`` / ``state_dict_ema``. The preference is :data:`EMA_WRAPPERS` then
-:data:`TRAINED_WRAPPERS`: EMA weights win where a file holds both (what the official CSWin training
-evaluated and fine-tuned from, and timm's file loader's order, so ``pretrained_cfg_overlay=dict(file=...)``
-and a family's filter pick the same weights); ``use_ema=False`` takes the trained weights. The
-``module.`` prefix of (Distributed)DataParallel and ``_orig_mod.`` of ``torch.compile`` are removed.
+``model_ema`` / ``state_dict_ema``. Where a file holds both, the model takes what its family's official
+evaluation takes (:func:`checkpoint_use_ema`): the trained weights for BiFormer (``load_release``),
+CrossFormer, DAT++, LITv2, NAT and TransNeXt, the EMA weights for CSWin (its timm-based ``main.py``
+evaluates with ``use_ema``) and for timm's own families (timm's file loader's order). Every path applies
+that one rule: ``pretrained=True`` and the families' filters, ``pretrained_cfg_overlay=dict(file=...)``
+(:func:`file_through_family_filter`, :func:`load_pretrained_file`), ``AttnzooBackbone(checkpoint=...)``,
+``tools/eval.py`` and ``tools/convert.py``. The ``module.`` prefix of (Distributed)DataParallel and
+``_orig_mod.`` of ``torch.compile`` are removed.
 
 Reading (:func:`load_checkpoint_file`): ``.safetensors`` files, or ``torch.load(weights_only=True)`` with
 :data:`SAFE_CHECKPOINT_GLOBALS` allowed, so loading a file cannot run code; a file that needs any other
@@ -39,7 +42,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import safetensors.torch
 import torch
 import torch.nn as nn
-from timm.models import resolve_pretrained_cfg
+from timm.models import load_pretrained, resolve_pretrained_cfg
 from timm.models._input import get_model_traits
 
 EMA_WRAPPERS = ('state_dict_ema', 'model_ema')
@@ -238,16 +241,16 @@ def _strip_wrapper_prefixes(key: str) -> str:
 
 def checkpoint_wrapper(checkpoint: Mapping, use_ema: bool = True) -> Optional[str]:
     """The key of ``checkpoint`` that :func:`unwrap_checkpoint` takes the weights from; None for a plain
-    state dict."""
-    for wrapper in (EMA_WRAPPERS if use_ema else ()) + TRAINED_WRAPPERS:
+    state dict. ``use_ema`` decides where a file holds both; a file with one kind gives that one."""
+    for wrapper in EMA_WRAPPERS + TRAINED_WRAPPERS if use_ema else TRAINED_WRAPPERS + EMA_WRAPPERS:
         if isinstance(checkpoint.get(wrapper), Mapping):
             return wrapper
     return None
 
 
 def unwrap_checkpoint(checkpoint: Mapping, use_ema: bool = True) -> StateDict:
-    """The weights of a checkpoint: the first of :data:`EMA_WRAPPERS` (with ``use_ema``) and
-    :data:`TRAINED_WRAPPERS` that holds a dict, else the checkpoint itself; without the
+    """The weights of a checkpoint: the first of :data:`EMA_WRAPPERS` and :data:`TRAINED_WRAPPERS` (the
+    trained ones first without ``use_ema``) that holds a dict, else the checkpoint itself; without the
     :data:`WRAPPER_PREFIXES`. Raises :class:`CheckpointError` where that is not a dict of tensors."""
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'a checkpoint is a dict of tensors (or one under a key such as \'model\'), '
@@ -262,6 +265,31 @@ def unwrap_checkpoint(checkpoint: Mapping, use_ema: bool = True) -> StateDict:
             f'and holds none under {", ".join(map(repr, EMA_WRAPPERS + TRAINED_WRAPPERS))}; '
             f'save the model\'s state_dict(), or the training checkpoint that holds it')
     return {_strip_wrapper_prefixes(k): v for k, v in checkpoint.items()}
+
+
+def checkpoint_use_ema(model: nn.Module) -> bool:
+    """Whether ``model`` takes the EMA weights of a file that holds both trained and EMA weights: its
+    family's official choice (the model's ``checkpoint_ema``); a model that does not say takes the EMA
+    weights, as timm's file loader does."""
+    return getattr(model, 'checkpoint_ema', True)
+
+
+def file_through_family_filter(kwargs: Dict) -> Dict:
+    """A family's create-function ``kwargs`` with a ``pretrained_cfg_overlay`` file left to the model's
+    ``load_pretrained`` (timm's ``custom_load``), which is :func:`load_pretrained_file`: timm's own file
+    loader would take the EMA weights out of the file before the family's filter sees it."""
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    if overlay.get('file') and 'custom_load' not in overlay:
+        kwargs = dict(kwargs, pretrained_cfg_overlay=dict(overlay, custom_load=True))
+    return kwargs
+
+
+def load_pretrained_file(model: nn.Module, path, filter_fn: Callable[[StateDict, nn.Module], StateDict]) -> None:
+    """Loads the checkpoint file at ``path`` into ``model`` through its family's ``filter_fn``, which gets
+    the whole file (wrappers included, read by :func:`load_checkpoint_file`) and unwraps it by the
+    family's rule; the rest (classifier and input-channel adaptation, strict key check) is timm's loading."""
+    cfg = dict(model.pretrained_cfg, state_dict=load_checkpoint_file(path), custom_load=False)
+    load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=model.in_chans, filter_fn=filter_fn)
 
 
 def listed(items: Sequence[str], limit: int = LISTED_KEYS) -> str:
@@ -351,8 +379,9 @@ def convert_checkpoint(
     with ``convert_official_key`` (our own state dict, whose keys start with 'stem.', passes through)
     and checks the result against ``model`` (:func:`check_checkpoint_keys`, ending with ``hint``).
     ``adapt``, if given, runs first on the renamed state dict and returns it fitted to the model (layout
-    changes, resized tables) or raises a family-specific error (e.g. which model option it needs)."""
-    state_dict = unwrap_checkpoint(state_dict)
+    changes, resized tables) or raises a family-specific error (e.g. which model option it needs).
+    A file holding both trained and EMA weights gives the ones :func:`checkpoint_use_ema` names."""
+    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
     if not any(k.startswith('stem.') for k in state_dict):
         state_dict = {convert_official_key(k): v for k, v in state_dict.items()}
     if adapt is not None:
@@ -375,18 +404,22 @@ def rename_by_first_rule(key: str, rules: Sequence[RenameRule]) -> str:
 
 
 def require_downloadable_weights(variant: str, kwargs: Dict, is_share_page: Callable[[str], bool],
-                                 also_at: str = '') -> None:
-    """Official weights that sit on share pages timm cannot download (Google Drive, BaiduCloud, OneDrive,
-    TsinghuaCloud): ``pretrained=True`` without a local file (or another source) says where they are and
-    how to load a downloaded file, instead of failing on an HTML page. ``also_at`` names other mirrors."""
+                                 also_at: str = '', where: str = 'a share page', prepare: str = 'Download the file',
+                                 file_name: str = '/path/to/file.pth') -> None:
+    """Official weights that timm cannot load from their URL: share pages (Google Drive, BaiduCloud,
+    OneDrive, TsinghuaCloud), or archives that need converting (``where``, ``prepare``: what to do first,
+    ``file_name``: the file it gives). ``pretrained=True`` without a local file (or another source) says
+    where they are and how to load a prepared file, instead of failing on an HTML page or an archive.
+    ``also_at`` names other mirrors. ``kwargs`` are the create function's (``pretrained_cfg`` may be a
+    tag, as ``create_model('name.tag')`` passes it)."""
     cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
     if cfg.file or cfg.hf_hub_id or cfg.state_dict or not is_share_page(cfg.url or ''):
         return
     raise RuntimeError(
-        f'{variant}: the official weights are only on a share page ({cfg.url}{also_at}), which cannot be '
-        f'downloaded automatically. Download the file and load it with timm.create_model({variant!r}, '
-        f"pretrained=True, pretrained_cfg_overlay=dict(file='/path/to/file.pth')), or in an OpenMMLab config "
-        f"with AttnzooBackbone(model_name={variant!r}, checkpoint='/path/to/file.pth').")
+        f'{variant}: the official weights are only on {where} ({cfg.url}{also_at}), which cannot be '
+        f'loaded automatically. {prepare} and load it with timm.create_model({variant!r}, '
+        f"pretrained=True, pretrained_cfg_overlay=dict(file='{file_name}')), or in an OpenMMLab config "
+        f"with AttnzooBackbone(model_name={variant!r}, checkpoint='{file_name}').")
 
 
 def pretrained_weights_source(variant: str, kwargs: Dict) -> str:

@@ -10,6 +10,7 @@ in small functions that FX records as one call (:func:`check_image` here; a fami
 same way, with timm's ``register_notrace_function`` for timm's tracer and ``torch.fx.wrap`` at the top
 level of its module for ``torch.fx.symbolic_trace``), and everything the forward reaches is scriptable.
 """
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
+
+from ._checkpoint import load_pretrained_file
 
 
 @torch.fx.wrap
@@ -73,6 +76,9 @@ class ChannelsLastPyramid(nn.Module):
     """
     family: torch.jit.Final[str] = ''
     output_fmt: torch.jit.Final[str] = 'NHWC'
+    # of a file holding trained and EMA weights, the EMA ones? The family's official evaluation's choice:
+    # the DeiT / Swin-style scripts of most families evaluate 'model' (see _checkpoint.checkpoint_use_ema)
+    checkpoint_ema: torch.jit.Final[bool] = False
 
     def _init_weights(self, m: nn.Module):
         """Linear layers as the official models of these families (and timm's ViTs) start them."""
@@ -80,6 +86,12 @@ class ChannelsLastPyramid(nn.Module):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str):
+        """timm's loader of a pretrained file (``custom_load``; _checkpoint.file_through_family_filter):
+        the whole file goes through the family module's ``checkpoint_filter_fn``."""
+        load_pretrained_file(self, checkpoint_path, sys.modules[type(self).__module__].checkpoint_filter_fn)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

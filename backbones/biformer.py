@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, use_fused_attn
 from timm.layers import register_notrace_function
-from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from attnzoo.kernels import routing_attention, routing_region_index
 
-from ._checkpoint import convert_checkpoint, load_checkpoint_file, rename_by_first_rule, unwrap_checkpoint
+from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['BiFormer']
@@ -381,23 +381,6 @@ class BiFormer(ChannelsLastPyramid):
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
         self.apply(self._init_weights)
 
-    @torch.jit.ignore
-    def load_pretrained(self, checkpoint_path: str):
-        """timm's loader for the official release files (``pretrained_cfg`` sets ``custom_load``).
-
-        The files are downloaded under their official names (the OneDrive URLs all end in
-        ``/content``, which would give the three variants one cache file), and the official training
-        script stores its ``argparse.Namespace`` beside the weights, which ``weights_only`` loading
-        would refuse: only that class is allowed in addition. Of the file's ``model`` and
-        ``model_ema``, ``model`` is taken, as the official loader does. A converted ``.safetensors`` file
-        loads too (:func:`~attnzoo.backbones._checkpoint.load_checkpoint_file`). The rest (classifier and
-        input-channel adaptation, strict key check) is timm's own loading.
-        """
-        # the official loader's choice: 'model', not 'model_ema'
-        checkpoint = unwrap_checkpoint(load_checkpoint_file(checkpoint_path), use_ema=False)
-        cfg = dict(self.pretrained_cfg, state_dict=checkpoint, custom_load=False)
-        load_pretrained(self, cfg, num_classes=self.num_classes, in_chans=self.in_chans, filter_fn=checkpoint_filter_fn)
-
 
 def _layer_norm_eps_1e6(dim: int, device=None, dtype=None) -> nn.LayerNorm:
     # the official blocks' LayerNorm(eps=1e-6) ("important to avoid attention collapsing")
@@ -430,8 +413,9 @@ def _convert_official_key(key: str) -> str:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -> Dict[str, torch.Tensor]:
     """Converts an official BiFormer checkpoint (or one of ours) to this model's keys.
 
-    Accepts a plain state dict or one wrapped as the official files are (``{'model': ...}``, see
-    :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Our own state dict passes through
+    Accepts a plain state dict or one wrapped as the official files are (``{'model': ..., 'model_ema':
+    ..., 'args': ...}``: ``model`` is taken, as the official ``load_release`` and dense initialisation
+    take it; see :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Our own state dict passes through
     unchanged. Classifier keys may differ (timm drops or re-creates the head when num_classes
     changes); any other mismatch raises a ValueError naming the keys.
     """
@@ -442,6 +426,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
+    kwargs = file_through_family_filter(kwargs)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 8, 2))))))
     return build_model_with_cfg(
         BiFormer,
@@ -455,7 +440,8 @@ def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiForm
 
 def _cfg(url: str = '', file_name: str = '', **kwargs) -> Dict:
     return {
-        # (url, cache file name): the official OneDrive links all end in '/content'
+        # (url, cache file name): the official OneDrive links all end in '/content'; the files pickle the
+        # training arguments, which the model's load_pretrained (custom_load) allows
         'url': (url, file_name), 'custom_load': True,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         # the official evaluation: resize to 256, center crop 224, bicubic

@@ -38,7 +38,9 @@ from timm.layers import (
     ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, use_fused_attn)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._checkpoint import convert_checkpoint, require_downloadable_weights, unwrap_checkpoint
+from ._checkpoint import (
+    checkpoint_use_ema, convert_checkpoint, file_through_family_filter, require_downloadable_weights,
+    unwrap_checkpoint)
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['CrossFormer']
@@ -85,7 +87,8 @@ class CrossScaleEmbed(nn.Module):
 
     Convolutions of stride 4 and kernels (4, 8, 16, 32) see the same centres at four scales; their
     outputs (C/2, C/4, C/8, C/8 channels) are concatenated and normalised. An image that is not a
-    multiple of 4 is zero-padded at the bottom / right, so the map has ``ceil(H / 4)`` rows.
+    multiple of 4 is zero-padded at the bottom / right, so the map has ``ceil(H / 4)`` rows. Dropout
+    (``pos_drop``, the official model's after its patch embedding) ends it.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class CrossScaleEmbed(nn.Module):
             kernel_sizes: Sequence[int] = (4, 8, 16, 32),
             stride: int = 4,
             norm_layer=nn.LayerNorm,
+            pos_drop: float = 0.,
             device=None,
             dtype=None,
     ):
@@ -102,11 +106,12 @@ class CrossScaleEmbed(nn.Module):
         self.stride = stride
         self.projs = cross_scale_convs(in_chans, dim, kernel_sizes, stride, device=device, dtype=dtype)
         self.norm = norm_layer(dim, device=device, dtype=dtype)
+        self.pos_drop = nn.Dropout(pos_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, self.stride)
         x = torch.cat([proj(x) for proj in self.projs], dim=1)
-        return self.norm(x.permute(0, 2, 3, 1))
+        return self.pos_drop(self.norm(x.permute(0, 2, 3, 1)))
 
 
 class CrossScaleMerge(nn.Module):
@@ -412,7 +417,8 @@ class CrossFormer(ChannelsLastPyramid):
         mlp_ratio: MLP hidden width over block width.
         qkv_bias: Bias in the qkv projection.
         drop_rate: Dropout before the classifier.
-        proj_drop_rate: Dropout after the attention projection and in the MLP (the official ``drop_rate``).
+        proj_drop_rate: Dropout after the stem, after the attention projection and in the MLP (the
+            official ``drop_rate``).
         attn_drop_rate: Dropout on the attention weights.
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
@@ -457,7 +463,8 @@ class CrossFormer(ChannelsLastPyramid):
         self.num_features = self.head_hidden_size = dims[-1]
 
         self.stem_stride = 4
-        self.stem = CrossScaleEmbed(in_chans, dims[0], stem_kernel_sizes, self.stem_stride, norm_layer=norm_layer, **dd)
+        self.stem = CrossScaleEmbed(
+            in_chans, dims[0], stem_kernel_sizes, self.stem_stride, norm_layer=norm_layer, pos_drop=proj_drop_rate, **dd)
         # timm adapts every listed conv of a pretrained stem to another in_chans, not only pretrained_cfg's first
         self._traits = dict(first_conv=tuple(f'stem.projs.{i}' for i in range(len(stem_kernel_sizes))))
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
@@ -527,7 +534,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
     :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Classifier keys may differ (timm drops or
     re-creates the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
-    state_dict = {k: v for k, v in unwrap_checkpoint(state_dict).items() if not _OFFICIAL_BUFFERS.search(k)}
+    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
+    state_dict = {k: v for k, v in state_dict.items() if not _OFFICIAL_BUFFERS.search(k)}
     return convert_checkpoint(
         state_dict, model, _convert_official_key,
         hint='(after converting official CrossFormer names) is it a classification checkpoint of this variant '
@@ -535,6 +543,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> CrossFormer:
+    kwargs = file_through_family_filter(kwargs)
     if pretrained:
         require_downloadable_weights(variant, kwargs, lambda url: url in _SHARE_PAGES.values())
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))

@@ -29,7 +29,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._checkpoint import convert_checkpoint, rename_by_first_rule
+from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['CSWinTransformer']
@@ -300,6 +300,9 @@ class CSWinTransformer(ChannelsLastPyramid):
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
     family = 'CSWin'
+    # the official main.py evaluates the EMA weights: load_checkpoint(model, args.eval_checkpoint, args.model_ema),
+    # --model-ema defaulting to True
+    checkpoint_ema = True
 
     def __init__(
             self,
@@ -399,6 +402,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CSWinTransf
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    kwargs = file_through_family_filter(kwargs)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 2, 21, 1))))))
     return build_model_with_cfg(
         CSWinTransformer,

@@ -42,7 +42,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 
-from ._checkpoint import convert_checkpoint, require_downloadable_weights, unwrap_checkpoint
+from ._checkpoint import (
+    checkpoint_use_ema, convert_checkpoint, file_through_family_filter, require_downloadable_weights,
+    unwrap_checkpoint)
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 from .nat import ConvDownsample, NeighborhoodAttention
 
@@ -164,6 +166,7 @@ class DeformableAttention(nn.Module):
             stride: int,
             offset_kernel_size: int,
             table_size: Tuple[int, int],
+            attn_drop: float = 0.,
             proj_drop: float = 0.,
             device=None,
             dtype=None,
@@ -182,6 +185,7 @@ class DeformableAttention(nn.Module):
         self.proj_v = nn.Linear(dim, dim, **dd)
         self.offset = OffsetNetwork(dim // groups, offset_kernel_size, stride, **dd)
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_size[0] - 1, 2 * table_size[1] - 1, **dd))
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj_out = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.rpe_table, std=.01)
@@ -220,7 +224,7 @@ class DeformableAttention(nn.Module):
         # saves nothing here; and SDPA picks other kernels with and without autograd (on CPU), which
         # would make training and inference outputs differ in the last bits.
         attn = (q @ k.transpose(-2, -1)) * self.scale + self.position_bias(points, H, W).to(q.dtype)
-        x = attn.softmax(dim=-1) @ v
+        x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, H, W, C)
         return self.proj_drop(self.proj_out(x))
 
@@ -242,6 +246,7 @@ class DATBlock(nn.Module):
             nat_kernel_size: int,
             table_size: Tuple[int, int],
             mlp_ratio: float = 4.,
+            attn_drop: float = 0.,
             proj_drop: float = 0.,
             drop_path: float = 0.,
             device=None,
@@ -255,7 +260,8 @@ class DATBlock(nn.Module):
             self.attn = NeighborhoodAttention(dim, num_heads, kernel_size=nat_kernel_size, proj_drop=proj_drop, **dd)
         elif block_type == 'D':
             self.attn = DeformableAttention(
-                dim, num_heads, groups, stride, offset_kernel_size, table_size, proj_drop=proj_drop, **dd)
+                dim, num_heads, groups, stride, offset_kernel_size, table_size, attn_drop=attn_drop, proj_drop=proj_drop,
+                **dd)
         else:
             raise ValueError(f'DATBlock: unknown block type {block_type!r}; DAT++ blocks are one of {BLOCK_TYPES}')
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -285,6 +291,7 @@ class DATStage(PyramidStage):
             table_size: Tuple[int, int],
             downsample: bool,
             mlp_ratio: float,
+            attn_drop: float,
             proj_drop: float,
             drop_path_rates: Sequence[float],
             device=None,
@@ -304,6 +311,7 @@ class DATStage(PyramidStage):
                     nat_kernel_size=nat_kernel_size,
                     table_size=table_size,
                     mlp_ratio=mlp_ratio,
+                    attn_drop=attn_drop,
                     proj_drop=proj_drop,
                     drop_path=drop_path_rates[i],
                     **dd,
@@ -331,6 +339,9 @@ class DAT(ChannelsLastPyramid):
         mlp_ratio: MLP hidden width over block width.
         drop_rate: Dropout before the classifier.
         proj_drop_rate: Dropout after the attention projection and in the MLP.
+        attn_drop_rate: Dropout on the attention weights of the deformable ('D') blocks (the official
+            ``attn_drop_rate``). The neighborhood op of the 'N' blocks has no attention dropout: a
+            ``stage_spec`` with 'N' blocks needs ``attn_drop_rate=0`` (what every official config uses).
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
     family = 'DAT++'
@@ -351,6 +362,7 @@ class DAT(ChannelsLastPyramid):
             mlp_ratio: float = 4.,
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             device=None,
             dtype=None,
@@ -367,6 +379,10 @@ class DAT(ChannelsLastPyramid):
             if unknown or not spec:
                 raise ValueError(f'DAT: stage_spec {spec!r} must be a non-empty string of block types '
                                  f'{BLOCK_TYPES}; got {unknown}')
+        if attn_drop_rate > 0 and any('N' in spec for spec in stage_spec):
+            raise ValueError(f'DAT: attn_drop_rate={attn_drop_rate} needs deformable (D) blocks only, but stage_spec '
+                             f'{tuple(stage_spec)} has neighborhood (N) blocks, whose fused op has no attention '
+                             f'dropout; use attn_drop_rate=0 (as every official DAT++ config does) or proj_drop_rate')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.stem_stride = 4
@@ -394,6 +410,7 @@ class DAT(ChannelsLastPyramid):
                 table_size=(img_size[0] // reduction, img_size[1] // reduction),
                 downsample=i > 0,
                 mlp_ratio=mlp_ratio,
+                attn_drop=attn_drop_rate,
                 proj_drop=proj_drop_rate,
                 drop_path_rates=dpr[i],
                 **dd,
@@ -498,7 +515,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
     bicubically, as the official loaders do. Classifier keys may differ (timm drops or re-creates
     the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
-    state_dict = unwrap_checkpoint(state_dict)
+    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
     if any(k.startswith(_DENSE_PREFIX) or _DENSE_LEVEL_NORM.match(k) for k in state_dict):
         state_dict = _dense_backbone(state_dict, len(model.stages))
     return convert_checkpoint(
@@ -507,6 +524,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
 
 
 def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
+    kwargs = file_through_family_filter(kwargs)
     if pretrained:
         require_downloadable_weights(variant, kwargs, lambda url: url.startswith(_SHARE_PAGE),
                                      also_at=', or the OneDrive links of github.com/LeapLabTHU/DAT')
@@ -572,5 +590,6 @@ def dat_pp_base(pretrained: bool = False, **kwargs) -> DAT:
 
 @register_model
 def dat_pp_base_384(pretrained: bool = False, **kwargs) -> DAT:
-    model_args = dict(_BASE, img_size=384)
-    return _create_dat('dat_pp_base_384', pretrained=pretrained, **dict(model_args, **kwargs))
+    # the official configs/dat_base_384.yaml keeps MODEL.DAT.img_size 224 (only DATA.IMG_SIZE is 384):
+    # the 384 model has the 224 model's bias tables, and its checkpoint's tables load unchanged
+    return _create_dat('dat_pp_base_384', pretrained=pretrained, **dict(_BASE, **kwargs))

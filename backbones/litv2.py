@@ -37,7 +37,7 @@ from timm.models import (
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from timm.optim import param_groups_weight_decay
 
-from ._checkpoint import convert_checkpoint, rename_by_first_rule
+from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['LITv2', 'HiLo', 'DeformConv2dPack', 'DeformableTokenMerging', 'offset_lr_param_groups']
@@ -583,6 +583,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LITv2) -> D
 
 
 def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
+    kwargs = file_through_family_filter(kwargs)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))
     return build_model_with_cfg(
         LITv2,
@@ -616,9 +617,10 @@ default_cfgs = generate_default_cfgs({
        for tag, alpha in ALPHA_SWEEP.items()},
     'litv2_medium.in1k': _cfg(_URL.format('v1.0/litv2_m.pth')),
     'litv2_base.in1k': _cfg(_URL.format('v1.0/litv2_b.pth')),
-    # fine-tuned at 384 and evaluated without a crop (TEST.CROP False)
+    # fine-tuned at 384 and evaluated without a crop (TEST.CROP False: data/build.py resizes the whole image
+    # to 384 x 384, timm's squash mode)
     'litv2_base_384.in1k': _cfg(_URL.format('v1.0/litv2_b_384.pth'), input_size=(3, 384, 384), pool_size=(12, 12),
-                                crop_pct=1.0),
+                                crop_pct=1.0, crop_mode='squash'),
 })
 
 _SMALL = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))

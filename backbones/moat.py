@@ -42,10 +42,8 @@ from timm.layers import BatchNormAct2d, DropPath, LayerNorm2d, NormMlpClassifier
 from timm.models import (
     build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function)
 from timm.models._features import feature_take_indices
-from timm.models._pretrained import PretrainedCfg
-from timm.models._registry import get_pretrained_cfg
 
-from ._checkpoint import check_checkpoint_keys, unwrap_checkpoint
+from ._checkpoint import check_checkpoint_keys, require_downloadable_weights, unwrap_checkpoint
 from ._pyramid import PyramidStage, check_image
 
 __all__ = ['Moat']
@@ -751,7 +749,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Moat) -> Di
 
 def _create_moat(variant: str, pretrained: bool = False, **kwargs) -> Moat:
     if pretrained:
-        _check_weights_are_converted(variant, kwargs)
+        # the official weights are TensorFlow checkpoint archives, which timm cannot read
+        require_downloadable_weights(
+            variant, kwargs, lambda url: url.endswith('.tar.gz'), where='TensorFlow checkpoint archives',
+            prepare=f'Download and unpack the archive, convert it with `python tools/convert.py <unpacked '
+                    f'checkpoint prefix> --model {variant} -o {variant}.safetensors`',
+            file_name=f'{variant}.safetensors')
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 3, 7, 2))) + 1)))
     return build_model_with_cfg(
         Moat,
@@ -761,21 +764,6 @@ def _create_moat(variant: str, pretrained: bool = False, **kwargs) -> Moat:
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
         **kwargs,
     )
-
-
-def _check_weights_are_converted(variant: str, kwargs: Dict):
-    """The official weights are TensorFlow archives that timm cannot read: pretrained=True needs the
-    converted file (``pretrained_cfg_overlay=dict(file=...)``)."""
-    cfg = kwargs.get('pretrained_cfg') or get_pretrained_cfg(variant)
-    if isinstance(cfg, PretrainedCfg):
-        cfg = cfg.to_dict()
-    cfg = dict(cfg or {}, **(kwargs.get('pretrained_cfg_overlay') or {}))
-    if not cfg.get('file') and not cfg.get('hf_hub_id') and str(cfg.get('url', '')).endswith('.tar.gz'):
-        raise RuntimeError(
-            f'{variant}: the official MOAT weights are TensorFlow checkpoints ({cfg["url"]}); download and '
-            f'unpack the archive, convert it with `python tools/convert.py <unpacked checkpoint prefix> --model {variant} '
-            f'-o {variant}.safetensors` and create the model with pretrained_cfg_overlay=dict(file='
-            f'"{variant}.safetensors") (AttnzooBackbone: checkpoint="{variant}.safetensors")')
 
 
 # input normalisation of the official checkpoints: option 1 (ImageNet mean / std) or 2 ([-1, 1])

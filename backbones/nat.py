@@ -27,12 +27,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._checkpoint import convert_checkpoint
+from ._checkpoint import convert_checkpoint, file_through_family_filter
 from ._pyramid import ChannelsLastPyramid, PyramidStage
 
 __all__ = ['NAT']
 
-torch.fx.wrap('neighborhood_attention_2d')   # one leaf call in FX graphs, not traced into
+# one leaf call in FX graphs, not traced into: the helper, whose TorchScript branch is the registered op (a
+# scripted FX graph would otherwise compile the public function's Python checks)
+torch.fx.wrap('neighborhood_attention')
 
 
 @torch.fx.wrap
@@ -345,6 +347,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: NAT) -> Dic
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
+    kwargs = file_through_family_filter(kwargs)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (3, 4, 6, 5))))))
     return build_model_with_cfg(
         NAT,

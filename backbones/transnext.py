@@ -40,12 +40,14 @@ from timm.models import register_notrace_function
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._checkpoint import convert_checkpoint, unwrap_checkpoint
+from ._checkpoint import checkpoint_use_ema, convert_checkpoint, file_through_family_filter, unwrap_checkpoint
 from ._pyramid import ChannelsLastPyramid
 
 __all__ = ['TransNeXt']
 
-torch.fx.wrap('neighborhood_attention_2d')   # one leaf call in FX graphs, not traced into
+# one leaf call in FX graphs, not traced into; the helper, not the op's public function, so that a scripted FX
+# graph compiles the helper's TorchScript branch (the registered op), not the public function's Python checks
+torch.fx.wrap('aggregated_neighborhood_attention')
 
 AGGREGATED_ATTENTION_IMPLS = ('fused', 'native')
 
@@ -637,7 +639,8 @@ class TransNeXt(ChannelsLastPyramid):
         img_size: The input size the model is built for (int or (H, W)): the CPB buffers are computed
             for its stage maps; other sizes resize (or, with ``is_extrapolation``, recompute) the bias.
         pretrain_size: The size of the pre-training that scales the CPB coordinates (the 384 px models
-            use 224); defaults to ``img_size``.
+            use 224); defaults to ``img_size``, and with pretrained weights to the size they were
+            trained at (224; 256 for ``transnext_micro_aaaa_256``).
         in_chans: Number of input image channels.
         num_classes: Number of classes of the classifier head (0: no head).
         global_pool: Global pooling type of the head.
@@ -828,14 +831,20 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) 
     rebuilt by the model for its own size, never loaded. Classifier keys may differ (timm drops or
     re-creates the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
-    state_dict = {k: v for k, v in unwrap_checkpoint(state_dict).items() if not _OFFICIAL_BUFFERS.search(k)}
+    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
+    state_dict = {k: v for k, v in state_dict.items() if not _OFFICIAL_BUFFERS.search(k)}
     return convert_checkpoint(
         state_dict, model, _convert_official_key,
         hint='(after converting official TransNeXt names) is it a checkpoint of this variant (depths, widths, '
              'window sizes)?')
 
 
-def _create_transnext(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
+def _create_transnext(variant: str, pretrained: bool = False, trained_at: int = 224, **kwargs) -> TransNeXt:
+    kwargs = file_through_family_filter(kwargs)
+    if pretrained:
+        # the weights' CPB coordinates are scaled for the size they were trained at (``trained_at``), whatever
+        # img_size the model is built for (as the official dense-task configs pass pretrain_size=224)
+        kwargs.setdefault('pretrain_size', trained_at)
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 15, 2))))))
     return build_model_with_cfg(
         TransNeXt,
@@ -868,11 +877,14 @@ default_cfgs = generate_default_cfgs({
     'transnext_tiny.in1k': _cfg('transnext-tiny-224-1k'),
     'transnext_small.in1k': _cfg('transnext-small-224-1k'),
     'transnext_base.in1k': _cfg('transnext-base-224-1k'),
-    # the official evaluation at 384 resizes the whole image (no crop)
+    # the official evaluation at 384 warps the whole image to 384 x 384 (classification/datasets.py:
+    # "Warping ... (no cropping)"): timm's squash mode, not a short-side resize and crop
     'transnext_small_384.in1k_ft_in1k': _cfg(
-        'transnext-small-384-1k-ft-1k', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+        'transnext-small-384-1k-ft-1k', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0,
+        crop_mode='squash'),
     'transnext_base_384.in1k_ft_in1k': _cfg(
-        'transnext-base-384-1k-ft-1k', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+        'transnext-base-384-1k-ft-1k', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0,
+        crop_mode='squash'),
     'transnext_micro_aaaa_256.in1k': _cfg(
         'transnext-micro-AAAA-256-1k', input_size=(3, 256, 256), pool_size=(8, 8)),
 })
@@ -919,4 +931,5 @@ def transnext_base_384(pretrained: bool = False, **kwargs) -> TransNeXt:
 def transnext_micro_aaaa_256(pretrained: bool = False, **kwargs) -> TransNeXt:
     # aggregated attention in all four stages ("A-A-A-A"), trained at 256
     model_args = dict(_MICRO, img_size=256, window_size=(3, 3, 3, 3), sr_ratios=(16, 8, 4, 2))
-    return _create_transnext('transnext_micro_aaaa_256', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transnext(
+        'transnext_micro_aaaa_256', pretrained=pretrained, trained_at=256, **dict(model_args, **kwargs))

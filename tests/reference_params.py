@@ -53,11 +53,12 @@ OFFICIAL_PARAMS = {
     'crossformer_pp_base': 51_994_594,
     'crossformer_pp_large': 92_001_904,
     'crossformer_pp_huge': 95_962_944,
-    # DAT++ (LeapLabTHU/DAT; the 384 model's deformable bias tables are sized for 384)
+    # DAT++ (LeapLabTHU/DAT; configs/dat_base_384.yaml keeps MODEL.DAT.img_size 224: the 384 model has
+    # the 224 model's deformable bias tables)
     'dat_pp_tiny': 23_962_876,
     'dat_pp_small': 53_127_366,
     'dat_pp_base': 93_690_640,
-    'dat_pp_base_384': 94_119_440,
+    'dat_pp_base_384': 93_690_640,
     # MOAT / tiny-MOAT (google-research/deeplab2, TensorFlow): counted on a PyTorch replica of the official
     # code (reference section 7); every count matches the README's one-decimal figure
     'moat_0': 27_846_892,

@@ -338,8 +338,8 @@ def test_official_checkpoint_converts_and_loads_strictly(biformer_tiny, official
     assert len(official_tiny) == 264  # the official BiFormer-T state dict, BN buffers included
     if wrap == 'plain':
         checkpoint = official_tiny
-    elif wrap == 'ema_and_model':  # attnzoo's rule for files holding both (timm's file loader's): EMA wins
-        checkpoint = {'model': {k: v - 1 for k, v in official_tiny.items()}, 'model_ema': official_tiny, 'epoch': 299}
+    elif wrap == 'ema_and_model':  # the official load_release's choice: 'model' (tests/test_weights_rule.py)
+        checkpoint = {'model': official_tiny, 'model_ema': {k: v - 1 for k, v in official_tiny.items()}, 'epoch': 299}
     elif wrap == 'module_prefix':
         checkpoint = {'model': {'module.' + k: v for k, v in official_tiny.items()}}
     else:

@@ -501,3 +501,17 @@ def test_segmentor_loss_backward_predict(name):
     with torch.no_grad():
         results = model(**model.data_preprocessor(batch, training=False), mode='predict')
     assert [tuple(r.pred_sem_seg.data.shape) for r in results] == [(1, *size)] * 2
+
+
+def test_dropout_after_the_stem_as_the_official_pos_drop():
+    """The official model drops out the patch embedding (pos_drop, p = its drop_rate, our proj_drop_rate)
+    before the first stage: in training about half the stem's outputs are zeroed at p = 0.5, none in eval."""
+    model = timm.create_model('crossformer_tiny', proj_drop_rate=0.5, **TINY_ARCH)
+    stem_out = []
+    model.stages[0].register_forward_pre_hook(lambda module, args: stem_out.append(args[0]))
+    x = torch.randn(2, 3, 64, 64)
+    model.train()(x)
+    zeros = (stem_out[-1] == 0).float().mean().item()
+    assert 0.4 < zeros < 0.6
+    model.eval()(x)
+    assert (stem_out[-1] == 0).sum() == 0

@@ -26,11 +26,13 @@ SMALL_ARGS = dict(dims=(32, 64, 128, 256), stage_spec=('ND', 'DN', 'ND', 'D'), n
                   groups=(1, 2, 4, 8), num_classes=10)
 
 OFFICIAL_SPEC = [['N', 'D'], ['N', 'D'] * 2, ['N', 'D'] * 9, ['D', 'D']]
-OFFICIAL_VARIANTS = {  # configs/dat_*.yaml of LeapLabTHU/DAT: dims, heads, groups, img_size
-    'dat_pp_tiny': ((64, 128, 256, 512), (2, 4, 8, 16), (1, 2, 4, 8), 224),
-    'dat_pp_small': ((96, 192, 384, 768), (3, 6, 12, 24), (1, 2, 3, 6), 224),
-    'dat_pp_base': ((128, 256, 512, 1024), (4, 8, 16, 32), (2, 4, 8, 16), 224),
-    'dat_pp_base_384': ((128, 256, 512, 1024), (4, 8, 16, 32), (2, 4, 8, 16), 384),
+# configs/dat_*.yaml of LeapLabTHU/DAT: dims, heads, groups, MODEL.DAT.img_size (what the bias tables are
+# sized for), DATA.IMG_SIZE (the input); dat_base_384.yaml keeps MODEL.DAT.img_size 224
+OFFICIAL_VARIANTS = {
+    'dat_pp_tiny': ((64, 128, 256, 512), (2, 4, 8, 16), (1, 2, 4, 8), 224, 224),
+    'dat_pp_small': ((96, 192, 384, 768), (3, 6, 12, 24), (1, 2, 3, 6), 224, 224),
+    'dat_pp_base': ((128, 256, 512, 1024), (4, 8, 16, 32), (2, 4, 8, 16), 224, 224),
+    'dat_pp_base_384': ((128, 256, 512, 1024), (4, 8, 16, 32), (2, 4, 8, 16), 224, 384),
 }
 
 
@@ -43,7 +45,7 @@ def small_dat(seed=0, **kwargs):
 
 @pytest.mark.parametrize('name', sorted(OFFICIAL_VARIANTS))
 def test_blocks_follow_the_official_stage_spec(name):
-    dims, heads, groups, img_size = OFFICIAL_VARIANTS[name]
+    dims, heads, groups, img_size, input_size = OFFICIAL_VARIANTS[name]
     with torch.device('meta'):
         model = timm.create_model(name)
     for i, stage in enumerate(model.stages):
@@ -60,9 +62,10 @@ def test_blocks_follow_the_official_stage_spec(name):
             assert conv.kernel_size == ((9, 7, 5, 3)[i],) * 2 and conv.stride == ((8, 4, 2, 1)[i],) * 2
             assert conv.groups == conv.in_channels == dims[i] // groups[i]
             assert (attn.num_heads, attn.groups) == (heads[i], groups[i])
-            # the bias table spans every displacement of the stage map at the training size
+            # the bias table spans every displacement of the stage map at MODEL.DAT.img_size, so the
+            # official tables load unchanged
             assert attn.rpe_table.shape == (heads[i], 2 * map_size - 1, 2 * map_size - 1)
-    assert model.pretrained_cfg['input_size'] == (3, img_size, img_size)
+    assert model.pretrained_cfg['input_size'] == (3, input_size, input_size)
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -70,6 +73,7 @@ def test_blocks_follow_the_official_stage_spec(name):
     (dict(stage_spec=('ND', '', 'ND', 'D')), 'non-empty'),
     (dict(groups=(1, 2, 4)), '3 groups entries for 4 stages'),
     (dict(num_heads=(2, 4, 8, 16), groups=(1, 3, 4, 8)), 'groups'),
+    (dict(attn_drop_rate=0.1), r"attn_drop_rate=0.1 needs deformable \(D\) blocks only.*'ND'"),
 ])
 def test_bad_configuration_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -255,6 +259,17 @@ def test_group_matcher_orders_every_parameter_as_it_runs(coarse):
     # stem, one group per stage or per block (a downsample joins its stage's first block, the final norm
     # the last block: timm's 99999 rule), the head with whatever matched nothing
     assert len(groups) == (1 + 4 + 1 if coarse else 1 + 7 + 1)
+
+
+def test_attention_dropout_of_the_deformable_blocks():
+    """The official attn_drop_rate drops out the deformable attention weights: at p = 1 nothing is
+    attended and a block's attention gives the output projection's bias; in eval it is off."""
+    model = small_dat(stage_spec=('D', 'DD', 'D', 'D'), attn_drop_rate=1.0)
+    attn = model.stages[1].blocks[1].attn
+    assert [block.attn.attn_drop.p for stage in model.stages for block in stage.blocks] == [1.0] * 5
+    x = torch.randn(2, 8, 8, 64)
+    torch.testing.assert_close(attn.train()(x), attn.proj_out.bias.expand(2, 8, 8, 64))
+    assert not torch.allclose(attn.eval()(x), attn.proj_out.bias.expand(2, 8, 8, 64))
 
 
 # ---------------------------------------------------------------- official checkpoints

@@ -71,9 +71,10 @@ def test_pretrained_cfgs_follow_the_official_checkpoint_table(name, size, mean):
     assert f'/{name.replace("_no_pe", "").replace("moat_", "moat")}_imagenet_' in cfg.url
 
 
-def test_pretrained_without_a_converted_file_says_how_to_convert():
+@pytest.mark.parametrize('name', ['tiny_moat_0', 'tiny_moat_0.tf_in1k'])
+def test_pretrained_without_a_converted_file_says_how_to_convert(name):
     with pytest.raises(RuntimeError, match='tools/convert.py <unpacked checkpoint prefix> --model tiny_moat_0'):
-        timm.create_model('tiny_moat_0', pretrained=True)
+        timm.create_model(name, pretrained=True)
 
 
 def test_position_tables_are_the_official_sizes():
@@ -237,6 +238,17 @@ def test_converted_official_checkpoint_gives_the_official_logits(converted_offic
     with torch.no_grad():
         logits = model(fixture_image(96, 80))
     np.testing.assert_allclose(logits.numpy(), expected, rtol=0, atol=1e-4)
+
+
+def test_a_tagged_name_loads_a_converted_file(converted_official):
+    """create_model('name.tag') hands the tag on as pretrained_cfg (a string), with the file overlay."""
+    tagged = timm.create_model('tiny_moat_0.tf_in1k', pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(converted_official), num_classes=10), **REDUCED)
+    plain = timm.create_model('tiny_moat_0', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(converted_official), num_classes=10), **REDUCED)
+    assert tagged.pretrained_cfg['tag'] == 'tf_in1k'
+    for key, value in plain.state_dict().items():
+        assert torch.equal(tagged.state_dict()[key], value), key
 
 
 def test_converted_official_checkpoint_gives_the_official_dense_features(converted_official):
@@ -462,5 +474,5 @@ def test_tiny_moat_upernet_loss_and_predict():
 
 def test_pretrained_config_without_converted_weights_fails_clearly():
     """A config's pretrained=True without checkpoint= reaches the model's own message."""
-    with pytest.raises(RuntimeError, match='TensorFlow checkpoints'):
+    with pytest.raises(RuntimeError, match='TensorFlow checkpoint archives'):
         timm.create_model('tiny_moat_2', pretrained=True, features_only=True, out_indices=(1, 2, 3, 4))

@@ -414,3 +414,20 @@ def test_upernet_tiny_loss_and_predict(mm_helpers):
     with torch.no_grad():
         results = model(**model.data_preprocessor(mm_helpers.seg_batch(seed=1), training=False), mode='predict')
     assert [tuple(r.pred_sem_seg.data.shape) for r in results] == [(1, *mm_helpers.SEG_SIZE)] * 2
+
+
+@pytest.mark.parametrize('name, trained_at', [('transnext_micro', 224), ('transnext_micro_aaaa_256', 256)])
+def test_pretrained_weights_keep_their_own_pretrain_size(tmp_path, name, trained_at):
+    """img_size alone with pretrained weights does not rescale the CPB coordinates: pretrain_size is the
+    size the weights were trained at (the official dense configs pass pretrain_size=224 beside img_size)."""
+    small = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1), img_size=288)
+    path = tmp_path / 'weights.pth'
+    torch.save(timm.create_model(name, **small).state_dict(), path)
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **small)
+    expected = timm.create_model(name, pretrain_size=trained_at, **small)
+    assert [stage.pretrain_size for stage in loaded.stages] == [stage.pretrain_size for stage in expected.stages]
+    assert loaded.stages[0].pretrain_size == [trained_at // 4] * 2
+    for ours, reference in zip(loaded.stages, expected.stages):
+        torch.testing.assert_close(ours.relative_coords_table, reference.relative_coords_table, rtol=0, atol=0)
+    # without weights the official default holds: pretrain_size follows img_size
+    assert timm.create_model(name, **small).stages[0].pretrain_size == [288 // 4] * 2

@@ -11,13 +11,14 @@ The source format is detected (``--format`` overrides it), and each format has a
 * ``torch``: a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin`` file, read with ``torch.load(weights_only=True)`` (a
   file that needs pickled code is refused; the training arguments official scripts save beside the
   weights are allowed), or a ``.safetensors`` file. The weights are taken as every attnzoo loader takes
-  them: from ``state_dict_ema`` / ``model_ema`` where the file holds EMA weights (``--no-ema``: the trained
-  ones), else ``state_dict`` / ``model``, else the file itself; DataParallel's ``module.`` prefix is removed.
+  them: from ``state_dict`` / ``model`` or ``state_dict_ema`` / ``model_ema``, of a file holding both the
+  ones the family's official evaluation takes (``attnzoo.backbones._checkpoint.checkpoint_use_ema``;
+  ``--ema`` / ``--no-ema`` choose), else the file itself; DataParallel's ``module.`` prefix is removed.
 * ``tf``: a TensorFlow checkpoint (MOAT; ``PREFIX.index`` + ``PREFIX.data-*``; pass the prefix, the ``.index``
   file or the directory), read without TensorFlow by ``tensorbundle.py``. TF keeps optimizer state as
   slot variables (``VAR/SLOT``) and exponential moving averages as ``VAR/ExponentialMovingAverage``:
-  the slots are dropped and the EMA copy of a variable replaces it when there is one (``--no-ema``:
-  the trained values).
+  the slots are dropped and the EMA copy of a variable replaces it when there is one (the same rule:
+  MOAT's is the EMA copy; ``--no-ema``: the trained values).
 
 The tensors then go through the family's checkpoint filter (``checkpoint_filter_fn``: the conversion
 ``pretrained=True`` uses, official names and layouts to ours; timm's own for MaxViT, DaViT, SHViT and
@@ -40,7 +41,8 @@ import torch
 from timm.utils import ParseKwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnzoo.backbones._checkpoint import CheckpointMismatchError, checkpoint_wrapper, compare_keys, listed
+from attnzoo.backbones._checkpoint import (
+    CheckpointMismatchError, checkpoint_use_ema, checkpoint_wrapper, compare_keys, listed)
 from attnzoo.backbones._families import checkpoint_filter_of, family_of, supported_families
 import _checkpoints as checkpoints
 import _models as models
@@ -59,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', required=True, help='timm or attnzoo model name the weights are for, e.g. biformer_small')
     p.add_argument('-o', '--output', default=None, help='safetensors file to write (default: MODEL.safetensors)')
     p.add_argument('--format', choices=('auto', *READERS), default='auto', help='source format')
-    p.add_argument('--no-ema', action='store_true',
-                   help='take the trained weights, not their exponential moving average, where a checkpoint has both')
+    p.add_argument('--ema', dest='use_ema', action=argparse.BooleanOptionalAction, default=None,
+                   help='where a checkpoint has both, take the exponential moving average or (--no-ema) the trained '
+                        'weights; default: what the family\'s official evaluation takes')
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='extra create_model arguments, key=value (e.g. num_classes=21843)')
     return p
@@ -245,14 +248,15 @@ def mapping_summary(tensors: Dict[str, torch.Tensor], converted: Dict[str, torch
             f'{len(left)} source tensors not carried over as they are' + (f' ({listed(left)})' if left else ''))
 
 
-def convert(model_name: str, source: str, output: Optional[str] = None, fmt: str = 'auto', use_ema: bool = True,
-            model_kwargs: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
+def convert(model_name: str, source: str, output: Optional[str] = None, fmt: str = 'auto',
+            use_ema: Optional[bool] = None, model_kwargs: Optional[Dict] = None) -> Dict[str, torch.Tensor]:
     """Reads ``source``, converts it for ``model_name`` and writes ``output`` (default:
-    ``MODEL.safetensors``); returns what was written."""
+    ``MODEL.safetensors``); returns what was written. ``use_ema`` None: the family's rule."""
     output = output or f'{model_name}.safetensors'
     fmt = detect_format(source) if fmt == 'auto' else fmt
-    tensors = READERS[fmt](source, use_ema)
     model = build_on_meta(model_name, model_kwargs)
+    use_ema = checkpoint_use_ema(model) if use_ema is None else use_ema
+    tensors = READERS[fmt](source, use_ema)
     try:
         converted = checkpoints.fit_to_model(model, tensors, source)
     except runtime.ToolError as err:
@@ -286,7 +290,7 @@ def write_sha256(path: Path) -> str:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    convert(args.model, args.source, args.output, args.format, not args.no_ema, args.model_kwargs)
+    convert(args.model, args.source, args.output, args.format, args.use_ema, args.model_kwargs)
 
 
 if __name__ == '__main__':

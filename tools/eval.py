@@ -5,8 +5,9 @@
 
 ``--checkpoint`` is a ``model.safetensors`` / ``ema.safetensors`` written by tools/train.py, or
 an official ``.pth`` / ``.pth.tar`` / ``.pt`` file: it is loaded with ``torch.load(weights_only=True)``,
-unwrapped as every attnzoo loader unwraps (the EMA weights, ``state_dict_ema`` / ``model_ema``, where the
-file holds them, else ``state_dict`` / ``model``; ``--no-ema``: the trained weights), and converted by
+unwrapped as every attnzoo loader unwraps (of a file holding trained and EMA weights, the ones the
+family's official evaluation takes: ``attnzoo.backbones._checkpoint.checkpoint_use_ema``; ``--ema`` /
+``--no-ema`` choose), and converted by
 the model family's ``checkpoint_filter_fn``. Loading is strict: any missing,
 unexpected or mis-shaped key is an error that lists them. The classifier has as many classes
 as the dataset split has. For a file written by tools/train.py, ``--img-size`` and
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from timm.utils import ParseKwargs
 
+from attnzoo.backbones._checkpoint import checkpoint_use_ema
 import _checkpoints as checkpoints
 import _datasets as datasets
 import _evaluation as evaluation
@@ -39,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--img-size', type=int, default=None,
                    help=f'input size; default: the training run\'s when {checkpoints.STATE_FILE} sits beside the checkpoint, '
                         f'else {datasets.DIGITS_IMG_SIZE} for digits and the model\'s own otherwise')
-    p.add_argument('--no-ema', action='store_true',
-                   help="take an official checkpoint's trained weights ('state_dict' / 'model'), not its EMA ones")
+    p.add_argument('--ema', dest='use_ema', action=argparse.BooleanOptionalAction, default=None,
+                   help="of a checkpoint holding both, take the EMA weights ('state_dict_ema' / 'model_ema') or, with "
+                        "--no-ema, the trained ones ('state_dict' / 'model'); default: what the family's official "
+                        "evaluation takes")
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='extra create_model arguments, key=value; default: the training run\'s, as for --img-size')
     p.add_argument('--batch-size', type=int, default=128)
@@ -67,7 +71,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     run_args = training_run_args(args.checkpoint, args.model)
     num_classes = datasets.num_classes_of(args.dataset, args.split)
     model = models.create_model(args.model, num_classes, model_kwargs=args.model_kwargs or run_args.get('model_kwargs'))
-    checkpoints.load_weights(model, checkpoints.read_state_dict(args.checkpoint, use_ema=not args.no_ema), args.checkpoint)
+    use_ema = checkpoint_use_ema(model) if args.use_ema is None else args.use_ema
+    checkpoints.load_weights(model, checkpoints.read_state_dict(args.checkpoint, use_ema), args.checkpoint)
     model.to(dist_info.device)
     config = datasets.data_config(model, args.dataset, args.img_size or run_args.get('img_size'))
     autocast_dtype = runtime.amp_dtype(args.amp, args.amp_dtype, dist_info.device)
