@@ -7,10 +7,12 @@ What runs when no backend is named: the Triton kernels on CUDA tensors, the ops'
 backward written out) on CPU tensors; ``backend="reference"`` runs the reference anywhere.
 :func:`use_backend` / :func:`set_backend` (or ``ATTNZOO_KERNEL_BACKEND=reference``) switch every
 call that does not name a backend, models included, to the plain PyTorch reference.
+``torch.onnx.export(..., dynamo=True)`` translates the ops through their references (``_onnx.py``).
 """
 from ._dispatch import get_backend, set_backend, use_backend
 from .neighborhood import neighborhood_attention_2d
 from .routing import routing_attention, routing_region_index
+from . import _onnx  # noqa: F401,E402  the ops' ONNX translation (decompositions torch.onnx takes)
 
 __all__ = ['neighborhood_attention_2d', 'routing_attention', 'routing_region_index', 'get_backend', 'set_backend',
            'use_backend']
