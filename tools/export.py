@@ -47,10 +47,18 @@ STATIC_HW_FAMILIES = {
                'asserts the input matches); export one file per size, built with --img-size H W',
     'byoanet': "HaloNet's halo attention asserts that every feature map divides into its blocks, which timm "
                'checks on the traced size; export one file per size, built with --img-size H W',
+    'biformer': "BiFormer pads every map to a multiple of its routing grid (7 x 7 regions), and the traced program "
+                'fixes the tokens per region (the padded map over the grid) of every stage; export one file per size, '
+                'with --img-size H W',
+    'shvit': "torch.export bounds the input height of timm's SHViT by the traced one (a guard this project has not "
+             'traced to its line in timm); export one file per size, with --img-size H W',
     'transnext': "TransNeXt's position bias is built for the model's img_size and resized to the map with Python "
                  'arithmetic on the map size (max, integer division), which torch.export fixes to the traced size; '
                  'export one file per size, built with --img-size H W',
 }
+
+# families whose models are built for one input size (timm's img_size argument): --img-size builds them for it
+SIZED_AT_BUILD = ('maxxvit', 'byoanet', 'transnext')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +96,7 @@ def load_model(name: str, checkpoint: Optional[str], features: bool, img_size: O
     if not timm.is_model(name):
         raise runtime.ToolError(models.unknown_model_message(name))
     kwargs = dict(features_only=True) if features else {}
-    if img_size is not None and family_of(name) in STATIC_HW_FAMILIES:
+    if img_size is not None and family_of(name) in SIZED_AT_BUILD:
         kwargs['img_size'] = tuple(img_size)
     if checkpoint is not None:
         state_dict = checkpoints.read_state_dict(checkpoint)
