@@ -93,8 +93,6 @@ def _checkpoint_classes(state_dict: Dict[str, torch.Tensor], name: str) -> int:
 
 def load_model(name: str, checkpoint: Optional[str], features: bool, img_size: Optional[Sequence[int]]):
     """The eval-mode classifier or features_only backbone of ``name``, with the checkpoint's weights."""
-    if not timm.is_model(name):
-        raise runtime.ToolError(models.unknown_model_message(name))
     kwargs = dict(features_only=True) if features else {}
     if img_size is not None and family_of(name) in SIZED_AT_BUILD:
         kwargs['img_size'] = tuple(img_size)
@@ -230,6 +228,8 @@ def measure_latency(model, path: Path, shape, repeats: int = 10) -> dict:
 
 
 def export(args) -> List[dict]:
+    if not timm.is_model(args.model):
+        raise runtime.ToolError(models.unknown_model_message(args.model))
     check_dynamic_hw(args.model, args.dynamic)
     if args.latency and args.format != 'onnx':
         raise runtime.ToolError('--latency times onnxruntime: use it with --format onnx')
