@@ -50,6 +50,8 @@ STATIC_HW_FAMILIES = {
     'biformer': "BiFormer pads every map to a multiple of its routing grid (7 x 7 regions), and the traced program "
                 'fixes the tokens per region (the padded map over the grid) of every stage; export one file per size, '
                 'with --img-size H W',
+    'cswin': "CSWin pads every map to a multiple of its stripe width, and the traced program fixes the number of "
+             'stripes of every stage; export one file per size, with --img-size H W',
     'shvit': "torch.export bounds the input height of timm's SHViT by the traced one (a guard this project has not "
              'traced to its line in timm); export one file per size, with --img-size H W',
     'transnext': "TransNeXt's position bias is built for the model's img_size and resized to the map with Python "
