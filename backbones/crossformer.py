@@ -289,8 +289,11 @@ class LongShortDistanceAttention(nn.Module):
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
 
+        # an explicit copy: SDPA's CPU output layout depends on grad mode, and a reshape traced as a view under
+        # one layout fails under the other in torch.onnx's decomposition passes
         x = x.reshape(B, num_groups, self.num_heads, num_tokens, self.head_dim).transpose(2, 3)
-        x = reverse_groups(x.reshape(B, num_groups, num_tokens, C), H + pad_h, W + pad_w, group_h, group_w, interval)
+        x = x.clone(memory_format=torch.contiguous_format).view(B, num_groups, num_tokens, C)
+        x = reverse_groups(x, H + pad_h, W + pad_w, group_h, group_w, interval)
         return self.proj_drop(self.proj(x[:, :H, :W]))
 
     def extra_repr(self) -> str:

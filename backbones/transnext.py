@@ -334,7 +334,9 @@ class Attention(CosineAttentionBase):
         else:
             attn = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1)
             x = self.attn_drop(attn) @ v
-        x = x.transpose(1, 2).reshape(B, H, W, C)
+        # an explicit copy: SDPA's CPU output layout depends on grad mode, and a reshape traced as a view under
+        # one layout fails under the other in torch.onnx's decomposition passes
+        x = x.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, H, W, C)
         return self.proj_drop(self.proj(x))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates, or reuses, the project's environment in .venv and prints its python's path.
 #
-#   bash tools/env.sh          core + dev tools (timm, torch, pytest, natten)
+#   bash tools/env.sh          core + dev tools (timm, torch, pytest, natten, onnx / onnxruntime for export)
 #   bash tools/env.sh --mm     also the OpenMMLab stack (mmengine, mmcv with ops, mmdet, mmseg)
 #
 # Callers take the path from stdout (`py=$(bash tools/env.sh)`), so the path is the only thing
@@ -73,7 +73,7 @@ step "installing the build tools" "${pip[@]}" "setuptools>=77,<81" wheel ninja p
 step "installing torch and torchvision" "${pip[@]}" torch torchvision
 # natten's sdist builds as pure Python on a machine without CUDA; it needs torch at build time.
 step "installing natten" "${pip[@]}" --no-build-isolation "natten==0.21.7"
-step "installing attnzoo with its dev tools" "${pip[@]}" -e "$root[dev,natten]"
+step "installing attnzoo with its dev and export tools" "${pip[@]}" -e "$root[dev,natten,export]"
 
 if (( with_mm )); then
     # mmcv's wheel is only valid for the torch and python it was compiled against.
@@ -93,7 +93,7 @@ if (( with_mm )); then
         log "reusing the cached mmcv wheel in $mmcv_cache"
     fi
     step "installing mmcv from the wheel cache" "${pip[@]}" --find-links "$mmcv_cache" "mmcv==2.1.0"
-    step "installing attnzoo with the OpenMMLab stack" "${pip[@]}" -e "$root[dev,natten,mm]"
+    step "installing attnzoo with the OpenMMLab stack" "${pip[@]}" -e "$root[dev,natten,export,mm]"
 fi
 
 if [[ ! -x "$py" ]]; then

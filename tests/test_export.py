@@ -1,0 +1,229 @@
+"""Export: the attnzoo ops' ONNX translation against their references, every family through
+``torch.onnx.export(dynamo=True)`` + onnxruntime and through ``torch.export`` against eager, and tools/export.py.
+
+Dynamic axes are checked where they matter: one exported graph is run at a second batch size and, where the
+family takes any input size, at a second height x width. The default suite checks the ops' translation and the
+tool end to end (NAT from a checkpoint through ONNX, SHViT's backbone through torch.export); ``slow`` exports each family's
+smallest variant at 64 x 64 and every variant at its own resolution (a family export takes minutes on CPU).
+"""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.export import Dim
+
+import attnzoo.backbones  # noqa: F401  registers the attnzoo families
+from attnzoo.backbones._families import family_of
+from attnzoo.kernels import neighborhood_attention_2d, routing_attention, routing_region_index
+from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
+from attnzoo.kernels.routing import routing_attention_reference
+from reference_params import OFFICIAL_PARAMS
+
+onnxruntime = pytest.importorskip('onnxruntime', reason='the export extra (pip install -e .[export]) is not installed')
+pytest.importorskip('onnxscript', reason='the export extra (pip install -e .[export]) is not installed')
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+from benchlib import zoo  # noqa: E402
+import export as export_tool  # noqa: E402
+
+ATOL = 1e-4
+
+
+def onnx_run(module, args, dynamic_shapes, path):
+    """Exports ``module`` with torch.onnx (dynamo) to ``path``; returns a function of numpy-able tensors."""
+    torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False).save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*tensors):
+        return [torch.from_numpy(out) for out in session.run(None, dict(zip(names, (t.numpy() for t in tensors))))]
+    return run
+
+
+# ------------------------------------------------------------------------------------- the ops' translation
+
+class Neighborhood(nn.Module):
+    def __init__(self, **geometry):
+        super().__init__()
+        self.geometry = geometry
+
+    def forward(self, q, k, v, rpb, extra_k, extra_v, extra_bias, window_weight):
+        return neighborhood_attention_2d(q, k, v, rpb=rpb, extra_k=extra_k, extra_v=extra_v, extra_bias=extra_bias,
+                                         window_weight=window_weight, **self.geometry)
+
+
+def neighborhood_inputs(batch, height, width, heads=2, head_dim=16, kernel=(3, 5), extra=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = [torch.randn(batch, height, width, heads, head_dim, generator=g) for _ in range(3)]
+    rpb = torch.randn(heads, 2 * kernel[0] - 1, 2 * kernel[1] - 1, generator=g)
+    extra_kv = [torch.randn(batch, extra, heads, head_dim, generator=g) for _ in range(2)]
+    extra_bias = torch.randn(batch, heads, height, width, extra, generator=g)
+    window_weight = torch.randn(batch, height, width, heads, kernel[0] * kernel[1], generator=g) * 0.1
+    return (*qkv, rpb, *extra_kv, extra_bias, window_weight)
+
+
+# geometry, the smallest map, the traced size, the second size; a graph holds for maps at least as large as the
+# window (kernel * dilation) where it was traced so, which is where the models use the op
+NEIGHBORHOOD_CASES = {
+    'clamp-dilated': (dict(kernel_size=(3, 5), dilation=(2, 1), border='clamp'), (6, 5), (2, 7, 6), (3, 9, 11)),
+    'zero-border': (dict(kernel_size=(3, 5), dilation=1, border='zero'), (3, 5), (2, 5, 6), (3, 8, 5)),
+}
+
+
+@pytest.mark.parametrize('case', NEIGHBORHOOD_CASES)
+def test_neighborhood_translation_matches_the_reference_at_two_sizes(case, tmp_path):
+    """One exported graph (rpb, extra tokens, extra_bias, window_weight; dynamic batch and map) equals the
+    reference at the traced size and at another batch and map size."""
+    geometry, smallest, traced, second = NEIGHBORHOOD_CASES[case]
+    batch, height, width = Dim('batch', min=1), Dim('height', min=smallest[0]), Dim('width', min=smallest[1])
+    map5 = {0: batch, 1: height, 2: width}
+    dynamic = (map5, map5, map5, None, {0: batch}, {0: batch}, {0: batch, 2: height, 3: width}, map5)
+    run = onnx_run(Neighborhood(**geometry), neighborhood_inputs(*traced), dynamic, tmp_path / 'na.onnx')
+    for size in (traced, second):
+        inputs = neighborhood_inputs(*size, seed=sum(size))
+        q, k, v, rpb, extra_k, extra_v, extra_bias, window_weight = inputs
+        expected = neighborhood_attention_2d_reference(q, k, v, rpb=rpb, extra_k=extra_k, extra_v=extra_v,
+                                                       extra_bias=extra_bias, window_weight=window_weight, **geometry)
+        torch.testing.assert_close(run(*inputs)[0], expected, atol=1e-5, rtol=1e-5, msg=f'{case} at {size}')
+
+
+class Routing(nn.Module):
+    """BiFormer's pattern: the routing computed in the graph from q and k, then the routed attention."""
+
+    def __init__(self, regions, topk):
+        super().__init__()
+        self.regions, self.topk = regions, topk
+
+    def forward(self, q, k, v):
+        index = routing_region_index(q, k, self.regions, self.topk)
+        return routing_attention(q, k, v, index, self.regions), index
+
+
+def test_routing_translation_matches_the_reference_at_two_sizes(tmp_path):
+    regions, topk = (2, 3), 2
+    region_h, region_w = Dim('region_h', min=1), Dim('region_w', min=1)
+    shape = {0: Dim('batch', min=1), 1: 2 * region_h, 2: 3 * region_w}
+    g = torch.Generator().manual_seed(0)
+
+    def qkv(batch, height, width):
+        return tuple(torch.randn(batch, height, width, 2, 16, generator=g) for _ in range(3))
+    run = onnx_run(Routing(regions, topk), qkv(2, 4, 6), (shape, shape, shape), tmp_path / 'routing.onnx')
+    for size in ((2, 4, 6), (3, 6, 9)):
+        q, k, v = qkv(*size)
+        out, index = run(q, k, v)
+        expected_index = routing_region_index(q, k, regions, topk)
+        torch.testing.assert_close(index, expected_index, msg=f'routing at {size}')
+        torch.testing.assert_close(out, routing_attention_reference(q, k, v, expected_index, regions), atol=1e-5,
+                                   rtol=1e-5, msg=f'routing at {size}')
+
+
+# ------------------------------------------------------------------------------------------------ families
+
+SMALL_SIZE = 64                              # every family that takes any input size runs at 64 x 64
+STATIC_SMALL_SIZE = {'byoanet': 256}         # HaloNet's stage-4 map must hold whole 8 x 8 blocks
+
+
+def smallest_variants():
+    return [min(fam.variant_names(), key=OFFICIAL_PARAMS.get) for fam in zoo.FAMILIES]
+
+
+def export_and_check(name, size, tmp_path, **kwargs):
+    """torch.export with the dynamic axes the family allows, checked against eager at the traced shape, another
+    batch size and (where free) another H x W; then ONNX from that program, checked in onnxruntime alike."""
+    family = family_of(name)
+    dynamic = 'batch' if family in export_tool.STATIC_HW_FAMILIES else 'both'
+    model = timm.create_model(name, **kwargs).eval()
+    example = torch.randn(export_tool.example_batch(dynamic), 3, *size)
+    program = torch.export.export(model, (example,), dynamic_shapes=export_tool.dynamic_shapes(dynamic))
+    shapes = export_tool.check_shapes(size, dynamic)
+    assert len(shapes) == (2 if dynamic == 'batch' else 3)
+    exported = program.module()
+    for result in export_tool.check_export(model, lambda x: export_tool._outputs(exported(x)), shapes):
+        assert result['max_abs_diff'] <= ATOL, (name, 'torch.export', result)
+    path = tmp_path / f'{name}.onnx'
+    torch.onnx.export(program, dynamo=True, verbose=False).save(str(path))
+    for result in export_tool.check_export(model, export_tool.exported_runner('onnx', path), shapes):
+        assert result['max_abs_diff'] <= ATOL, (name, 'onnxruntime', result)
+
+
+@pytest.mark.slow   # 1-3 minutes per family on a loaded 2-core machine (biformer_tiny: 164 s): too long by default
+@pytest.mark.parametrize('name', smallest_variants())
+def test_smallest_variant_exports_with_dynamic_shapes(name, tmp_path):
+    size = STATIC_SMALL_SIZE.get(family_of(name), SMALL_SIZE)
+    kwargs = dict(img_size=size) if family_of(name) in export_tool.SIZED_AT_BUILD else {}
+    export_and_check(name, (size, size), tmp_path, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', [v.name for v in zoo.all_variants()])
+def test_every_variant_exports_at_its_resolution(name, tmp_path):
+    export_and_check(name, timm.get_pretrained_cfg(name).input_size[1:], tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- tools/export.py
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(ROOT / 'tools' / 'export.py'), *map(str, args)], capture_output=True,
+                          text=True, timeout=900)
+
+
+# a free H x W costs NAT's ONNX export minutes (the ops' own dynamic sizes are checked above, in seconds)
+@pytest.mark.parametrize('dynamic', ['batch', pytest.param('both', marks=pytest.mark.slow)])
+def test_tool_exports_a_checkpoint_with_its_classes(dynamic, tmp_path):
+    """--checkpoint: the written ONNX classifier has the checkpoint's 10 classes and weights at another batch (and,
+    with --dynamic both, input) size, checked here against the model that holds them, apart from the tool's check."""
+    import safetensors.torch
+    torch.manual_seed(0)
+    trained = timm.create_model('nat_mini', num_classes=10).eval()
+    safetensors.torch.save_file(trained.state_dict(), str(tmp_path / 'nat.safetensors'))
+    result = run_tool('nat_mini', '--checkpoint', tmp_path / 'nat.safetensors', '--dynamic', dynamic, '--img-size', 64,
+                      64, '-o', tmp_path / 'nat.onnx')
+    assert result.returncode == 0, result.stdout + result.stderr
+    checked = ('(2, 3, 64, 64)', '(3, 3, 64, 64)') + (('(2, 3, 96, 128)',) if dynamic == 'both' else ())
+    for shape in checked:
+        assert f'input {shape}: max abs difference to eager' in result.stdout, result.stdout
+    run = export_tool.exported_runner('onnx', tmp_path / 'nat.onnx')
+    for shape in ((4, 3, 64, 64),) + (((1, 3, 80, 112),) if dynamic == 'both' else ()):
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            expected = trained(x)
+        got = run(x)[0]
+        assert got.shape == (shape[0], 10)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_tool_exports_the_features_backbone_as_a_program(tmp_path):
+    result = run_tool('shvit_s1', '--features', '--format', 'pt2', '--dynamic', 'batch', '--img-size', 64, 64,
+                      '-o', tmp_path / 'shvit.pt2')
+    assert result.returncode == 0, result.stdout + result.stderr
+    for shape in ('(2, 3, 64, 64)', '(3, 3, 64, 64)'):
+        assert f'input {shape}: max abs difference to eager' in result.stdout, result.stdout
+    features = timm.create_model('shvit_s1', features_only=True).eval()
+    program = torch.export.load(str(tmp_path / 'shvit.pt2')).module()
+    features.load_state_dict(program.state_dict())
+    x = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        expected = features(x)
+    got = program(x)
+    assert len(got) == len(features.feature_info)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['maxvit_tiny_tf_224', 'biformer_tiny'])
+def test_tool_refuses_a_dynamic_size_where_the_family_fixes_it(name, tmp_path):
+    result = run_tool(name, '--dynamic', 'both', '-o', tmp_path / 'model.onnx')
+    assert result.returncode == 1
+    assert f'error: {name} cannot be exported with a dynamic height and width' in result.stderr, result.stderr
+    assert 'Use --dynamic batch' in result.stderr and not (tmp_path / 'model.onnx').exists()
+
+
+def test_tool_names_an_unknown_model(tmp_path):
+    result = run_tool('nat_mimi', '-o', tmp_path / 'model.onnx')
+    assert result.returncode == 1 and "unknown model 'nat_mimi'" in result.stderr and 'nat_mini' in result.stderr
