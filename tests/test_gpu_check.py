@@ -39,10 +39,12 @@ def test_dry_run_runs_every_step_and_writes_the_files(tmp_path):
         [(step['name'], step['status'], step['note']) for step in steps.values()]
     rows = report['rows']
     assert all(row['dry_run'] for row in rows if row['step'] != 'goals')
-    checked = [r for r in rows if r['step'] == 'correctness' and r['impl'] == 'attnzoo-triton']
-    # one row per distinct tile geometry and case in the dry run, all run and within tolerance
-    geometries = len(gpucheck.forced_configs(dry=True))
-    assert len([r for r in checked if r['mode'].startswith('tile')]) == 3 * geometries
+    checked = [r for r in rows if r['step'] == 'correctness' and r['impl'].startswith('attnzoo-triton')]
+    # one row per distinct tile geometry of each neighborhood kernel and case in the dry run, all run and within
+    # tolerance
+    for version in ('v1', 'v2'):
+        geometries = len(gpucheck.forced_configs(version, dry=True))
+        assert len([r for r in checked if r['mode'].startswith(f'{version}: ')]) == 3 * geometries, version
     assert all(r['ok'] for r in checked), [r for r in checked if not r['ok']]
     assert {'out', 'd_q', 'd_k', 'd_v', 'd_rpb', 'd_extra_k', 'd_extra_v'} <= set(checked[0]['max_abs_error'])
     assert [r['ok'] for r in rows if r['step'] == 'sanitizer'] == [True]
