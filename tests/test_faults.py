@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.backbones import litv2
-from attnzoo.kernels import use_backend
 from test_models import FAMILY_OF, SMALLEST, assert_raised_by_timm, images
 
 MODELS = sorted({*SMALLEST.values(), 'crossformer_tiny'})  # CrossFormer and CrossFormer++ differ in design
@@ -211,12 +210,6 @@ def check_empty_batch(name, device):
             f'{what} at B=0: {[tuple(t.shape) for t in got]}, at B=1: {[tuple(t.shape) for t in want]}')
 
 
-def innermost_attnzoo_frame(error):
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if '/kernels/' in f.filename
-              or '/backbones/' in f.filename]
-    return frames[-1] if frames else None
-
-
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('name', MODELS)
 def test_empty_batch(name, device, one_thread):
@@ -229,17 +222,7 @@ def test_empty_batch(name, device, one_thread):
             built(name, device)(batch(name, size=0, device=device))
         assert_raised_by_timm(excinfo, timm_file, message)
         return
-    try:
-        check_empty_batch(name, device)
-    except RuntimeError as error:
-        # The attention ops' own B=0 support is their fix, not the model's: where the op is what fails,
-        # the model side is checked on the ops' PyTorch reference and the failure is reported as the op's.
-        frame = innermost_attnzoo_frame(error)
-        if frame is None or '/kernels/' not in frame.filename:
-            raise
-        with use_backend('reference'):
-            check_empty_batch(name, device)
-        pytest.xfail(f'the attention op fails at B=0 ({os.path.basename(frame.filename)}:{frame.lineno}: {error})')
+    check_empty_batch(name, device)
 
 
 # ----------------------------------------------------------------------------- half precision
