@@ -24,7 +24,7 @@ from attnzoo.kernels import _neighborhood_triton, _neighborhood_triton_v2
 
 from . import neighborhood, routing, transnext
 from .goals import NAT_S1
-from .harness import device_hbm_bytes_per_s, fwd_bwd_bytes
+from .harness import call_of, device_hbm_bytes_per_s, fwd_bwd_bytes
 from .neighborhood import NeighborhoodShape
 
 # values and gradients against the float64 reference (as tests/test_neighborhood_attention.py; bf16 as NATTEN's)
@@ -290,20 +290,6 @@ def peak_mib(fn, device):
     return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
 
 
-def _calls(impl, inputs):
-    grads = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def fwd():
-        with torch.no_grad():
-            return impl(**inputs)
-
-    def fwd_bwd():
-        out = impl(**inputs)
-        torch.autograd.grad(out, grads, torch.ones_like(out))
-
-    return {'fwd': fwd, 'fwd+bwd': fwd_bwd}
-
-
 def reread_bytes(inputs, out_bytes):
     """What a backward re-reads beyond the least traffic: q, k, v (or every input), O and dO once more."""
     return sum(t.numel() * t.element_size() for t in inputs.values() if isinstance(t, torch.Tensor)) + 2 * out_bytes
@@ -379,7 +365,7 @@ def speed(ctx, rows):
                     out['note'] = 'not run: the step\'s time cap was reached'
                     continue
                 try:
-                    fn = _calls(impl, inputs)[mode]
+                    fn = call_of(impl, inputs, mode)
                     start = time.perf_counter()
                     result = fn()          # the first call: compiles, autotunes, builds masks
                     sync(ctx.device)
@@ -441,7 +427,7 @@ def first_call_of_new_sizes(ctx, rows):
         out['size_class'] = _neighborhood_triton.size_class(2, 2, height, width, (1, 1))
         start = time.perf_counter()
         with na_kernel('v1'):
-            _calls(partial(neighborhood_attention_2d, kernel_size=7, backend='triton'), inputs)['fwd+bwd']()
+            call_of(partial(neighborhood_attention_2d, kernel_size=7, backend='triton'), inputs, 'fwd+bwd')()
         sync(ctx.device)
         out['first_call_s'] = time.perf_counter() - start
 

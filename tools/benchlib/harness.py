@@ -114,7 +114,8 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters
     return times[len(times) // 2], peak
 
 
-def _runner(impl, inputs, mode):
+def call_of(impl, inputs, mode):
+    """``impl`` on ``inputs`` as one call of ``mode``: 'fwd' (no autograd) or 'fwd+bwd' (every input's gradient)."""
     grads = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def fwd():
@@ -150,7 +151,7 @@ def run_case(case: KernelCase, device, dtype, warmup=3, iters=10, progress=None)
         for impl_name, impl in case.impls.items():
             row = Result(case.section, case.name, impl_name, mode, str(dtype).replace('torch.', ''))
             try:
-                row.ms, row.peak_mib = time_call(_runner(impl, inputs, mode), device, warmup, iters)
+                row.ms, row.peak_mib = time_call(call_of(impl, inputs, mode), device, warmup, iters)
             except Exception as exc:  # an implementation that cannot run a shape is reported, not fatal
                 row.error = f'{type(exc).__name__}: {str(exc).splitlines()[0][:160]}'
                 if device.type == 'cuda':
