@@ -3,7 +3,7 @@
 One set of checks, parametrized over the smallest variant of every family (tests/test_models.py's choice;
 both CrossFormer designs), at a small input. What must hold (DESIGN.md, Faults):
 
-- no input takes the process down (the checks that could crash run in a forked child, so a segfault is
+- no input takes the process down (the checks that could crash run in a child process, so a segfault is
   a test failure, not the end of pytest);
 - a non-finite value stays in its own sample: the rest of the batch is bit-identical to the same batch
   without it, and the sample keeps it (its output is not finite);
@@ -16,17 +16,15 @@ Where timm's own model fails, the failure is recorded as an exact expectation (t
 as tests/test_models.py does for the sizes timm rejects.
 """
 import copy
-import os
+import multiprocessing
 import signal
-import time
-import traceback
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
-from attnzoo.backbones import litv2
+import child_checks
 from test_models import FAMILY_OF, SMALLEST, assert_raised_by_timm, images
 
 MODELS = sorted({*SMALLEST.values(), 'crossformer_tiny'})  # CrossFormer and CrossFormer++ differ in design
@@ -82,33 +80,23 @@ def batch(name, size=2, device='cpu'):
     return images((size_of(name),) * 2, batch=size).to(device)
 
 
-def run_in_child(check, *args):
-    """Runs ``check(*args)`` in a forked child: a crash in a native kernel fails the test with the signal
-    that ended the child instead of ending pytest; a failed check fails it with the child's traceback."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report, then leave without running pytest's exit handlers
-        os.close(read_fd)
-        try:
-            check(*args)
-            report = b''
-        except BaseException:
-            report = traceback.format_exc().encode()[-32768:]
-        os.write(write_fd, report)
-        os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, 'rb') as pipe:
-        deadline = time.monotonic() + CHILD_TIMEOUT_S
-        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if waited[0] == 0:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f'the check did not end within {CHILD_TIMEOUT_S} s')
-        report = pipe.read().decode()
-    status = waited[1]
-    if os.WIFSIGNALED(status):
-        pytest.fail(f'the process died of {signal.Signals(os.WTERMSIG(status)).name}')
+def run_in_child(check, *args, start='fork'):
+    """Runs ``check(*args)`` in a child process: a crash in a native kernel fails the test with the signal
+    that ended the child instead of ending pytest; a failed check fails it with the child's traceback.
+    ``start='spawn'`` for checks that run a backward (see tests/child_checks.py); forking is quicker."""
+    context = multiprocessing.get_context(start)
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=child_checks.report_to, args=(sender, check, args))
+    child.start()
+    sender.close()
+    child.join(CHILD_TIMEOUT_S)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail(f'the check did not end within {CHILD_TIMEOUT_S} s')
+    if child.exitcode < 0:
+        pytest.fail(f'the process died of {signal.Signals(-child.exitcode).name}')
+    report = receiver.recv() if receiver.poll() else f'the child ended (exit status {child.exitcode}) without a report'
     assert not report, report
 
 
@@ -140,42 +128,20 @@ def test_inf_stays_in_its_sample_litv2(poisoned_value, one_thread):
     run_in_child(check_nan_stays_in_its_sample, built('litv2_small'), batch('litv2_small'), poisoned_value)
 
 
-def check_deform_conv_nonfinite_offsets(x, weight, bias):
-    offset = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
-    offset[1, 0, 0, 0], offset[1, 3, 2, 1], offset[1, 6, 3, 3] = float('nan'), float('inf'), float('-inf')
-    offset.requires_grad_()
-    out = litv2.deform_conv2d_v1(x, offset, weight, bias, 2, 0)
-    out.sum().backward()
-    alone = litv2.deform_conv2d_v1(x[:1], offset[:1].detach(), weight, bias, 2, 0)
-    assert torch.equal(out[0], alone[0]), 'non-finite offsets in sample 1 changed sample 0'
-    nonfinite = torch.zeros(4, 4, dtype=torch.bool)
-    nonfinite[0, 0] = nonfinite[2, 1] = nonfinite[3, 3] = True
-    assert out[1][:, nonfinite].isnan().all(), 'a position with a non-finite offset must be NaN'
-    assert torch.isfinite(out[1][:, ~nonfinite]).all(), 'positions with finite offsets must stay finite'
-    assert torch.isfinite(offset.grad[0]).all()
-
-
 def test_deform_conv_nonfinite_offsets(one_thread):
     """LITv2's deformable conv with NaN / +-inf offsets (torchvision's CPU kernel indexes memory with NaN
     ones): no crash, forward or backward; NaN exactly at the positions whose offsets are not finite."""
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 8, 8, generator=generator, requires_grad=True)
     weight = torch.randn(5, 3, 2, 2, generator=generator, requires_grad=True)
-    run_in_child(check_deform_conv_nonfinite_offsets, x, weight, torch.zeros(5, requires_grad=True))
-
-
-def check_train_step_with_nan(model, x):
-    x = x.clone()
-    x[1, :, 5, 7] = float('nan')
-    out = model.train()(x)
-    assert not torch.isfinite(out).all(), 'a non-finite input gave an all-finite output'
-    out.sum().backward()
+    run_in_child(child_checks.check_deform_conv_nonfinite_offsets, x, weight, torch.zeros(5, requires_grad=True),
+                 start='spawn')
 
 
 def test_train_step_with_nan_litv2(one_thread):
     """A diverging training step (non-finite activations in training mode, where BatchNorm mixes the
     batch) ends in a non-finite loss for the trainer to see, not in a dead process."""
-    run_in_child(check_train_step_with_nan, built('litv2_small'), batch('litv2_small'))
+    run_in_child(child_checks.check_train_step_with_nan, built('litv2_small'), batch('litv2_small'), start='spawn')
 
 
 # ----------------------------------------------------------------------------- an empty batch
