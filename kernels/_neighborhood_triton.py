@@ -210,6 +210,18 @@ def _rpb_histogram(ds, q_y, q_x, row0, col0, BLOCK_M: tl.constexpr, BLOCK_ROWS: 
 
 
 @triton.jit
+def _store_drpb_partial(drpb_ptr, drpb, pid_bh, pid_tile, drpb_tiles, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
+                        BIAS_H: tl.constexpr, BIAS_W: tl.constexpr):
+    """Stores a dQ program's ``(2k-1) x (2k-1)`` rpb-gradient histogram (padded to BIAS_H x BIAS_W) into its own
+    slot of the per-tile partials, which the launcher sums (deterministic: no atomics)."""
+    bias_y = tl.arange(0, BIAS_H)[:, None]
+    bias_x = tl.arange(0, BIAS_W)[None, :]
+    offs = (pid_bh.to(tl.int64) * drpb_tiles + pid_tile) * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
+    tl.store(drpb_ptr + offs + bias_y * (2 * KERNEL_W - 1) + bias_x, drpb,
+             mask=(bias_y < 2 * KERNEL_H - 1) & (bias_x < 2 * KERNEL_W - 1))
+
+
+@triton.jit
 def _finite_part(x, mask, acc):
     """``x`` (``[tokens, D]``, the right operand of a dot whose left one, ``[rows, tokens]``, is zero outside
     ``mask``) with its non-finite entries zeroed, and ``acc`` (``[rows, D]``) NaN where a row's ``mask`` holds
@@ -522,11 +534,7 @@ def _backward_dq_kernel(
     tl.store(dq_ptr + b * sg_b + h * sg_h + dq_offs, (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
     if RPB_GRAD:
-        bias_y = tl.arange(0, BIAS_H)[:, None]
-        bias_x = tl.arange(0, BIAS_W)[None, :]
-        drpb_offs = (pid_bh.to(tl.int64) * drpb_tiles + pid_tile) * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
-        tl.store(drpb_ptr + drpb_offs + bias_y * (2 * KERNEL_W - 1) + bias_x, drpb,
-                 mask=(bias_y < 2 * KERNEL_H - 1) & (bias_x < 2 * KERNEL_W - 1))
+        _store_drpb_partial(drpb_ptr, drpb, pid_bh, pid_tile, drpb_tiles, KERNEL_H, KERNEL_W, BIAS_H, BIAS_W)
 
 
 @triton.jit(do_not_specialize=['size_class'])

@@ -34,8 +34,9 @@ import triton.language as tl
 from . import _neighborhood_triton as v1
 from ._dispatch import triton_interpreted
 from ._neighborhood_triton import (MIN_DOT, TUNING_KEY, _dkdv_block, _extra_dq, _extra_softmax, _finite_or_zero,
-                                   _finite_part, _in_window, _load_tokens, _query_span, _rpb_bias, _rpb_coord, _tile_of,
-                                   _tile_tokens, _token_offsets, _window_start, _window_weight_offsets)
+                                   _finite_part, _in_window, _load_tokens, _query_span, _rpb_bias, _rpb_coord,
+                                   _store_drpb_partial, _tile_of, _tile_tokens, _token_offsets, _window_start,
+                                   _window_weight_offsets)
 
 TILE_H, TILE_W = 8, 8     # queries of a program
 BAND = 2                  # query rows of a band: BAND * TILE_W = 16 queries, the smallest tl.dot M
@@ -403,11 +404,7 @@ def _backward_dq_kernel(
         tl.store(dq_ptr + b * sg_b + h * sg_h + dq_offs, (dq * scale).to(dq_ptr.dtype.element_ty),
                  mask=q_valid[:, None] & (offs_d[None, :] < HEAD_DIM))
     if RPB_GRAD:
-        bias_y = tl.arange(0, BIAS_H)[:, None]
-        bias_x = tl.arange(0, BIAS_W)[None, :]
-        drpb_offs = (pid_bh.to(tl.int64) * drpb_tiles + pid_tile) * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
-        tl.store(drpb_ptr + drpb_offs + bias_y * (2 * KERNEL_W - 1) + bias_x, drpb,
-                 mask=(bias_y < 2 * KERNEL_H - 1) & (bias_x < 2 * KERNEL_W - 1))
+        _store_drpb_partial(drpb_ptr, drpb, pid_bh, pid_tile, drpb_tiles, KERNEL_H, KERNEL_W, BIAS_H, BIAS_W)
 
 
 @triton.jit(do_not_specialize=['size_class'])
