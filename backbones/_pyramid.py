@@ -1,15 +1,17 @@
-"""What the channels-last pyramid backbones of attnzoo share.
+"""What the pyramid backbones of attnzoo share.
 
-A family built as ``stem -> stages -> norm -> head``, with channels-last ``[B, H, W, C]`` activations
-between stages and one stage per output stride (4, 8, 16, 32), gets timm's model API from
-:class:`ChannelsLastPyramid` and its stages' forward (and gradient checkpointing) from
-:class:`PyramidStage`; its ``checkpoint_filter_fn`` is built on ``_checkpoint.convert_checkpoint``.
+A family built as ``stem -> stages -> norm -> head``, one stage per output stride, gets timm's model API
+from :class:`PyramidBackbone` (channels-last ``[B, H, W, C]`` activations between stages, or NCHW where
+the family computes NCHW), its stages' forward (and gradient checkpointing) from :class:`PyramidStage`,
+and its timm build from :func:`build_pyramid`; its ``checkpoint_filter_fn`` is built on
+``_checkpoint.convert_checkpoint``.
 
 TorchScript, FX and ``torch.compile`` see the same model: Python control flow on tensor shapes lives
 in small functions that FX records as one call (:func:`check_image` here; a family marks its own the
 same way, with timm's ``register_notrace_function`` for timm's tracer and ``torch.fx.wrap`` at the top
 level of its module for ``torch.fx.symbolic_trace``), and everything the forward reaches is scriptable.
 """
+import inspect
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -18,10 +20,10 @@ import torch.fx
 import torch.nn as nn
 
 from timm.layers import trunc_normal_
-from timm.models import checkpoint_seq, register_notrace_function
+from timm.models import build_model_with_cfg, checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import load_pretrained_file
+from ._checkpoint import file_through_family_filter, load_pretrained_file
 
 
 @torch.fx.wrap
@@ -62,26 +64,35 @@ class PyramidStage(nn.Module):
         return self.blocks(x)
 
 
-class ChannelsLastPyramid(nn.Module):
+class PyramidBackbone(nn.Module):
     """timm's model API around ``stem -> stages -> norm -> head``.
 
     A subclass sets ``family`` (its name in error messages) and builds ``in_chans``, ``stem_stride``,
-    ``num_features``, ``head_hidden_size``, ``feature_info``, ``stem`` (NCHW image -> NHWC map),
-    ``stages`` (an ``nn.Sequential`` of :class:`PyramidStage`, each halving the map but the first),
-    ``norm`` (on NHWC) and ``head`` (a timm ``ClassifierHead`` with ``input_fmt=self.output_fmt``), and
-    applies ``_init_weights``.
+    ``num_features``, ``head_hidden_size``, ``feature_info``, ``stem`` (NCHW image -> map in
+    ``output_fmt``), ``stages`` (an ``nn.Sequential`` of :class:`PyramidStage`, each halving the map
+    but the first, or every one where ``stem_feature``), ``norm`` (on the last map; ``nn.Identity`` where
+    there is none) and ``head`` (a timm classifier head taking ``input_fmt=self.output_fmt`` maps). It
+    initialises its weights itself: most families apply :meth:`_init_weights`, as their official
+    models do; where the official model keeps PyTorch's default initialisation, the family says so.
 
-    ``forward_features`` returns the NHWC map, declared by ``output_fmt`` as timm's channels-last
-    models (Swin) declare it; ``forward_intermediates`` and ``features_only`` give NCHW by default.
+    ``forward_features`` returns the last map in ``output_fmt``: ``[B, H, W, C]`` by default, declared as
+    timm's channels-last models (Swin) declare it, or ``[B, C, H, W]`` for a family that computes NCHW;
+    ``forward_intermediates`` and ``features_only`` give NCHW by default.
     """
     family: torch.jit.Final[str] = ''
     output_fmt: torch.jit.Final[str] = 'NHWC'
+    # whether the stem's map is feature 0 and every stage, the first too, halves the map (timm's MaxViT);
+    # otherwise the features are the stages' maps and the first stage keeps the stem's stride
+    stem_feature: torch.jit.Final[bool] = False
     # of a file holding trained and EMA weights, the EMA ones? The family's official evaluation's choice:
     # the DeiT / Swin-style scripts of most families evaluate 'model' (see _checkpoint.checkpoint_use_ema)
     checkpoint_ema: torch.jit.Final[bool] = False
+    # what the official optimizer exempts from weight decay besides norms and biases (position tables,
+    # tokens), by a part of the parameter's name
+    no_weight_decay_keywords: Tuple[str, ...] = ()
 
     def _init_weights(self, m: nn.Module):
-        """Linear layers as the official models of these families (and timm's ViTs) start them."""
+        """Linear layers as the official models of most of these families (and timm's ViTs) start them."""
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=.02)
             if m.bias is not None:
@@ -95,8 +106,9 @@ class ChannelsLastPyramid(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        # no position tables or tokens; timm's optimizer factory already exempts norms and biases
-        return set()
+        """The parameters named with one of ``no_weight_decay_keywords`` (timm's optimizer factory already
+        exempts norms and biases)."""
+        return {name for name, _ in self.named_parameters() if any(k in name for k in self.no_weight_decay_keywords)}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -126,7 +138,13 @@ class ChannelsLastPyramid(nn.Module):
 
     def check_input(self, x: torch.Tensor):
         # the last stage's reduction (stages may be pruned)
-        check_image(x, self.family, self.in_chans, self.stem_stride << (len(self.stages) - 1))
+        check_image(x, self.family, self.in_chans, self.stem_stride << (len(self.stages) - 1 + int(self.stem_feature)))
+
+    def as_format(self, x: torch.Tensor, output_fmt: str) -> torch.Tensor:
+        """A map of this model (in ``self.output_fmt``) in ``output_fmt``, 'NCHW' or 'NHWC'."""
+        if output_fmt == self.output_fmt:
+            return x
+        return x.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else x.permute(0, 2, 3, 1)
 
     def forward_intermediates(
             self,
@@ -139,38 +157,49 @@ class ChannelsLastPyramid(nn.Module):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Forward features that returns intermediates.
 
+        The features are the stages' maps, after the stem's (stride 2) where ``stem_feature``.
+
         Args:
             x: Input images [B, C, H, W].
-            indices: Take last n stages if int, all if None, select matching indices if sequence.
+            indices: Take last n features if int, all if None, select matching indices if sequence.
             norm: Apply the final norm to the last stage's intermediate.
             stop_early: Stop iterating over stages when the last desired intermediate is reached.
             output_fmt: Layout of the intermediates, 'NCHW' or 'NHWC'.
             intermediates_only: Only return intermediate features.
         Returns:
-            The intermediates, or (final NHWC features, intermediates).
+            The intermediates, or (final features in ``self.output_fmt``, intermediates).
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"{self.family}.forward_intermediates: output_fmt must be 'NCHW' or 'NHWC', "
                              f"got '{output_fmt}'")
         self.check_input(x)
         intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        first_stage_idx = int(self.stem_feature)  # the feature index of the first stage's map
+        last_idx = len(self.stages) - 1 + first_stage_idx
+        take_indices, max_index = feature_take_indices(last_idx + 1, indices)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1 - first_stage_idx]
 
         x = self.stem(x)
         feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
+        if self.stem_feature and 0 in take_indices:
+            intermediates.append(self.as_format(x, output_fmt))
+        for stage_idx, stage in enumerate(stages):
             x = stage(x)
+            feat_idx = stage_idx + first_stage_idx
             if feat_idx in take_indices:
                 x_inter = self.norm(x) if norm and feat_idx == last_idx else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else x_inter)
+                intermediates.append(self.as_format(x_inter, output_fmt))
 
         if intermediates_only:
             return intermediates
         if feat_idx == last_idx:
             x = self.norm(x)
         return x, intermediates
+
+    @torch.jit.ignore
+    def prune_final_norm(self):
+        """Drop the norm of the last stage's map (the head's, where the family norms after pooling)."""
+        self.norm = nn.Identity()
 
     def prune_intermediate_layers(
             self,
@@ -181,13 +210,15 @@ class ChannelsLastPyramid(nn.Module):
         """Drop the stages (and optionally the final norm and head) not needed for ``indices``.
 
         As in timm's models, pruning stages drops the final norm and the classifier too (both are
-        sized for the last stage), and ``num_features`` becomes the width of the last stage kept.
+        sized for the last stage), and ``num_features`` becomes the width of the last feature kept.
         """
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        prune_end = max_index < len(self.stages) - 1
+        first_stage_idx = int(self.stem_feature)
+        num_features = len(self.stages) + first_stage_idx
+        take_indices, max_index = feature_take_indices(num_features, indices)
+        prune_end = max_index < num_features - 1
         if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        self.stages = self.stages[:max_index + 1]
+            self.prune_final_norm()
+        self.stages = self.stages[:max_index + 1 - first_stage_idx]
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
@@ -204,3 +235,23 @@ class ChannelsLastPyramid(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def build_pyramid(model_cls, variant: str, pretrained: bool = False, stages_arg: str = 'depths',
+                  **kwargs) -> PyramidBackbone:
+    """timm's ``build_model_with_cfg`` of a family's ``variant``: the family module's
+    ``checkpoint_filter_fn`` converts pretrained weights, a ``pretrained_cfg_overlay`` file goes through
+    it too (``_checkpoint.file_through_family_filter``), and ``features_only`` takes the features of
+    ``forward_intermediates``, all of them unless ``out_indices`` says (one per entry of the model's
+    ``stages_arg`` argument, and the stem's where ``stem_feature``)."""
+    kwargs = file_through_family_filter(kwargs)
+    num_stages = len(kwargs.get(stages_arg, inspect.signature(model_cls).parameters[stages_arg].default))
+    out_indices = kwargs.pop('out_indices', tuple(range(num_stages + int(model_cls.stem_feature))))
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=sys.modules[model_cls.__module__].checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )

@@ -40,7 +40,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from attnzoo.kernels import routing_attention, routing_region_index
 
 from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
-from ._pyramid import ChannelsLastPyramid, PyramidStage
+from ._pyramid import PyramidBackbone, PyramidStage
 
 __all__ = ['BiFormer']
 
@@ -292,7 +292,7 @@ class BiFormerStage(PyramidStage):
         )
 
 
-class BiFormer(ChannelsLastPyramid):
+class BiFormer(PyramidBackbone):
     """BiFormer: a four-stage hierarchical transformer on bi-level routing attention.
 
     Args:

@@ -41,7 +41,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ._checkpoint import (
     checkpoint_use_ema, convert_checkpoint, file_through_family_filter, require_downloadable_weights,
     unwrap_checkpoint)
-from ._pyramid import ChannelsLastPyramid, PyramidStage
+from ._pyramid import PyramidBackbone, PyramidStage
 
 __all__ = ['CrossFormer']
 
@@ -399,7 +399,7 @@ class CrossFormerStage(PyramidStage):
         )
 
 
-class CrossFormer(ChannelsLastPyramid):
+class CrossFormer(PyramidBackbone):
     """CrossFormer / CrossFormer++: a four-stage hierarchical transformer on long / short distance attention.
 
     Args:

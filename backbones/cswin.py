@@ -30,7 +30,7 @@ from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
-from ._pyramid import ChannelsLastPyramid, PyramidStage
+from ._pyramid import PyramidBackbone, PyramidStage
 
 __all__ = ['CSWinTransformer']
 
@@ -277,7 +277,7 @@ class CSWinStage(PyramidStage):
         )
 
 
-class CSWinTransformer(ChannelsLastPyramid):
+class CSWinTransformer(PyramidBackbone):
     """CSWin Transformer: a four-stage hierarchical transformer on cross-shaped window attention.
 
     Args:

@@ -45,7 +45,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from ._checkpoint import (
     checkpoint_use_ema, convert_checkpoint, file_through_family_filter, require_downloadable_weights,
     unwrap_checkpoint)
-from ._pyramid import ChannelsLastPyramid, PyramidStage
+from ._pyramid import PyramidBackbone, PyramidStage
 from .nat import ConvDownsample, NeighborhoodAttention
 
 __all__ = ['DAT']
@@ -320,7 +320,7 @@ class DATStage(PyramidStage):
         )
 
 
-class DAT(ChannelsLastPyramid):
+class DAT(PyramidBackbone):
     """DAT++: a four-stage hierarchical transformer of neighborhood and deformable attention blocks.
 
     Args:

@@ -38,7 +38,7 @@ from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from timm.optim import param_groups_weight_decay
 
 from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
-from ._pyramid import ChannelsLastPyramid, PyramidStage
+from ._pyramid import PyramidBackbone, PyramidStage
 
 __all__ = ['LITv2', 'HiLo', 'DeformConv2dPack', 'DeformableTokenMerging', 'offset_lr_param_groups']
 
@@ -382,7 +382,7 @@ def _stage_windows(window_size: Union[int, Sequence[int]], num_stages: int) -> T
     return tuple(window_size)
 
 
-class LITv2(ChannelsLastPyramid):
+class LITv2(PyramidBackbone):
     """LITv2: a four-stage pyramid with attention-free early stages, HiLo attention and deformable token merging.
 
     Args:

@@ -39,19 +39,14 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BatchNormAct2d, DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, use_fused_attn
-from timm.models import (
-    build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function)
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model, register_notrace_function
 
 from ._checkpoint import check_checkpoint_keys, require_downloadable_weights, unwrap_checkpoint
-from ._pyramid import PyramidStage, check_image
+from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid
 
 __all__ = ['Moat']
 
 BLOCK_TYPES = ('mbconv', 'moat')
-
-# torch.fx.symbolic_trace records a wrapped function per calling module: _pyramid's wrap covers its own calls
-torch.fx.wrap('check_image')
 
 
 # ---------------------------------------------------------------- shape logic (one FX / notrace call each)
@@ -390,7 +385,7 @@ def _stage_windows(
     return windows
 
 
-class Moat(nn.Module):
+class Moat(PyramidBackbone):
     """MOAT: a convolutional stem, MBConv stages, then MOAT stages (MBConv + attention blocks).
 
     Args:
@@ -426,6 +421,11 @@ class Moat(nn.Module):
     family: torch.jit.Final[str] = 'MOAT'
     # forward_features returns [B, C, H, W] maps (MOAT computes NCHW; only attention goes channels last)
     output_fmt: torch.jit.Final[str] = 'NCHW'
+    # feature 0 is the stem's map (stride 2), features 1-4 the stages' (strides 4 to 32), as timm's MaxViT
+    stem_feature: torch.jit.Final[bool] = True
+    # the official release has no EMA copies to choose from; a file that holds both gives its EMA weights
+    checkpoint_ema: torch.jit.Final[bool] = True
+    no_weight_decay_keywords = ('relative_position_bias_table',)
 
     def __init__(
             self,
@@ -473,6 +473,7 @@ class Moat(nn.Module):
         self.num_features = self.head_hidden_size = embed_dim[-1]
         norm_act_layer = partial(BatchNormAct2d, eps=bn_eps, act_layer=nn.GELU)
 
+        self.stem_stride = 2
         self.stem = Stem(in_chans, tuple(stem_width), norm_act_layer, **dd)
         self.feature_info = [dict(num_chs=stem_width[-1], reduction=2, module='stem')]
         num_blocks = sum(depths)
@@ -503,6 +504,7 @@ class Moat(nn.Module):
             stages.append(PyramidStage(nn.Identity(), blocks))
             self.feature_info.append(dict(num_chs=embed_dim[i], reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
+        self.norm = nn.Identity()  # the head norms the pooled vector
         # the official head: global mean, LayerNorm, 1x1 conv (a linear layer on the pooled vector)
         self.head = NormMlpClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
@@ -521,111 +523,8 @@ class Moat(nn.Module):
                 nn.init.normal_(module.relative_position_bias_table, std=.02)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {n for n, _ in self.named_parameters() if n.endswith('relative_position_bias_table')}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.blocks\.(\d+)',
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        # one level only: each stage checkpoints its blocks
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool, in_features=self.num_features)
-
-    def check_input(self, x: torch.Tensor):
-        # the last stage's reduction (stages may be pruned)
-        check_image(x, self.family, self.in_chans, 2 << len(self.stages))
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward features that returns intermediates.
-
-        Feature 0 is the stem (stride 2), features 1-4 the stages (strides 4 to 32), as timm's MaxViT.
-
-        Args:
-            x: Input images [B, C, H, W].
-            indices: Take last n features if int, all if None, select matching indices if sequence.
-            norm: Accepted for timm's API; MOAT has no norm before the head's pooling, so it changes nothing.
-            stop_early: Stop iterating over stages when the last desired intermediate is reached.
-            output_fmt: Layout of the intermediates, 'NCHW' or 'NHWC'.
-            intermediates_only: Only return intermediate features.
-        Returns:
-            The intermediates, or (final NCHW features, intermediates).
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"{self.family}.forward_intermediates: output_fmt must be 'NCHW' or 'NHWC', "
-                             f"got '{output_fmt}'")
-        self.check_input(x)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-
-        x = self.stem(x)
-        if 0 in take_indices:
-            intermediates.append(x.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
-        feat_idx = 0
-        for feat_idx, stage in enumerate(stages):
-            x = stage(x)
-            if feat_idx + 1 in take_indices:
-                intermediates.append(x.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else x)
-
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and optionally the head's norm and classifier) not needed for ``indices``.
-
-        Pruning stages drops the head's norm and classifier too (both are sized for the last stage), and
-        ``num_features`` becomes the width of the last feature kept.
-        """
-        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        prune_end = max_index < len(self.stages)
-        self.stages = self.stages[:max_index]
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        if prune_norm or prune_end:
-            self.head.norm = nn.Identity()
-        if prune_head or prune_end:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        # no checkpointing at this level: the stages checkpoint their blocks
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def prune_final_norm(self):
+        self.head.norm = nn.Identity()
 
 
 # ---------------------------------------------------------------- official checkpoints
@@ -755,15 +654,7 @@ def _create_moat(variant: str, pretrained: bool = False, **kwargs) -> Moat:
             prepare=f'Download and unpack the archive, convert it with `python tools/convert.py <unpacked '
                     f'checkpoint prefix> --model {variant} -o {variant}.safetensors`',
             file_name=f'{variant}.safetensors')
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 3, 7, 2))) + 1)))
-    return build_model_with_cfg(
-        Moat,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_pyramid(Moat, variant, pretrained, **kwargs)
 
 
 # input normalisation of the official checkpoints: option 1 (ImageNet mean / std) or 2 ([-1, 1])

@@ -28,7 +28,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from attnzoo.kernels import neighborhood_attention_2d
 
 from ._checkpoint import convert_checkpoint, file_through_family_filter
-from ._pyramid import ChannelsLastPyramid, PyramidStage
+from ._pyramid import PyramidBackbone, PyramidStage
 
 __all__ = ['NAT']
 
@@ -217,7 +217,7 @@ class NATStage(PyramidStage):
         )
 
 
-class NAT(ChannelsLastPyramid):
+class NAT(PyramidBackbone):
     """NAT / DiNAT: a four-stage hierarchical transformer on (dilated) neighborhood attention.
 
     Args:

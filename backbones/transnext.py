@@ -41,7 +41,7 @@ from timm.models import register_notrace_function
 from attnzoo.kernels import neighborhood_attention_2d
 
 from ._checkpoint import checkpoint_use_ema, convert_checkpoint, file_through_family_filter, unwrap_checkpoint
-from ._pyramid import ChannelsLastPyramid
+from ._pyramid import PyramidBackbone
 
 __all__ = ['TransNeXt']
 
@@ -634,7 +634,7 @@ class TransNeXtStage(nn.Module):
         return f'trained_size={self.trained_size}, is_extrapolation={self.is_extrapolation}'
 
 
-class TransNeXt(ChannelsLastPyramid):
+class TransNeXt(PyramidBackbone):
     """TransNeXt: a four-stage hierarchical transformer on aggregated attention and ConvGLU.
 
     Args:

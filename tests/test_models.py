@@ -8,7 +8,7 @@ run through the same tests. Full forward / backward runs on the smallest variant
 timm's test sizes (128 px where the model allows it); parameter counts are checked for every variant
 on the meta device.
 
-What a family must do to pass: see the ``ChannelsLastPyramid`` / ``PyramidStage`` docstrings in
+What a family must do to pass: see the ``PyramidBackbone`` / ``PyramidStage`` docstrings in
 backbones/_pyramid.py. Where a timm-native family behaves differently, the difference is recorded
 below as an exact expectation (timm's own message, where timm raises), not skipped.
 """
