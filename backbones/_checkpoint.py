@@ -403,6 +403,13 @@ def rename_by_first_rule(key: str, rules: Sequence[RenameRule]) -> str:
     return key
 
 
+def rename_by_every_rule(key: str, rules: Sequence[RenameRule]) -> str:
+    """``key`` renamed by each of ``rules`` in order, each applied to the result of the previous one."""
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
 def require_downloadable_weights(variant: str, kwargs: Dict, is_share_page: Callable[[str], bool],
                                  also_at: str = '', where: str = 'a share page', prepare: str = 'Download the file',
                                  file_name: str = '/path/to/file.pth') -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, register_notrace_function
 from timm.models._features import feature_take_indices
@@ -177,7 +178,8 @@ class PyramidBackbone(nn.Module):
         first_stage_idx = int(self.stem_feature)  # the feature index of the first stage's map
         last_idx = len(self.stages) - 1 + first_stage_idx
         take_indices, max_index = feature_take_indices(last_idx + 1, indices)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1 - first_stage_idx]
+        num_stages_run = max_index + 1 - first_stage_idx
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:num_stages_run]
 
         x = self.stem(x)
         feat_idx = 0
@@ -235,6 +237,17 @@ class PyramidBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def pyramid_cfg(family: Dict, **kwargs) -> Dict:
+    """A pretrained cfg: the ImageNet-1k classifier at 224 px most official releases evaluate (resize to
+    256 and centre crop 224, bicubic, ImageNet mean / std), the ``family``'s keys (its ``url``,
+    ``first_conv``, license, paper and evaluation) over it, a variant's ``kwargs`` over those."""
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'classifier': 'head.fc', **family, **kwargs,
+    }
 
 
 def build_pyramid(model_cls, variant: str, pretrained: bool = False, stages_arg: str = 'depths',

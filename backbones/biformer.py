@@ -29,34 +29,24 @@ Activations stay channels-last ``[B, H, W, C]`` inside the model; the pyramid fe
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, use_fused_attn
 from timm.layers import register_notrace_function
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.kernels import routing_attention, routing_region_index
 
-from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
-from ._pyramid import PyramidBackbone, PyramidStage
+from ._checkpoint import convert_checkpoint, rename_by_first_rule
+from ._layers import ConvStem, DepthwiseConvNhwc, pad_to_multiple
+from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid, pyramid_cfg
 
 __all__ = ['BiFormer']
 
-
-class ChannelsLastDepthwiseConv(nn.Conv2d):
-    """Depthwise ``kernel_size`` conv (stride 1, same padding, bias) on channels-last ``[B, H, W, C]`` maps.
-
-    A Conv2d subclass, so its parameters keep the official names (``pos_embed.weight``, ``lepe.weight``).
-    """
-
-    def __init__(self, dim: int, kernel_size: int, device=None, dtype=None):
-        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the permuted view is a channels_last NCHW tensor: the conv reads it without a copy
-        return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)
+# torch.fx.symbolic_trace records a wrapped function per calling module: _layers' wrap covers its own calls
+torch.fx.wrap('pad_to_multiple')
 
 
 class ChannelsLastBatchNorm(nn.Module):
@@ -74,23 +64,6 @@ class ChannelsLastBatchNorm(nn.Module):
         return self.bn(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-class ConvStem(nn.Module):
-    """Two 3x3 stride-2 convs with BatchNorm, GELU between them; NCHW image in, NHWC map out."""
-
-    def __init__(self, in_chans: int, dim: int, device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1, **dd)
-        self.norm1 = nn.BatchNorm2d(dim // 2, **dd)
-        self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1, **dd)
-        self.norm2 = nn.BatchNorm2d(dim, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.conv1(x)))
-        return self.norm2(self.conv2(x)).permute(0, 2, 3, 1)
-
-
 class ConvDownsample(nn.Module):
     """3x3 stride-2 conv (with bias) and BatchNorm; NHWC in and out."""
 
@@ -102,17 +75,6 @@ class ConvDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
-
-
-@torch.fx.wrap
-@register_notrace_function  # reason: the padding depends on the map size, which FX's proxies do not have
-def pad_to_region_grid(x: torch.Tensor, regions: Tuple[int, int]) -> torch.Tensor:
-    """Zero-pads an NHWC map at the bottom / right to a multiple of the region grid (the official ``auto_pad``)."""
-    pad_h = (regions[0] - x.shape[1] % regions[0]) % regions[0]
-    pad_w = (regions[1] - x.shape[2] % regions[1]) % regions[1]
-    if pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
 
 
 @torch.fx.wrap
@@ -184,12 +146,12 @@ class BiLevelRoutingAttention(nn.Module):
         self.scale = dim ** -0.5  # the official qk_dim ** -0.5: the checkpoints were trained with it
         self.attn_backend = attn_backend
         self.qkv = nn.Linear(dim, dim * 3, **dd)
-        self.lepe = ChannelsLastDepthwiseConv(dim, side_dwconv, **dd)
+        self.lepe = DepthwiseConvNhwc(dim, side_dwconv, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        x = pad_to_region_grid(x, self.regions)
+        x = pad_to_multiple(x, self.regions)  # the official auto_pad
         Hp, Wp = x.shape[1], x.shape[2]
         # heads-last views of one qkv tensor: the op reads them without a permute copy
         q, k, v = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
@@ -216,7 +178,7 @@ class GlobalAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
         self.qkv = nn.Linear(dim, dim * 3, bias=False, **dd)
-        self.lepe = ChannelsLastDepthwiseConv(dim, side_dwconv, **dd)
+        self.lepe = DepthwiseConvNhwc(dim, side_dwconv, **dd)
         self.proj = nn.Linear(dim, dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,7 +215,7 @@ class BiFormerBlock(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.pos_embed = ChannelsLastDepthwiseConv(dim, 3, **dd)
+        self.pos_embed = DepthwiseConvNhwc(dim, 3, **dd)
         self.norm1 = norm_layer(dim, **dd)
         if topk is None:
             self.attn = GlobalAttention(dim, num_heads, side_dwconv=side_dwconv, **dd)
@@ -426,33 +388,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: BiFormer) -
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    kwargs = file_through_family_filter(kwargs)
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 8, 2))))))
-    return build_model_with_cfg(
-        BiFormer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_pyramid(BiFormer, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = '', file_name: str = '', **kwargs) -> Dict:
-    return {
+    return pyramid_cfg(dict(
         # (url, cache file name): the official OneDrive links all end in '/content'; the files pickle the
         # training arguments, which the model's load_pretrained (custom_load) allows
-        'url': (url, file_name), 'custom_load': True,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        # the official evaluation: resize to 256, center crop 224, bicubic
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head.fc',
-        'license': 'mit', 'origin_url': 'https://github.com/rayleizhu/BiFormer',
-        'paper_ids': 'arXiv:2303.08810',
-        'paper_name': 'BiFormer: Vision Transformer with Bi-Level Routing Attention',
-        **kwargs,
-    }
+        url=(url, file_name), custom_load=True,
+        # the official evaluation: resize to 256, center crop 224, bicubic (pyramid_cfg's)
+        first_conv='stem.conv1', license='mit', origin_url='https://github.com/rayleizhu/BiFormer',
+        paper_ids='arXiv:2303.08810',
+        paper_name='BiFormer: Vision Transformer with Bi-Level Routing Attention'), **kwargs)
 
 
 # the official model_urls (models/biformer.py); the official loader saves them as {variant}_in1k.pth

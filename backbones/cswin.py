@@ -25,12 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
-from ._pyramid import PyramidBackbone, PyramidStage
+from ._checkpoint import convert_checkpoint, rename_by_first_rule
+from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid, pyramid_cfg
 
 __all__ = ['CSWinTransformer']
 
@@ -402,31 +401,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CSWinTransf
 
 
 def _create_cswin(variant: str, pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    kwargs = file_through_family_filter(kwargs)
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 2, 21, 1))))))
-    return build_model_with_cfg(
-        CSWinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_pyramid(CSWinTransformer, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+    return pyramid_cfg(dict(
         # the official cfgs: crop 0.9 at 224, 1.0 at 384; bicubic
-        'crop_pct': 0.9, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv', 'classifier': 'head.fc',
-        'license': 'mit', 'origin_url': 'https://github.com/microsoft/CSWin-Transformer',
-        'paper_ids': 'arXiv:2107.00652',
-        'paper_name': 'CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows',
-        **kwargs,
-    }
+        url=url, crop_pct=0.9, first_conv='stem.conv', license='mit',
+        origin_url='https://github.com/microsoft/CSWin-Transformer', paper_ids='arXiv:2107.00652',
+        paper_name='CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows'), **kwargs)
 
 
 _URL = 'https://github.com/microsoft/CSWin-Transformer/releases/download/v0.1.0/{}.pth'

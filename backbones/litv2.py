@@ -30,17 +30,19 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 from torchvision.ops import deform_conv2d
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, PatchEmbed, calculate_drop_path_rates, use_fused_attn
-from timm.models import (
-    build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function)
+from timm.models import generate_default_cfgs, register_model, register_notrace_function
 from timm.models.pvt_v2 import MlpWithDepthwiseConv
 from timm.optim import param_groups_weight_decay
 
-from ._checkpoint import convert_checkpoint, file_through_family_filter, rename_by_first_rule
-from ._pyramid import PyramidBackbone, PyramidStage
+from ._checkpoint import convert_checkpoint, rename_by_first_rule
+from ._layers import pad_to_multiple
+from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid, pyramid_cfg
 
 __all__ = ['LITv2', 'HiLo', 'DeformConv2dPack', 'DeformableTokenMerging', 'offset_lr_param_groups']
+
+# torch.fx.symbolic_trace records a wrapped function per calling module: _layers' wrap covers its own calls
+torch.fx.wrap('pad_to_multiple')
 
 # The released models' split of heads: int(num_heads * alpha) Lo-Fi heads, the rest Hi-Fi.
 DEFAULT_ALPHA = 0.9
@@ -49,17 +51,6 @@ ALPHA_SWEEP = {
     'alpha0_in1k': 0.0, 'alpha0_2_in1k': 0.2, 'alpha0_4_in1k': 0.4, 'alpha0_5_in1k': 0.5,
     'alpha0_7_in1k': 0.7, 'alpha0_9_in1k': 0.9, 'alpha1_in1k': 1.0,
 }
-
-
-@torch.fx.wrap
-@register_notrace_function  # reason: the padding depends on the map size, which FX's proxies do not have
-def pad_to_window(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """Zero-pads an NHWC map at the bottom / right so height and width are multiples of ``window_size``."""
-    pad_h = (window_size - x.shape[1] % window_size) % window_size
-    pad_w = (window_size - x.shape[2] % window_size) % window_size
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
 
 
 class HiLo(nn.Module):
@@ -164,7 +155,7 @@ class HiLo(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, H, W, _ = x.shape
-        x = pad_to_window(x, self.window_size)
+        x = pad_to_multiple(x, (self.window_size, self.window_size))
         outs: List[torch.Tensor] = []
         # a branch without heads has no modules (None): TorchScript drops its call
         if self.h_qkv is not None:
@@ -583,30 +574,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LITv2) -> D
 
 
 def _create_litv2(variant: str, pretrained: bool = False, **kwargs) -> LITv2:
-    kwargs = file_through_family_filter(kwargs)
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))
-    return build_model_with_cfg(
-        LITv2,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_pyramid(LITv2, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+    return pyramid_cfg(dict(
         # the official evaluation: resize to 256 / 224 of the size, center crop, bicubic
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.proj', 'classifier': 'head.fc',
-        'license': 'apache-2.0', 'origin_url': 'https://github.com/ziplab/LITv2',
-        'paper_ids': 'arXiv:2205.13213', 'paper_name': 'Fast Vision Transformers with HiLo Attention',
-        **kwargs,
-    }
+        url=url, first_conv='stem.proj', license='apache-2.0', origin_url='https://github.com/ziplab/LITv2',
+        paper_ids='arXiv:2205.13213', paper_name='Fast Vision Transformers with HiLo Attention'), **kwargs)
 
 
 _URL = 'https://github.com/ziplab/LITv2/releases/download/{}'

@@ -42,7 +42,8 @@ from timm.layers import BatchNormAct2d, DropPath, LayerNorm2d, NormMlpClassifier
 from timm.models import generate_default_cfgs, register_model, register_notrace_function
 
 from ._checkpoint import check_checkpoint_keys, require_downloadable_weights, unwrap_checkpoint
-from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid
+from ._layers import pad_to_multiple
+from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid, pyramid_cfg
 
 __all__ = ['Moat']
 
@@ -83,11 +84,9 @@ def avg_pool_tf_same(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Te
 @register_notrace_function  # reason: the padding and window count depend on the concrete map size
 def window_partition(x: torch.Tensor, win_h: int, win_w: int) -> torch.Tensor:
     """[B, H, W, C] -> [B * windows, win_h * win_w, C], zero-padding H, W at the bottom / right."""
+    x = pad_to_multiple(x, (win_h, win_w))
     B, H, W, C = x.shape
-    pad_h, pad_w = (win_h - H % win_h) % win_h, (win_w - W % win_w) % win_w
-    if pad_h or pad_w:
-        x = F.pad(x, [0, 0, 0, pad_w, 0, pad_h])
-    x = x.reshape(B, (H + pad_h) // win_h, win_h, (W + pad_w) // win_w, win_w, C)
+    x = x.reshape(B, H // win_h, win_h, W // win_w, win_w, C)
     return x.transpose(2, 3).reshape(-1, win_h * win_w, C)
 
 
@@ -664,17 +663,12 @@ _URL = 'https://storage.googleapis.com/gresearch/tf-deeplab/checkpoint/{}.tar.gz
 
 
 def _cfg(url: str = '', size: int = 224, **kwargs) -> Dict:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, size, size), 'pool_size': (size // 32, size // 32),
+    return pyramid_cfg(dict(
+        url=url, input_size=(3, size, size), pool_size=(size // 32, size // 32),
         # not stated by the official release; those of timm's TF MaxViT ports (0.95 below 384, 1.0 from 384)
-        'crop_pct': 0.95 if size < 384 else 1.0, 'interpolation': 'bicubic',
-        'first_conv': 'stem.conv1', 'classifier': 'head.fc',
-        'license': 'apache-2.0', 'origin_url': 'https://github.com/google-research/deeplab2',
-        'paper_ids': 'arXiv:2210.01820',
-        'paper_name': 'MOAT: Alternating Mobile Convolution and Attention Brings Strong Vision Models',
-        **kwargs,
-    }
+        crop_pct=0.95 if size < 384 else 1.0, first_conv='stem.conv1', license='apache-2.0',
+        origin_url='https://github.com/google-research/deeplab2', paper_ids='arXiv:2210.01820',
+        paper_name='MOAT: Alternating Mobile Convolution and Attention Brings Strong Vision Models'), **kwargs)
 
 
 def _official(name: str, data: str, size: int, norm: Dict) -> Dict:

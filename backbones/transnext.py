@@ -33,15 +33,15 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models import register_notrace_function
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._checkpoint import checkpoint_use_ema, convert_checkpoint, file_through_family_filter, unwrap_checkpoint
-from ._pyramid import PyramidBackbone
+from ._checkpoint import checkpoint_use_ema, convert_checkpoint, rename_by_every_rule, unwrap_checkpoint
+from ._layers import DepthwiseConvNhwc
+from ._pyramid import PyramidBackbone, build_pyramid, pyramid_cfg
 
 __all__ = ['TransNeXt']
 
@@ -224,14 +224,14 @@ class ConvolutionalGLU(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         hidden_features = int(2 * hidden_features / 3)
         self.fc1 = nn.Linear(in_features, hidden_features * 2, **dd)
-        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features, **dd)
+        self.dwconv = DepthwiseConvNhwc(hidden_features, 3, **dd)
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, in_features, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.fc1(x).chunk(2, dim=-1)
-        x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.dwconv(x)
         x = self.drop(self.act(x) * gate)
         return self.drop(self.fc2(x))
 
@@ -664,6 +664,8 @@ class TransNeXt(PyramidBackbone):
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
     family = 'TransNeXt'
+    # the official no_weight_decay_keywords
+    no_weight_decay_keywords = ('query_embedding', 'relative_pos_bias_local', 'cpb', 'temperature')
 
     def __init__(
             self,
@@ -789,12 +791,6 @@ class TransNeXt(PyramidBackbone):
             stage.init_non_persistent_buffers()
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # the official no_weight_decay_keywords
-        keywords = ('query_embedding', 'relative_pos_bias_local', 'cpb', 'temperature')
-        return {name for name, _ in self.named_parameters() if any(k in name for k in keywords)}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
         return dict(
             stem=r'^stem',
@@ -820,9 +816,7 @@ _OFFICIAL_BUFFERS = re.compile(r'(^|\.)(relative_pos_index\d|relative_coords_tab
 
 
 def _convert_official_key(key: str) -> str:
-    for pattern, replacement in _OFFICIAL_KEY_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return rename_by_every_rule(key, _OFFICIAL_KEY_RULES)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) -> Dict[str, torch.Tensor]:
@@ -842,36 +836,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) 
 
 
 def _create_transnext(variant: str, pretrained: bool = False, trained_at: int = 224, **kwargs) -> TransNeXt:
-    kwargs = file_through_family_filter(kwargs)
     if pretrained:
         # the weights' CPB coordinates are scaled for the size they were trained at (``trained_at``), whatever
         # img_size the model is built for (as the official dense-task configs pass pretrain_size=224)
         kwargs.setdefault('pretrain_size', trained_at)
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 15, 2))))))
-    return build_model_with_cfg(
-        TransNeXt,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_pyramid(TransNeXt, variant, pretrained, **kwargs)
 
 
 def _cfg(hub_id: str = '', **kwargs) -> Dict:
-    return {
-        'hf_hub_id': f'DaiShiResearch/{hub_id}' if hub_id else '',
-        'hf_hub_filename': f'{hub_id.replace("-", "_")}.pth' if hub_id else '',
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+    return pyramid_cfg(dict(
+        hf_hub_id=f'DaiShiResearch/{hub_id}' if hub_id else '',
+        hf_hub_filename=f'{hub_id.replace("-", "_")}.pth' if hub_id else '',
         # official evaluation: resize to 256 and crop 224 (crop_pct 224 / 256), bicubic
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.proj', 'classifier': 'head.fc',
-        'license': 'apache-2.0', 'origin_url': 'https://github.com/DaiShiResearch/TransNeXt',
-        'paper_ids': 'arXiv:2311.17132',
-        'paper_name': 'TransNeXt: Robust Foveal Visual Perception for Vision Transformers',
-        **kwargs,
-    }
+        first_conv='stem.proj', license='apache-2.0', origin_url='https://github.com/DaiShiResearch/TransNeXt',
+        paper_ids='arXiv:2311.17132',
+        paper_name='TransNeXt: Robust Foveal Visual Perception for Vision Transformers'), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
