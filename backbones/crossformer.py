@@ -30,20 +30,23 @@ import re
 from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     ClassifierHead, DropPath, Mlp, calculate_drop_path_rates, register_notrace_function, use_fused_attn)
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from ._checkpoint import (
-    checkpoint_use_ema, convert_checkpoint, file_through_family_filter, require_downloadable_weights,
-    unwrap_checkpoint)
-from ._pyramid import PyramidBackbone, PyramidStage
+    checkpoint_use_ema, convert_checkpoint, rename_by_every_rule, require_downloadable_weights, unwrap_checkpoint)
+from ._layers import DepthwiseConvNhwc, pad_to_multiple
+from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid, pyramid_cfg
 
 __all__ = ['CrossFormer']
+
+# torch.fx.symbolic_trace records a wrapped function per calling module: _layers' wrap covers its own calls
+torch.fx.wrap('pad_to_multiple')
 
 # Added to the logits of padded keys. The official code adds -1e6, which overflows to -inf in fp16 (the
 # rows of all-padding groups then become NaN, and the bias gradient with them); -1e4 is finite in every
@@ -77,11 +80,6 @@ def cross_scale_convs(in_dim: int, out_dim: int, kernel_sizes: Sequence[int], st
         for d, k in zip(dims, kernel_sizes)])
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pads an NCHW map at the bottom / right to a multiple of ``multiple`` (a no-op when it is one)."""
-    return F.pad(x, (0, (-x.shape[-1]) % multiple, 0, (-x.shape[-2]) % multiple))
-
-
 class CrossScaleEmbed(nn.Module):
     """The stem: cross-scale embedding of the image (CEL); NCHW image in, NHWC tokens out.
 
@@ -109,7 +107,7 @@ class CrossScaleEmbed(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_to_multiple(x, self.stride)
+        x = pad_to_multiple(x, (self.stride, self.stride), channels_last=False)
         x = torch.cat([proj(x) for proj in self.projs], dim=1)
         return self.pos_drop(self.norm(x.permute(0, 2, 3, 1)))
 
@@ -135,7 +133,7 @@ class CrossScaleMerge(nn.Module):
         self.reductions = cross_scale_convs(in_dim, out_dim, kernel_sizes, 2, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_to_multiple(self.norm(x).permute(0, 3, 1, 2), 2)
+        x = pad_to_multiple(self.norm(x).permute(0, 3, 1, 2), (2, 2), channels_last=False)
         x = torch.cat([reduction(x) for reduction in self.reductions], dim=1)
         return x.permute(0, 2, 3, 1)
 
@@ -309,11 +307,11 @@ class ActivationCooling(nn.Module):
 
     def __init__(self, dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, device=device, dtype=dtype)
+        self.conv = DepthwiseConvNhwc(dim, 3, device=device, dtype=dtype)
         self.norm = norm_layer(dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.norm(self.conv(x))
 
 
 class CrossFormerBlock(nn.Module):
@@ -522,9 +520,7 @@ def _convert_official_key(key: str) -> str:
     match = _OFFICIAL_DOWNSAMPLE.match(key)
     if match:
         return f'stages.{int(match[1]) + 1}.downsample.' + key[match.end():]
-    for pattern, replacement in _OFFICIAL_KEY_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return rename_by_every_rule(key, _OFFICIAL_KEY_RULES)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer) -> Dict[str, torch.Tensor]:
@@ -546,31 +542,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs) -> CrossFormer:
-    kwargs = file_through_family_filter(kwargs)
     if pretrained:
         require_downloadable_weights(variant, kwargs, lambda url: url in _SHARE_PAGES.values())
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (2, 2, 6, 2))))))
-    return build_model_with_cfg(
-        CrossFormer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_pyramid(CrossFormer, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+    return pyramid_cfg(dict(
         # the official evaluation: resize to 256, center crop 224, bicubic
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.projs.0', 'classifier': 'head.fc',
-        'license': 'mit', 'origin_url': 'https://github.com/cheerss/CrossFormer',
-        **kwargs,
-    }
+        url=url, first_conv='stem.projs.0', license='mit',
+        origin_url='https://github.com/cheerss/CrossFormer'), **kwargs)
 
 
 _V1_PAPER = dict(
