@@ -10,9 +10,12 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from timm.layers import trunc_normal_
 from timm.models import register_notrace_function
 
-__all__ = ['DepthwiseConvNhwc', 'ConvStem', 'pad_to_multiple']
+from attnzoo.kernels import neighborhood_attention_2d
+
+__all__ = ['DepthwiseConvNhwc', 'ConvStem', 'ConvDownsample', 'NeighborhoodAttention', 'pad_to_multiple']
 
 
 @torch.fx.wrap
@@ -24,7 +27,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: Tuple[int, int], channels_last: b
     pad_h, pad_w = (-height) % multiple[0], (-width) % multiple[1]
     if pad_h == 0 and pad_w == 0:
         return x
-    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h) if channels_last else (0, pad_w, 0, pad_h))
+    return F.pad(x, [0, 0, 0, pad_w, 0, pad_h] if channels_last else [0, pad_w, 0, pad_h])
 
 
 class DepthwiseConvNhwc(nn.Conv2d):
@@ -66,3 +69,98 @@ class ConvStem(nn.Module):
             return self.norm2(self.conv2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         x = self.act(self.norm1(x))
         return self.norm2(self.conv2(x)).permute(0, 2, 3, 1)
+
+
+# ---------------------------------------------------------------- NAT's neighborhood attention layer and
+# downsampling, which DAT++'s neighborhood ('N') blocks and stages use too
+
+# one leaf call in FX graphs, not traced into: the helper, whose TorchScript branch is the registered op (a
+# scripted FX graph would otherwise compile the public function's Python checks)
+torch.fx.wrap('neighborhood_attention')
+
+
+@torch.fx.wrap
+@register_notrace_function  # reason: the padding depends on the map size, which FX's proxies do not have
+def pad_to_at_least(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Zero-pads an NHWC map at the bottom / right to at least ``window`` rows and columns."""
+    pad_h, pad_w = max(0, window - x.shape[1]), max(0, window - x.shape[2])
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+def neighborhood_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rpb: torch.Tensor,
+        kernel_size: int,
+        dilation: int,
+) -> torch.Tensor:
+    """The attention call of :class:`NeighborhoodAttention`: the registered op under TorchScript (which
+    cannot compile the public function's Python argument checks), the public function (one leaf call under
+    FX) otherwise."""
+    if torch.jit.is_scripting():
+        return torch.ops.attnzoo.neighborhood_attention_2d(q, k, v, kernel_size, dilation, None, rpb)
+    return neighborhood_attention_2d(q, k, v, kernel_size, dilation=dilation, rpb=rpb)
+
+
+
+class ConvDownsample(nn.Module):
+    """Stride-2 3x3 convolution without bias, then LayerNorm; NHWC in and out."""
+
+    def __init__(self, in_dim: int, out_dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False, **dd)
+        self.norm = norm_layer(out_dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class NeighborhoodAttention(nn.Module):
+    """2D (dilated) neighborhood attention with relative positional bias, NHWC in and out.
+
+    A map smaller than ``kernel_size * dilation`` along an axis is zero-padded at the bottom / right
+    before the qkv projection and cropped back after attention, as NATTEN's NeighborhoodAttention2D
+    (< 0.17) did for the official checkpoints: the padded tokens take part in the attention of the
+    real ones (their keys and values are the qkv bias).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            kernel_size: int = 7,
+            dilation: int = 1,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % num_heads:
+            raise ValueError(f'NeighborhoodAttention: dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1, **dd))
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.rpb, std=.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = pad_to_at_least(x, self.kernel_size * self.dilation)
+        # heads-last views of one qkv tensor: the op reads them without a permute copy
+        q, k, v = self.qkv(x).view(B, x.shape[1], x.shape[2], 3, self.num_heads, self.head_dim).unbind(3)
+        x = neighborhood_attention(q, k, v, self.rpb, self.kernel_size, self.dilation)
+        x = x[:, :H, :W].reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}'

@@ -38,44 +38,17 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
+from timm.models import generate_default_cfgs, register_model, register_notrace_function
 
 from ._checkpoint import (
-    checkpoint_use_ema, convert_checkpoint, file_through_family_filter, require_downloadable_weights,
-    unwrap_checkpoint)
-from ._pyramid import PyramidBackbone, PyramidStage
-from .nat import ConvDownsample, NeighborhoodAttention
+    checkpoint_use_ema, convert_checkpoint, rename_by_every_rule, require_downloadable_weights, unwrap_checkpoint)
+from ._layers import ConvDownsample, ConvStem, DepthwiseConvNhwc, NeighborhoodAttention
+from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid, pyramid_cfg
 
 __all__ = ['DAT']
 
 BLOCK_TYPES = ('N', 'D')
-
-
-class ConvStem(nn.Module):
-    """Two stride-2 3x3 convolutions, each followed by LayerNorm, GELU between; NCHW in, NHWC out."""
-
-    def __init__(self, in_chans: int, dim: int, device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.conv1 = nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1, **dd)
-        self.norm1 = nn.LayerNorm(dim // 2, **dd)
-        self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1, **dd)
-        self.norm2 = nn.LayerNorm(dim, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))
-        return self.norm2(self.conv2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-
-
-class ConvNhwc(nn.Conv2d):
-    """``nn.Conv2d`` on a channels-last map ``[B, H, W, C]``: its NCHW view is in channels_last memory
-    format, which the conv keeps, so neither permute copies."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)
 
 
 class DwConvMlp(nn.Module):
@@ -86,7 +59,7 @@ class DwConvMlp(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.fc1 = nn.Linear(dim, hidden_dim, **dd)
         self.drop1 = nn.Dropout(drop)
-        self.dwconv = ConvNhwc(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim, **dd)
+        self.dwconv = DepthwiseConvNhwc(hidden_dim, 3, **dd)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim, **dd)
         self.drop2 = nn.Dropout(drop)
@@ -254,7 +227,7 @@ class DATBlock(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.lpu = ConvNhwc(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
+        self.lpu = DepthwiseConvNhwc(dim, 3, **dd)
         self.norm1 = nn.LayerNorm(dim, **dd)
         if block_type == 'N':
             self.attn = NeighborhoodAttention(dim, num_heads, kernel_size=nat_kernel_size, proj_drop=proj_drop, **dd)
@@ -345,6 +318,8 @@ class DAT(PyramidBackbone):
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
     family = 'DAT++'
+    # the official optimizer exempts the deformable bias tables (and, as timm does, norms and biases)
+    no_weight_decay_keywords = ('.rpe_table',)
 
     def __init__(
             self,
@@ -390,7 +365,7 @@ class DAT(PyramidBackbone):
         self.num_features = self.head_hidden_size = dims[-1]
         img_size = to_2tuple(img_size)
 
-        self.stem = ConvStem(in_chans, dims[0], **dd)
+        self.stem = ConvStem(in_chans, dims[0], norm_layer=nn.LayerNorm, norm_channels_last=True, **dd)
         depths = [len(spec) for spec in stage_spec]
         dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)
         self.feature_info = []
@@ -420,11 +395,8 @@ class DAT(PyramidBackbone):
         self.norm = nn.LayerNorm(self.num_features, **dd)
         self.head = ClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # the official optimizer exempts the deformable bias tables (and, as timm does, norms and biases)
-        return {name for name, _ in self.named_parameters() if name.endswith('.rpe_table')}
+        # no _init_weights: the official DAT++ keeps PyTorch's default initialisation of its linear
+        # layers; only the deformable bias tables start truncated-normal (DeformableAttention)
 
 
 # official key -> ours; applied in order, each to the result of the previous one
@@ -454,9 +426,7 @@ _DENSE_PREFIX = 'backbone.'
 
 
 def _convert_official_key(key: str) -> str:
-    for pattern, replacement in _OFFICIAL_KEY_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
+    return rename_by_every_rule(key, _OFFICIAL_KEY_RULES)
 
 
 def _dense_backbone(state_dict: Dict[str, torch.Tensor], num_stages: int) -> Dict[str, torch.Tensor]:
@@ -524,34 +494,18 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
 
 
 def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
-    kwargs = file_through_family_filter(kwargs)
     if pretrained:
         require_downloadable_weights(variant, kwargs, lambda url: url.startswith(_SHARE_PAGE),
                                      also_at=', or the OneDrive links of github.com/LeapLabTHU/DAT')
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('dims', (64, 128, 256, 512))))))
-    return build_model_with_cfg(
-        DAT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_pyramid(DAT, variant, pretrained, stages_arg='dims', **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+    return pyramid_cfg(dict(
         # the official evaluation: resize to a 256 square, centre crop 224, bicubic
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head.fc',
-        'license': 'apache-2.0', 'origin_url': 'https://github.com/LeapLabTHU/DAT',
-        'paper_ids': 'arXiv:2309.01430',
-        'paper_name': 'DAT++: Spatially Dynamic Vision Transformer with Deformable Attention',
-        **kwargs,
-    }
+        url=url, crop_mode='squash', first_conv='stem.conv1', license='apache-2.0',
+        origin_url='https://github.com/LeapLabTHU/DAT', paper_ids='arXiv:2309.01430',
+        paper_name='DAT++: Spatially Dynamic Vision Transformer with Deformable Attention'), **kwargs)
 
 
 # the official release is on OneDrive / TsinghuaCloud share pages, which timm cannot download:

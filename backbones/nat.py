@@ -17,50 +17,16 @@ import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
+from timm.layers import ClassifierHead, DropPath, LayerScale, Mlp, calculate_drop_path_rates
+from timm.models import generate_default_cfgs, register_model
 
-from attnzoo.kernels import neighborhood_attention_2d
-
-from ._checkpoint import convert_checkpoint, file_through_family_filter
-from ._pyramid import PyramidBackbone, PyramidStage
+from ._checkpoint import convert_checkpoint
+from ._layers import ConvDownsample, NeighborhoodAttention
+from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid, pyramid_cfg
 
 __all__ = ['NAT']
-
-# one leaf call in FX graphs, not traced into: the helper, whose TorchScript branch is the registered op (a
-# scripted FX graph would otherwise compile the public function's Python checks)
-torch.fx.wrap('neighborhood_attention')
-
-
-@torch.fx.wrap
-@register_notrace_function  # reason: the padding depends on the map size, which FX's proxies do not have
-def pad_to_window(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Zero-pads an NHWC map at the bottom / right to at least ``window`` rows and columns."""
-    pad_h, pad_w = max(0, window - x.shape[1]), max(0, window - x.shape[2])
-    if pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
-
-
-def neighborhood_attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        rpb: torch.Tensor,
-        kernel_size: int,
-        dilation: int,
-) -> torch.Tensor:
-    """NAT's attention call: the registered op under TorchScript (which cannot compile the public
-    function's Python argument checks), the public function (one leaf call under FX) otherwise."""
-    if torch.jit.is_scripting():
-        return torch.ops.attnzoo.neighborhood_attention_2d(q, k, v, kernel_size, dilation, None, rpb)
-    return neighborhood_attention_2d(q, k, v, kernel_size, dilation=dilation, rpb=rpb)
-
 
 class ConvStem(nn.Module):
     """Two stride-2 3x3 convolutions (no activation between them), then LayerNorm; NCHW in, NHWC out."""
@@ -74,66 +40,6 @@ class ConvStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.conv2(self.conv1(x)).permute(0, 2, 3, 1))
-
-
-class ConvDownsample(nn.Module):
-    """Stride-2 3x3 convolution without bias, then LayerNorm; NHWC in and out."""
-
-    def __init__(self, in_dim: int, out_dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1, bias=False, **dd)
-        self.norm = norm_layer(out_dim, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-
-
-class NeighborhoodAttention(nn.Module):
-    """2D (dilated) neighborhood attention with relative positional bias, NHWC in and out.
-
-    A map smaller than ``kernel_size * dilation`` along an axis is zero-padded at the bottom / right
-    before the qkv projection and cropped back after attention, as NATTEN's NeighborhoodAttention2D
-    (< 0.17) did for the official checkpoints: the padded tokens take part in the attention of the
-    real ones (their keys and values are the qkv bias).
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            kernel_size: int = 7,
-            dilation: int = 1,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.,
-            device=None,
-            dtype=None,
-    ):
-        super().__init__()
-        dd = {'device': device, 'dtype': dtype}
-        if dim % num_heads:
-            raise ValueError(f'NeighborhoodAttention: dim {dim} is not divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.kernel_size = kernel_size
-        self.dilation = dilation
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
-        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1, **dd))
-        self.proj = nn.Linear(dim, dim, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.rpb, std=.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        x = pad_to_window(x, self.kernel_size * self.dilation)
-        # heads-last views of one qkv tensor: the op reads them without a permute copy
-        q, k, v = self.qkv(x).view(B, x.shape[1], x.shape[2], 3, self.num_heads, self.head_dim).unbind(3)
-        x = neighborhood_attention(q, k, v, self.rpb, self.kernel_size, self.dilation)
-        x = x[:, :H, :W].reshape(B, H, W, C)
-        return self.proj_drop(self.proj(x))
-
-    def extra_repr(self) -> str:
-        return f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}'
 
 
 class NATBlock(nn.Module):
@@ -237,6 +143,7 @@ class NAT(PyramidBackbone):
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
     family = 'NAT'
+    no_weight_decay_keywords = ('.rpb',)
 
     def __init__(
             self,
@@ -303,10 +210,6 @@ class NAT(PyramidBackbone):
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt=self.output_fmt, **dd)
         self.apply(self._init_weights)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {name for name, _ in self.named_parameters() if name.endswith('.rpb')}
-
 
 # official key -> ours; applied in order, each to the result of the previous one
 _OFFICIAL_KEY_RULES = (
@@ -347,29 +250,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: NAT) -> Dic
 
 
 def _create_nat(variant: str, pretrained: bool = False, **kwargs) -> NAT:
-    kwargs = file_through_family_filter(kwargs)
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (3, 4, 6, 5))))))
-    return build_model_with_cfg(
-        NAT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return build_pyramid(NAT, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+    return pyramid_cfg(dict(
         # the official evaluation used timm's defaults: 0.875 crop, bicubic
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head.fc',
-        'license': 'mit', 'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
-        **kwargs,
-    }
+        url=url, first_conv='stem.conv1', license='mit',
+        origin_url='https://github.com/SHI-Labs/Neighborhood-Attention-Transformer'), **kwargs)
 
 
 _NAT_PAPER = dict(paper_ids='arXiv:2204.07143', paper_name='Neighborhood Attention Transformer')
