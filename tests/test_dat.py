@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo.backbones  # noqa: F401  (registers the models)
-from attnzoo.backbones import dat, nat
+from attnzoo.backbones import _layers, dat, nat
 from attnzoo.backbones.dat import DAT, DeformableAttention, checkpoint_filter_fn
 from attnzoo.kernels import neighborhood_attention_2d, use_backend
 from attnzoo.kernels._dispatch import triton_interpreted
@@ -177,16 +177,16 @@ def test_deformable_attention_matches_hand_written_reference(height, width, stri
 # ---------------------------------------------------------------- neighborhood blocks
 
 def test_neighborhood_blocks_run_on_the_attnzoo_op(monkeypatch):
-    """'N' blocks are NAT's layer and call attnzoo.kernels.neighborhood_attention_2d with kernel 7, the
-    NATTEN clamped border and their rpb; nothing in dat.py re-implements neighborhood attention."""
-    assert dat.NeighborhoodAttention is nat.NeighborhoodAttention
+    """'N' blocks are NAT's layer (shared from _layers) and call attnzoo.kernels.neighborhood_attention_2d with
+    kernel 7, the NATTEN clamped border and their rpb; nothing in dat.py re-implements neighborhood attention."""
+    assert dat.NeighborhoodAttention is nat.NeighborhoodAttention is _layers.NeighborhoodAttention
     calls = []
 
     def spy(q, k, v, kernel_size, **kwargs):
         calls.append((q.shape, kernel_size, kwargs))
         return neighborhood_attention_2d(q, k, v, kernel_size, **kwargs)
 
-    monkeypatch.setattr(nat, 'neighborhood_attention_2d', spy)
+    monkeypatch.setattr(_layers, 'neighborhood_attention_2d', spy)
     model = small_dat()
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 96))
