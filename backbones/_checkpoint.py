@@ -374,14 +374,18 @@ def convert_checkpoint(
         convert_official_key: Callable[[str], str],
         hint: str,
         adapt: Optional[Callable[[StateDict, nn.Module], StateDict]] = None,
+        rebuilt: Optional[re.Pattern] = None,
 ) -> StateDict:
-    """The body of a family's ``checkpoint_filter_fn``: unwraps the checkpoint, renames official keys
+    """The body of a family's ``checkpoint_filter_fn``: unwraps the checkpoint, drops the official buffers
+    the model rebuilds itself (keys that ``rebuilt`` finds, if given), renames official keys
     with ``convert_official_key`` (our own state dict, whose keys start with 'stem.', passes through)
     and checks the result against ``model`` (:func:`check_checkpoint_keys`, ending with ``hint``).
     ``adapt``, if given, runs first on the renamed state dict and returns it fitted to the model (layout
     changes, resized tables) or raises a family-specific error (e.g. which model option it needs).
     A file holding both trained and EMA weights gives the ones :func:`checkpoint_use_ema` names."""
     state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
+    if rebuilt is not None:
+        state_dict = {k: v for k, v in state_dict.items() if not rebuilt.search(k)}
     if not any(k.startswith('stem.') for k in state_dict):
         state_dict = {convert_official_key(k): v for k, v in state_dict.items()}
     if adapt is not None:

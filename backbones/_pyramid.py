@@ -109,7 +109,8 @@ class PyramidBackbone(nn.Module):
     def no_weight_decay(self) -> set:
         """The parameters named with one of ``no_weight_decay_keywords`` (timm's optimizer factory already
         exempts norms and biases)."""
-        return {name for name, _ in self.named_parameters() if any(k in name for k in self.no_weight_decay_keywords)}
+        keywords = self.no_weight_decay_keywords
+        return {name for name, _ in self.named_parameters() if any(k in name for k in keywords)}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -125,6 +126,7 @@ class PyramidBackbone(nn.Module):
             blocks=r'^stages\.(\d+)' if coarse else [
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.norm', (99999,)),  # a stage's own norm (TransNeXt), after its blocks
                 (r'^norm', (99999,)),
             ],
         )
@@ -139,7 +141,8 @@ class PyramidBackbone(nn.Module):
 
     def check_input(self, x: torch.Tensor):
         # the last stage's reduction (stages may be pruned)
-        check_image(x, self.family, self.in_chans, self.stem_stride << (len(self.stages) - 1 + int(self.stem_feature)))
+        num_halvings = len(self.stages) - 1 + int(self.stem_feature)
+        check_image(x, self.family, self.in_chans, self.stem_stride << num_halvings)
 
     def as_format(self, x: torch.Tensor, output_fmt: str) -> torch.Tensor:
         """A map of this model (in ``self.output_fmt``) in ``output_fmt``, 'NCHW' or 'NHWC'."""

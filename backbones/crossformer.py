@@ -39,7 +39,7 @@ from timm.layers import (
 from timm.models import generate_default_cfgs, register_model
 
 from ._checkpoint import (
-    checkpoint_use_ema, convert_checkpoint, rename_by_every_rule, require_downloadable_weights, unwrap_checkpoint)
+    convert_checkpoint, rename_by_every_rule, require_downloadable_weights)
 from ._layers import DepthwiseConvNhwc, pad_to_multiple
 from ._pyramid import PyramidBackbone, PyramidStage, build_pyramid, pyramid_cfg
 
@@ -533,10 +533,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: CrossFormer
     :func:`~attnzoo.backbones._checkpoint.unwrap_checkpoint`). Classifier keys may differ (timm drops or
     re-creates the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
-    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
-    state_dict = {k: v for k, v in state_dict.items() if not _OFFICIAL_BUFFERS.search(k)}
     return convert_checkpoint(
-        state_dict, model, _convert_official_key,
+        state_dict, model, _convert_official_key, rebuilt=_OFFICIAL_BUFFERS,
         hint='(after converting official CrossFormer names) is it a classification checkpoint of this variant '
              '(depths; CrossFormer++ checkpoints need activation_cooling=True, v1 ones False)?')
 

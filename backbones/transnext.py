@@ -39,7 +39,7 @@ from timm.models import register_notrace_function
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from ._checkpoint import checkpoint_use_ema, convert_checkpoint, rename_by_every_rule, unwrap_checkpoint
+from ._checkpoint import convert_checkpoint, rename_by_every_rule
 from ._layers import DepthwiseConvNhwc
 from ._pyramid import PyramidBackbone, build_pyramid, pyramid_cfg
 
@@ -790,17 +790,6 @@ class TransNeXt(PyramidBackbone):
         for stage in self.stages:
             stage.init_non_persistent_buffers()
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^stages\.(\d+)\.norm', (99999,)),
-            ],
-        )
-
 
 # official key -> ours; applied in order, each to the result of the previous one
 _OFFICIAL_KEY_RULES = (
@@ -827,10 +816,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TransNeXt) 
     rebuilt by the model for its own size, never loaded. Classifier keys may differ (timm drops or
     re-creates the head when num_classes changes); any other mismatch raises a ValueError naming the keys.
     """
-    state_dict = unwrap_checkpoint(state_dict, checkpoint_use_ema(model))
-    state_dict = {k: v for k, v in state_dict.items() if not _OFFICIAL_BUFFERS.search(k)}
     return convert_checkpoint(
-        state_dict, model, _convert_official_key,
+        state_dict, model, _convert_official_key, rebuilt=_OFFICIAL_BUFFERS,
         hint='(after converting official TransNeXt names) is it a checkpoint of this variant (depths, widths, '
              'window sizes)?')
 
