@@ -14,6 +14,7 @@ from timm.layers import trunc_normal_
 from timm.models import register_notrace_function
 
 from attnzoo.kernels import neighborhood_attention_2d
+from attnzoo.kernels.neighborhood import axis_neighbors
 
 __all__ = ['DepthwiseConvNhwc', 'ConvStem', 'ConvDownsample', 'NeighborhoodAttention', 'pad_to_multiple']
 
@@ -105,7 +106,6 @@ def neighborhood_attention(
     return neighborhood_attention_2d(q, k, v, kernel_size, dilation=dilation, rpb=rpb)
 
 
-
 class ConvDownsample(nn.Module):
     """Stride-2 3x3 convolution without bias, then LayerNorm; NHWC in and out."""
 
@@ -126,6 +126,11 @@ class NeighborhoodAttention(nn.Module):
     before the qkv projection and cropped back after attention, as NATTEN's NeighborhoodAttention2D
     (< 0.17) did for the official checkpoints: the padded tokens take part in the attention of the
     real ones (their keys and values are the qkv bias).
+
+    ``attn_drop`` drops attention probabilities in training, as that module's ``attn_drop`` (which
+    DAT++'s official neighborhood blocks use): the op has no dropout, so a training step with
+    ``attn_drop > 0`` computes the probabilities explicitly (:meth:`attend_with_dropout`); in eval, or
+    with ``attn_drop=0``, the op runs.
     """
 
     def __init__(
@@ -135,6 +140,7 @@ class NeighborhoodAttention(nn.Module):
             kernel_size: int = 7,
             dilation: int = 1,
             qkv_bias: bool = True,
+            attn_drop: float = 0.,
             proj_drop: float = 0.,
             device=None,
             dtype=None,
@@ -149,6 +155,7 @@ class NeighborhoodAttention(nn.Module):
         self.dilation = dilation
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1, **dd))
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.rpb, std=.02)
@@ -158,9 +165,27 @@ class NeighborhoodAttention(nn.Module):
         x = pad_to_at_least(x, self.kernel_size * self.dilation)
         # heads-last views of one qkv tensor: the op reads them without a permute copy
         q, k, v = self.qkv(x).view(B, x.shape[1], x.shape[2], 3, self.num_heads, self.head_dim).unbind(3)
-        x = neighborhood_attention(q, k, v, self.rpb, self.kernel_size, self.dilation)
+        if self.training and self.attn_drop.p > 0.:
+            x = self.attend_with_dropout(q, k, v)
+        else:
+            x = neighborhood_attention(q, k, v, self.rpb, self.kernel_size, self.dilation)
         x = x[:, :H, :W].reshape(B, H, W, C)
         return self.proj_drop(self.proj(x))
+
+    @torch.jit.unused
+    def attend_with_dropout(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The op's attention (clamped windows, rpb, ``head_dim ** -0.5`` scale) from explicit probabilities,
+        ``attn_drop`` applied to them; ``[B, H, W, heads, head_dim]`` in and out."""
+        rows, _, rows_bias = axis_neighbors(q.shape[1], self.kernel_size, self.dilation, 'clamp', q.device)
+        cols, _, cols_bias = axis_neighbors(q.shape[2], self.kernel_size, self.dilation, 'clamp', q.device)
+        window_rows, window_cols = rows[:, None, :, None], cols[None, :, None, :]  # [H, W, kernel, kernel]
+        k_window = k[:, window_rows, window_cols].flatten(3, 4)  # [B, H, W, kernel * kernel, heads, head_dim]
+        v_window = v[:, window_rows, window_cols].flatten(3, 4)
+        logits = torch.einsum('byxhd,byxjhd->byxhj', q * self.head_dim ** -0.5, k_window)
+        bias = self.rpb[:, rows_bias[:, None, :, None], cols_bias[None, :, None, :]]  # [heads, H, W, kernel, kernel]
+        logits = logits + bias.permute(1, 2, 0, 3, 4).flatten(-2)
+        probs = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)).to(q.dtype)
+        return torch.einsum('byxhj,byxjhd->byxhd', self.attn_drop(probs), v_window)
 
     def extra_repr(self) -> str:
         return f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}'

@@ -230,7 +230,8 @@ class DATBlock(nn.Module):
         self.lpu = DepthwiseConvNhwc(dim, 3, **dd)
         self.norm1 = nn.LayerNorm(dim, **dd)
         if block_type == 'N':
-            self.attn = NeighborhoodAttention(dim, num_heads, kernel_size=nat_kernel_size, proj_drop=proj_drop, **dd)
+            self.attn = NeighborhoodAttention(
+                dim, num_heads, kernel_size=nat_kernel_size, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
         elif block_type == 'D':
             self.attn = DeformableAttention(
                 dim, num_heads, groups, stride, offset_kernel_size, table_size, attn_drop=attn_drop, proj_drop=proj_drop,
@@ -312,9 +313,9 @@ class DAT(PyramidBackbone):
         mlp_ratio: MLP hidden width over block width.
         drop_rate: Dropout before the classifier.
         proj_drop_rate: Dropout after the attention projection and in the MLP.
-        attn_drop_rate: Dropout on the attention weights of the deformable ('D') blocks (the official
-            ``attn_drop_rate``). The neighborhood op of the 'N' blocks has no attention dropout: a
-            ``stage_spec`` with 'N' blocks needs ``attn_drop_rate=0`` (what every official config uses).
+        attn_drop_rate: Dropout on the attention probabilities of every block (the official
+            ``attn_drop_rate``; 0 in every official config). The 'N' blocks then train on explicit
+            probabilities instead of the fused op (see ``_layers.NeighborhoodAttention``).
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this value.
     """
     family = 'DAT++'
@@ -354,10 +355,6 @@ class DAT(PyramidBackbone):
             if unknown or not spec:
                 raise ValueError(f'DAT: stage_spec {spec!r} must be a non-empty string of block types '
                                  f'{BLOCK_TYPES}; got {unknown}')
-        if attn_drop_rate > 0 and any('N' in spec for spec in stage_spec):
-            raise ValueError(f'DAT: attn_drop_rate={attn_drop_rate} needs deformable (D) blocks only, but stage_spec '
-                             f'{tuple(stage_spec)} has neighborhood (N) blocks, whose fused op has no attention '
-                             f'dropout; use attn_drop_rate=0 (as every official DAT++ config does) or proj_drop_rate')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.stem_stride = 4

@@ -73,7 +73,6 @@ def test_blocks_follow_the_official_stage_spec(name):
     (dict(stage_spec=('ND', '', 'ND', 'D')), 'non-empty'),
     (dict(groups=(1, 2, 4)), '3 groups entries for 4 stages'),
     (dict(num_heads=(2, 4, 8, 16), groups=(1, 3, 4, 8)), 'groups'),
-    (dict(attn_drop_rate=0.1), r"attn_drop_rate=0.1 needs deformable \(D\) blocks only.*'ND'"),
 ])
 def test_bad_configuration_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -270,6 +269,32 @@ def test_attention_dropout_of_the_deformable_blocks():
     x = torch.randn(2, 8, 8, 64)
     torch.testing.assert_close(attn.train()(x), attn.proj_out.bias.expand(2, 8, 8, 64))
     assert not torch.allclose(attn.eval()(x), attn.proj_out.bias.expand(2, 8, 8, 64))
+
+
+def test_attention_dropout_of_the_neighborhood_blocks():
+    """The official attn_drop_rate also drops out the N blocks' attention probabilities (NATTEN's module
+    applies it after the softmax): the explicit path computes the op's attention, and with dropout each
+    query's probabilities, not its output channels, are dropped; in eval the op runs unchanged."""
+    model = small_dat(attn_drop_rate=0.5)
+    attn = model.stages[0].blocks[0].attn
+    assert isinstance(attn, nat.NeighborhoodAttention) and attn.attn_drop.p == 0.5
+    # 10x9 map, heads-last q, k, v as the layer makes them; the explicit path in eval (no dropout)
+    q, k, v = torch.randn(3, 2, 10, 9, attn.num_heads, attn.head_dim).unbind(0)
+    expected = neighborhood_attention_2d(q, k, v, attn.kernel_size, rpb=attn.rpb, backend='reference')
+    torch.testing.assert_close(attn.attend_with_dropout(q, k, v), expected)
+    # training: with v = 1, every channel of a head gives 2 x (the kept probabilities' sum), the same for all
+    ones = torch.ones_like(v)
+    attn.train()
+    torch.manual_seed(0)
+    dropped = attn.attend_with_dropout(q, k, ones)
+    assert torch.equal(dropped, dropped[..., :1].expand_as(dropped))
+    assert (dropped < 1.99).any() and (dropped > 0.01).any() and not torch.allclose(dropped, torch.ones_like(dropped))
+    # the block runs the explicit path in training only; in eval the op (and the model's outputs) as before
+    x = torch.randn(1, 10, 9, attn.qkv.in_features)
+    torch.manual_seed(1)
+    assert not torch.allclose(attn(x), attn(x))
+    attn.eval()
+    torch.testing.assert_close(attn(x), small_dat().stages[0].blocks[0].attn(x))
 
 
 # ---------------------------------------------------------------- official checkpoints
