@@ -17,10 +17,10 @@
     python tools/benchmark.py models --family biformer nat   # some families' variants (files tagged zoo-<families>)
     python tools/benchmark.py cards                   # regenerate the cards' and README's generated parts only
 
-Results go to --out (default model_cards/benchmarks/) as <device kind>-<section>[-<tag>].md (a table; the
-device kind from benchlib/provenance.py),
+Results go to --out (default model_cards/benchmarks/) as <device kind>-<section>[-<tag>].md (a table),
 .json (every number, with the device, library versions and the machine's load), .csv (one row per
-measurement) and .png (a plot), the device named in each file.
+measurement) and .png (a plot), the device named in each file; the device kind is the one name of the
+machine kind (benchlib/provenance.py, device_kind).
 """
 import argparse
 import csv

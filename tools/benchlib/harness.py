@@ -1,11 +1,11 @@
 """Timing, memory and multiply-add harness shared by every benchmark section.
 
-A section is a list of :class:`KernelCase` (the cpu section: :class:`CpuCase`). Each case names the implementations to compare and
-the baseline they are compared against; the harness times every implementation's forward and
-forward+backward in the same run and reports ratios to the baseline, peak memory and, on CUDA,
-achieved bandwidth against the device's HBM peak.
+A section is a list of :class:`KernelCase` (the cpu section's: :class:`CpuCase`). Each case names
+the implementations to compare and the baseline they are compared against; the harness times every
+implementation's forward and forward+backward in the same run and reports ratios to the baseline,
+peak memory and, on CUDA, achieved bandwidth against the device's HBM peak.
 
-Byte model (the least HBM traffic any implementation could have; model_cards/benchmarks/README.md):
+Byte model (the least HBM traffic any implementation could have; model_cards/benchmarks/kernel-cases.md):
 
     forward          = inputs read once + output written once                 (KernelCase.min_bytes)
     forward+backward = forward + dO read once + every input gradient written once
