@@ -295,6 +295,7 @@ class _Tiled:
 
     def __init__(self, q, k, v, rpb, spec, tile):
         self.border = spec.border
+        self.batch, self.heads = q.shape[0], q.shape[3]
         rows, cols = self.rows, self.cols = _tilings(q, spec, tile)
         self.tiles = rows.groups * cols.groups * rows.tiles * cols.tiles
         self.tile, self.span = rows.tile * cols.tile, rows.span * cols.span
@@ -364,32 +365,42 @@ class _Tiled:
         rows = _untile(x.reshape(-1, self.tile, 1), (batch, height, width, heads, 1), self.rows, self.cols)
         return rows[..., 0].permute(0, 3, 1, 2).contiguous()
 
-    def flash_operands(self, batch, heads, keys, values, extra_k=None, extra_v=None, extra_bias=None):
-        """Queries, keys, values and mask of PyTorch's fused CPU flash attention, one head per tile: the
-        extra tokens join every tile's keys (unmasked, or with their per-query bias). Without rpb and extra
-        tokens the mask is one ``[1, tiles, T, S]`` table for every image and head (tiles as heads, images
-        and heads as the batch); otherwise ``[B or 1, heads * tiles, T, S (+ L)]``."""
-        head_dim = self.queries.shape[-1]
-        if self.bias.shape[0] == 1 and extra_k is None:
-            shape = (batch * heads, self.tiles)
-            return [x.view(*shape, -1, head_dim) for x in (self.queries, keys, values)] + [self.bias]
-        bias = self.bias.expand(heads, -1, -1, -1).reshape(1, heads * self.tiles, self.tile, self.span)
-        keys, values = (x.view(batch, heads * self.tiles, self.span, head_dim) for x in (keys, values))
+    def flash_operands(self, chunk, keys, values, extra_k=None, extra_v=None, extra_rows=None):
+        """Queries, keys, values and mask of one chunk for PyTorch's fused CPU flash attention, its heads as the
+        batch and its tiles as the heads (``keys``, ``values``: the chunk's spans): the extra tokens join every
+        tile's keys (unmasked, or with their per-query bias, ``extra_rows`` from :meth:`extra_bias_rows`)."""
+        n_heads, head_dim = chunk.heads.stop - chunk.heads.start, keys.shape[-1]
+        queries, keys, values = (x.view(n_heads, -1, x.shape[1], head_dim)
+                                 for x in (self.queries[self.flat(chunk)], keys, values))
+        bias = self.bias[chunk.heads if self.bias.shape[0] > 1 else slice(0, 1), chunk.tiles]   # [heads or 1, c, T, S]
         if extra_k is not None:
             def with_extra(spans, extra):
-                extra = extra.permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, self.tiles, -1, -1)
-                return torch.cat([spans.view(batch, heads, self.tiles, self.span, head_dim), extra], 3).flatten(1, 2)
+                extra = extra[chunk.image, :, chunk.heads].transpose(0, 1)[:, None]
+                return torch.cat([spans, extra.expand(-1, spans.shape[1], -1, -1)], 2)
             keys, values = with_extra(keys, extra_k), with_extra(values, extra_v)
-            if extra_bias is None:
+            if extra_rows is None:
                 bias = F.pad(bias, (0, extra_k.shape[1]))
             else:
-                extra_rows = self.extra_bias_rows(extra_bias)                  # [B or 1, heads or 1, tiles * T, L]
-                extra_rows = extra_rows.view(extra_rows.shape[0], extra_rows.shape[1], self.tiles, self.tile, -1)
-                window_bias = bias.view(1, heads, self.tiles, self.tile, self.span)
-                window_bias = window_bias.expand(extra_rows.shape[0], -1, -1, -1, -1)
-                bias = torch.cat([window_bias, extra_rows.expand(-1, heads, -1, -1, -1).to(bias.dtype)], -1)
-                bias = bias.reshape(-1, heads * self.tiles, self.tile, bias.shape[-1])
-        return self.queries.view(batch, heads * self.tiles, self.tile, head_dim), keys, values, bias
+                rows = extra_rows[min(chunk.image, extra_rows.shape[0] - 1),
+                                  chunk.heads if extra_rows.shape[1] > 1 else slice(0, 1), self.logit_rows(chunk)]
+                rows = rows.view(rows.shape[0], -1, self.tile, rows.shape[-1])
+                heads = max(bias.shape[0], rows.shape[0])
+                bias = torch.cat([bias.expand(heads, -1, -1, -1), rows.expand(heads, -1, -1, -1)], -1)
+        return queries, keys, values, bias
+
+    def flat(self, chunk):
+        """The chunk's tiles in the tiled tensors (``[B * heads * tiles, ...]``)."""
+        n_heads = chunk.heads.stop - chunk.heads.start
+        first = (chunk.image * self.heads + chunk.heads.start) * self.tiles
+        return slice(first + chunk.tiles.start, first + (n_heads - 1) * self.tiles + chunk.tiles.stop)
+
+    def logit_rows(self, chunk):
+        """The chunk's rows in a head's ``[tiles * T]`` logits rows."""
+        return slice(chunk.tiles.start * self.tile, chunk.tiles.stop * self.tile)
+
+    def chunks(self, n_extra):
+        """The steps of a pass over the tiles with ``n_extra`` extra tokens (:func:`_chunks`)."""
+        return _chunks(self.batch, self.heads, self.rows, self.cols, self.tile * (self.span + n_extra))
 
 
 LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 domain)
@@ -399,17 +410,21 @@ LOGITS_PER_CHUNK = 1 << 18   # the backward's logits per step (measured 2^14 to 
 def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, tile=None):
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
-    values = tiled.spans(tiled.padded_values)
-    queries, keys, all_values, bias = tiled.flash_operands(batch, heads, tiled.spans(tiled.padded_keys), values,
-                                                           extra_k, extra_v, extra_bias)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, all_values, 0.0, False,
-                                                                          attn_mask=bias, scale=spec.scale)
-    out = out.reshape(-1, tiled.tile, head_dim)
-    if window_weight is not None:
-        spread = tiled.window_weights(window_weight)
-        out = out + torch.bmm(spread, values.to(spread.dtype)).to(out.dtype)
+    extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None
+    spread = tiled.window_weights(window_weight) if window_weight is not None else None
+    out, lse = torch.empty_like(tiled.queries), []
+    for chunk in tiled.chunks(extra_k.shape[1] if extra_k is not None else 0):
+        keys, values = (tiled.spans(x, chunk.units, chunk.tile_rows) for x in (tiled.padded_keys, tiled.padded_values))
+        flat = tiled.flat(chunk)
+        queries, keys, all_values, bias = tiled.flash_operands(chunk, keys, values, extra_k, extra_v, extra_rows)
+        out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, all_values, 0.0, False,
+                                                                              attn_mask=bias, scale=spec.scale)
+        out[flat] = out_c.reshape(-1, tiled.tile, head_dim)
+        if spread is not None:
+            out[flat] += torch.bmm(spread[flat], values.to(spread.dtype)).to(out.dtype)
+        lse.append(lse_c.reshape(-1))
     out = _untile(out, q.shape, tiled.rows, tiled.cols)
-    return out, (tiled.untile_rows(lse.reshape(batch, heads, -1), q.shape) * LOG2E).float()
+    return out, (tiled.untile_rows(torch.cat(lse).view(batch, heads, -1), q.shape) * LOG2E).float()
 
 
 @dataclass(frozen=True)
@@ -487,12 +502,10 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
     if needs_extra_grad:
         d_extra_k, d_extra_v = (q.new_zeros(batch, heads, n_extra, head_dim, dtype=wide) for _ in range(2))
 
-    for chunk in _chunks(batch, heads, tiled.rows, tiled.cols, n_queries * (n_keys + n_extra)):
+    for chunk in tiled.chunks(n_extra):
         image, heads_c, part = chunk.image, chunk.heads, chunk.tiles
         n_heads = heads_c.stop - heads_c.start
-        first = (image * heads + heads_c.start) * n_tiles
-        flat = slice(first + part.start, first + (n_heads - 1) * n_tiles + part.stop)   # the chunk's tiles
-        rows = slice(part.start * n_queries, part.stop * n_queries)                  # its rows in a head's logits
+        flat, rows = tiled.flat(chunk), tiled.logit_rows(chunk)
         scaled = queries[flat].to(wide) * spec.scale                                   # [c, T, D]
         keys_c, values_c = (tiled.spans(x, chunk.units, chunk.tile_rows)
                             for x in (tiled.padded_keys, tiled.padded_values))       # [c, S, D], in cache
