@@ -12,9 +12,11 @@ undilated problem, handled as a batch dimension; a map no wider than a few windo
 
 Per query this computes ``span_h * span_w`` logits instead of ``kh * kw`` (about 2x at k = 7);
 in exchange every step is a dense (batched) matmul or a strided copy, which a CPU is fast at.
-Memory is linear in the map: K / V spans are ``(span / tile) ** 2`` copies of K / V, the backward's
-logits ``span_h * span_w`` per query (the reference keeps ``kh * kw * head_dim`` per query for K and
-for V, plus its logits).
+Forward and backward run chunk by chunk (:func:`_chunks`, about ``LOGITS_PER_CHUNK`` logits): a chunk's
+K / V spans (``(span / tile) ** 2`` copies of its keys) are built from a zero-padded copy of the map
+while they are in cache, and the backward adds its dK / dV spans straight back onto such a map, so
+memory is a few copies of the map plus one chunk (the reference keeps ``kh * kw * head_dim`` per query
+for K and for V, plus its logits). Map-sized span buffers cost about a third of a call in fresh pages.
 
 The op's kernels interface (as the Triton kernels'): :func:`forward` returns the output and the
 log-sum-exp of every query (tiles as the heads of PyTorch's fused CPU flash attention);
@@ -196,7 +198,8 @@ def _add_chunk_spans(padded, grad, rows, cols, units, tile_rows):
     A span covers ``ceil(span / tile)`` blocks of ``tile`` keys per axis that land on a regular grid, so the sum
     is one strided addition per block pair (``unfold``'s generic backward was 5x slower)."""
     n_rows = tile_rows.stop - tile_rows.start
-    grad = grad.view(-1, n_rows, cols.tiles, rows.span, cols.span, grad.shape[-1]).transpose(2, 3)   # [n, r, sh, nw, sw, D]
+    grad = grad.view(-1, n_rows, cols.tiles, rows.span, cols.span, grad.shape[-1])
+    grad = grad.transpose(2, 3)                                                   # [n, r, sh, nw, sw, D]
     target = padded[units]
     for block_h in range(-(-rows.span // rows.tile)):
         size_h = min(rows.tile, rows.span - block_h * rows.tile)
@@ -211,7 +214,8 @@ def _add_chunk_spans(padded, grad, rows, cols, units, tile_rows):
 
 
 def _unpadded(padded, shape, rows, cols):
-    """Inverse of :func:`_padded_units` (padding dropped): ``[B * heads * groups, Ph, Pw, D]`` -> ``[B, H, W, heads, D]``."""
+    """Inverse of :func:`_padded_units` (padding dropped): ``[B * heads * groups, Ph, Pw, D]`` ->
+    ``[B, H, W, heads, D]``."""
     batch, _, _, heads, _ = shape
     groups = padded.view(batch, heads, rows.groups, cols.groups, *padded.shape[1:])
     groups = groups[:, :, :, :, rows.key_pad:rows.key_pad + rows.group_length,
@@ -576,8 +580,8 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     queries per tile ``(rows, cols)``, :func:`default_tile` when None.
 
     Every tile is one attention of its queries over its span (and the extra tokens) with the bias
-    as an additive mask, in PyTorch's fused CPU flash attention (tiles as its heads): measured 20-45%
-    faster than batched matmuls and a softmax, and no logits in memory. An ``extra_bias`` joins the
+    as an additive mask, in PyTorch's fused CPU flash attention, one call per chunk (tiles as its heads):
+    measured 20-45% faster than batched matmuls and a softmax, and no logits in memory. An ``extra_bias`` joins the
     mask (which then holds a bias per query and extra token, batched if the bias is); a ``window_weight``
     adds one batched matmul of the weights spread over the spans with the values.
 
