@@ -408,7 +408,7 @@ class _Tiled:
 
 
 LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 domain)
-LOGITS_PER_CHUNK = 1 << 18   # the backward's logits per step (measured 2^14 to 2^20 at NAT's stage shapes, one thread)
+LOGITS_PER_CHUNK = 1 << 18   # logits per step of a pass (measured 2^14 to 2^20 at NAT's stage shapes, one thread)
 
 
 def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, tile=None):
@@ -433,9 +433,9 @@ def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weigh
 
 @dataclass(frozen=True)
 class Chunk:
-    """One step of the backward: tiles ``tiles`` (of every head's ``[tiles, T, S]`` logits) of heads ``heads`` of
-    one image, which are the tile rows ``tile_rows`` of the padded maps ``units`` (``(image, head, dilation
-    group)`` in that order): whole heads, whole groups of one head, or tile rows of one group."""
+    """One step of the forward or backward: tiles ``tiles`` (of every head's ``[tiles, T, S]`` logits) of heads
+    ``heads`` of one image, which are the tile rows ``tile_rows`` of the padded maps ``units`` (``(image, head,
+    dilation group)`` in that order): whole heads, whole groups of one head, or tile rows of one group."""
     image: int
     heads: slice
     tiles: slice
@@ -444,9 +444,9 @@ class Chunk:
 
 
 def _chunks(batch, heads, rows: AxisTiling, cols: AxisTiling, logits_per_tile):
-    """The backward's steps of about ``LOGITS_PER_CHUNK`` logits (at least one tile row), each a contiguous
-    slice of every tiled tensor (ordered image, head, group, tile row, tile column). Small maps take several
-    heads per step: one Python step per few heads, not per head."""
+    """The forward's and backward's steps of about ``LOGITS_PER_CHUNK`` logits (at least one tile row), each a
+    contiguous slice of every tiled tensor (ordered image, head, group, tile row, tile column). Small maps take
+    several heads per step: one Python step per few heads, not per head."""
     groups, per_group = rows.groups * cols.groups, rows.tiles * cols.tiles
     per_head = groups * per_group
     tiles = max(1, LOGITS_PER_CHUNK // logits_per_tile)
