@@ -480,9 +480,10 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
     that the logits and their gradients stay in cache. PyTorch's fused CPU flash attention backward on the
     same tiles (tiles as heads) was measured slower, 37 vs 27 ms at ``[2, 56, 56, 2, 32]`` k 7 without rpb
     (one thread): its per-head overhead is large next to a tile's 16 x 100 logits. A
-    ``window_weight``'s term ``sum_j w_j v_j`` of the output is taken out of the softmax backward's
-    ``delta = rowsum(dO * O)`` (it is not attention); its gradient is ``dO . v_j``, the window part of the
-    probabilities' gradient."""
+    ``window_weight``'s term ``sum_j w_j v_j`` is not attention: the softmax backward's ``delta``, otherwise
+    ``rowsum(dO * O)``, is then ``sum_j P_j dP_j`` over the recomputed probabilities (taking the term out of
+    the rounded output instead cancels: at float16, where the term dominates O, that cost d_q 1 % of its
+    scale); its gradient is ``dO . v_j``, the window part of the probabilities' gradient."""
     needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad = flags
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
@@ -492,8 +493,9 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
 
     grad_out = grad_out.to(low)
     grad_tiles = _tiles(grad_out, tiled.rows, tiled.cols)
-    delta = tiled.tile_rows((grad_out.to(wide) * out.to(wide)).sum(-1)).view(-1, n_queries, 1)
     spread = tiled.window_weights(window_weight) if window_weight is not None else None
+    delta = (tiled.tile_rows((grad_out.to(wide) * out.to(wide)).sum(-1)).view(-1, n_queries, 1)
+             if spread is None else None)
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None   # [B|1, h|1, tiles * T, L]
     queries = tiled.queries                                                           # [B * heads * tiles, T, D]
 
@@ -518,11 +520,8 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
         logits = torch.baddbmm(bias.expand(n_heads, -1, -1, -1).reshape(-1, n_queries, n_keys), scaled,
                                keys_c.to(wide).transpose(1, 2))
         grad_probs = torch.bmm(grad_c, values_c.transpose(1, 2)).to(wide)
-        delta_c = delta[flat]
-        if spread is not None:
-            delta_c = delta_c - (spread[flat] * grad_probs).sum(-1, keepdim=True)
-            if grad_spread is not None:
-                grad_spread[flat] = grad_probs
+        if grad_spread is not None:
+            grad_spread[flat] = grad_probs
         if extra_k is not None:   # per head: [heads_c, chunk rows, L]
             extra_k_c, extra_v_c = (x[image, :, heads_c].transpose(0, 1) for x in (extra_k, extra_v))
             scaled_rows, grad_rows = scaled.view(n_heads, -1, head_dim), grad_c.view(n_heads, -1, head_dim)
@@ -534,6 +533,7 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
             extra_grad_probs = torch.bmm(grad_rows, extra_v_c.transpose(1, 2)).to(wide)
             grad_probs = torch.cat([grad_probs, extra_grad_probs.view(-1, n_queries, n_extra)], -1)
         probs = logits.softmax(-1)
+        delta_c = delta[flat] if spread is None else (probs * grad_probs).sum(-1, keepdim=True)
         grad_logits = grad_probs.sub_(delta_c).mul_(probs)                    # softmax backward
         window_grad = grad_logits[..., :n_keys]
         value_weights = probs[..., :n_keys] if spread is None else probs[..., :n_keys] + spread[flat]
