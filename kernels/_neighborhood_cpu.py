@@ -12,9 +12,11 @@ undilated problem, handled as a batch dimension; a map no wider than a few windo
 
 Per query this computes ``span_h * span_w`` logits instead of ``kh * kw`` (about 2x at k = 7);
 in exchange every step is a dense (batched) matmul or a strided copy, which a CPU is fast at.
-Memory is linear in the map: K / V spans are ``(span / tile) ** 2`` copies of K / V, the backward's
-logits ``span_h * span_w`` per query (the reference keeps ``kh * kw * head_dim`` per query for K and
-for V, plus its logits).
+Forward and backward run chunk by chunk (:func:`_chunks`, about ``LOGITS_PER_CHUNK`` logits): a chunk's
+K / V spans (``(span / tile) ** 2`` copies of its keys) are built from a zero-padded copy of the map
+while they are in cache, and the backward adds its dK / dV spans straight back onto such a map, so
+memory is a few copies of the map plus one chunk (the reference keeps ``kh * kw * head_dim`` per query
+for K and for V, plus its logits). Map-sized span buffers cost about a third of a call in fresh pages.
 
 The op's kernels interface (as the Triton kernels'): :func:`forward` returns the output and the
 log-sum-exp of every query (tiles as the heads of PyTorch's fused CPU flash attention);
@@ -67,28 +69,34 @@ def _covers_clamped_windows(kernel, tile, tiles, query_pad, group_length, shorte
     return tile - query_pad > kernel // 2 and last_tile_queries >= kernel - kernel // 2
 
 
+# A key slot of a span (its K and V rows copied into the chunk, their gradients added back) costs about as much as
+# this many more query slots' logits: measured (forward + backward, one thread) at NAT's 14x14, 28x28 and 56x56
+# maps, where it makes a 14x14 map one tile (20 % faster than 3x3 tiles) and leaves the larger ones unchanged.
+SPAN_KEY_COST = 4
+
+
 @functools.lru_cache(maxsize=256)
 def axis_tiling(length, kernel, dilation, border, tile):
-    """The cheapest tiling of one axis with at least ``tile`` queries per tile, counting
-    ``query slots * span`` (logits per row of tiles): either each dilation group as one tile whose
-    span is the whole group, or tiles of ``t >= tile`` queries and spans of ``t + kernel - 1`` keys.
+    """The cheapest tiling of one axis with at least ``tile`` queries per tile, counting ``span * (query slots +
+    SPAN_KEY_COST)`` per tile (logits and key copies per row of tiles): either each dilation group as one tile
+    whose span is the whole group, or tiles of ``t >= tile`` queries and spans of ``t + kernel - 1`` keys.
     For ``border="clamp"`` the padding slots are placed so that the shifted windows at both borders
     stay inside their spans (:func:`_covers_clamped_windows`)."""
     group_length, shortest = -(-length // dilation), length // dilation
     best = AxisTiling(length, kernel, dilation, group_length, group_length, 1, group_length, 0, 0)
-    cost = group_length * group_length
+    cost = group_length * (group_length + SPAN_KEY_COST)
     for t in range(tile, group_length):
         if group_length * (t + kernel - 1) >= cost:   # the least any t' >= t can cost
             break
         for query_pad in range(t if border == 'clamp' else 1):
             tiles = -(-(group_length + query_pad) // t)
-            if tiles * t * (t + kernel - 1) >= cost:
+            if tiles * (t + SPAN_KEY_COST) * (t + kernel - 1) >= cost:
                 continue
             if border == 'clamp' and not _covers_clamped_windows(kernel, t, tiles, query_pad, group_length, shortest):
                 continue
             best = AxisTiling(length, kernel, dilation, group_length, t, tiles, t + kernel - 1, query_pad,
                               query_pad + kernel // 2)
-            cost = tiles * t * (t + kernel - 1)
+            cost = tiles * (t + SPAN_KEY_COST) * (t + kernel - 1)
     return best
 
 
@@ -161,38 +169,56 @@ def _untile(x, shape, rows, cols):
     return x[:, top:top + height, left:left + width].contiguous()
 
 
-def _spans(x, rows, cols):
-    """``[B, H, W, heads, D]`` -> ``[B * heads * tiles, S, D]`` (a copy): every tile's span of keys, zero
-    outside the map. Spans start every ``tile`` keys on the padded groups: strided windows."""
+def _padded_size(axis: AxisTiling):
+    """Rows (columns) of a group's zero-padded map: room for every span, and for whole blocks of ``tile`` keys
+    past the last one (:func:`_add_chunk_spans`)."""
+    return (axis.tiles - 1 + -(-axis.span // axis.tile)) * axis.tile
+
+
+def _padded_units(x, rows, cols):
+    """``[B, H, W, heads, D]`` -> ``[B * heads * groups, Ph, Pw, D]`` (a copy): every dilation group of every image
+    and head on a zero-padded map, position ``p`` of a group at ``key_pad + p``, so that the span of tile
+    ``(i, j)`` starts at ``(i * tile, j * tile)``: strided windows."""
     x = _grouped(x, rows, cols)
-    pads = (0, 0, cols.key_pad, cols.key_pad_after, rows.key_pad, rows.key_pad_after)
-    if any(pads):
-        x = F.pad(x, pads)
-    x = x.unfold(4, rows.span, rows.tile).unfold(5, cols.span, cols.tile)   # [B, heads, gh, gw, nh, nw, D, sh, sw]
-    return x.permute(0, 1, 2, 3, 4, 5, 7, 8, 6).reshape(-1, rows.span * cols.span, x.shape[6]).contiguous()
+    x = F.pad(x, (0, 0, cols.key_pad, _padded_size(cols) - cols.key_pad - cols.group_length,
+                  rows.key_pad, _padded_size(rows) - rows.key_pad - rows.group_length))
+    return x.reshape(-1, *x.shape[-3:])
 
 
-def _unspan(grad, shape, rows, cols):
-    """Adjoint of :func:`_spans`: sums every span's gradient back onto the map, ``[B, H, W, heads, D]``.
+def _chunk_spans(padded, rows, cols, units, tile_rows):
+    """The keys of the tiles in rows ``tile_rows`` of ``units`` (slices): ``[units * rows * tiles_w, S, D]``, a copy."""
+    x = padded[units].unfold(1, rows.span, rows.tile)[:, tile_rows]          # [n, r, Pw, D, sh]
+    x = x.unfold(2, cols.span, cols.tile)[:, :, :cols.tiles]                  # [n, r, nw, D, sh, sw]
+    return x.permute(0, 1, 2, 4, 5, 3).reshape(-1, rows.span * cols.span, x.shape[3])
 
-    A span covers ``ceil(span / tile)`` blocks of ``tile`` keys per axis that land on a regular grid,
-    so the sum is one strided addition per block pair (``unfold``'s generic backward was 5x slower)."""
-    batch, _, _, heads, head_dim = shape
-    blocks_h, blocks_w = -(-rows.span // rows.tile), -(-cols.span // cols.tile)
-    grad = grad.view(batch, heads, rows.groups, cols.groups, rows.tiles, cols.tiles, rows.span, cols.span, head_dim)
-    grad = grad.transpose(5, 6)                   # [.., nh, sh, nw, sw, D]
-    padded = grad.new_zeros(batch, heads, rows.groups, cols.groups, (rows.tiles + blocks_h - 1) * rows.tile,
-                            (cols.tiles + blocks_w - 1) * cols.tile, head_dim)
-    for block_h in range(blocks_h):
+
+def _add_chunk_spans(padded, grad, rows, cols, units, tile_rows):
+    """Adjoint of :func:`_chunk_spans`: adds the spans' gradients ``[c, S, D]`` onto ``padded`` (in place).
+
+    A span covers ``ceil(span / tile)`` blocks of ``tile`` keys per axis that land on a regular grid, so the sum
+    is one strided addition per block pair (``unfold``'s generic backward was 5x slower)."""
+    n_rows = tile_rows.stop - tile_rows.start
+    grad = grad.view(-1, n_rows, cols.tiles, rows.span, cols.span, grad.shape[-1])
+    grad = grad.transpose(2, 3)                                                   # [n, r, sh, nw, sw, D]
+    target = padded[units]
+    for block_h in range(-(-rows.span // rows.tile)):
         size_h = min(rows.tile, rows.span - block_h * rows.tile)
-        for block_w in range(blocks_w):
+        top = (tile_rows.start + block_h) * rows.tile
+        band = target[:, top:top + n_rows * rows.tile].unflatten(1, (n_rows, rows.tile))[:, :, :size_h]
+        for block_w in range(-(-cols.span // cols.tile)):
             size_w = min(cols.tile, cols.span - block_w * cols.tile)
-            target = padded[:, :, :, :, block_h * rows.tile:(block_h + rows.tiles) * rows.tile,
-                            block_w * cols.tile:(block_w + cols.tiles) * cols.tile]
-            target = target.unflatten(5, (cols.tiles, cols.tile)).unflatten(4, (rows.tiles, rows.tile))
-            target[..., :size_h, :, :size_w, :] += grad[..., block_h * rows.tile:block_h * rows.tile + size_h, :,
-                                                        block_w * cols.tile:block_w * cols.tile + size_w, :]
-    groups = padded[:, :, :, :, rows.key_pad:rows.key_pad + rows.group_length,
+            left = block_w * cols.tile
+            block = band[:, :, :, left:left + cols.tiles * cols.tile].unflatten(3, (cols.tiles, cols.tile))
+            block[..., :size_w, :] += grad[:, :, block_h * rows.tile:block_h * rows.tile + size_h, :,
+                                           left:left + size_w]
+
+
+def _unpadded(padded, shape, rows, cols):
+    """Inverse of :func:`_padded_units` (padding dropped): ``[B * heads * groups, Ph, Pw, D]`` ->
+    ``[B, H, W, heads, D]``."""
+    batch, _, _, heads, _ = shape
+    groups = padded.view(batch, heads, rows.groups, cols.groups, *padded.shape[1:])
+    groups = groups[:, :, :, :, rows.key_pad:rows.key_pad + rows.group_length,
                     cols.key_pad:cols.key_pad + cols.group_length]
     return _ungrouped(groups, shape, rows, cols)
 
@@ -273,11 +299,12 @@ class _Tiled:
 
     def __init__(self, q, k, v, rpb, spec, tile):
         self.border = spec.border
+        self.batch, self.heads = q.shape[0], q.shape[3]
         rows, cols = self.rows, self.cols = _tilings(q, spec, tile)
         self.tiles = rows.groups * cols.groups * rows.tiles * cols.tiles
         self.tile, self.span = rows.tile * cols.tile, rows.span * cols.span
         self.queries = _tiles(q, rows, cols)
-        self.keys, self.values = _spans(k, rows, cols), _spans(v, rows, cols)
+        self.padded_keys, self.padded_values = _padded_units(k, rows, cols), _padded_units(v, rows, cols)
         dtype = torch.promote_types(torch.promote_types(q.dtype, torch.float32),
                                     rpb.dtype if rpb is not None else torch.float32)
         if rpb is None:
@@ -287,6 +314,11 @@ class _Tiled:
             table = torch.cat([rpb.to(dtype).flatten(1), masked], 1)
             index = _bias_index(rows, cols, spec.border, q.device)
             self.bias = table.index_select(1, index.flatten()).view((-1,) + index.shape)
+
+    def spans(self, padded, units=slice(None), tile_rows=slice(None)):
+        """Every tile's keys (or values) from a padded map, or those of the tiles in ``tile_rows`` of ``units``:
+        ``[tiles, S, D]``."""
+        return _chunk_spans(padded, self.rows, self.cols, units, tile_rows)
 
     def rpb_grad(self, grad_bias, rpb):
         """Adjoint of the bias's table lookup: ``[heads, tiles, T, S]`` -> ``[heads, 2 kh - 1, 2 kw - 1]``."""
@@ -337,50 +369,108 @@ class _Tiled:
         rows = _untile(x.reshape(-1, self.tile, 1), (batch, height, width, heads, 1), self.rows, self.cols)
         return rows[..., 0].permute(0, 3, 1, 2).contiguous()
 
-    def flash_operands(self, batch, heads, extra_k=None, extra_v=None, extra_bias=None):
-        """Queries, keys, values and mask of PyTorch's fused CPU flash attention, one head per tile: the
-        extra tokens join every tile's keys (unmasked, or with their per-query bias). Without rpb and extra
-        tokens the mask is one ``[1, tiles, T, S]`` table for every image and head (tiles as heads, images
-        and heads as the batch); otherwise ``[B or 1, heads * tiles, T, S (+ L)]``."""
-        head_dim = self.queries.shape[-1]
-        if self.bias.shape[0] == 1 and extra_k is None:
-            shape = (batch * heads, self.tiles)
-            return [x.view(*shape, -1, head_dim) for x in (self.queries, self.keys, self.values)] + [self.bias]
-        bias = self.bias.expand(heads, -1, -1, -1).reshape(1, heads * self.tiles, self.tile, self.span)
-        keys, values = (x.view(batch, heads * self.tiles, self.span, head_dim) for x in (self.keys, self.values))
+    def flash_operands(self, chunk, keys, values, extra_k=None, extra_v=None, extra_rows=None):
+        """Queries, keys, values and mask of one chunk for PyTorch's fused CPU flash attention, its heads as the
+        batch and its tiles as the heads (``keys``, ``values``: the chunk's spans): the extra tokens join every
+        tile's keys (unmasked, or with their per-query bias, ``extra_rows`` from :meth:`extra_bias_rows`)."""
+        n_heads, head_dim = chunk.heads.stop - chunk.heads.start, keys.shape[-1]
+        queries, keys, values = (x.view(n_heads, -1, x.shape[1], head_dim)
+                                 for x in (self.queries[self.flat(chunk)], keys, values))
+        bias = self.bias[chunk.heads if self.bias.shape[0] > 1 else slice(0, 1), chunk.tiles]   # [heads or 1, c, T, S]
         if extra_k is not None:
             def with_extra(spans, extra):
-                extra = extra.permute(0, 2, 1, 3)[:, :, None].expand(-1, -1, self.tiles, -1, -1)
-                return torch.cat([spans.view(batch, heads, self.tiles, self.span, head_dim), extra], 3).flatten(1, 2)
+                extra = extra[chunk.image, :, chunk.heads].transpose(0, 1)[:, None]
+                return torch.cat([spans, extra.expand(-1, spans.shape[1], -1, -1)], 2)
             keys, values = with_extra(keys, extra_k), with_extra(values, extra_v)
-            if extra_bias is None:
+            if extra_rows is None:
                 bias = F.pad(bias, (0, extra_k.shape[1]))
             else:
-                extra_rows = self.extra_bias_rows(extra_bias)                  # [B or 1, heads or 1, tiles * T, L]
-                extra_rows = extra_rows.view(extra_rows.shape[0], extra_rows.shape[1], self.tiles, self.tile, -1)
-                window_bias = bias.view(1, heads, self.tiles, self.tile, self.span)
-                window_bias = window_bias.expand(extra_rows.shape[0], -1, -1, -1, -1)
-                bias = torch.cat([window_bias, extra_rows.expand(-1, heads, -1, -1, -1).to(bias.dtype)], -1)
-                bias = bias.reshape(-1, heads * self.tiles, self.tile, bias.shape[-1])
-        return self.queries.view(batch, heads * self.tiles, self.tile, head_dim), keys, values, bias
+                rows = extra_rows[min(chunk.image, extra_rows.shape[0] - 1),
+                                  chunk.heads if extra_rows.shape[1] > 1 else slice(0, 1), self.logit_rows(chunk)]
+                rows = rows.view(rows.shape[0], -1, self.tile, rows.shape[-1])
+                heads = max(bias.shape[0], rows.shape[0])
+                bias = torch.cat([bias.expand(heads, -1, -1, -1), rows.expand(heads, -1, -1, -1)], -1)
+        return queries, keys, values, bias
+
+    def flat(self, chunk):
+        """The chunk's tiles in the tiled tensors (``[B * heads * tiles, ...]``)."""
+        n_heads = chunk.heads.stop - chunk.heads.start
+        first = (chunk.image * self.heads + chunk.heads.start) * self.tiles
+        return slice(first + chunk.tiles.start, first + (n_heads - 1) * self.tiles + chunk.tiles.stop)
+
+    def logit_rows(self, chunk):
+        """The chunk's rows in a head's ``[tiles * T]`` logits rows."""
+        return slice(chunk.tiles.start * self.tile, chunk.tiles.stop * self.tile)
+
+    def chunks(self, n_extra):
+        """The steps of a pass over the tiles with ``n_extra`` extra tokens (:func:`_chunks`)."""
+        return _chunks(self.batch, self.heads, self.rows, self.cols, self.tile * (self.span + n_extra))
 
 
 LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 domain)
-LOGITS_PER_CHUNK = 1 << 16   # the backward's logits per step: with their gradients, in a core's L2 cache
+LOGITS_PER_CHUNK = 1 << 18   # logits per step of a pass (measured 2^14 to 2^20 at NAT's stage shapes, one thread)
 
 
 def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, tile=None):
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
-    queries, keys, values, bias = tiled.flash_operands(batch, heads, extra_k, extra_v, extra_bias)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, values, 0.0, False,
-                                                                          attn_mask=bias, scale=spec.scale)
-    out = out.reshape(-1, tiled.tile, head_dim)
-    if window_weight is not None:
-        spread = tiled.window_weights(window_weight)
-        out = out + torch.bmm(spread, tiled.values.to(spread.dtype)).to(out.dtype)
+    extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None
+    spread = tiled.window_weights(window_weight) if window_weight is not None else None
+    out, lse = torch.empty_like(tiled.queries), []
+    for chunk in tiled.chunks(extra_k.shape[1] if extra_k is not None else 0):
+        keys, values = (tiled.spans(x, chunk.units, chunk.tile_rows) for x in (tiled.padded_keys, tiled.padded_values))
+        flat = tiled.flat(chunk)
+        queries, keys, all_values, bias = tiled.flash_operands(chunk, keys, values, extra_k, extra_v, extra_rows)
+        out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, all_values, 0.0, False,
+                                                                              attn_mask=bias, scale=spec.scale)
+        out[flat] = out_c.reshape(-1, tiled.tile, head_dim)
+        if spread is not None:
+            out[flat] += torch.bmm(spread[flat], values.to(spread.dtype)).to(out.dtype)
+        lse.append(lse_c.reshape(-1))
     out = _untile(out, q.shape, tiled.rows, tiled.cols)
-    return out, (tiled.untile_rows(lse.reshape(batch, heads, -1), q.shape) * LOG2E).float()
+    return out, (tiled.untile_rows(torch.cat(lse).view(batch, heads, -1), q.shape) * LOG2E).float()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One step of the forward or backward: tiles ``tiles`` (of every head's ``[tiles, T, S]`` logits) of heads
+    ``heads`` of one image, which are the tile rows ``tile_rows`` of the padded maps ``units`` (``(image, head,
+    dilation group)`` in that order): whole heads, whole groups of one head, or tile rows of one group."""
+    image: int
+    heads: slice
+    tiles: slice
+    units: slice
+    tile_rows: slice
+
+
+def _chunks(batch, heads, rows: AxisTiling, cols: AxisTiling, logits_per_tile):
+    """The forward's and backward's steps of about ``LOGITS_PER_CHUNK`` logits (at least one tile row), each a
+    contiguous slice of every tiled tensor (ordered image, head, group, tile row, tile column). Small maps take
+    several heads per step: one Python step per few heads, not per head."""
+    groups, per_group = rows.groups * cols.groups, rows.tiles * cols.tiles
+    per_head = groups * per_group
+    tiles = max(1, LOGITS_PER_CHUNK // logits_per_tile)
+    every_row = slice(0, rows.tiles)
+    if tiles >= per_head:
+        step = tiles // per_head
+        for image, head in itertools.product(range(batch), range(0, heads, step)):
+            stop = min(head + step, heads)
+            yield Chunk(image, slice(head, stop), slice(0, per_head),
+                        slice((image * heads + head) * groups, (image * heads + stop) * groups), every_row)
+    elif tiles >= per_group:
+        step = tiles // per_group
+        for image, head, group in itertools.product(range(batch), range(heads), range(0, groups, step)):
+            stop, unit = min(group + step, groups), (image * heads + head) * groups
+            yield Chunk(image, slice(head, head + 1), slice(group * per_group, stop * per_group),
+                        slice(unit + group, unit + stop), every_row)
+    else:
+        step = max(1, tiles // cols.tiles)
+        for image, head, group, row in itertools.product(range(batch), range(heads), range(groups),
+                                                         range(0, rows.tiles, step)):
+            stop, unit = min(row + step, rows.tiles), (image * heads + head) * groups + group
+            yield Chunk(image, slice(head, head + 1),
+                        slice(group * per_group + row * cols.tiles, group * per_group + stop * cols.tiles),
+                        slice(unit, unit + 1), slice(row, stop))
 
 
 def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags, tile):
@@ -390,9 +480,10 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
     that the logits and their gradients stay in cache. PyTorch's fused CPU flash attention backward on the
     same tiles (tiles as heads) was measured slower, 37 vs 27 ms at ``[2, 56, 56, 2, 32]`` k 7 without rpb
     (one thread): its per-head overhead is large next to a tile's 16 x 100 logits. A
-    ``window_weight``'s term ``sum_j w_j v_j`` of the output is taken out of the softmax backward's
-    ``delta = rowsum(dO * O)`` (it is not attention); its gradient is ``dO . v_j``, the window part of the
-    probabilities' gradient."""
+    ``window_weight``'s term ``sum_j w_j v_j`` is not attention: the softmax backward's ``delta``, otherwise
+    ``rowsum(dO * O)``, is then ``sum_j P_j dP_j`` over the recomputed probabilities (taking the term out of
+    the rounded output instead cancels: at float16, where the term dominates O, that cost d_q 1 % of its
+    scale); its gradient is ``dO . v_j``, the window part of the probabilities' gradient."""
     needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad = flags
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
@@ -402,12 +493,14 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
 
     grad_out = grad_out.to(low)
     grad_tiles = _tiles(grad_out, tiled.rows, tiled.cols)
-    delta = tiled.tile_rows((grad_out.to(wide) * out.to(wide)).sum(-1)).view(-1, n_queries, 1)
     spread = tiled.window_weights(window_weight) if window_weight is not None else None
+    delta = (tiled.tile_rows((grad_out.to(wide) * out.to(wide)).sum(-1)).view(-1, n_queries, 1)
+             if spread is None else None)
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None   # [B|1, h|1, tiles * T, L]
-    queries, keys, values = tiled.queries, tiled.keys, tiled.values                  # [B * heads * tiles, T|S, D]
+    queries = tiled.queries                                                           # [B * heads * tiles, T, D]
 
-    dq, dk, dv = (torch.empty_like(x) for x in (queries, keys, values))
+    dq = torch.empty_like(queries)
+    dk, dv = (torch.zeros_like(x, dtype=wide) for x in (tiled.padded_keys, tiled.padded_values))
     grad_bias = tiled.bias.new_zeros(heads, n_tiles, n_queries, n_keys) if needs_rpb_grad else None
     grad_extra_rows = (queries.new_empty(batch, heads, n_tiles * n_queries, n_extra, dtype=wide)
                        if needs_extra_bias_grad else None)
@@ -415,52 +508,53 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
     if needs_extra_grad:
         d_extra_k, d_extra_v = (q.new_zeros(batch, heads, n_extra, head_dim, dtype=wide) for _ in range(2))
 
-    # chunks of tiles of one image and head: contiguous slices of every tiled tensor, no copies
-    step = max(1, LOGITS_PER_CHUNK // (n_queries * (n_keys + n_extra)))
-    for image, head, start in itertools.product(range(batch), range(heads), range(0, n_tiles, step)):
-        part = slice(start, min(start + step, n_tiles))
-        flat = slice((image * heads + head) * n_tiles + part.start, (image * heads + head) * n_tiles + part.stop)
-        rows = slice(part.start * n_queries, part.stop * n_queries)                  # the chunk's logits rows
+    for chunk in tiled.chunks(n_extra):
+        image, heads_c, part = chunk.image, chunk.heads, chunk.tiles
+        n_heads = heads_c.stop - heads_c.start
+        flat, rows = tiled.flat(chunk), tiled.logit_rows(chunk)
         scaled = queries[flat].to(wide) * spec.scale                                   # [c, T, D]
-        keys_c, values_c, grad_c = keys[flat], values[flat], grad_tiles[flat]
-        logits = torch.baddbmm(tiled.bias[min(head, tiled.bias.shape[0] - 1), part], scaled,
+        keys_c, values_c = (tiled.spans(x, chunk.units, chunk.tile_rows)
+                            for x in (tiled.padded_keys, tiled.padded_values))       # [c, S, D], in cache
+        grad_c = grad_tiles[flat]
+        bias = tiled.bias[heads_c if tiled.bias.shape[0] > 1 else slice(0, 1), part]
+        logits = torch.baddbmm(bias.expand(n_heads, -1, -1, -1).reshape(-1, n_queries, n_keys), scaled,
                                keys_c.to(wide).transpose(1, 2))
         grad_probs = torch.bmm(grad_c, values_c.transpose(1, 2)).to(wide)
-        delta_c = delta[flat]
-        if spread is not None:
-            delta_c = delta_c - (spread[flat] * grad_probs).sum(-1, keepdim=True)
-            if grad_spread is not None:
-                grad_spread[flat] = grad_probs
-        if extra_k is not None:
-            scaled_rows = scaled.view(-1, head_dim)
-            extra_logits = scaled_rows @ extra_k[image, :, head].to(wide).T                # [c * T, L]
+        if grad_spread is not None:
+            grad_spread[flat] = grad_probs
+        if extra_k is not None:   # per head: [heads_c, chunk rows, L]
+            extra_k_c, extra_v_c = (x[image, :, heads_c].transpose(0, 1) for x in (extra_k, extra_v))
+            scaled_rows, grad_rows = scaled.view(n_heads, -1, head_dim), grad_c.view(n_heads, -1, head_dim)
+            extra_logits = torch.bmm(scaled_rows, extra_k_c.to(wide).transpose(1, 2))
             if extra_rows is not None:
                 extra_logits = extra_logits + extra_rows[min(image, extra_rows.shape[0] - 1),
-                                                         min(head, extra_rows.shape[1] - 1), rows]
+                                                         heads_c if extra_rows.shape[1] > 1 else slice(0, 1), rows]
             logits = torch.cat([logits, extra_logits.view(-1, n_queries, n_extra)], -1)
-            extra_grad_probs = (grad_c.view(-1, head_dim) @ extra_v[image, :, head].T).to(wide)
+            extra_grad_probs = torch.bmm(grad_rows, extra_v_c.transpose(1, 2)).to(wide)
             grad_probs = torch.cat([grad_probs, extra_grad_probs.view(-1, n_queries, n_extra)], -1)
         probs = logits.softmax(-1)
+        delta_c = delta[flat] if spread is None else (probs * grad_probs).sum(-1, keepdim=True)
         grad_logits = grad_probs.sub_(delta_c).mul_(probs)                    # softmax backward
         window_grad = grad_logits[..., :n_keys]
         value_weights = probs[..., :n_keys] if spread is None else probs[..., :n_keys] + spread[flat]
         window_grad_low, scaled_low = window_grad.to(low), scaled.to(low)
-        torch.bmm(value_weights.to(low).transpose(1, 2), grad_c, out=dv[flat])
-        torch.bmm(window_grad_low.transpose(1, 2), scaled_low, out=dk[flat])
+        for grad_spans, padded in ((torch.bmm(value_weights.to(low).transpose(1, 2), grad_c), dv),
+                                   (torch.bmm(window_grad_low.transpose(1, 2), scaled_low), dk)):
+            _add_chunk_spans(padded, grad_spans, tiled.rows, tiled.cols, chunk.units, chunk.tile_rows)
         torch.bmm(window_grad_low, keys_c, out=dq[flat])
         if grad_bias is not None:
-            grad_bias[head, part] += window_grad
+            grad_bias[heads_c, part] += window_grad.view(n_heads, -1, n_queries, n_keys)
         if extra_k is not None:
-            extra_grad = grad_logits[..., n_keys:].reshape(-1, n_extra)               # [c * T, L]
-            dq[flat] += (extra_grad.to(low) @ extra_k[image, :, head]).view(-1, n_queries, head_dim)
+            extra_grad = grad_logits[..., n_keys:].reshape(n_heads, -1, n_extra)    # [heads_c, chunk rows, L]
+            dq[flat] += torch.bmm(extra_grad.to(low), extra_k_c).view(-1, n_queries, head_dim)
             if grad_extra_rows is not None:
-                grad_extra_rows[image, head, rows] = extra_grad
+                grad_extra_rows[image, heads_c, rows] = extra_grad
             if needs_extra_grad:   # sums over every query of the map: in float32 (or wider)
-                d_extra_k[image, head] += extra_grad.T @ scaled.view(-1, head_dim)
-                d_extra_v[image, head] += (probs[..., n_keys:].reshape(-1, n_extra).T
-                                           @ grad_c.view(-1, head_dim).to(wide))
+                d_extra_k[image, heads_c] += torch.bmm(extra_grad.transpose(1, 2), scaled_rows)
+                extra_probs = probs[..., n_keys:].reshape(n_heads, -1, n_extra)
+                d_extra_v[image, heads_c] += torch.bmm(extra_probs.transpose(1, 2), grad_rows.to(wide))
     dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
-    dk, dv = (_unspan(g, q.shape, tiled.rows, tiled.cols) for g in (dk, dv))
+    dk, dv = (_unpadded(g, q.shape, tiled.rows, tiled.cols).to(low) for g in (dk, dv))
     d_rpb = tiled.rpb_grad(grad_bias, rpb).to(rpb.dtype).contiguous() if grad_bias is not None else None
     if needs_extra_grad:
         d_extra_k, d_extra_v = (g.transpose(1, 2).to(low).contiguous() for g in (d_extra_k, d_extra_v))
@@ -486,8 +580,8 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     queries per tile ``(rows, cols)``, :func:`default_tile` when None.
 
     Every tile is one attention of its queries over its span (and the extra tokens) with the bias
-    as an additive mask, in PyTorch's fused CPU flash attention (tiles as its heads): measured 20-45%
-    faster than batched matmuls and a softmax, and no logits in memory. An ``extra_bias`` joins the
+    as an additive mask, in PyTorch's fused CPU flash attention, one call per chunk (tiles as its heads):
+    measured 20-45% faster than batched matmuls and a softmax, and no logits in memory. An ``extra_bias`` joins the
     mask (which then holds a bias per query and extra token, batched if the bias is); a ``window_weight``
     adds one batched matmul of the weights spread over the spans with the values.
 

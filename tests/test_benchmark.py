@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tools'))
 import benchmark  # noqa: E402
-from benchlib import cards, zoo  # noqa: E402
+from benchlib import cards, provenance, zoo  # noqa: E402
 from reference_params import OFFICIAL_PARAMS  # noqa: E402
 
 
@@ -26,9 +26,12 @@ def keep_torch_threads():
 
 
 def _load(out_dir, section):
+    """The run's JSON, once its four files are there, each named by the device kind of the device it records."""
     files = sorted(Path(out_dir).glob(f'*-{section}*'))
     assert {f.suffix for f in files} == {'.json', '.md', '.csv', '.png'}, files
-    return json.loads(next(f for f in files if f.suffix == '.json').read_text())
+    report = json.loads(next(f for f in files if f.suffix == '.json').read_text())
+    assert all(f.name.startswith(provenance.slug(report['device']) + '-') for f in files), (report['device'], files)
+    return report
 
 
 @pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1' and not torch.cuda.is_available(),

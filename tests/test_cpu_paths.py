@@ -14,7 +14,7 @@ import torch
 from attnzoo.kernels import _neighborhood_cpu, _routing_cpu
 from attnzoo.kernels import neighborhood as neighborhood_module
 from attnzoo.kernels import routing as routing_module
-from attnzoo.kernels._neighborhood_cpu import _axis_windows, axis_tiling
+from attnzoo.kernels._neighborhood_cpu import _axis_windows, axis_tiling, default_tile
 from attnzoo.kernels.neighborhood import (axis_neighbors, neighborhood_attention_2d, neighborhood_attention_2d_reference,
                                           validate)
 from attnzoo.kernels.routing import routing_attention, routing_attention_reference, routing_region_index
@@ -182,11 +182,19 @@ def test_neighborhood_matches_dense_oracle(kernel_size, dilation, border, n_extr
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
-def test_neighborhood_backward_one_tile_at_a_time(monkeypatch):
-    """The backward's chunks (here one tile each) meet every gradient, with extra tokens and rpb."""
-    monkeypatch.setattr(_neighborhood_cpu, 'LOGITS_PER_CHUNK', 1)
-    case = dict(shape=(2, 13, 11, 2, 16), kernel_size=(5, 3), dilation=(1, 2), border='zero', rpb=True, n_extra=3,
+@pytest.mark.parametrize('chunk', ['tile row', 'dilation group'])
+def test_neighborhood_backward_in_small_chunks(chunk, monkeypatch):
+    """The backward's chunks (one tile row, or one dilation group of one head, at a time; whole heads is the
+    default on small maps) meet every gradient, with extra tokens and rpb."""
+    case = dict(shape=(1, 23, 31, 2, 16), kernel_size=(5, 3), dilation=(1, 2), border='zero', rpb=True, n_extra=3,
                 tile=None, scale=None)
+    rows, cols = axis_tiling(23, 5, 1, 'zero', default_tile(5)), axis_tiling(31, 3, 2, 'zero', default_tile(3))
+    assert rows.tiles > 1 and cols.tiles > 1
+    logits_per_tile = rows.tile * cols.tile * (rows.span * cols.span + case['n_extra'])
+    per_group = rows.tiles * cols.tiles * logits_per_tile
+    monkeypatch.setattr(_neighborhood_cpu, 'LOGITS_PER_CHUNK', 1 if chunk == 'tile row' else per_group)
+    chunks = list(_neighborhood_cpu._chunks(1, 2, rows, cols, logits_per_tile))
+    assert len(chunks) == 2 * cols.groups * (rows.tiles if chunk == 'tile row' else 1)
     assert_neighborhood_matches_reference(case)
 
 

@@ -112,7 +112,7 @@ def test_neighborhood_nonfinite_key_with_extra_tokens_and_window_weight(backend,
 @pytest.mark.parametrize('chunk', [None, 1])
 def test_neighborhood_cpu_other_images_bit_identical(name, chunk, monkeypatch):
     """A NaN in one image leaves the CPU kernels' outputs and gradients of the others bit for bit (also with
-    the backward one tile at a time)."""
+    the backward one tile row at a time)."""
     if chunk:
         monkeypatch.setattr(_neighborhood_cpu, 'LOGITS_PER_CHUNK', chunk)
     clean = _outputs_and_grads(neighborhood_attention_2d, make_inputs(SHAPE, 5, rpb=True), kernel_size=5)

@@ -17,18 +17,17 @@
     python tools/benchmark.py models --family biformer nat   # some families' variants (files tagged zoo-<families>)
     python tools/benchmark.py cards                   # regenerate the cards' and README's generated parts only
 
-Results go to --out (default model_cards/benchmarks/) as <device>-<section>[-<tag>].md (a table),
+Results go to --out (default model_cards/benchmarks/) as <device kind>-<section>[-<tag>].md (a table),
 .json (every number, with the device, library versions and the machine's load), .csv (one row per
-measurement) and .png (a plot), the device named in each file.
+measurement) and .png (a plot), the device named in each file; the device kind is the one name of the
+machine kind (benchlib/provenance.py, device_kind).
 """
 import argparse
 import csv
 import datetime
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,35 +36,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.harness import (Result, _fmt as fmt, cpu_peak_mib, markdown_table, run_case,  # noqa: E402
-                              time_call, time_interleaved)
+from benchlib.harness import (Result, _fmt as fmt, cpu_peak_mib, markdown_table, model_gmacs,  # noqa: E402
+                              run_case, time_call, time_interleaved)
+from benchlib.provenance import cpu_model, device_kind, device_name, slug, versions  # noqa: E402
 from _runtime import ToolError, check_at_least, run_cli  # noqa: E402
 
 KERNEL_SECTIONS = ('neighborhood', 'routing')
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / 'model_cards' / 'benchmarks'
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
-
-
-def cpu_model():
-    """The processor's model name (Linux /proc/cpuinfo), else what the platform module knows."""
-    try:
-        with open('/proc/cpuinfo') as info:
-            for line in info:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device):
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return f'CPU {cpu_model()} x{os.cpu_count()}'
-
-
-def slug(text):
-    return re.sub(r'[^A-Za-z0-9]+', '-', text).strip('-').lower()
 
 
 def kernel_cases(sections, quick, pattern=None, na_kernels=None):
@@ -97,28 +75,6 @@ def run_kernels(args, device, dtypes):
                 results.extend(run_case(case, device, dtype, args.warmup, args.iters, progress))
     baseline_of = {case.name: case.baseline for case in cases}
     return results, baseline_of
-
-
-def model_gmacs(name, size):
-    """Multiply-adds of one forward pass at ``size``, counted on the meta device. Fused attention is
-    switched off while the model is built and run (timm's SDPA and attnzoo's kernels alike): the
-    counter has no formula for CPU / meta SDPA or for the routing op and would skip their attention
-    matmuls (the neighborhood op has one, equal to its reference's count); the explicit path computes
-    the same thing."""
-    import timm
-    from timm.layers import set_fused_attn, use_fused_attn
-    from torch.utils.flop_counter import FlopCounterMode
-    from attnzoo.kernels import use_backend
-    fused = use_fused_attn()
-    set_fused_attn(False)
-    try:
-        with torch.device('meta'), use_backend('reference'):
-            model = timm.create_model(name).eval()
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                model(torch.randn(1, 3, *size))
-    finally:
-        set_fused_attn(fused)
-    return counter.get_total_flops() / 2e9
 
 
 def run_models(args, device, dtypes):
@@ -356,19 +312,6 @@ CPU_LEGEND = ('Medians of calls timed in turns (one call of every implementation
               'call, from the profiler\'s memory events (tools/benchlib/harness.py, cpu_peak_mib).')
 
 
-def versions():
-    """The libraries and the code a result was measured with."""
-    import timm
-    import torchvision
-    try:
-        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return dict(torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
-                python=platform.python_version(), attnzoo_commit=commit)
-
-
 def write_csv(results, path):
     """One line per result, its ``extra`` figures as columns of their own."""
     rows = [{k: v for k, v in r.as_dict().items() if k != 'extra'} | r.extra for r in results]
@@ -385,7 +328,7 @@ def write(results, baseline_of, section, args, device, table=markdown_table, plo
     out.mkdir(parents=True, exist_ok=True)
     name = device_name(device)
     tag = f'-{slug(args.tag)}' if args.tag else ''
-    stem = out / f'{slug(name)}-{section}{tag}{"-quick" if args.quick else ""}'
+    stem = out / f'{device_kind(device)}-{section}{tag}{"-quick" if args.quick else ""}'
     header = {
         'device': name,
         'date': datetime.date.today().isoformat(),

@@ -23,7 +23,6 @@ and prints their ratio (as the cards report it).
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from attnzoo.backbones._families import family_of
 import _checkpoints as checkpoints
 import _models as models
 import _runtime as runtime
+from benchlib.provenance import cpu_model, device_name
 
 FORMATS = ('onnx', 'pt2')
 DYNAMIC = {'none': (), 'batch': ('batch',), 'hw': ('hw',), 'both': ('batch', 'hw')}
@@ -225,7 +225,7 @@ def measure_latency(model, path: Path, shape, repeats: int = 10) -> dict:
         torch.set_num_threads(threads)
     import onnxruntime
     return dict(eager_ms=eager * 1e3, onnxruntime_ms=onnx * 1e3, ratio=onnx / eager, shape=list(shape), threads=1,
-                load_average=os.getloadavg()[0], cpus=os.cpu_count(), cpu=platform.processor() or platform.machine(),
+                load_average=os.getloadavg()[0], cpus=os.cpu_count(), device=device_name('cpu'), cpu=cpu_model(),
                 torch=torch.__version__, onnxruntime=onnxruntime.__version__)
 
 

@@ -124,10 +124,10 @@ def run_steps(args, device):
 
     import torch
     from benchlib import goals, gpucheck
-    from benchmark import slug, versions
+    from benchlib.provenance import device_name, slug, versions
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu dry run'
+    name = device_name(device) if device.type == 'cuda' else 'cpu dry run'
     stem = f'gpu-check-{slug(name)}'
     report = dict(device=name, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                   dry_run=args.dry_run, budget_s=args.budget_s, **versions(), steps=[], rows=[])

@@ -21,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from . import zoo
+from .harness import model_gmacs
 
 ROOT = Path(__file__).resolve().parents[2]
 ZOO_TAG = 'zoo'
@@ -62,11 +63,10 @@ def block(text, name):
 
 def static_figures(names, progress=None):
     """{name: {'params': int, 'gmacs': float, 'size': (H, W), 'license': str}}: counted on the meta device
-    (parameters) and by tools/benchmark.py's FLOP counter at the default input size (GMACs)."""
+    (parameters) and by the harness's FLOP counter at the default input size (GMACs)."""
     import timm
     import torch
     import attnzoo.backbones  # noqa: F401  registers the attnzoo families
-    from benchmark import model_gmacs
     figures = {}
     for name in names:
         if progress is not None:

@@ -22,7 +22,6 @@ and medians are reported: wall time, and process CPU time, which the other proce
 inflates less. Peak memory: CPU memory allocated at the peak of one call (:func:`harness.cpu_peak_mib`).
 """
 import contextlib
-from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Dict, List, Tuple
 
@@ -31,18 +30,10 @@ import torch.nn.functional as F
 
 from attnzoo.kernels import neighborhood_attention_2d, routing_attention, routing_region_index
 
+from . import transnext
+from .harness import CpuCase
+
 HEAD_DIM = 32
-
-
-@dataclass
-class CpuCase:
-    """One problem and the implementations that solve it. ``make(dtype)`` returns the keyword arguments
-    of every implementation (leaves that need gradients have ``requires_grad``)."""
-    kind: str
-    name: str
-    make: Callable[[torch.dtype], Dict[str, object]]
-    impls: Dict[str, Callable[..., torch.Tensor]]
-    baseline: str = 'reference'
 
 
 def sdpa_dense(q, k, v, scale=None, **_):
@@ -85,7 +76,6 @@ def routing_case(name, shape, n_win, topk):
 
 
 def kernel_cases(quick: bool) -> List[CpuCase]:
-    from . import transnext
     if quick:
         return [neighborhood_case('nat 14x14 h1 k7 b1', (1, 14, 14, 1, HEAD_DIM), 7),
                 routing_case('biformer 8x8 h1 regions 2x2 topk2 b1', (1, 8, 8, 1, HEAD_DIM), 2, 2)

@@ -1,11 +1,11 @@
-"""Timing and memory harness shared by every benchmark section.
+"""Timing, memory and multiply-add harness shared by every benchmark section.
 
-A section is a list of :class:`KernelCase`. Each case names the implementations to compare and
-the baseline they are compared against; the harness times every implementation's forward and
-forward+backward in the same run and reports ratios to the baseline, peak memory and, on CUDA,
-achieved bandwidth against the device's HBM peak.
+A section is a list of :class:`KernelCase` (the cpu section's: :class:`CpuCase`). Each case names
+the implementations to compare and the baseline they are compared against; the harness times every
+implementation's forward and forward+backward in the same run and reports ratios to the baseline,
+peak memory and, on CUDA, achieved bandwidth against the device's HBM peak.
 
-Byte model (the least HBM traffic any implementation could have; model_cards/benchmarks/README.md):
+Byte model (the least HBM traffic any implementation could have; model_cards/benchmarks/kernel-cases.md):
 
     forward          = inputs read once + output written once                 (KernelCase.min_bytes)
     forward+backward = forward + dO read once + every input gradient written once
@@ -48,6 +48,18 @@ class KernelCase:
     impls: Dict[str, Callable[..., torch.Tensor]]
     baseline: str
     min_bytes: Callable[[Dict[str, torch.Tensor]], int]
+
+
+@dataclass
+class CpuCase:
+    """One problem of the cpu section and the implementations that solve it, timed in turns on the CPU.
+    ``make(dtype)`` returns the keyword arguments of every implementation (leaves that need gradients have
+    ``requires_grad``); ``kind`` is the row's section ('neighborhood', 'routing', 'transnext model')."""
+    kind: str
+    name: str
+    make: Callable[[torch.dtype], Dict[str, object]]
+    impls: Dict[str, Callable[..., torch.Tensor]]
+    baseline: str = 'reference'
 
 
 @dataclass
@@ -191,6 +203,28 @@ def markdown_table(results: List[Result], baseline_of: Dict[str, str]) -> str:
                      f'| {_fmt(r.peak_mib, ".1f")} | {_fmt(r.memory_vs_baseline, ".2f")} | {_fmt(r.gbps, ".0f")} '
                      f'| {_fmt(r.roofline_pct, ".0f")} | {r.error} |')
     return '\n'.join(lines)
+
+
+def model_gmacs(name, size):
+    """Multiply-adds of one forward pass at ``size``, counted on the meta device. Fused attention is
+    switched off while the model is built and run (timm's SDPA and attnzoo's kernels alike): the
+    counter has no formula for CPU / meta SDPA or for the routing op and would skip their attention
+    matmuls (the neighborhood op has one, equal to its reference's count); the explicit path computes
+    the same thing."""
+    import timm
+    from timm.layers import set_fused_attn, use_fused_attn
+    from torch.utils.flop_counter import FlopCounterMode
+    from attnzoo.kernels import use_backend
+    fused = use_fused_attn()
+    set_fused_attn(False)
+    try:
+        with torch.device('meta'), use_backend('reference'):
+            model = timm.create_model(name).eval()
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                model(torch.randn(1, 3, *size))
+    finally:
+        set_fused_attn(fused)
+    return counter.get_total_flops() / 2e9
 
 
 def cpu_peak_mib(fn: Callable[[], object]) -> float:

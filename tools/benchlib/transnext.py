@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from attnzoo.kernels import neighborhood_attention_2d
 
-from .harness import KernelCase
+from .harness import CpuCase, KernelCase
 
 SECTION = 'neighborhood'
 WINDOW = 3
@@ -152,9 +152,8 @@ def model_kernel_case(name, batch) -> KernelCase:
                       lambda inputs: None)   # no byte model for a whole network
 
 
-def cpu_cases(quick: bool):
-    """The cpu section's TransNeXt cases (:class:`benchlib.cpu.CpuCase`): calls, then models (not quick)."""
-    from .cpu import CpuCase
+def cpu_cases(quick: bool) -> List[CpuCase]:
+    """The cpu section's TransNeXt cases (:class:`benchlib.harness.CpuCase`): calls, then models (not quick)."""
     cases = [CpuCase(SECTION, name, partial(_on_cpu, make_call_inputs(batch, size, size, heads, n_pool)),
                      call_impls('attnzoo-cpu', with_reference=True), baseline='native')
              for name, batch, size, heads, n_pool in ((QUICK_SHAPE,) if quick else CPU_SHAPES)]
