@@ -36,12 +36,17 @@ ATOL = 1e-4
 
 
 def onnx_run(module, args, dynamic_shapes, path):
-    """Exports ``module`` with torch.onnx (dynamo) to ``path``; returns a function of numpy-able tensors."""
-    torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes, dynamo=True, verbose=False).save(str(path))
+    """Exports ``module`` with torch.export, then from that program with torch.onnx (dynamo) to ``path``; returns a
+    function of tensors that runs the ONNX file after the program (which checks its shape guards: it refuses a
+    size the trace fixed, where onnxruntime would run on without a word)."""
+    program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
+    torch.onnx.export(program, dynamo=True, verbose=False).save(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     names = [i.name for i in session.get_inputs()]
+    guarded = program.module()
 
     def run(*tensors):
+        guarded(*tensors)
         return [torch.from_numpy(out) for out in session.run(None, dict(zip(names, (t.numpy() for t in tensors))))]
     return run
 
