@@ -19,8 +19,8 @@ of every output and fails above ``--atol``. With a dynamic height and width the 
 holds for (torch.export's ranges of them): the ``.pt2`` program checks its shape guards when run, an ONNX
 runtime does not, so keep an ONNX file's inputs within the printed ranges.
 
-``--checkpoint`` loads weights the way every attnzoo tool does (``weights_only`` reading, the family's checkpoint filter, a strict fit); the classifier keeps the
-checkpoint's number of classes. ``--latency`` also times the eager model and the ONNX file on one CPU thread
+``--checkpoint`` loads weights the way every attnzoo tool does (``weights_only`` reading, the family's checkpoint
+filter, a strict fit); the classifier keeps the checkpoint's number of classes. ``--latency`` also times the eager model and the ONNX file on one CPU thread
 and prints their ratio (as the cards report it).
 """
 import argparse
