@@ -9,8 +9,8 @@ of partial tiles and bands included, as the programs compute it):
 - ``exp_per_query``: exp2 evaluations (one per logit, plus v1's online-softmax rescale per block);
 - ``dot_shapes``: the forward's ``M x N x K`` products (QK^T and P@V share them);
 - ``bytes_read_per_query``: what the forward loads (masked loads read nothing): q, k and v elements in bf16,
-  plus ``bias_bytes_per_query``, the window's bias: the rpb (float32, as every model holds it) gathered per
-  in-window pair, or, in v2's interior bands, one row of its window table per query (its ``TABLE_KEYS``
+  plus ``bias_bytes_per_query``, the window's bias with an rpb (float32, as NAT, DiNAT and TransNeXt hold it):
+  the rpb gathered per in-window pair, or, in v2's interior bands, one row of its window table per query (its ``TABLE_KEYS``
   entries of ``WINDOW_TABLE_DTYPE``, -inf outside the window included; one table per head, read by every
   program: it stays in cache);
 - ``dkdv_scored_per_key``: logits the dK / dV kernel recomputes per key (its loop over the queries whose
@@ -35,7 +35,7 @@ DILATIONS = (1, 2)
 HEAD_DIMS = (16, 24, 32, 64, 128)
 MAPS = (7, 14, 28, 56, 112)
 DTYPE_BYTES = 2   # bf16
-RPB_BYTES = 4     # float32: every model's rpb parameter
+RPB_BYTES = 4     # float32: the models' rpb parameters
 TARGETS = {7: 2.6, 9: 2.1, 13: 2.7}   # v2, dilation 1: scored / needed (issue 24)
 TRANSNEXT_TARGET = 7.2                # v2, TransNeXt's 3 x 3 zero-border window
 
