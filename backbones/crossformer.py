@@ -225,7 +225,7 @@ def pad_map(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
     """Zero-pads an NHWC map by ``pad_h`` rows at the bottom and ``pad_w`` columns at the right. An eager call
     returns ``x`` itself where there is nothing to pad (``F.pad`` copies even then); a compiled or exported
     graph pads for every size, so that it holds no branch on the map size."""
-    if pad_h > 0 or pad_w > 0 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or pad_h > 0 or pad_w > 0:   # in this order: no guard on a traced size
         return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
 
@@ -238,7 +238,7 @@ def mask_padded_keys(bias: torch.Tensor, batch: int, height: int, width: int, pa
     ``[heads, N, N]``: the bias alone (``[1, heads, N, N]``, one for every group) where the map is not padded,
     else the bias plus ``mask_value`` on each group's padded keys, ``[batch * num_groups, heads, N, N]``. A
     compiled or exported graph takes the second form for every size (no branch on the map size)."""
-    if pad_h == 0 and pad_w == 0 and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and pad_h == 0 and pad_w == 0:   # in this order, as in pad_map
         return bias.unsqueeze(0)
     padded = padded_keys(height, width, pad_h, pad_w, group_h, group_w, interval, bias.device)
     mask = bias.unsqueeze(0) + padded[:, None, None, :].to(bias.dtype) * mask_value
