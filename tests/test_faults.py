@@ -210,6 +210,31 @@ def test_empty_batch_guard_changes_nothing_at_b2(name, request, one_thread):
     assert all(torch.equal(a, b) for a, b in zip(guarded, timm_own, strict=True))
 
 
+@pytest.mark.slow
+def test_empty_batch_guard_exports(one_thread):
+    """torch.export of a guarded model (MaxViT) with a dynamic batch: the program computes what the eager
+    model does at another batch size."""
+    name = SMALLEST['maxxvit']
+    model = built(name)
+    program = torch.export.export(model, (batch(name),), dynamic_shapes=({0: torch.export.Dim('batch', max=64)},))
+    x = batch(name, size=3)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.slow
+def test_empty_batch_guard_compiles(one_thread):
+    """torch.compile of a guarded model (HaloNet with ECA): the eager model's outputs at B=2 and at B=0."""
+    name = 'eca_halonext26ts'
+    model = built(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for size in (2, 0):
+            x = batch(name, size=size)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
 # ----------------------------------------------------------------------------- half precision
 
 def assert_close_to_float(out, reference, dtype):
