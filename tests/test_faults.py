@@ -12,7 +12,6 @@ both CrossFormer designs), at a small input. What must hold (DESIGN.md, Faults):
   HaloNet through the guard backbones/_timm_empty_batch.py installs, which changes nothing at B > 0);
 - every family runs after ``.half()`` / ``.bfloat16()`` and under autocast (fp16 and bf16), close to its
   float32 output.
-
 """
 import copy
 import multiprocessing
