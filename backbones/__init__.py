@@ -4,6 +4,9 @@ import difflib
 import timm
 
 from . import biformer, crossformer, cswin, dat, litv2, moat, nat, transnext
+from ._timm_empty_batch import install_empty_batch_guards
+
+install_empty_batch_guards()  # timm's MaxViT and HaloNet take an empty batch (see _timm_empty_batch.py)
 
 __all__ = ['biformer', 'crossformer', 'cswin', 'dat', 'litv2', 'moat', 'nat', 'transnext',
            'close_model_names']

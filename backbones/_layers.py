@@ -26,7 +26,9 @@ def pad_to_multiple(x: torch.Tensor, multiple: Tuple[int, int], channels_last: b
     (rows, columns); NHWC, or NCHW without ``channels_last``. The caller crops the padding away."""
     height, width = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
     pad_h, pad_w = (-height) % multiple[0], (-width) % multiple[1]
-    if pad_h == 0 and pad_w == 0:
+    # eager: x itself where nothing is padded (F.pad copies even then); a compiled graph pads for every size,
+    # so that it holds no branch on the map size (in this order: no guard on a traced size)
+    if not torch.compiler.is_compiling() and pad_h == 0 and pad_w == 0:
         return x
     return F.pad(x, [0, 0, 0, pad_w, 0, pad_h] if channels_last else [0, pad_w, 0, pad_h])
 

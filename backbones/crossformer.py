@@ -108,8 +108,9 @@ class CrossScaleEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, (self.stride, self.stride), channels_last=False)
-        x = torch.cat([proj(x) for proj in self.projs], dim=1)
-        return self.pos_drop(self.norm(x.permute(0, 2, 3, 1)))
+        # concatenated channels-last: one copy gives the norm its contiguous NHWC input
+        x = torch.cat([proj(x).permute(0, 2, 3, 1) for proj in self.projs], dim=-1)
+        return self.pos_drop(self.norm(x))
 
 
 class CrossScaleMerge(nn.Module):
@@ -133,9 +134,9 @@ class CrossScaleMerge(nn.Module):
         self.reductions = cross_scale_convs(in_dim, out_dim, kernel_sizes, 2, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = pad_to_multiple(self.norm(x).permute(0, 3, 1, 2), (2, 2), channels_last=False)
-        x = torch.cat([reduction(x) for reduction in self.reductions], dim=1)
-        return x.permute(0, 2, 3, 1)
+        x = self.norm(x)
+        x = pad_map(x, x.shape[1] % 2, x.shape[2] % 2).permute(0, 3, 1, 2)
+        return torch.cat([reduction(x).permute(0, 2, 3, 1) for reduction in self.reductions], dim=-1)
 
 
 def relative_position_index(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
@@ -171,7 +172,8 @@ class DynamicPosBias(nn.Module):
         table = self.layers(self.proj(offsets))
         index = relative_position_index(group_h, group_w, weight.device)
         num_tokens = group_h * group_w
-        return table[index.reshape(-1)].reshape(num_tokens, num_tokens, -1).permute(2, 0, 1)
+        # gathered head-major, so the bias is contiguous [heads, N, N] without a copy of its own
+        return table.t()[:, index.reshape(-1)].reshape(-1, num_tokens, num_tokens)
 
 
 @register_notrace_function  # reason: chooses the grouping from the map size
@@ -213,6 +215,32 @@ def padded_keys(height: int, width: int, pad_h: int, pad_w: int, group_h: int, g
     cols = torch.arange(width + pad_w, device=device) >= width
     padded = (rows[:, None] | cols[None, :])[None, :, :, None]
     return partition_groups(padded, group_h, group_w, interval)[0, :, :, 0]
+
+
+@torch.fx.wrap
+@register_notrace_function  # reason: skips a copy where the map needs no padding, a branch on the map size
+def pad_map(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Zero-pads an NHWC map by ``pad_h`` rows at the bottom and ``pad_w`` columns at the right. An eager call
+    returns ``x`` itself where there is nothing to pad (``F.pad`` copies even then); a compiled or exported
+    graph pads for every size, so that it holds no branch on the map size."""
+    if torch.compiler.is_compiling() or pad_h > 0 or pad_w > 0:   # in this order: no guard on a traced size
+        return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+@torch.fx.wrap
+@register_notrace_function  # reason: the padded-key mask exists only where the map is padded, a branch on its size
+def mask_padded_keys(bias: torch.Tensor, batch: int, height: int, width: int, pad_h: int, pad_w: int, group_h: int,
+                     group_w: int, interval: int, mask_value: float) -> torch.Tensor:
+    """SDPA's additive mask for queries ``[batch * num_groups, heads, N, d]`` from the position bias
+    ``[heads, N, N]``: the bias alone (``[1, heads, N, N]``, one for every group) where the map is not padded,
+    else the bias plus ``mask_value`` on each group's padded keys, ``[batch * num_groups, heads, N, N]``. A
+    compiled or exported graph takes the second form for every size (no branch on the map size)."""
+    if not torch.compiler.is_compiling() and pad_h == 0 and pad_w == 0:   # in this order, as in pad_map
+        return bias.unsqueeze(0)
+    padded = padded_keys(height, width, pad_h, pad_w, group_h, group_w, interval, bias.device)
+    mask = bias.unsqueeze(0) + padded[:, None, None, :].to(bias.dtype) * mask_value
+    return mask.repeat(batch, 1, 1, 1)
 
 
 class LongShortDistanceAttention(nn.Module):
@@ -258,26 +286,24 @@ class LongShortDistanceAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def attention_mask(self, height: int, width: int, pad_h: int, pad_w: int, group_h: int, group_w: int,
+    def attention_mask(self, batch: int, height: int, width: int, pad_h: int, pad_w: int, group_h: int, group_w: int,
                        interval: int) -> torch.Tensor:
-        """``[1, num_groups * heads, N, N]``: the position bias plus ``MASK_VALUE`` on padded keys."""
-        bias = self.pos(group_h, group_w)
-        padded = padded_keys(height, width, pad_h, pad_w, group_h, group_w, interval, bias.device)
-        mask = bias.unsqueeze(0) + padded[:, None, None, :].to(bias.dtype) * self.mask_value
-        return mask.flatten(0, 1).unsqueeze(0)
+        """The position bias plus ``MASK_VALUE`` on padded keys, for queries ``[batch * num_groups, heads, N, d]``:
+        ``[1, heads, N, N]`` where the map is not padded, else ``[batch * num_groups, heads, N, N]``."""
+        return mask_padded_keys(self.pos(group_h, group_w), batch, height, width, pad_h, pad_w, group_h, group_w,
+                                interval, self.mask_value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         group_h, group_w, interval = group_layout(H, W, self.group_size, self.interval)
         pad_h, pad_w = (-H) % (group_h * interval), (-W) % (group_w * interval)
-        # padding after the projection: padded tokens are masked keys and cropped queries either way
-        qkv = F.pad(self.qkv(x), (0, 0, 0, pad_w, 0, pad_h))
-        qkv = partition_groups(qkv, group_h, group_w, interval)
-        num_groups, num_tokens = qkv.shape[1], qkv.shape[2]
-        # [B, groups, N, 3, heads, d] -> 3 x [B, groups * heads, N, d]: one mask per group serves the batch
-        qkv = qkv.reshape(B, num_groups, num_tokens, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.reshape(3, B, num_groups * self.num_heads, num_tokens, self.head_dim).unbind(0)
-        mask = self.attention_mask(H, W, pad_h, pad_w, group_h, group_w, interval).to(q.dtype)
+        # grouped before the projection, as the official code does: one copy of C channels, not of 3 C
+        x = partition_groups(pad_map(x, pad_h, pad_w), group_h, group_w, interval)
+        num_groups, num_tokens = x.shape[1], x.shape[2]
+        # [B, groups, N, 3 C] -> 3 x [B * groups, heads, N, d]: strided views, which SDPA reads in place
+        qkv = self.qkv(x).reshape(B * num_groups, num_tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        mask = self.attention_mask(B, H, W, pad_h, pad_w, group_h, group_w, interval).to(q.dtype)
 
         if self.fused_attn:
             x = F.scaled_dot_product_attention(
@@ -289,8 +315,7 @@ class LongShortDistanceAttention(nn.Module):
 
         # an explicit copy: SDPA's CPU output layout depends on grad mode, and a reshape traced as a view under
         # one layout fails under the other in torch.onnx's decomposition passes
-        x = x.reshape(B, num_groups, self.num_heads, num_tokens, self.head_dim).transpose(2, 3)
-        x = x.clone(memory_format=torch.contiguous_format).view(B, num_groups, num_tokens, C)
+        x = x.transpose(1, 2).clone(memory_format=torch.contiguous_format).view(B, num_groups, num_tokens, C)
         x = reverse_groups(x, H + pad_h, W + pad_w, group_h, group_w, interval)
         return self.proj_drop(self.proj(x[:, :H, :W]))
 

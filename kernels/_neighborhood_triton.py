@@ -338,6 +338,31 @@ def _dkdv_block(k, v, k_y, k_x, k_valid, k_coord, q_y, q_x, q_valid, dk, dv, q_b
 
 
 @triton.jit
+def _dkdv_program(q_ptr, do_ptr, rpb_ptr, ww_ptr, sq_b, sq_h, sdo_b, sdo_h, sww_b, sww_h, heads, height, width, dil_h,
+                  dil_w, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                  WIDE: tl.constexpr):
+    """A dK / dV program's image and head, its key tile (``_tile_of``'s six values) and where its loop over the
+    queries reads: the bases of q, dO, the statistics (LSE, delta), rpb and window weights."""
+    pid_bh = tl.program_id(1)
+    b, h = _image_and_head(pid_bh, heads, WIDE)
+    group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
+    return (b, h, group_y, group_x, y0, x0, len_y, len_x, q_ptr + b * sq_b + h * sq_h, do_ptr + b * sdo_b + h * sdo_h,
+            pid_bh.to(tl.int64) * height * width, rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1),
+            ww_ptr + b * sww_b + h * sww_h)
+
+
+@triton.jit
+def _store_dkdv(dk_ptr, dv_ptr, dk, dv, scale, b, h, k_y, k_x, k_valid, group_y, group_x, dil_h, dil_w, sg_b, sg_y,
+                sg_x, sg_h, sg_d, offs_d, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr):
+    """Stores a key tile's dK (``dk`` unscaled) and dV."""
+    offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d,
+                                                WIDE)
+    store_mask = k_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    tl.store(dk_ptr + offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
 def _finite_or_zero(x):
     """``x`` (float32) with its non-finite entries zeroed: what a product with a masked-out weight must see."""
     x = x.to(tl.float32)
@@ -548,9 +573,9 @@ def _backward_dkdv_kernel(
         BLOCK_D: tl.constexpr,
         TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     BLOCK_N: tl.constexpr = TILE_H * TILE_W
-    pid_bh = tl.program_id(1)
-    b, h = _image_and_head(pid_bh, heads, WIDE)
-    group_y, group_x, y0, x0, len_y, len_x = _tile_of(tl.program_id(0), height, width, dil_h, dil_w, TILE_H, TILE_W)
+    b, h, group_y, group_x, y0, x0, len_y, len_x, q_base, do_base, stat_base, rpb_base, ww_base = _dkdv_program(
+        q_ptr, do_ptr, rpb_ptr, ww_ptr, sq_b, sq_h, sdo_b, sdo_h, sww_b, sww_h, heads, height, width, dil_h, dil_w,
+        KERNEL_H, KERNEL_W, TILE_H, TILE_W, WIDE)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = tl.arange(0, BLOCK_ROWS * BLOCK_COLS)
     k_y, k_x, k_valid = _tile_tokens(y0, x0, len_y, len_x, TILE_H, TILE_W)
@@ -560,11 +585,6 @@ def _backward_dkdv_kernel(
                      k_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
     row_lo, row_hi = _query_span(y0, tl.minimum(y0 + TILE_H, len_y) - 1, len_y, KERNEL_H, CLAMP)
     col_lo, col_hi = _query_span(x0, tl.minimum(x0 + TILE_W, len_x) - 1, len_x, KERNEL_W, CLAMP)
-    q_base = q_ptr + b * sq_b + h * sq_h
-    do_base = do_ptr + b * sdo_b + h * sdo_h
-    stat_base = pid_bh.to(tl.int64) * height * width
-    rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
-    ww_base = ww_ptr + b * sww_b + h * sww_h
     k_coord = _rpb_coord(k_y, k_x, KERNEL_W)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -579,11 +599,8 @@ def _backward_dkdv_kernel(
                                  len_y, len_x, width, sq_y, sq_x, sq_d, sdo_y, sdo_x, sdo_d, sww_y, sww_x, sww_j,
                                  offs_d, HEAD_DIM, KERNEL_H, KERNEL_W, CLAMP, HAS_RPB, HAS_WW, AS_F32, WIDE, PRECISION)
 
-    offs = b * sg_b + h * sg_h + _token_offsets(k_y, k_x, group_y, group_x, dil_h, dil_w, sg_y, sg_x, sg_d, offs_d,
-                                                WIDE)
-    store_mask = k_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dk_ptr + offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
-    tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=store_mask)
+    _store_dkdv(dk_ptr, dv_ptr, dk, dv, scale, b, h, k_y, k_x, k_valid, group_y, group_x, dil_h, dil_w, sg_b, sg_y,
+                sg_x, sg_h, sg_d, offs_d, HEAD_DIM, WIDE)
 
 
 @triton.jit
@@ -749,9 +766,11 @@ def _or_placeholder(tensor, placeholder, dims):
     return (tensor, tensor.stride()) if tensor is not None else (placeholder, (0,) * dims)
 
 
-def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, forward_kernel=_FORWARD):
+def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, forward_kernel=_FORWARD,
+            kernel_options=None):
     """Output ``[B, H, W, heads, D]`` (contiguous) and the base-2 log-sum-exp ``[B, heads, H, W]``.
-    ``forward_kernel``: v1's or another with its arguments (``_neighborhood_triton_v2``)."""
+    ``forward_kernel``: v1's or another with its arguments (``_neighborhood_triton_v2``) plus the keyword
+    arguments ``kernel_options``."""
     batch, height, width, heads, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, height, width), dtype=torch.float32, device=q.device)
@@ -761,11 +780,12 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     for rows in batch_chunks(OP_NAME, batch, heads):   # batch * heads programs on grid axis y
         _forward_launch(q[rows], k[rows], v[rows], out[rows], lse[rows], rpb, _rows(extra_k, rows),
                         _rows(extra_v, rows), _rows(extra_bias, rows), _rows(window_weight, rows), spec, common,
-                        forward_kernel)
+                        forward_kernel, kernel_options or {})
     return out, lse
 
 
-def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window_weight, spec, common, kernel):
+def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window_weight, spec, common, kernel,
+                    options):
     batch, height, width, heads, _ = q.shape
     ek, ev = (extra_k, extra_v) if extra_k is not None else (q[:, 0], q[:, 0])
     eb, eb_strides = _or_placeholder(extra_bias, q, 5)
@@ -776,14 +796,15 @@ def _forward_launch(q, k, v, out, lse, rpb, extra_k, extra_v, extra_bias, window
         heads, height, width, *spec.dilation, size_class(batch, heads, height, width, spec.dilation),
         extra_k.shape[1] if extra_k is not None else 0, spec.scale * LOG2E,
         HAS_RPB=rpb is not None, HAS_EXTRA=extra_k is not None, HAS_EXTRA_BIAS=extra_bias is not None,
-        HAS_WW=window_weight is not None, BLOCK_E=EXTRA_BLOCK, **common)
+        HAS_WW=window_weight is not None, BLOCK_E=EXTRA_BLOCK, **common, **options)
 
 
 def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb_grad, needs_extra_grad,
              extra_bias=None, window_weight=None, needs_extra_bias_grad=False, needs_window_weight_grad=False,
-             dq_kernel=_BACKWARD_DQ, dkdv_kernel=_BACKWARD_DKDV):
+             dq_kernel=_BACKWARD_DQ, dkdv_kernel=_BACKWARD_DKDV, dq_options=None):
     """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)``; None where not
-    asked for. ``dq_kernel``, ``dkdv_kernel``: v1's or others with their arguments (``_neighborhood_triton_v2``)."""
+    asked for. ``dq_kernel``, ``dkdv_kernel``: v1's or others with their arguments (``_neighborhood_triton_v2``),
+    the dQ kernel's plus the keyword arguments ``dq_options``."""
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb = rpb.contiguous() if rpb is not None else None
@@ -814,7 +835,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
                          dk[rows], dv[rows], rpb, drpb_partial[rows], rpb_grad, drpb_tiles,
                          _rows(extra_k, rows), _rows(extra_v, rows), _rows(d_extra_k, rows), _rows(d_extra_v, rows),
                          _rows(extra_bias, rows), _rows(d_extra_bias, rows), _rows(window_weight, rows),
-                         _rows(d_window_weight, rows), spec, common, dq_kernel, dkdv_kernel)
+                         _rows(d_window_weight, rows), spec, common, dq_kernel, dkdv_kernel, dq_options or {})
     d_rpb = drpb_partial.sum((0, 2)).to(rpb.dtype) if rpb_grad else None
     if d_extra_bias is not None:
         broadcast = tuple(dim for dim in (0, 1) if bias_shape[dim] == 1 and d_extra_bias.shape[dim] != 1)
@@ -825,7 +846,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
 
 def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_partial, rpb_grad, drpb_tiles, extra_k,
                      extra_v, d_extra_k, d_extra_v, extra_bias, d_extra_bias, window_weight, d_window_weight, spec,
-                     common, dq_kernel, dkdv_kernel):
+                     common, dq_kernel, dkdv_kernel, dq_options):
     batch, height, width, heads, _ = q.shape
     kernel_h, kernel_w = spec.kernel_size
     rpb_arg = rpb if rpb is not None else q
@@ -846,7 +867,7 @@ def _backward_launch(grad_out, q, k, v, out, lse, delta, dq, dk, dv, rpb, drpb_p
         HAS_EXTRA_BIAS=extra_bias is not None, EXTRA_BIAS_GRAD=d_extra_bias is not None,
         HAS_WW=window_weight is not None, WW_GRAD=d_window_weight is not None,
         BLOCK_E=EXTRA_BLOCK, BIAS_H=max(MIN_DOT, triton.next_power_of_2(2 * kernel_h - 1)),
-        BIAS_W=max(MIN_DOT, triton.next_power_of_2(2 * kernel_w - 1)), **common)
+        BIAS_W=max(MIN_DOT, triton.next_power_of_2(2 * kernel_w - 1)), **common, **dq_options)
     dkdv_kernel[grid](
         q, k, v, grad_out, lse, delta, dk, dv, rpb_arg, ww,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *ww_strides,

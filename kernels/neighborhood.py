@@ -71,8 +71,9 @@ def validate(q, k, v, kernel_size, dilation=1, scale=None, rpb=None, border='cla
     dilation = int_pair(OP_NAME, dilation, 'dilation')
     for axis, size, kernel, dil in (('height', height, kernel_size[0], dilation[0]),
                                     ('width', width, kernel_size[1], dilation[1])):
-        # a zero border masks what falls outside the map, so its window may be larger than the map
-        if kernel * dil > size and border != 'zero':
+        # a zero border masks what falls outside the map, so its window may be larger than the map; the border
+        # is read first so that an exported graph (a symbolic map size) of a zero border holds no bound on it
+        if border != 'zero' and kernel * dil > size:
             raise ValueError(f'{OP_NAME}: kernel_size * dilation = {kernel} * {dil} = {kernel * dil} is larger than '
                              f'the feature map {axis} {size}; pad the feature map or use a smaller kernel_size '
                              f'or dilation')

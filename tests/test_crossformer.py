@@ -93,6 +93,21 @@ def test_attention_matches_token_by_token_reference(H, W, group_size, interval, 
 
 
 @pytest.mark.parametrize('fused', [True, False])
+def test_compiled_form_of_an_unpadded_map_gives_the_same_attention(fused, monkeypatch):
+    """Eager calls skip the zero padding and the padded-key mask where nothing is padded; a compiled or exported
+    graph keeps both for every size (no branch on the map size). Both forms compute the same attention."""
+    torch.manual_seed(0)
+    attn = LongShortDistanceAttention(32, 2, group_size=4, interval=2).double().eval()
+    attn.fused_attn = fused
+    x = torch.randn(2, 8, 16, 32, dtype=torch.float64)
+    with torch.no_grad():
+        eager = attn(x)
+        monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+        torch.testing.assert_close(attn(x), eager, rtol=1e-12, atol=1e-12)
+        assert attn.attention_mask(2, 8, 16, 0, 0, 4, 4, 2).shape == (2 * 8, 2, 16, 16)
+
+
+@pytest.mark.parametrize('fused', [True, False])
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_all_padding_groups_stay_finite_in_half_precision(dtype, fused):
     """9 x 6 with G 2, I 4 has groups made only of padding; their rows must not turn into NaN (the
@@ -119,13 +134,18 @@ def test_crossformer_pp_stage1_mask_matches_official_shape():
     """Official notes: ++ stage 1 at 224 pads 56 -> 64 for LDA (G 4, I 4), a mask of 256 groups of 16 x 16
     (the LDA block's G and I are checked by test_pp_groups_at_224)."""
     attn = LongShortDistanceAttention(64, 2, group_size=4, interval=4)
-    mask = attn.attention_mask(56, 56, 8, 8, 4, 4, 4)
-    assert mask.shape == (1, 256 * 2, 16, 16)
+    mask = attn.attention_mask(2, 56, 56, 8, 8, 4, 4, 4)
+    assert mask.shape == (2 * 256, 2, 16, 16)   # [batch * groups, heads, N, N]
     # a group's padded keys are the same for every query and head: 0 + bias or MASK_VALUE + bias
-    padded_cols = (mask - attn.pos(4, 4).repeat(256, 1, 1).unsqueeze(0)) < -1e3
+    padded_cols = (mask - attn.pos(4, 4)) < -1e3
     assert padded_cols.any(-2).eq(padded_cols.all(-2)).all()
-    # padding covers rows / columns 56-63 of the 64 x 64 map: 64^2 - 56^2 = 960 padded tokens
-    assert padded_cols[0, ::2, 0].sum() == 960
+    assert padded_cols.any(-3).eq(padded_cols.all(-3)).all()
+    # padding covers rows / columns 56-63 of the 64 x 64 map: 64^2 - 56^2 = 960 padded tokens, in each image
+    assert padded_cols[:256, 0, 0].sum() == 960 and torch.equal(padded_cols[:256], padded_cols[256:])
+    # stage 1 of CrossFormer at 224 needs no padding: the bias alone, one for every group and image
+    unpadded = LongShortDistanceAttention(64, 2, group_size=7, interval=8)
+    torch.testing.assert_close(unpadded.attention_mask(2, 56, 56, 0, 0, 7, 7, 8), unpadded.pos(7, 7)[None],
+                               rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- architecture facts of the official code

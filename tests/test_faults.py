@@ -8,12 +8,10 @@ both CrossFormer designs), at a small input. What must hold (DESIGN.md, Faults):
 - a non-finite value stays in its own sample: the rest of the batch is bit-identical to the same batch
   without it, and the sample keeps it (its output is not finite);
 - an empty batch gives empty outputs (forward, ``forward_intermediates``, ``features_only``) and
-  gradients (zero, for the parameters), and leaves the running statistics alone;
+  gradients (zero, for the parameters), and leaves the running statistics alone (timm's MaxViT and
+  HaloNet through the guard backbones/_timm_empty_batch.py installs, which changes nothing at B > 0);
 - every family runs after ``.half()`` / ``.bfloat16()`` and under autocast (fp16 and bf16), close to its
   float32 output.
-
-Where timm's own model fails, the failure is recorded as an exact expectation (timm's file and message),
-as tests/test_models.py does for the sizes timm rejects.
 """
 import copy
 import multiprocessing
@@ -25,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 import child_checks
-from test_models import FAMILY_OF, SMALLEST, assert_raised_by_timm, images
+from attnzoo.backbones._families import TIMM_NATIVE_FAMILIES
+from attnzoo.backbones._timm_empty_batch import GUARDED_FAMILIES, GUARDED_FORWARDS
+from test_models import FAMILY_OF, SMALLEST, images
 
 MODELS = sorted({*SMALLEST.values(), 'crossformer_tiny'})  # CrossFormer and CrossFormer++ differ in design
 SIZE = 64
@@ -34,11 +34,9 @@ SIZE = 64
 MODEL_KWARGS = {'maxxvit': {'img_size': SIZE}}
 SIZES = {'byoanet': 256}
 
-# timm's own models that fail on an empty batch: (the timm file that raises, its message)
-TIMM_EMPTY_BATCH_FAILURES = {
-    'maxxvit': ('timm/models/maxxvit.py', r'cannot reshape tensor of 0 elements'),
-    'byoanet': ('timm/layers/eca.py', r'cannot reshape tensor of 0 elements'),
-}
+# every variant of the timm families whose modules needed the empty-batch guard; beyond the smallest, slow
+GUARDED_VARIANTS = [pytest.param(name, marks=pytest.mark.slow) for family in GUARDED_FAMILIES
+                    for name in TIMM_NATIVE_FAMILIES[family] if name not in MODELS]
 
 # max |half - float32| / max |float32| of the logits (measured: bf16 <= 0.02, fp16 <= 0.003)
 HALF_TOLERANCE = {torch.bfloat16: 0.05, torch.float16: 0.01}
@@ -177,18 +175,63 @@ def check_empty_batch(name, device):
 
 
 @pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', MODELS + GUARDED_VARIANTS)
 def test_empty_batch(name, device, one_thread):
-    """An empty batch gives empty outputs and zero gradients (see :func:`check_empty_batch`); timm's MaxViT
-    and HaloNet fail on it in timm's own code, recorded exactly."""
-    family = FAMILY_OF[name]
-    if family in TIMM_EMPTY_BATCH_FAILURES:
-        timm_file, message = TIMM_EMPTY_BATCH_FAILURES[family]
-        with pytest.raises(RuntimeError) as excinfo:
-            built(name, device)(batch(name, size=0, device=device))
-        assert_raised_by_timm(excinfo, timm_file, message)
-        return
+    """An empty batch gives empty outputs and zero gradients (see :func:`check_empty_batch`)."""
     check_empty_batch(name, device)
+
+
+@pytest.fixture
+def without_empty_batch_guard(monkeypatch):
+    """timm's own forward on the classes backbones/_timm_empty_batch.py guards, for this test."""
+    for cls in GUARDED_FORWARDS:
+        monkeypatch.setattr(cls, 'forward', cls._timm_forward)
+
+
+def training_step(model, x):
+    """Logits, input gradient and parameter gradients of one backward of a fixed function of the logits."""
+    x = x.clone().requires_grad_()
+    logits = model(x)
+    (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+    return [logits, x.grad, *(p.grad for p in model.parameters())]
+
+
+@pytest.mark.parametrize('name', [SMALLEST['maxxvit'], 'eca_halonext26ts'])  # every guarded class
+def test_empty_batch_guard_changes_nothing_at_b2(name, request, one_thread):
+    """At B > 0 the guarded timm models compute exactly what timm's own modules do: logits and gradients
+    bit-identical with and without the guard (training mode)."""
+    model, x = built(name).train(), batch(name)
+    guarded = training_step(model, x)
+    assert {type(m) for m in model.modules()} & set(GUARDED_FORWARDS), f'{name} has no guarded module'
+    request.getfixturevalue('without_empty_batch_guard')
+    model.zero_grad(set_to_none=True)
+    timm_own = training_step(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(guarded, timm_own, strict=True))
+
+
+@pytest.mark.slow
+def test_empty_batch_guard_exports(one_thread):
+    """torch.export of a guarded model (MaxViT) with a dynamic batch: the program computes what the eager
+    model does at another batch size."""
+    name = SMALLEST['maxxvit']
+    model = built(name)
+    program = torch.export.export(model, (batch(name),), dynamic_shapes=({0: torch.export.Dim('batch', max=64)},))
+    x = batch(name, size=3)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x))
+
+
+@pytest.mark.slow
+def test_empty_batch_guard_compiles(one_thread):
+    """torch.compile of a guarded model (HaloNet with ECA): the eager model's outputs at B=2 and at B=0."""
+    name = 'eca_halonext26ts'
+    model = built(name)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for size in (2, 0):
+            x = batch(name, size=size)
+            torch.testing.assert_close(compiled(x), model(x))
 
 
 # ----------------------------------------------------------------------------- half precision

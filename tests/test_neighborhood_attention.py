@@ -9,7 +9,8 @@ import torch
 
 from attnzoo.kernels import _neighborhood_cpu, neighborhood_attention_2d, use_na_kernel
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference, validate
-from test_kernel_fuzz import assert_matches, na_kernel, with_na_kernels  # noqa: F401 (na_kernel: a fixture)
+from test_kernel_fuzz import (NeighborhoodCase, assert_matches, na_kernel,  # noqa: F401 (na_kernel: a fixture)
+                              run_neighborhood_case, with_na_kernels)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tools'))   # benchlib: TransNeXt's call
 
@@ -539,9 +540,9 @@ def test_compiled_op_runs_the_chosen_kernels_forward_and_backward(monkeypatch):
 def test_v2_keeps_non_finite_keys_out_of_other_windows():
     """A NaN key, a NaN value and an Inf value reach exactly the queries whose windows hold them (and give them
     non-finite outputs and dQ); every other query's output and dQ, and every finite dK / dV of the reference,
-    match it."""
-    inputs = {name: t.detach().clone() for name, t in make_inputs((1, 12, 12, 1, 16), 3, rpb=True).items()}
-    inputs['k'][0, 5, 6, 0, 3] = float('nan')
+    match it; in interior and border bands."""
+    inputs = {name: t.detach().clone() for name, t in make_inputs((1, 12, 20, 1, 16), 3, rpb=True).items()}
+    inputs['k'][0, 5, 11, 0, 3] = float('nan')   # in an interior band (the window table's), as the Inf
     inputs['v'][0, 6, 2, 0, 0] = float('nan')
     inputs['v'][0, 9, 9, 0, 1] = float('inf')
     grad_out = torch.randn(inputs['q'].shape, generator=torch.Generator().manual_seed(1))
@@ -561,6 +562,85 @@ def test_v2_keeps_non_finite_keys_out_of_other_windows():
         assert 27 <= (~finite).sum() < finite.numel() // 2, name   # three windows' queries (more at the clamp)
         torch.testing.assert_close(got[finite].double(), expected[finite], atol=1e-4, rtol=1e-4, msg=name)
         assert not torch.isfinite(got[~finite]).all(-1).any(), name
+
+
+# v2's interior bands read the window mask and rpb from the window table, border bands compute them: maps where
+# both occur (by the op's own window rule: design.v2_interior_bands), values and every gradient vs float64
+V2_BAND_CASES = [
+    # TransNeXt's call: 3 x 3 zero border, rpb, extra tokens with their per-query bias, window weights
+    NeighborhoodCase((1, 11, 19, 1, 16), (3, 3), (1, 1), 'zero', torch.float32, 'contiguous', 'float32', 2,
+                     ['q', 'k', 'v', 'rpb', 'extra_k', 'extra_v', 'extra_bias', 'window_weight'], extra_bias='full',
+                     window_weight=True),
+    NeighborhoodCase((1, 13, 35, 1, 16), (3, 3), (2, 2), 'clamp', torch.float16, 'transposed', 'q', 0,
+                     ['q', 'k', 'v', 'rpb']),
+    NeighborhoodCase((1, 13, 21, 2, 32), (5, 5), (1, 1), 'zero', torch.float32, 'qkv_views', 'float32', 0,
+                     ['q', 'k', 'v', 'rpb'], scale=0.3),
+    NeighborhoodCase((1, 15, 35, 1, 16), (6, 4), (1, 2), 'clamp', torch.float32, 'contiguous', 'float32', 0,
+                     ['q', 'k', 'v', 'rpb']),
+    NeighborhoodCase((1, 17, 21, 1, 16), (7, 7), (1, 1), 'clamp', torch.float32, 'contiguous', 'float32', 0,
+                     ['q', 'k', 'v', 'rpb', 'window_weight'], window_weight=True),
+    NeighborhoodCase((1, 19, 25, 1, 16), (9, 9), (1, 1), 'zero', torch.float32, 'contiguous', 'float32', 0,
+                     ['q', 'k', 'v', 'rpb']),
+    NeighborhoodCase((1, 21, 25, 1, 16), (11, 11), (1, 1), 'clamp', torch.float32, 'contiguous', 'float32', 0,
+                     ['q', 'k', 'v', 'rpb']),
+    NeighborhoodCase((1, 23, 27, 1, 16), (13, 13), (1, 1), 'clamp', torch.float32, 'contiguous', 'float32', 0,
+                     ['q', 'k', 'v', 'rpb']),
+    NeighborhoodCase((1, 13, 19, 1, 32), (5, 5), (2, 1), 'clamp', torch.bfloat16, 'contiguous', 'float32', 3,
+                     ['q', 'k', 'v', 'rpb', 'extra_k', 'extra_v', 'extra_bias'], extra_bias='heads_tokens'),
+]
+
+
+def assert_interior_and_border_bands(case):
+    from benchlib import design
+    _, height, width, _, _ = case.shape
+    interior, bands = design.v2_interior_bands(height, width, case.kernel_size, case.dilation, case.border)
+    assert 0 < interior < bands, (interior, bands)
+
+
+@pytest.mark.parametrize('case', [pytest.param(case, id=f'k{case.kernel_size[0]}x{case.kernel_size[1]}-dil'
+                                               f'{case.dilation[0]}x{case.dilation[1]}-{case.border}',
+                                               marks=[pytest.mark.slow] if index else [])
+                                  for index, case in enumerate(V2_BAND_CASES)])
+def test_v2_interior_and_border_bands_match_reference(case):
+    assert_interior_and_border_bands(case)
+    with use_na_kernel('v2'):
+        run_neighborhood_case(case, seed=4)
+
+
+@pytest.mark.parametrize('border', ['clamp', pytest.param('zero', marks=pytest.mark.slow)])
+def test_v2_border_bands_next_to_interior_ones(border):
+    """Each bound of the interior rule decides a band here: band rows 6-7 are interior, 8-9 are not (the window
+    of row 9 ends on the map's last row, 10 would be off it); along x, dilation 2 gives groups of 17 and 16
+    columns, and their columns 8-15 are interior in the first group only (column 15's window needs column 16),
+    columns 0-7 in neither. A band of the interior path on the wrong side of a bound gets the wrong keys."""
+    case = NeighborhoodCase((1, 10, 33, 1, 16), (3, 3), (1, 2), border, torch.float32, 'contiguous', 'float32', 0,
+                            ['q', 'k', 'v', 'rpb'])
+    assert_interior_and_border_bands(case)
+    with use_na_kernel('v2'):
+        run_neighborhood_case(case, seed=5)
+
+
+def test_v2_window_table_holds_each_windows_rpb():
+    """The window table against the op's own window rule: query (r, c) of a band sees the rectangle's keys
+    (r .. r + k_h - 1, c .. c + k_w - 1) and each gets rpb[key - query + k - 1] in base 2; -inf elsewhere."""
+    from attnzoo.kernels import _neighborhood_triton_v2 as v2
+    from attnzoo.kernels._neighborhood_triton import LOG2E
+    kernel_h, kernel_w = 5, 4
+    rpb = torch.randn(2, 2 * kernel_h - 1, 2 * kernel_w - 1)
+    rows, cols = v2.band_keys(kernel_h, kernel_w)
+    table = v2.window_table(rpb, (kernel_h, kernel_w), 'cpu')
+    assert table.shape == (2, v2.BAND * v2.TILE_W, sum(v2.band_pieces(kernel_h, kernel_w)))
+    expected = torch.full(table.shape, float('-inf'))
+    for query in range(v2.BAND * v2.TILE_W):
+        r, c = divmod(query, v2.TILE_W)
+        # the rectangle starts at the window of the band's first query: (r, c) is its row / column kernel // 2 on
+        for dy in range(kernel_h):
+            for dx in range(kernel_w):
+                key = (r + dy) * cols + c + dx
+                expected[:, query, key] = rpb[:, dy - kernel_h // 2 + kernel_h - 1,
+                                              dx - kernel_w // 2 + kernel_w - 1] * LOG2E
+    torch.testing.assert_close(table, expected)
+    assert torch.equal(v2.window_table(None, (kernel_h, kernel_w), 'cpu').isfinite(), expected[:1].isfinite())
 
 
 @pytest.mark.slow

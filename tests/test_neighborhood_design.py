@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'tools'))
@@ -15,7 +16,7 @@ from attnzoo.kernels import _neighborhood_triton as v1  # noqa: E402
 from attnzoo.kernels import _neighborhood_triton_v2 as v2  # noqa: E402
 
 KEYS = ('kernel', 'kernel_size', 'dilation', 'head_dim', 'map', 'scored_per_query', 'needed_per_query',
-        'exp_per_query', 'dot_shapes', 'bytes_read_per_query')
+        'exp_per_query', 'dot_shapes', 'bytes_read_per_query', 'bias_bytes_per_query')
 
 
 @pytest.fixture(scope='module')
@@ -73,6 +74,20 @@ def test_rows_follow_the_launch_parameters(monkeypatch):
     # v1: 16 x 8 queries see up to (16 + 6) x (8 + 6) keys, in blocks of 4 rows x 16 columns
     assert after['v1']['scored_per_query'] != before['v1']['scored_per_query']
     assert after['v1']['dot_shapes'] == ['128x64x32'] and after['v1']['tile'].startswith('16x8 queries')
+
+
+def test_bias_bytes_follow_the_window_table(monkeypatch):
+    """The window's bias per query: v1 gathers each window's rpb; v2's interior bands read a row of the window table
+    instead (every entry of its width), so a table of half the width halves that part."""
+    assert design.design_row('v1', 7, 1, 32, 56)['bias_bytes_per_query'] == 49 * design.RPB_BYTES
+    before = design.design_row('v2', 7, 1, 32, 56)
+    monkeypatch.setattr(v2, 'WINDOW_TABLE_DTYPE', torch.float16)
+    after = design.design_row('v2', 7, 1, 32, 56)
+    interior, bands = design.v2_interior_bands(56, 56, (7, 7), (1, 1), 'clamp')
+    assert 0 < interior < bands
+    table_bytes = interior * v2.BAND * v2.TILE_W * sum(v2.band_pieces(7, 7)) * 4 / 56 ** 2
+    assert before['bias_bytes_per_query'] - after['bias_bytes_per_query'] == pytest.approx(table_bytes / 2, abs=0.1)
+    assert before['bytes_read_per_query'] - after['bytes_read_per_query'] == pytest.approx(table_bytes / 2, abs=0.1)
 
 
 def test_kernel_section_times_the_chosen_versions():

@@ -1,11 +1,13 @@
 """timm's own model tests (its tests/test_models.py, vendored as tests/timm_upstream_test_models.py) on every
-attnzoo variant: the checks every timm model passes (forward, backward, default cfgs, TorchScript,
-features, forward_intermediates, FX, FX + TorchScript), run as timm runs them.
+attnzoo variant and every MaxViT and HaloNet variant attnzoo ships (timm's models with attnzoo's empty-batch
+guard): the checks every timm model passes (forward, backward, default cfgs, TorchScript, features,
+forward_intermediates, FX, FX + TorchScript), run as timm runs them.
 
-All of them are ``slow`` (TorchScript and FX of every variant take minutes on 2 CPU cores) but one that
-broke before (TransNeXt under FX + TorchScript); the families' own tests and tests/test_models.py cover the
-same API cheaply by default. Tests that download pretrained weights are left out (no network here; the
-families' own tests load official layouts).
+All of them are ``slow`` (TorchScript and FX of every variant take minutes on 2 CPU cores) but the cases
+that broke before (TransNeXt under FX + TorchScript, the empty-batch guard and CrossFormer++ under
+TorchScript); the families' own tests and tests/test_models.py cover the same API cheaply by default.
+Tests that download pretrained weights are left out (no network here; the families' own tests load
+official layouts).
 """
 import importlib.util
 import warnings
@@ -14,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import attnzoo.backbones  # noqa: F401  (registers the models)
-from attnzoo.backbones._families import attnzoo_families
+from attnzoo.backbones._families import TIMM_NATIVE_FAMILIES, attnzoo_families
+from attnzoo.backbones._timm_empty_batch import GUARDED_FAMILIES
 
 _SPEC = importlib.util.spec_from_file_location(
     'timm_upstream_test_models', Path(__file__).with_name('timm_upstream_test_models.py'))
@@ -29,9 +32,17 @@ MODEL_TESTS = (
     'test_model_forward_features', 'test_model_forward_intermediates_features', 'test_model_forward_intermediates',
     'test_model_forward_fx', 'test_model_backward_fx', 'test_model_forward_fx_torchscript',
 )
-VARIANTS = [name for names in attnzoo_families().values() for name in names]
-# in the default run: the case that failed ('Don't support conversion in JoinedStr', the op's Python checks)
-DEFAULT = {('test_model_forward_fx_torchscript', 'transnext_micro')}
+# attnzoo's variants, and timm's MaxViT and HaloNet ones, whose modules attnzoo guards for an empty batch
+# (backbones/_timm_empty_batch.py: timm's tests check that the guard keeps TorchScript, FX and features working)
+VARIANTS = ([name for names in attnzoo_families().values() for name in names]
+            + [name for family in GUARDED_FAMILIES for name in TIMM_NATIVE_FAMILIES[family]])
+# in the default run, cases that failed: TransNeXt's FX + TorchScript ('Don't support conversion in
+# JoinedStr', the op's Python checks); the empty-batch guard under TorchScript ("Can't redefine method"),
+# on the variant that has both kinds of guarded module; CrossFormer++ (its activation cooling) under
+# TorchScript, reported failing
+DEFAULT = {('test_model_forward_fx_torchscript', 'transnext_micro'),
+           ('test_model_forward_torchscript', 'eca_halonext26ts'),
+           ('test_model_forward_torchscript', 'crossformer_pp_small')}
 CASES = [pytest.param(test, name, marks=() if (test, name) in DEFAULT else pytest.mark.slow, id=f'{test}-{name}')
          for name in VARIANTS for test in MODEL_TESTS]
 

@@ -16,6 +16,8 @@
     python tools/benchmark.py models --family all     # the zoo: every variant, then the cards, README table and plot
     python tools/benchmark.py models --family biformer nat   # some families' variants (files tagged zoo-<families>)
     python tools/benchmark.py cards                   # regenerate the cards' and README's generated parts only
+    python tools/benchmark.py official crossformer_tiny crossformer_pp_small --official-repo ~/src/CrossFormer
+                                                      # against the official code (a local checkout), same weights
 
 Results go to --out (default model_cards/benchmarks/) as <device kind>-<section>[-<tag>].md (a table),
 .json (every number, with the device, library versions and the machine's load), .csv (one row per
@@ -38,7 +40,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.harness import (Result, _fmt as fmt, cpu_peak_mib, markdown_table, model_gmacs,  # noqa: E402
                               run_case, time_call, time_interleaved)
-from benchlib.provenance import cpu_model, device_kind, device_name, slug, versions  # noqa: E402
+from benchlib.provenance import commit_of, cpu_model, device_kind, device_name, slug, versions  # noqa: E402
 from _runtime import ToolError, check_at_least, run_cli  # noqa: E402
 
 KERNEL_SECTIONS = ('neighborhood', 'routing')
@@ -177,6 +179,24 @@ def models_table(results, baseline_of):
 
 def _ratio(numerator, denominator):
     return numerator / denominator if numerator and denominator else None
+
+
+def run_official(args, device, notes):
+    """attnzoo variants against their official code, same weights, on the CPU (tools/benchlib/official.py)."""
+    from benchlib import official
+    args.tag = args.tag or '-'.join(dict.fromkeys(official.OFFICIAL_BUILDS[name].family for name in args.variants))
+    rounds = len(args.variants) * args.repeats * args.iters
+    with tqdm(total=rounds, desc='official', unit='round') as progress:
+        try:
+            results = official.run(args.variants, args.official_repo, args.batch, args.warmup, args.iters,
+                                   args.repeats, progress)
+        except ValueError as exc:   # a checkout that does not build the variant, outputs that disagree
+            raise ToolError(str(exc)) from None
+    notes.update(load_average_at_end=os.getloadavg(), batch=args.batch, repeats=args.repeats,
+                 official_repo_commit=commit_of(args.official_repo))
+    print(official.table(results))
+    write(results, {}, args.section, args, device, table=official.table, plotter=official.plot, notes=notes,
+          legend=official.LEGEND)
 
 
 def run_cpu(args, device, dtype):
@@ -381,7 +401,15 @@ def regenerate_cards(out, results=()):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('section', choices=('kernels', 'models', 'cpu', 'cards', 'design'))
+    parser.add_argument('section', choices=('kernels', 'models', 'cpu', 'cards', 'design', 'official'))
+    parser.add_argument('variants', nargs='*', default=[],
+                        help='official section: the attnzoo variants to time against their official code')
+    parser.add_argument('--official-repo', default=None,
+                        help='official section: a local checkout of the variants\' official repository (its top '
+                             'folder; tools/benchlib/official.py says how it builds each variant)')
+    parser.add_argument('--repeats', type=int, default=3,
+                        help='official section: timed runs of --iters alternating rounds each, the order of the two '
+                             'models swapped every run; the ratio is their median, their range is reported')
     parser.add_argument('--json', action='store_true', help='design section: the rows as JSON instead of a table')
     parser.add_argument('--na-kernels', nargs='+', choices=('v1', 'v2'), default=None,
                         help='kernels section: versions of the Triton neighborhood kernels to time (default: both)')
@@ -403,8 +431,8 @@ def parse_args(argv=None):
                              "nat, ...; 'all' for the whole zoo, which also regenerates the cards, README table and "
                              "plot)")
     parser.add_argument('--baseline', default='resnet50', help='models section: the model every other is compared to')
-    parser.add_argument('--batch', type=int, default=None, help='models section: batch size (default: 1 with '
-                                                                 '--family, else 32)')
+    parser.add_argument('--batch', type=int, default=None, help='models / official sections: batch size (default: '
+                                                                 '1 with --family, 4 in the official section, else 32)')
     parser.add_argument('--modes', nargs='+', default=None, choices=('fwd', 'fwd+bwd'),
                         help='models section (default: fwd with --family, else both)')
     parser.add_argument('--max-gmacs', type=float, default=None,
@@ -418,7 +446,8 @@ def parse_args(argv=None):
                              "e.g. 'auto reference' for fused vs reference rows")
     parser.add_argument('--tag', default='', help='names the result files <device>-<section>-<tag> (e.g. a family)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='torch threads (default: 1 with --family on CPU, else torch\'s)')
+                        help='torch threads (default: 1 with --family on CPU and in the official section, else '
+                             'torch\'s)')
     parser.add_argument('--out', default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     if args.section == 'cpu':
@@ -440,10 +469,17 @@ def parse_args(argv=None):
             # one thread: on a CPU shared with other work, two threads wait on each other and times jump
             # 10-30x from call to call; one thread per process gives steady, comparable figures
             args.threads = 1
+    if args.variants and args.section != 'official':
+        parser.error(f'variants ({" ".join(args.variants)}) are for the official section; the {args.section} section '
+                     f'takes --models / --family')
+    if args.section == 'official':
+        args.device = 'cpu'
+        args.threads = 1 if args.threads is None else args.threads
     args.models = args.models or ['cswin_tiny_224']
     args.warmup = (1 if zoo_run else 3) if args.warmup is None else args.warmup
     args.iters = 10 if args.iters is None else args.iters
-    args.batch = (1 if zoo_run else 32) if args.batch is None else args.batch
+    args.batch = ((1 if zoo_run else 4 if args.section == 'official' else 32) if args.batch is None
+                  else args.batch)
     args.modes = args.modes or (['fwd'] if zoo_run else ['fwd', 'fwd+bwd'])
     args.budget_s = args.budget_s if args.budget_s is not None else (5. if zoo_run else None)
     check_args(args)
@@ -453,7 +489,13 @@ def parse_args(argv=None):
 def check_args(args) -> None:
     """Raises a :class:`ToolError` for counts below one and, in the models section, unknown model names: before
     anything is timed."""
-    check_at_least(args, {'batch': 1, 'iters': 1, 'warmup': 0, 'threads': 1, 'budget_s': 0.})
+    check_at_least(args, {'batch': 1, 'iters': 1, 'warmup': 0, 'threads': 1, 'budget_s': 0., 'repeats': 1})
+    if args.section == 'official':
+        from benchlib.official import check_request
+        try:
+            check_request(args.variants, args.official_repo)
+        except ValueError as exc:
+            raise ToolError(str(exc)) from None
     if args.section == 'models':
         import timm
         from _models import unknown_model_message  # registers the attnzoo families with timm
@@ -484,6 +526,9 @@ def main(argv=None):
         print(cpu_table(results, baseline_of))
         write(results, baseline_of, args.section, args, device, table=cpu_table, plotter=plot_cpu, notes=notes,
               legend=CPU_LEGEND)
+        return
+    if args.section == 'official':
+        run_official(args, device, notes)
         return
     if args.section == 'kernels':
         results, baseline_of = run_kernels(args, device, dtypes)

@@ -15,9 +15,12 @@ program of aten ops only.
 ``--dynamic`` names the axes of the input that stay free: ``batch``, ``hw`` (height and width), ``both`` or
 ``none``. The check runs the export and the eager model on fresh random images at the export shape and, per
 dynamic axis, at another size (batch + 1; height + 32 and width + 64), prints the largest absolute difference
-of every output and fails above ``--atol``. ``--checkpoint`` loads weights the way every attnzoo tool does
-(``weights_only`` reading, the family's checkpoint filter, a strict fit); the classifier keeps the
-checkpoint's number of classes. ``--latency`` also times the eager model and the ONNX file on one CPU thread
+of every output and fails above ``--atol``. With a dynamic height and width the tool prints the sizes the export
+holds for (torch.export's ranges of them): the ``.pt2`` program checks its shape guards when run, an ONNX
+runtime does not, so keep an ONNX file's inputs within the printed ranges.
+
+``--checkpoint`` loads weights the way every attnzoo tool does (``weights_only`` reading, the family's checkpoint
+filter, a strict fit); the classifier keeps the checkpoint's number of classes. ``--latency`` also times the eager model and the ONNX file on one CPU thread
 and prints their ratio (as the cards report it).
 """
 import argparse
@@ -26,10 +29,11 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
+from torch.utils._sympy.numbers import int_oo   # torch.export's unbounded range
 
 from attnzoo.backbones._families import family_of
 import _checkpoints as checkpoints
@@ -47,8 +51,11 @@ STATIC_HW_FAMILIES = {
                'asserts the input matches); export one file per size, built with --img-size H W',
     'byoanet': "HaloNet's halo attention asserts that every feature map divides into its blocks, which timm "
                'checks on the traced size; export one file per size, built with --img-size H W',
-    'biformer': "BiFormer pads every map to a multiple of its routing grid (7 x 7 regions), and the traced program "
-                'fixes the tokens per region (the padded map over the grid) of every stage; export one file per size, '
+    'biformer': "BiFormer pads every map to a multiple of its routing grid (7 x 7 regions), and torch.export fixes "
+                "what the routing ops' reshapes and their decompositions read of the tokens per region (the padded "
+                'map over the grid) of every stage, such as whether a region holds one token or several: even with '
+                'the padding written for a symbolic size, a graph traced at 64 x 64 holds only for inputs of 57 to '
+                '112 pixels a side (measured), not the any size the eager model takes; export one file per size, '
                 'with --img-size H W',
     'cswin': "CSWin pads every map to a multiple of its stripe width, and the traced program fixes the number of "
              'stripes of every stage; export one file per size, with --img-size H W',
@@ -159,11 +166,33 @@ def _outputs(value) -> List[torch.Tensor]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def export_onnx(model, example: torch.Tensor, dynamic: str, path: Path, features: bool):
-    names = [f'features{i}' for i in range(len(model.feature_info))] if features else ['logits']
-    program = torch.onnx.export(model, (example,), dynamic_shapes=dynamic_shapes(dynamic), input_names=['image'],
-                                output_names=names, dynamo=True, verbose=False)
-    program.save(str(path))
+def export_program(model, example: torch.Tensor, dynamic: str) -> torch.export.ExportedProgram:
+    return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(dynamic))
+
+
+def export_onnx(program: torch.export.ExportedProgram, path: Path, features: bool, optimize: bool = True) -> None:
+    """The ONNX file of ``program``; ``optimize``: onnxscript's optimizer passes (constant folding and the like)."""
+    names = [f'features{i}' for i in range(len(program.graph_signature.user_outputs))] if features else ['logits']
+    onnx_program = torch.onnx.export(program, input_names=['image'], output_names=names, dynamo=True, verbose=False,
+                                     optimize=optimize)
+    onnx_program.save(str(path))
+
+
+def size_ranges(program: torch.export.ExportedProgram) -> Dict[str, Tuple[int, Optional[int]]]:
+    """The input heights and widths the program holds for, where they are dynamic: torch.export's range of each
+    axis's symbol (the guards that the traced model's shape arithmetic left), as (lowest, highest or None)."""
+    image = next(node for node in program.graph.nodes if node.op == 'placeholder'
+                 and node.name in program.graph_signature.user_inputs)
+    ranges = {}
+    for axis, size in (('height', image.meta['val'].shape[2]), ('width', image.meta['val'].shape[3])):
+        if isinstance(size, torch.SymInt):
+            bounds = program.range_constraints[size.node.expr]
+            ranges[axis] = (int(bounds.lower), None if bounds.upper == int_oo else int(bounds.upper))
+    return ranges
+
+
+def describe_ranges(ranges: Dict[str, Tuple[int, Optional[int]]]) -> str:
+    return ', '.join(f'{axis} {low} to {"any" if high is None else high}' for axis, (low, high) in ranges.items())
 
 
 def onnx_session(path: Path, threads: Optional[int] = None):
@@ -246,15 +275,20 @@ def export(args) -> List[dict]:
     example = torch.randn(example_batch(args.dynamic), 3, *size)
     step(2, total, f'exporting to {args.format} at {tuple(example.shape)}, dynamic: {args.dynamic} -> {output}')
     try:
-        if args.format == 'onnx':
-            export_onnx(model, example, args.dynamic, output, args.features)
-        else:
-            torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(args.dynamic)),
-                              str(output))
+        program = export_program(model, example, args.dynamic)
     except torch._dynamo.exc.UserError as err:   # a dynamic axis the model fixes (constraint violation)
         raise runtime.ToolError(f'{args.model} cannot be exported with --dynamic {args.dynamic}: the model fixes '
                                 f'an axis torch.export was asked to leave free ({str(err).splitlines()[0]}); '
                                 f'use --dynamic batch or none') from err
+    ranges = size_ranges(program)
+    if ranges:
+        # the .pt2 program checks its guards when run; an ONNX graph carries none of them
+        print(f'  the export holds for input sizes: {describe_ranges(ranges)} (torch.export\'s ranges; the .pt2 '
+              f'program checks them, an ONNX runtime does not: keep its inputs within them)')
+    if args.format == 'onnx':
+        export_onnx(program, output, args.features)
+    else:
+        torch.export.save(program, str(output))
     step(3, total, f'checking against eager on fresh inputs {[tuple(s) for s in check_shapes(size, args.dynamic)]}')
     results = check_export(model, exported_runner(args.format, output), check_shapes(size, args.dynamic))
     for result in results:

@@ -8,7 +8,11 @@ of partial tiles and bands included, as the programs compute it):
   ``needed_per_query`` (the window, ``kernel_size ** 2``); their ratio ``scored_over_needed``;
 - ``exp_per_query``: exp2 evaluations (one per logit, plus v1's online-softmax rescale per block);
 - ``dot_shapes``: the forward's ``M x N x K`` products (QK^T and P@V share them);
-- ``bytes_read_per_query``: q, k and v elements the forward loads (masked loads read nothing), in bf16;
+- ``bytes_read_per_query``: what the forward loads (masked loads read nothing): q, k and v elements in bf16,
+  plus ``bias_bytes_per_query``, the window's bias with an rpb (float32, as NAT, DiNAT and TransNeXt hold it):
+  the rpb gathered per in-window pair, or, in v2's interior bands, one row of its window table per query (its ``TABLE_KEYS``
+  entries of ``WINDOW_TABLE_DTYPE``, -inf outside the window included; one table per head, read by every
+  program: it stays in cache);
 - ``dkdv_scored_per_key``: logits the dK / dV kernel recomputes per key (its loop over the queries whose
   windows hold the key tile / band: the inverse neighbourhood, larger at a clamped border);
 - ``tile``: the query tile and key block (v1: the config with the fewest logits among those the autotuner
@@ -31,6 +35,7 @@ DILATIONS = (1, 2)
 HEAD_DIMS = (16, 24, 32, 64, 128)
 MAPS = (7, 14, 28, 56, 112)
 DTYPE_BYTES = 2   # bf16
+RPB_BYTES = 4     # float32: the models' rpb parameters
 TARGETS = {7: 2.6, 9: 2.1, 13: 2.7}   # v2, dilation 1: scored / needed (issue 24)
 TRANSNEXT_TARGET = 7.2                # v2, TransNeXt's 3 x 3 zero-border window
 
@@ -72,6 +77,20 @@ def _query_spans(length, dilation, kernel, border, tile):
 
 def _clip(lo, hi, length):
     return max(0, min(hi, length) - max(lo, 0))
+
+
+def _window_keys(size, kernel, dilation, border):
+    """Per axis, summed over the queries of every group: the keys of each query's window inside the map."""
+    return sum(_clip(start, start + kernel, group_len) for group_len in _groups(size, dilation)
+               for start in _window_starts(group_len, kernel, border))
+
+
+def _unshifted(starts, first, count, kernel):
+    """Whether the queries ``first .. first + count - 1`` of a group all exist and see their whole windows
+    inside the group, each starting ``kernel // 2`` before its query: v2's interior band (per axis)."""
+    return first + count <= len(starts) and all(
+        starts[query] == query - kernel // 2 and starts[query] >= 0 and starts[query] + kernel <= len(starts)
+        for query in range(first, first + count))
 
 
 def _v1_axis(length, kernel, dilation, border, tile, block):
@@ -129,7 +148,29 @@ def _v1_row(size, kernel, dilation, border, block_d):
                         dots=[f'{queries}x{block_rows * block_cols}x{block_d}'])
     return dict(scored=best['scored'], exp=best['scored'] + best['queries'] * best['blocks'],
                 loaded_keys=best['loaded'], tile=best['tile'], dots=best['dots'],
+                bias_bytes=RPB_BYTES * _window_keys(size, kernel, dilation, border) ** 2,
                 dkdv=_v1_dkdv(size, kernel, dilation, border))
+
+
+def _v2_axis(length, kernel, dilation, border, tile, band, key_span):
+    """Per axis, summed over v2's bands of every group (``band`` query rows of each ``tile``; along x a band is
+    the tile's width): (bands, key positions loaded, interior bands: ``_unshifted``)."""
+    bands = loaded = interior = 0
+    for group_len in _groups(length, dilation):
+        starts = _window_starts(group_len, kernel, border)
+        for first in (y for y0 in range(0, group_len, tile) for y in range(y0, min(y0 + tile, group_len), band)):
+            bands += 1
+            loaded += _clip(starts[first], starts[first] + key_span, group_len)
+            interior += _unshifted(starts, first, band, kernel)
+    return bands, loaded, interior
+
+
+def v2_interior_bands(height, width, kernel_size, dilation, border):
+    """v2's interior bands (those that read the window table) and all its bands, per image and head."""
+    layout = v2.tile_configs()[0].kwargs
+    rows = _v2_axis(height, kernel_size[0], dilation[0], border, layout['TILE_H'], layout['BAND'], 0)
+    cols = _v2_axis(width, kernel_size[1], dilation[1], border, layout['TILE_W'], layout['TILE_W'], 0)
+    return rows[2] * cols[2], rows[0] * cols[0]
 
 
 def _v2_row(size, kernel, dilation, border, block_d):
@@ -138,22 +179,16 @@ def _v2_row(size, kernel, dilation, border, block_d):
     key_rows, key_cols = v2.band_keys(kernel, kernel, band, tile_w)
     pieces = v2.band_pieces(kernel, kernel, band, tile_w)
     meta = v2._band_meta(dict(layout, KERNEL_H=kernel, KERNEL_W=kernel))   # what the kernels' heuristics pass
-    bands = loaded_rows = 0            # along y: the bands of every tile, the key rows each loads
-    for group_len in _groups(size, dilation):
-        starts = _window_starts(group_len, kernel, border)
-        for band_y in (y for first in range(0, group_len, tile_h)
-                       for y in range(first, min(first + tile_h, group_len), band)):
-            bands += 1
-            loaded_rows += _clip(starts[band_y], starts[band_y] + key_rows, group_len)
-    tiles_x = loaded_cols = 0
-    for group_len in _groups(size, dilation):
-        starts = _window_starts(group_len, kernel, border)
-        for x0 in range(0, group_len, tile_w):
-            tiles_x += 1
-            loaded_cols += _clip(starts[x0], starts[x0] + key_cols, group_len)
+    bands, loaded_rows, interior_rows = _v2_axis(size, kernel, dilation, border, tile_h, band, key_rows)
+    tiles_x, loaded_cols, interior_cols = _v2_axis(size, kernel, dilation, border, tile_w, tile_w, key_cols)
     queries = band * tile_w
     scored = queries * sum(pieces) * bands * tiles_x
+    # interior bands read their window-table rows, the others gather the rpb of their (whole) windows' pairs
+    interior_queries = queries * interior_rows * interior_cols
+    table_bytes = interior_queries * meta['TABLE_KEYS'] * v2.WINDOW_TABLE_DTYPE.itemsize
+    gathered = _window_keys(size, kernel, dilation, border) ** 2 - interior_queries * kernel * kernel
     return dict(scored=scored, exp=scored, loaded_keys=loaded_rows * loaded_cols,
+                bias_bytes=table_bytes + RPB_BYTES * gathered,
                 tile=f'{tile_h}x{tile_w} queries in bands of {band}x{tile_w}, keys {key_rows}x{key_cols} '
                      f'in pieces {"+".join(map(str, pieces))}; dk/dv: queries in chunks of {meta["QUERY_CHUNK"]}',
                 dots=[f'{queries}x{piece}x{block_d}' for piece in pieces],
@@ -168,11 +203,12 @@ def design_row(version, kernel, dilation, head_dim, size, border='clamp'):
     needed = kernel * kernel
     scored = figures['scored'] / queries
     # q once per query, k and v of every loaded key (a tile / band loads its keys once for all its queries)
-    bytes_read = (queries + 2 * figures['loaded_keys']) * head_dim * DTYPE_BYTES / queries
+    bytes_read = ((queries + 2 * figures['loaded_keys']) * head_dim * DTYPE_BYTES + figures['bias_bytes']) / queries
     return dict(kernel=version, kernel_size=kernel, dilation=dilation, head_dim=head_dim, map=size, border=border,
                 scored_per_query=round(scored, 2), needed_per_query=needed,
                 scored_over_needed=round(scored / needed, 3), exp_per_query=round(figures['exp'] / queries, 2),
                 dot_shapes=figures['dots'], bytes_read_per_query=round(bytes_read, 1),
+                bias_bytes_per_query=round(figures['bias_bytes'] / queries, 1),
                 dkdv_scored_per_key=round(figures['dkdv'] / queries, 2), tile=figures['tile'])
 
 
@@ -191,7 +227,8 @@ def design_rows() -> List[dict]:
 
 
 COLUMNS = ('kernel', 'kernel_size', 'dilation', 'head_dim', 'map', 'border', 'scored_per_query', 'needed_per_query',
-           'scored_over_needed', 'exp_per_query', 'bytes_read_per_query', 'dkdv_scored_per_key', 'dot_shapes', 'tile')
+           'scored_over_needed', 'exp_per_query', 'bytes_read_per_query', 'bias_bytes_per_query', 'dkdv_scored_per_key',
+           'dot_shapes', 'tile')
 
 
 def design_table(rows) -> str:

@@ -43,14 +43,18 @@ def device_kind(device):
     return slug(device_name(device))
 
 
+def commit_of(folder):
+    """The git commit of the checkout ``folder`` lies in, or None where it is no git work tree."""
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=folder, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def versions():
     """The libraries and the code a result was measured with."""
     import timm
     import torchvision
-    try:
-        commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     return dict(torch=torch.__version__, torchvision=torchvision.__version__, timm=timm.__version__,
-                python=platform.python_version(), attnzoo_commit=commit)
+                python=platform.python_version(), attnzoo_commit=commit_of(Path(__file__).resolve().parent))
