@@ -47,7 +47,7 @@ setup(
     extras_require={
         'mm': MM_REQUIRES,
         'natten': ['natten>=0.21'],
-        'dev': ['pytest>=8', 'pytest-timeout', 'matplotlib'],
+        'dev': ['pytest>=8', 'pytest-timeout', 'pytest-xdist>=3', 'matplotlib'],
         # tools/export.py and tests/test_export.py: torch.onnx's dynamo exporter and its check in onnxruntime
         'export': ['onnx>=1.18', 'onnxscript>=0.5', 'onnxruntime>=1.22'],
     },

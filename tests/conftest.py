@@ -16,6 +16,11 @@ if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
                            'set TRITON_INTERPRET=1 in the environment to run the Triton kernels on CPU')
     os.environ['TRITON_INTERPRET'] = '1'
 
+# Under pytest-xdist (tools/test.sh runs one worker per core) each worker keeps to one thread: two
+# workers with a thread per core each would oversubscribe the machine and wait on each other's spins.
+if 'PYTEST_XDIST_WORKER' in os.environ:
+    torch.set_num_threads(1)
+    os.environ.setdefault('OMP_NUM_THREADS', '1')  # for the tools the tests run in subprocesses
 
 
 @pytest.fixture(scope='module')

@@ -135,7 +135,7 @@ def test_test_sh_runs_pytest_with_the_environment_python(machine):
     """The first-run failure: test.sh took all of env.sh's stdout as the path and exited 127."""
     result = machine.run('test.sh', '-k', 'cswin')
     assert result.returncode == 0, result.stderr
-    assert machine.calls()[-1] == f'{machine.python} -m pytest -k cswin'
+    assert machine.calls()[-1] == f'{machine.python} -m pytest -n auto --dist worksteal -k cswin'
 
 
 def test_demo_sh_trains_and_evaluates_with_the_environment_python(machine):

@@ -4,9 +4,8 @@
 Dynamic axes are checked where they matter: one exported graph is run at a second batch size and, where the
 family takes any input size, at a second height x width. The default suite checks the ops' translation, the
 tool end to end (NAT from a checkpoint through ONNX, SHViT's backbone through torch.export) and the smallest variant
-of 2 of the 14 families with a dynamic batch at 64 x 64 (:data:`DEFAULT_FAMILY_EXPORTS`); ``slow`` the other 12, each
-family's smallest variant with a dynamic height and width, and every variant at its own resolution (a family export
-takes 10 s to over a minute of CPU time).
+of each of the 14 families with a dynamic batch at 64 x 64; ``slow`` each family's smallest variant with a dynamic
+height and width, and every variant at its own resolution (a family export takes 10 s to over a minute of CPU time).
 """
 import importlib.util
 import subprocess
@@ -176,19 +175,12 @@ def export_and_check(model, name, size, dynamic, tmp_path, optimize=True):
 
 def test_every_family_is_checked():
     assert len(smallest_variants()) == 14 and len(set(map(family_of, smallest_variants()))) == 12
-    assert set(DEFAULT_FAMILY_EXPORTS) < set(smallest_variants())
 
 
-# The default suite's share: the families of the two attnzoo ops (routing; neighborhood with dilation), about 40 s.
-# The 14 together took 478 s of CPU time (torch.export's trace and the ONNX exporter's re-trace to decompose are most
-# of it: 13 s for crossformer_tiny to 75 s for transnext_micro), beyond the suite's budget; the other 12 run under slow.
-DEFAULT_FAMILY_EXPORTS = ('biformer_tiny', 'dinat_mini')
-
-
-# One export per family, dynamic in the batch; ONNX without onnxscript's optimizer passes (a third of the ONNX
-# step's time; the tool's own tests run them): the family's graph, not the optimizer, is what is checked here.
-@pytest.mark.parametrize('name', [n if n in DEFAULT_FAMILY_EXPORTS else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in smallest_variants()])
+# One export per family, dynamic in the batch (the 14 take about 480 s of CPU time, spread over the suite's
+# workers); ONNX without onnxscript's optimizer passes (a third of the ONNX step's time; the tool's own tests run
+# them): the family's graph, not the optimizer, is what is checked here.
+@pytest.mark.parametrize('name', smallest_variants())
 def test_smallest_variant_exports_with_a_dynamic_batch(name, tmp_path):
     model, size = small_model(name)
     export_and_check(model, name, size, 'batch', tmp_path, optimize=False)
