@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import attnzoo.backbones  # noqa: F401  (registers the models)
 from attnzoo.backbones import _layers, dat, nat
 from attnzoo.backbones.dat import DAT, DeformableAttention, checkpoint_filter_fn
-from attnzoo.kernels import neighborhood_attention_2d, use_backend
-from attnzoo.kernels._dispatch import triton_interpreted
+from attnzoo.kernels import get_na_kernel, neighborhood_attention_2d, use_backend, use_na_kernel
+from attnzoo.kernels._dispatch import NA_KERNELS, triton_interpreted
 from mm_stack import needs_mm
 from official_checkpoints import CHECKPOINT_WRAPS, wrap_as_saved
 
@@ -198,14 +198,15 @@ def test_neighborhood_blocks_run_on_the_attnzoo_op(monkeypatch):
     assert [tuple(shape[1:3]) for shape, _, _ in calls] == [(16, 24), (8, 12), (7, 7)]
 
 
-def assert_backends_agree(backend, device):
-    """The whole model, forward and backward, with the 'N' blocks on ``backend`` and on the PyTorch
-    reference, through the kernels' process-wide switch: logits and every gradient, fp32, 1e-4."""
+def assert_backends_agree(backend, device, na_kernel=None):
+    """The whole model, forward and backward, with the 'N' blocks on ``backend`` (and ``na_kernel``'s Triton
+    kernels) and on the PyTorch reference, through the kernels' process-wide switches: logits and every
+    gradient, fp32, 1e-4."""
     x = torch.randn(2, 3, 48, 64, device=device)  # stage maps 12x16, then 6x8 and 3x4, which pad to the 7x7 window
     results = []
     for name in ('reference', backend):
         model = small_dat().to(device)
-        with use_backend(name):
+        with use_backend(name), use_na_kernel(na_kernel or get_na_kernel()):
             logits = model(x)
             logits.square().sum().backward()
         results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
@@ -219,12 +220,15 @@ def assert_backends_agree(backend, device):
     'cpu',
     pytest.param('cuda', marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')]),
 ])
-def test_fused_and_reference_neighborhood_paths_agree(device):
-    """The fused Triton kernels (on CPU in Triton's interpreter) against the reference."""
+# v2 in the interpreter takes several times v1's time (about a minute here)
+@pytest.mark.parametrize('na_kernel', [version if version == 'v1' else pytest.param(version, marks=pytest.mark.slow)
+                                       for version in NA_KERNELS])
+def test_fused_and_reference_neighborhood_paths_agree(device, na_kernel):
+    """The fused Triton kernels, each version (on CPU in Triton's interpreter), against the reference."""
     pytest.importorskip('triton')
     if device == 'cpu' and not triton_interpreted():
         pytest.skip('Triton runs CPU tensors only under TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)')
-    assert_backends_agree('triton', device)
+    assert_backends_agree('triton', device, na_kernel)
 
 
 def test_default_cpu_kernels_and_reference_paths_agree():

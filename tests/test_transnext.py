@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import attnzoo.backbones  # noqa: F401  (registers the models)
-from attnzoo.kernels import use_backend
+from attnzoo.kernels import get_na_kernel, use_backend, use_na_kernel
 from attnzoo.kernels._dispatch import triton_interpreted
 from attnzoo.backbones.transnext import (
     AggregatedAttention, Attention, checkpoint_filter_fn, local_window_context, relative_position_cpb, shape_cpb_bias)
@@ -177,20 +177,29 @@ def test_aggregated_attention_matches_its_definition(height, width, attn_impl):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('size, kwargs, backend', [
+TRITON_PATHS = {'triton': ('triton', 'v1'), 'triton_v2': ('triton', 'v2')}
+
+
+@pytest.mark.parametrize('size, kwargs, path', [
     ((64, 48), {}, None),
     ((50, 70), dict(is_extrapolation=True), None),
     ((40, 32), dict(embed_dims=(24, 48, 48, 48), num_heads=(1, 2, 2, 2), depths=(1, 1, 1, 1), fixed_pool_size=2),
      'triton'),
+    pytest.param((40, 32), dict(embed_dims=(24, 48, 48, 48), num_heads=(1, 2, 2, 2), depths=(1, 1, 1, 1),
+                                fixed_pool_size=2), 'triton_v2', marks=pytest.mark.slow),
     pytest.param((64, 48), {}, 'triton', marks=pytest.mark.slow),
     pytest.param((50, 70), dict(is_extrapolation=True), 'triton', marks=pytest.mark.slow),
-], ids=['cpu_kernels-built', 'cpu_kernels-extrapolated', 'triton-small', 'triton-built', 'triton-extrapolated'])
-def test_fused_path_matches_native_forward_and_gradients(size, kwargs, backend):
+    pytest.param((64, 48), {}, 'triton_v2', marks=pytest.mark.slow),
+    pytest.param((50, 70), dict(is_extrapolation=True), 'triton_v2', marks=pytest.mark.slow),
+], ids=['cpu_kernels-built', 'cpu_kernels-extrapolated', 'triton-small', 'triton_v2-small', 'triton-built',
+        'triton-extrapolated', 'triton_v2-built', 'triton_v2-extrapolated'])
+def test_fused_path_matches_native_forward_and_gradients(size, kwargs, path):
     """The model on the extended neighborhood op equals the op-by-op official mirror (fp32, 1e-4), output
     and every parameter's gradient, at a built size and (extrapolating) at non-square other ones: on the
     op's kernels for the device (the CPU kernels here) and on the fused Triton kernels (the interpreter on
     CPU, where a narrow model keeps it fast: 2 x 2 pools, a 10 x 8 stage 1 and a 3 x 2 stage 3, smaller than
-    the window)."""
+    the window); ``triton_v2`` runs the second version of the Triton kernels (ATTNZOO_NA_KERNEL=v2)."""
+    backend, na_kernel = TRITON_PATHS.get(path, (path, get_na_kernel()))
     if backend == 'triton' and not (triton_interpreted() or torch.cuda.is_available()):
         pytest.skip('the Triton kernels need a GPU or TRITON_INTERPRET=1')
     torch.manual_seed(0)
@@ -206,7 +215,7 @@ def test_fused_path_matches_native_forward_and_gradients(size, kwargs, backend):
     x = torch.randn(2, 3, *size)
     outputs = []
     for model in (fused, native):
-        with use_backend(backend):
+        with use_backend(backend), use_na_kernel(na_kernel):
             out = model(x)
             out.square().mean().backward()
         outputs.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
