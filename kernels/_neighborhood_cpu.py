@@ -23,8 +23,10 @@ log-sum-exp of every query (tiles as the heads of PyTorch's fused CPU flash atte
 :func:`backward` recomputes the probabilities tile by tile and writes the gradients out with
 batched matmuls (no autograd graph; nothing saved but the op's inputs and outputs).
 """
+import collections
 import functools
 import itertools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -175,21 +177,29 @@ def _padded_size(axis: AxisTiling):
     return (axis.tiles - 1 + -(-axis.span // axis.tile)) * axis.tile
 
 
-def _padded_units(x, rows, cols):
-    """``[B, H, W, heads, D]`` -> ``[B * heads * groups, Ph, Pw, D]`` (a copy): every dilation group of every image
-    and head on a zero-padded map, position ``p`` of a group at ``key_pad + p``, so that the span of tile
-    ``(i, j)`` starts at ``(i * tile, j * tile)``: strided windows."""
-    x = _grouped(x, rows, cols)
-    x = F.pad(x, (0, 0, cols.key_pad, _padded_size(cols) - cols.key_pad - cols.group_length,
-                  rows.key_pad, _padded_size(rows) - rows.key_pad - rows.group_length))
-    return x.reshape(-1, *x.shape[-3:])
+def _padded_units(tensors, rows, cols):
+    """``n`` tensors ``[B, H, W, heads, D]`` -> ``[B * heads * groups, Ph, Pw, n * D]`` (a copy, the tensors side by
+    side in the channels, so that one copy builds the spans of all): every dilation group of every image and head
+    on a zero-padded map, position ``p`` of a group at ``key_pad + p``, so that the span of tile ``(i, j)`` starts
+    at ``(i * tile, j * tile)``: strided windows."""
+    batch, _, _, heads, channels = tensors[0].shape
+    padded = tensors[0].new_zeros(batch, heads, rows.groups, cols.groups, _padded_size(rows), _padded_size(cols),
+                                  len(tensors) * channels)
+    inside = padded[..., rows.key_pad:rows.key_pad + rows.group_length, cols.key_pad:cols.key_pad + cols.group_length, :]
+    for index, x in enumerate(tensors):
+        inside[..., index * channels:(index + 1) * channels] = _grouped(x, rows, cols)
+    return padded.view(-1, *padded.shape[-3:])
 
 
-def _chunk_spans(padded, rows, cols, units, tile_rows):
-    """The keys of the tiles in rows ``tile_rows`` of ``units`` (slices): ``[units * rows * tiles_w, S, D]``, a copy."""
+def _chunk_spans(padded, rows, cols, units, tile_rows, out):
+    """The keys of the tiles in rows ``tile_rows`` of ``units`` (slices), copied into the front of ``out``:
+    ``[units * rows * tiles_w, S, D]``."""
     x = padded[units].unfold(1, rows.span, rows.tile)[:, tile_rows]          # [n, r, Pw, D, sh]
     x = x.unfold(2, cols.span, cols.tile)[:, :, :cols.tiles]                  # [n, r, nw, D, sh, sw]
-    return x.permute(0, 1, 2, 4, 5, 3).reshape(-1, rows.span * cols.span, x.shape[3])
+    x = x.permute(0, 1, 2, 4, 5, 3)
+    spans = out[:x.shape[0] * x.shape[1] * x.shape[2]]
+    spans.view(x.shape).copy_(x)
+    return spans
 
 
 def _add_chunk_spans(padded, grad, rows, cols, units, tile_rows):
@@ -285,6 +295,52 @@ def _bias_index(rows: AxisTiling, cols: AxisTiling, border, device):
 
 
 @functools.lru_cache(maxsize=GEOMETRY_CACHE_SIZE)
+def _bias_slots(rows: AxisTiling, cols: AxisTiling, device):
+    """``[T * S]`` int64: the entry of every (query slot, key slot) of a tile in the flattened ``[2 kh - 1, 2 kw - 1]``
+    rpb table. The relative position of a key slot to a query slot is the same in every tile and dilation group;
+    where the key is outside the query's window it is clamped into the table (such a logit's gradient is 0)."""
+    def relative(axis):
+        slots = torch.arange(axis.span)[None, :] - torch.arange(axis.tile)[:, None]
+        return (slots + axis.query_pad - axis.key_pad + axis.kernel - 1).clamp(0, 2 * axis.kernel - 2)
+    index = relative(rows)[:, None, :, None] * (2 * cols.kernel - 1) + relative(cols)[None, :, None, :]
+    with torch.inference_mode(False):
+        return index.flatten().to(device)
+
+
+# The bias of a call with rpb, ``[heads, tiles, T, S]``, depends only on the rpb's values and the geometry: the
+# forward and the backward of a training step (and every call in inference) build the same one. Kept for the
+# last rpb tensors seen (its values checked on every use), up to BIAS_CACHE_BYTES in all.
+BIAS_CACHE_BYTES = 64 << 20
+_bias_cache = collections.OrderedDict()   # (id(rpb), geometry, dtype) -> (copy of rpb, bias)
+_bias_cache_lock = threading.Lock()
+
+
+def _rpb_bias(rpb, rows: AxisTiling, cols: AxisTiling, border, dtype):
+    """The rpb at every (query slot, key slot) of every tile, -inf outside the windows: ``[heads, tiles, T, S]``."""
+    key = (id(rpb), rows, cols, border, dtype, rpb.device)
+    with _bias_cache_lock:
+        entry = _bias_cache.get(key)
+        if entry is not None and entry[0].shape == rpb.shape and entry[0].dtype == rpb.dtype \
+                and torch.equal(entry[0], rpb):
+            _bias_cache.move_to_end(key)
+            return entry[1]
+    index = _bias_index(rows, cols, border, rpb.device)
+    with torch.inference_mode(False):
+        table = torch.cat([rpb.detach().to(dtype).flatten(1), rpb.new_full((rpb.shape[0], 1), float('-inf'),
+                                                                           dtype=dtype)], 1)
+        bias = table.index_select(1, index.flatten()).view((-1,) + index.shape)
+        entry = (rpb.detach().clone(), bias)
+    size = bias.numel() * bias.element_size()
+    with _bias_cache_lock:
+        _bias_cache.pop(key, None)
+        if size <= BIAS_CACHE_BYTES:
+            _bias_cache[key] = entry
+            while sum(cached.numel() * cached.element_size() for _, cached in _bias_cache.values()) > BIAS_CACHE_BYTES:
+                _bias_cache.popitem(last=False)
+    return bias
+
+
+@functools.lru_cache(maxsize=GEOMETRY_CACHE_SIZE)
 def _window_mask(rows: AxisTiling, cols: AxisTiling, border, device, dtype):
     """``[1, tiles, T, S]``: 0 inside each query slot's window, -inf outside (the bias without rpb)."""
     _, inside = _window_positions(rows, cols, border)
@@ -304,28 +360,32 @@ class _Tiled:
         self.tiles = rows.groups * cols.groups * rows.tiles * cols.tiles
         self.tile, self.span = rows.tile * cols.tile, rows.span * cols.span
         self.queries = _tiles(q, rows, cols)
-        self.padded_keys, self.padded_values = _padded_units(k, rows, cols), _padded_units(v, rows, cols)
+        self.head_dim = q.shape[-1]
+        self.padded_keys_values = _padded_units((k, v), rows, cols)             # [units, Ph, Pw, 2 D]
         dtype = torch.promote_types(torch.promote_types(q.dtype, torch.float32),
                                     rpb.dtype if rpb is not None else torch.float32)
         if rpb is None:
             self.bias = _window_mask(rows, cols, spec.border, q.device, dtype)
         else:
-            masked = rpb.new_full((rpb.shape[0], 1), float('-inf'), dtype=dtype)
-            table = torch.cat([rpb.to(dtype).flatten(1), masked], 1)
-            index = _bias_index(rows, cols, spec.border, q.device)
-            self.bias = table.index_select(1, index.flatten()).view((-1,) + index.shape)
+            self.bias = _rpb_bias(rpb, rows, cols, spec.border, dtype)
 
-    def spans(self, padded, units=slice(None), tile_rows=slice(None)):
-        """Every tile's keys (or values) from a padded map, or those of the tiles in ``tile_rows`` of ``units``:
-        ``[tiles, S, D]``."""
-        return _chunk_spans(padded, self.rows, self.cols, units, tile_rows)
+    def spans(self, chunk, out):
+        """The keys and values of the chunk's tiles, ``[tiles, S, 2 D]`` (keys in the first ``D`` channels),
+        copied into the front of ``out``."""
+        return _chunk_spans(self.padded_keys_values, self.rows, self.cols, chunk.units, chunk.tile_rows, out)
+
+    def chunk_buffer(self, chunks, *shape, dtype=None):
+        """Room for the largest of ``chunks``' ``[tiles, *shape]`` tensors, reused chunk after chunk (fresh memory
+        for every chunk costs page faults)."""
+        most = max(self.flat(chunk).stop - self.flat(chunk).start for chunk in chunks)
+        return self.queries.new_empty((most,) + shape, dtype=dtype)
 
     def rpb_grad(self, grad_bias, rpb):
-        """Adjoint of the bias's table lookup: ``[heads, tiles, T, S]`` -> ``[heads, 2 kh - 1, 2 kw - 1]``."""
-        index = _bias_index(self.rows, self.cols, self.border, grad_bias.device)
-        table = grad_bias.new_zeros(rpb.shape[0], rpb[0].numel() + 1)
-        table.index_add_(1, index.flatten(), grad_bias.flatten(1))
-        return table[:, :-1].reshape(rpb.shape)
+        """Adjoint of the bias's table lookup, from the gradient of the bias summed over the tiles:
+        ``[heads, T, S]`` -> ``[heads, 2 kh - 1, 2 kw - 1]``."""
+        table = grad_bias.new_zeros(rpb.shape[0], rpb[0].numel())
+        table.index_add_(1, _bias_slots(self.rows, self.cols, grad_bias.device), grad_bias.flatten(1))
+        return table.view(rpb.shape)
 
     def extra_bias_rows(self, extra_bias):
         """``extra_bias`` ``[B or 1, heads or 1, H, W, L]`` in the logits' layout, ``[B or 1, heads or 1,
@@ -417,8 +477,11 @@ def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weigh
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None
     spread = tiled.window_weights(window_weight) if window_weight is not None else None
     out, lse = torch.empty_like(tiled.queries), []
-    for chunk in tiled.chunks(extra_k.shape[1] if extra_k is not None else 0):
-        keys, values = (tiled.spans(x, chunk.units, chunk.tile_rows) for x in (tiled.padded_keys, tiled.padded_values))
+    chunks = list(tiled.chunks(extra_k.shape[1] if extra_k is not None else 0))
+    span_buffer = tiled.chunk_buffer(chunks, tiled.span, 2 * head_dim)
+    for chunk in chunks:
+        spans = tiled.spans(chunk, span_buffer)
+        keys, values = spans[..., :head_dim], spans[..., head_dim:]
         flat = tiled.flat(chunk)
         queries, keys, all_values, bias = tiled.flash_operands(chunk, keys, values, extra_k, extra_v, extra_rows)
         out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, all_values, 0.0, False,
@@ -498,28 +561,35 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
              if spread is None else None)
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None   # [B|1, h|1, tiles * T, L]
     queries = tiled.queries                                                           # [B * heads * tiles, T, D]
+    chunks = list(tiled.chunks(n_extra))
+    # per-chunk tensors in buffers reused by every chunk: spans [c, S, 2D], then their gradients; logits [c, T, S]
+    span_buffer, grad_span_buffer = (tiled.chunk_buffer(chunks, n_keys, 2 * head_dim) for _ in range(2))
+    logits_buffer = tiled.chunk_buffer(chunks, n_queries, n_keys, dtype=wide)
+    grad_probs_buffer = tiled.chunk_buffer(chunks, n_queries, n_keys)
 
     dq = torch.empty_like(queries)
-    dk, dv = (torch.zeros_like(x, dtype=wide) for x in (tiled.padded_keys, tiled.padded_values))
-    grad_bias = tiled.bias.new_zeros(heads, n_tiles, n_queries, n_keys) if needs_rpb_grad else None
+    dk, dv = (tiled.padded_keys_values.new_zeros(tiled.padded_keys_values.shape[:-1] + (head_dim,), dtype=wide)
+              for _ in range(2))
+    grad_bias = tiled.bias.new_zeros(heads, n_queries, n_keys) if needs_rpb_grad else None
     grad_extra_rows = (queries.new_empty(batch, heads, n_tiles * n_queries, n_extra, dtype=wide)
                        if needs_extra_bias_grad else None)
     grad_spread = torch.empty_like(spread) if needs_window_weight_grad else None
     if needs_extra_grad:
         d_extra_k, d_extra_v = (q.new_zeros(batch, heads, n_extra, head_dim, dtype=wide) for _ in range(2))
 
-    for chunk in tiled.chunks(n_extra):
+    for chunk in chunks:
         image, heads_c, part = chunk.image, chunk.heads, chunk.tiles
         n_heads = heads_c.stop - heads_c.start
         flat, rows = tiled.flat(chunk), tiled.logit_rows(chunk)
+        count = flat.stop - flat.start
         scaled = queries[flat].to(wide) * spec.scale                                   # [c, T, D]
-        keys_c, values_c = (tiled.spans(x, chunk.units, chunk.tile_rows)
-                            for x in (tiled.padded_keys, tiled.padded_values))       # [c, S, D], in cache
+        spans = tiled.spans(chunk, span_buffer)                                        # [c, S, 2 D], in cache
+        keys_c, values_c = spans[..., :head_dim], spans[..., head_dim:]
         grad_c = grad_tiles[flat]
         bias = tiled.bias[heads_c if tiled.bias.shape[0] > 1 else slice(0, 1), part]
         logits = torch.baddbmm(bias.expand(n_heads, -1, -1, -1).reshape(-1, n_queries, n_keys), scaled,
-                               keys_c.to(wide).transpose(1, 2))
-        grad_probs = torch.bmm(grad_c, values_c.transpose(1, 2)).to(wide)
+                               keys_c.to(wide).transpose(1, 2), out=logits_buffer[:count])
+        grad_probs = torch.bmm(grad_c, values_c.transpose(1, 2), out=grad_probs_buffer[:count]).to(wide)
         if grad_spread is not None:
             grad_spread[flat] = grad_probs
         if extra_k is not None:   # per head: [heads_c, chunk rows, L]
@@ -532,18 +602,19 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
             logits = torch.cat([logits, extra_logits.view(-1, n_queries, n_extra)], -1)
             extra_grad_probs = torch.bmm(grad_rows, extra_v_c.transpose(1, 2)).to(wide)
             grad_probs = torch.cat([grad_probs, extra_grad_probs.view(-1, n_queries, n_extra)], -1)
-        probs = logits.softmax(-1)
+        probs = torch.softmax(logits, -1, out=logits)
         delta_c = delta[flat] if spread is None else (probs * grad_probs).sum(-1, keepdim=True)
         grad_logits = grad_probs.sub_(delta_c).mul_(probs)                    # softmax backward
         window_grad = grad_logits[..., :n_keys]
         value_weights = probs[..., :n_keys] if spread is None else probs[..., :n_keys] + spread[flat]
         window_grad_low, scaled_low = window_grad.to(low), scaled.to(low)
-        for grad_spans, padded in ((torch.bmm(value_weights.to(low).transpose(1, 2), grad_c), dv),
-                                   (torch.bmm(window_grad_low.transpose(1, 2), scaled_low), dk)):
-            _add_chunk_spans(padded, grad_spans, tiled.rows, tiled.cols, chunk.units, chunk.tile_rows)
+        grad_spans = grad_span_buffer[:count].view(2, count, n_keys, head_dim)
+        for index, (weights, operand, padded) in enumerate(((value_weights, grad_c, dv), (window_grad, scaled_low, dk))):
+            torch.bmm(weights.to(low).transpose(1, 2), operand, out=grad_spans[index])
+            _add_chunk_spans(padded, grad_spans[index], tiled.rows, tiled.cols, chunk.units, chunk.tile_rows)
         torch.bmm(window_grad_low, keys_c, out=dq[flat])
-        if grad_bias is not None:
-            grad_bias[heads_c, part] += window_grad.view(n_heads, -1, n_queries, n_keys)
+        if grad_bias is not None:   # its table's gradient sums over the tiles: summed here, in cache
+            grad_bias[heads_c] += window_grad.view(n_heads, -1, n_queries, n_keys).sum(1)
         if extra_k is not None:
             extra_grad = grad_logits[..., n_keys:].reshape(n_heads, -1, n_extra)    # [heads_c, chunk rows, L]
             dq[flat] += torch.bmm(extra_grad.to(low), extra_k_c).view(-1, n_queries, head_dim)
