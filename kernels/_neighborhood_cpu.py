@@ -183,43 +183,50 @@ def _padded_units(tensors, rows, cols):
     on a zero-padded map, position ``p`` of a group at ``key_pad + p``, so that the span of tile ``(i, j)`` starts
     at ``(i * tile, j * tile)``: strided windows."""
     batch, _, _, heads, channels = tensors[0].shape
-    padded = tensors[0].new_zeros(batch, heads, rows.groups, cols.groups, _padded_size(rows), _padded_size(cols),
+    padded = tensors[0].new_empty(batch, heads, rows.groups, cols.groups, _padded_size(rows), _padded_size(cols),
                                   len(tensors) * channels)
-    inside = padded[..., rows.key_pad:rows.key_pad + rows.group_length, cols.key_pad:cols.key_pad + cols.group_length, :]
+    bottom, right = rows.key_pad + rows.group_length, cols.key_pad + cols.group_length
+    for border in (padded[..., :rows.key_pad, :, :], padded[..., bottom:, :, :],
+                   padded[..., rows.key_pad:bottom, :cols.key_pad, :], padded[..., rows.key_pad:bottom, right:, :]):
+        border.zero_()   # the zero keys only: the inside is written next
+    inside = padded[..., rows.key_pad:bottom, cols.key_pad:right, :]
     for index, x in enumerate(tensors):
         inside[..., index * channels:(index + 1) * channels] = _grouped(x, rows, cols)
     return padded.view(-1, *padded.shape[-3:])
 
 
 def _chunk_spans(padded, rows, cols, units, tile_rows, out):
-    """The keys of the tiles in rows ``tile_rows`` of ``units`` (slices), copied into the front of ``out``:
-    ``[units * rows * tiles_w, S, D]``."""
-    x = padded[units].unfold(1, rows.span, rows.tile)[:, tile_rows]          # [n, r, Pw, D, sh]
-    x = x.unfold(2, cols.span, cols.tile)[:, :, :cols.tiles]                  # [n, r, nw, D, sh, sw]
-    x = x.permute(0, 1, 2, 4, 5, 3)
-    spans = out[:x.shape[0] * x.shape[1] * x.shape[2]]
+    """The spans of the tiles in rows ``tile_rows`` of ``units`` (slices) of a map of ``parts`` tensors side by side
+    (:func:`_padded_units`), copied into the front of ``out`` (``[parts, tiles, S, D]``): ``[parts, c, S, D]``, each
+    part contiguous (a strided operand costs a matmul 30 %)."""
+    x = padded[units].unfold(1, rows.span, rows.tile)[:, tile_rows]          # [n, r, Pw, C, sh]
+    x = x.unfold(2, cols.span, cols.tile)[:, :, :cols.tiles]                  # [n, r, nw, C, sh, sw]
+    parts, channels = out.shape[0], out.shape[-1]
+    x = x.unflatten(3, (parts, channels)).permute(3, 0, 1, 2, 5, 6, 4)       # [parts, n, r, nw, sh, sw, D]
+    spans = out[:, :x.shape[1] * x.shape[2] * x.shape[3]]
     spans.view(x.shape).copy_(x)
     return spans
 
 
 def _add_chunk_spans(padded, grad, rows, cols, units, tile_rows):
-    """Adjoint of :func:`_chunk_spans`: adds the spans' gradients ``[c, S, D]`` onto ``padded`` (in place).
+    """Adjoint of :func:`_chunk_spans`: adds the spans' gradients ``[parts, c, S, D]`` onto ``padded``
+    (``[parts, units, Ph, Pw, D]``, in place).
 
     A span covers ``ceil(span / tile)`` blocks of ``tile`` keys per axis that land on a regular grid, so the sum
     is one strided addition per block pair (``unfold``'s generic backward was 5x slower)."""
     n_rows = tile_rows.stop - tile_rows.start
-    grad = grad.view(-1, n_rows, cols.tiles, rows.span, cols.span, grad.shape[-1])
-    grad = grad.transpose(2, 3)                                                   # [n, r, sh, nw, sw, D]
-    target = padded[units]
+    grad = grad.view(grad.shape[0], -1, n_rows, cols.tiles, rows.span, cols.span, grad.shape[-1])
+    grad = grad.transpose(3, 4)                                                   # [parts, n, r, sh, nw, sw, D]
+    target = padded[:, units]
     for block_h in range(-(-rows.span // rows.tile)):
         size_h = min(rows.tile, rows.span - block_h * rows.tile)
         top = (tile_rows.start + block_h) * rows.tile
-        band = target[:, top:top + n_rows * rows.tile].unflatten(1, (n_rows, rows.tile))[:, :, :size_h]
+        band = target[:, :, top:top + n_rows * rows.tile].unflatten(2, (n_rows, rows.tile))[:, :, :, :size_h]
         for block_w in range(-(-cols.span // cols.tile)):
             size_w = min(cols.tile, cols.span - block_w * cols.tile)
             left = block_w * cols.tile
-            block = band[:, :, :, left:left + cols.tiles * cols.tile].unflatten(3, (cols.tiles, cols.tile))
-            block[..., :size_w, :] += grad[:, :, block_h * rows.tile:block_h * rows.tile + size_h, :,
+            block = band[..., left:left + cols.tiles * cols.tile, :].unflatten(-2, (cols.tiles, cols.tile))
+            block[..., :size_w, :] += grad[:, :, :, block_h * rows.tile:block_h * rows.tile + size_h, :,
                                            left:left + size_w]
 
 
@@ -370,15 +377,15 @@ class _Tiled:
             self.bias = _rpb_bias(rpb, rows, cols, spec.border, dtype)
 
     def spans(self, chunk, out):
-        """The keys and values of the chunk's tiles, ``[tiles, S, 2 D]`` (keys in the first ``D`` channels),
-        copied into the front of ``out``."""
+        """The keys and values of the chunk's tiles, ``[2, tiles, S, D]``, copied into the front of ``out``
+        (:meth:`chunk_buffer`)."""
         return _chunk_spans(self.padded_keys_values, self.rows, self.cols, chunk.units, chunk.tile_rows, out)
 
-    def chunk_buffer(self, chunks, *shape, dtype=None):
-        """Room for the largest of ``chunks``' ``[tiles, *shape]`` tensors, reused chunk after chunk (fresh memory
-        for every chunk costs page faults)."""
+    def chunk_buffer(self, chunks, *shape, parts=None, dtype=None):
+        """Room for the largest of ``chunks``' ``[tiles, *shape]`` tensors (``[parts, tiles, *shape]``), reused chunk
+        after chunk (fresh memory for every chunk costs page faults)."""
         most = max(self.flat(chunk).stop - self.flat(chunk).start for chunk in chunks)
-        return self.queries.new_empty((most,) + shape, dtype=dtype)
+        return self.queries.new_empty(((parts,) if parts else ()) + (most,) + shape, dtype=dtype)
 
     def rpb_grad(self, grad_bias, rpb):
         """Adjoint of the bias's table lookup, from the gradient of the bias summed over the tiles:
@@ -478,10 +485,9 @@ def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weigh
     spread = tiled.window_weights(window_weight) if window_weight is not None else None
     out, lse = torch.empty_like(tiled.queries), []
     chunks = list(tiled.chunks(extra_k.shape[1] if extra_k is not None else 0))
-    span_buffer = tiled.chunk_buffer(chunks, tiled.span, 2 * head_dim)
+    span_buffer = tiled.chunk_buffer(chunks, tiled.span, head_dim, parts=2)
     for chunk in chunks:
-        spans = tiled.spans(chunk, span_buffer)
-        keys, values = spans[..., :head_dim], spans[..., head_dim:]
+        keys, values = tiled.spans(chunk, span_buffer)
         flat = tiled.flat(chunk)
         queries, keys, all_values, bias = tiled.flash_operands(chunk, keys, values, extra_k, extra_v, extra_rows)
         out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, all_values, 0.0, False,
@@ -563,13 +569,14 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
     queries = tiled.queries                                                           # [B * heads * tiles, T, D]
     chunks = list(tiled.chunks(n_extra))
     # per-chunk tensors in buffers reused by every chunk: spans [c, S, 2D], then their gradients; logits [c, T, S]
-    span_buffer, grad_span_buffer = (tiled.chunk_buffer(chunks, n_keys, 2 * head_dim) for _ in range(2))
+    span_buffer, grad_span_buffer = (tiled.chunk_buffer(chunks, n_keys, head_dim, parts=2) for _ in range(2))
     logits_buffer = tiled.chunk_buffer(chunks, n_queries, n_keys, dtype=wide)
     grad_probs_buffer = tiled.chunk_buffer(chunks, n_queries, n_keys)
+    scaled_buffer = tiled.chunk_buffer(chunks, n_queries, head_dim, dtype=wide)
 
     dq = torch.empty_like(queries)
-    dk, dv = (tiled.padded_keys_values.new_zeros(tiled.padded_keys_values.shape[:-1] + (head_dim,), dtype=wide)
-              for _ in range(2))
+    grad_keys_values = tiled.padded_keys_values.new_zeros((2,) + tiled.padded_keys_values.shape[:-1] + (head_dim,),
+                                                          dtype=wide)   # [2, units, Ph, Pw, D]: dK, dV
     grad_bias = tiled.bias.new_zeros(heads, n_queries, n_keys) if needs_rpb_grad else None
     grad_extra_rows = (queries.new_empty(batch, heads, n_tiles * n_queries, n_extra, dtype=wide)
                        if needs_extra_bias_grad else None)
@@ -582,9 +589,8 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
         n_heads = heads_c.stop - heads_c.start
         flat, rows = tiled.flat(chunk), tiled.logit_rows(chunk)
         count = flat.stop - flat.start
-        scaled = queries[flat].to(wide) * spec.scale                                   # [c, T, D]
-        spans = tiled.spans(chunk, span_buffer)                                        # [c, S, 2 D], in cache
-        keys_c, values_c = spans[..., :head_dim], spans[..., head_dim:]
+        scaled = torch.mul(queries[flat].to(wide), spec.scale, out=scaled_buffer[:count])   # [c, T, D]
+        keys_c, values_c = tiled.spans(chunk, span_buffer)                             # [c, S, D] each, in cache
         grad_c = grad_tiles[flat]
         bias = tiled.bias[heads_c if tiled.bias.shape[0] > 1 else slice(0, 1), part]
         logits = torch.baddbmm(bias.expand(n_heads, -1, -1, -1).reshape(-1, n_queries, n_keys), scaled,
@@ -608,13 +614,14 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
         window_grad = grad_logits[..., :n_keys]
         value_weights = probs[..., :n_keys] if spread is None else probs[..., :n_keys] + spread[flat]
         window_grad_low, scaled_low = window_grad.to(low), scaled.to(low)
-        grad_spans = grad_span_buffer[:count].view(2, count, n_keys, head_dim)
-        for index, (weights, operand, padded) in enumerate(((value_weights, grad_c, dv), (window_grad, scaled_low, dk))):
-            torch.bmm(weights.to(low).transpose(1, 2), operand, out=grad_spans[index])
-            _add_chunk_spans(padded, grad_spans[index], tiled.rows, tiled.cols, chunk.units, chunk.tile_rows)
+        grad_spans = grad_span_buffer[:, :count]
+        torch.bmm(window_grad_low.transpose(1, 2), scaled_low, out=grad_spans[0])
+        torch.bmm(value_weights.to(low).transpose(1, 2), grad_c, out=grad_spans[1])
+        _add_chunk_spans(grad_keys_values, grad_spans, tiled.rows, tiled.cols, chunk.units, chunk.tile_rows)
         torch.bmm(window_grad_low, keys_c, out=dq[flat])
         if grad_bias is not None:   # its table's gradient sums over the tiles: summed here, in cache
-            grad_bias[heads_c] += window_grad.view(n_heads, -1, n_queries, n_keys).sum(1)
+            per_head = window_grad.view(n_heads, -1, n_queries, n_keys)
+            grad_bias[heads_c] += per_head[:, 0] if per_head.shape[1] == 1 else per_head.sum(1)   # sum(1): 4x slower
         if extra_k is not None:
             extra_grad = grad_logits[..., n_keys:].reshape(n_heads, -1, n_extra)    # [heads_c, chunk rows, L]
             dq[flat] += torch.bmm(extra_grad.to(low), extra_k_c).view(-1, n_queries, head_dim)
@@ -624,8 +631,8 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
                 d_extra_k[image, heads_c] += torch.bmm(extra_grad.transpose(1, 2), scaled_rows)
                 extra_probs = probs[..., n_keys:].reshape(n_heads, -1, n_extra)
                 d_extra_v[image, heads_c] += torch.bmm(extra_probs.transpose(1, 2), grad_rows.to(wide))
-    dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
-    dk, dv = (_unpadded(g, q.shape, tiled.rows, tiled.cols).to(low) for g in (dk, dv))
+    dq = _untile(dq.mul_(spec.scale), q.shape, tiled.rows, tiled.cols)
+    dk, dv = (_unpadded(g, q.shape, tiled.rows, tiled.cols).to(low) for g in grad_keys_values)
     d_rpb = tiled.rpb_grad(grad_bias, rpb).to(rpb.dtype).contiguous() if grad_bias is not None else None
     if needs_extra_grad:
         d_extra_k, d_extra_v = (g.transpose(1, 2).to(low).contiguous() for g in (d_extra_k, d_extra_v))
