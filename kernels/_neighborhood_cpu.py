@@ -141,11 +141,12 @@ def _grouped(x, rows: AxisTiling, cols: AxisTiling):
 
 
 def _ungrouped(x, shape, rows: AxisTiling, cols: AxisTiling):
-    """Inverse of :func:`_grouped`: ``[B, heads, gh, gw, Lh, Lw, C]`` -> ``[B, H, W, heads, C]`` contiguous."""
+    """Inverse of :func:`_grouped`: ``[B, heads, gh, gw, Lh, Lw, C]`` -> ``[B, H, W, heads, C]``, a contiguous copy
+    (never a view: dK and dV come from one map, and the op's outputs must not share memory)."""
     batch, height, width, heads, channels = shape
     x = x.permute(0, 4, 2, 5, 3, 1, 6).reshape(batch, rows.group_length * rows.groups,
                                                 cols.group_length * cols.groups, heads, channels)
-    return x[:, :height, :width].contiguous()
+    return x[:, :height, :width].clone(memory_format=torch.contiguous_format)
 
 
 def _tiles(x, rows, cols, pad_value=0.0):
