@@ -665,19 +665,17 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     adds one batched matmul of the weights spread over the spans with the values.
 
     A tile scores its queries against its whole span, so a non-finite key or value would reach the
-    queries whose window does not hold it (a NaN logit plus -inf is NaN; 0 * NaN in P @ V): images with
-    one (found by a sum, cheap next to the attention) take the reference's computation instead."""
-    faulty = _nonfinite_images((k, v), (rpb,))
-    if faulty is None:
-        return _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, tile)
-    out, lse = q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[3]) + q.shape[1:3], dtype=torch.float32)
-    for images, kernels_forward in ((~faulty, functools.partial(_forward, tile=tile)),
-                                    (faulty, _reference_kernels().forward)):
-        if images.any():
-            q_i, k_i, v_i, extra_k_i, extra_v_i, window_weight_i = _images(images, q, k, v, extra_k, extra_v,
-                                                                           window_weight)
-            out[images], lse[images] = kernels_forward(q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, spec,
-                                                       _batched_images(images, extra_bias), window_weight_i)
+    queries whose window does not hold it (a NaN logit plus -inf is NaN; 0 * NaN in P @ V), and then it
+    makes their outputs non-finite: a fast output that is finite is the reference's (a key whose logits are
+    all -inf leaks nothing). So the images whose output is not finite (found by a sum of the contiguous
+    output, cheaper than summing the strided keys and values first) are computed again by the reference,
+    which keeps each non-finite value in its windows."""
+    out, lse = _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, tile)
+    faulty = _nonfinite_images((out,), ())
+    if faulty is not None:
+        q_i, k_i, v_i, extra_k_i, extra_v_i, window_weight_i = _images(faulty, q, k, v, extra_k, extra_v, window_weight)
+        out[faulty], lse[faulty] = _reference_kernels().forward(q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, spec,
+                                                                _batched_images(faulty, extra_bias), window_weight_i)
     return out, lse
 
 
@@ -688,18 +686,26 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)`` (None where not
     asked for) from the forward's output (:func:`_chunked_backward`). Images with a non-finite
     query, key, value, output gradient or per-query bias / weight (whose NaN would reach the gradients of
-    keys outside the windows) take the reference's backward, as in :func:`forward`."""
+    keys outside the windows) take the reference's backward, as in :func:`forward`. As there, such a value
+    shows in the chunked backward's own gradients (it is a factor of a product that reaches a gradient of a
+    query, key or value of its tile, whatever the probabilities: 0 * inf is NaN), so the inputs are searched
+    only when a gradient is not finite."""
     needs_rpb_grad = rpb is not None and needs_rpb_grad
     needs_extra_grad = extra_k is not None and needs_extra_grad
     needs_extra_bias_grad = extra_bias is not None and needs_extra_bias_grad
     needs_window_weight_grad = window_weight is not None and needs_window_weight_grad
     batched_bias = extra_bias is not None and extra_bias.shape[0] == q.shape[0]
+    flags = (needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad)
+    chunked = _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags,
+                                tile)
+    dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = chunked
+    if _nonfinite_images((dq, dk, dv, d_extra_k, d_extra_v, d_window_weight, d_extra_bias if batched_bias else None),
+                         (d_rpb, None if batched_bias else d_extra_bias)) is None:
+        return chunked
     faulty = _nonfinite_images((q, k, v, grad_out, window_weight, extra_bias if batched_bias else None),
                                (rpb, None if batched_bias else extra_bias))
-    flags = (needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad)
-    if faulty is None:
-        return _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags,
-                                 tile)
+    if faulty is None:   # finite inputs (the gradients overflowed): nothing to keep in its windows
+        return chunked
     reference = _reference_kernels()
     grads = [torch.empty_like(q) for _ in range(3)] + [None] * 5
     for images, finite in ((~faulty, True), (faulty, False)):
