@@ -14,9 +14,10 @@ Per query this computes ``span_h * span_w`` logits instead of ``kh * kw`` (about
 in exchange every step is a dense (batched) matmul or a strided copy, which a CPU is fast at.
 Forward and backward run chunk by chunk (:func:`_chunks`, about ``LOGITS_PER_CHUNK`` logits): a chunk's
 K / V spans (``(span / tile) ** 2`` copies of its keys) are built from a zero-padded copy of the map
-while they are in cache, and the backward adds its dK / dV spans straight back onto such a map, so
-memory is a few copies of the map plus one chunk (the reference keeps ``kh * kw * head_dim`` per query
-for K and for V, plus its logits). Map-sized span buffers cost about a third of a call in fresh pages.
+(K and V side by side: one copy) while they are in cache, and the backward adds its dK / dV spans straight
+back onto such a map, so memory is a few copies of the map plus one chunk (the reference keeps
+``kh * kw * head_dim`` per query for K and for V, plus its logits). Every chunk's tensors live in buffers
+allocated once per call: fresh memory costs page faults (a fifth of a call when every chunk allocated its own).
 
 The op's kernels interface (as the Triton kernels'): :func:`forward` returns the output and the
 log-sum-exp of every query (tiles as the heads of PyTorch's fused CPU flash attention);
@@ -368,7 +369,6 @@ class _Tiled:
         self.tiles = rows.groups * cols.groups * rows.tiles * cols.tiles
         self.tile, self.span = rows.tile * cols.tile, rows.span * cols.span
         self.queries = _tiles(q, rows, cols)
-        self.head_dim = q.shape[-1]
         self.padded_keys_values = _padded_units((k, v), rows, cols)             # [units, Ph, Pw, 2 D]
         dtype = torch.promote_types(torch.promote_types(q.dtype, torch.float32),
                                     rpb.dtype if rpb is not None else torch.float32)
@@ -569,7 +569,7 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None   # [B|1, h|1, tiles * T, L]
     queries = tiled.queries                                                           # [B * heads * tiles, T, D]
     chunks = list(tiled.chunks(n_extra))
-    # per-chunk tensors in buffers reused by every chunk: spans [c, S, 2D], then their gradients; logits [c, T, S]
+    # per-chunk tensors in buffers reused by every chunk: spans [2, c, S, D], their gradients, logits [c, T, S]
     span_buffer, grad_span_buffer = (tiled.chunk_buffer(chunks, n_keys, head_dim, parts=2) for _ in range(2))
     logits_buffer = tiled.chunk_buffer(chunks, n_queries, n_keys, dtype=wide)
     grad_probs_buffer = tiled.chunk_buffer(chunks, n_queries, n_keys)
