@@ -543,17 +543,18 @@ def _chunks(batch, heads, rows: AxisTiling, cols: AxisTiling, logits_per_tile):
                         slice(unit, unit + 1), slice(row, stop))
 
 
-def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags, tile):
+def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, flags, tile):
     """The backward: the probabilities recomputed by a softmax over the recomputed logits (cheaper on CPU than
     ``exp(logits - lse)`` from the op's float32 ``lse``, and exact in float64), a few tiles of one image and
     head at a time (contiguous slices of the tiled tensors, written straight into the gradients' buffers) so
     that the logits and their gradients stay in cache. PyTorch's fused CPU flash attention backward on the
     same tiles (tiles as heads) was measured slower, 37 vs 27 ms at ``[2, 56, 56, 2, 32]`` k 7 without rpb
-    (one thread): its per-head overhead is large next to a tile's 16 x 100 logits. A
-    ``window_weight``'s term ``sum_j w_j v_j`` is not attention: the softmax backward's ``delta``, otherwise
-    ``rowsum(dO * O)``, is then ``sum_j P_j dP_j`` over the recomputed probabilities (taking the term out of
-    the rounded output instead cancels: at float16, where the term dominates O, that cost d_q 1 % of its
-    scale); its gradient is ``dO . v_j``, the window part of the probabilities' gradient."""
+    (one thread): its per-head overhead is large next to a tile's 16 x 100 logits (25.0 vs 23.3 ms after
+    the chunk buffers). The softmax backward is PyTorch's (one pass per chunk), whose ``delta`` is
+    ``sum_j P_j dP_j`` over the recomputed probabilities, not ``rowsum(dO * O)`` from the rounded output: a
+    ``window_weight``'s term ``sum_j w_j v_j`` is not attention and would cancel there (at float16, where the
+    term dominates O, that cost d_q 1 % of its scale); its gradient is ``dO . v_j``, the window part of the
+    probabilities' gradient."""
     needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad = flags
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
@@ -564,8 +565,6 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
     grad_out = grad_out.to(low)
     grad_tiles = _tiles(grad_out, tiled.rows, tiled.cols)
     spread = tiled.window_weights(window_weight) if window_weight is not None else None
-    delta = (tiled.tile_rows((grad_out.to(wide) * out.to(wide)).sum(-1)).view(-1, n_queries, 1)
-             if spread is None else None)
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None   # [B|1, h|1, tiles * T, L]
     queries = tiled.queries                                                           # [B * heads * tiles, T, D]
     chunks = list(tiled.chunks(n_extra))
@@ -610,8 +609,7 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
             extra_grad_probs = torch.bmm(grad_rows, extra_v_c.transpose(1, 2)).to(wide)
             grad_probs = torch.cat([grad_probs, extra_grad_probs.view(-1, n_queries, n_extra)], -1)
         probs = torch.softmax(logits, -1, out=logits)
-        delta_c = delta[flat] if spread is None else (probs * grad_probs).sum(-1, keepdim=True)
-        grad_logits = grad_probs.sub_(delta_c).mul_(probs)                    # softmax backward
+        grad_logits = torch.ops.aten._softmax_backward_data.out(grad_probs, probs, -1, wide, grad_input=grad_probs)
         window_grad = grad_logits[..., :n_keys]
         value_weights = probs[..., :n_keys] if spread is None else probs[..., :n_keys] + spread[flat]
         window_grad_low, scaled_low = window_grad.to(low), scaled.to(low)
@@ -696,8 +694,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     needs_window_weight_grad = window_weight is not None and needs_window_weight_grad
     batched_bias = extra_bias is not None and extra_bias.shape[0] == q.shape[0]
     flags = (needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad)
-    chunked = _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags,
-                                tile)
+    chunked = _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, flags, tile)
     dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = chunked
     if _nonfinite_images((dq, dk, dv, d_extra_k, d_extra_v, d_window_weight, d_extra_bias if batched_bias else None),
                          (d_rpb, None if batched_bias else d_extra_bias)) is None:
@@ -715,7 +712,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
         g_out, q_i, k_i, v_i, extra_k_i, extra_v_i, out_i, lse_i, window_weight_i = part
         extra_bias_i = _batched_images(images, extra_bias)
         if finite:
-            part_grads = _chunked_backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, out_i, spec, extra_bias_i,
+            part_grads = _chunked_backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, spec, extra_bias_i,
                                            window_weight_i, flags, tile)
         else:
             part_grads = reference.backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, out_i, lse_i, spec,
