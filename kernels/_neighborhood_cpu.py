@@ -14,17 +14,20 @@ Per query this computes ``span_h * span_w`` logits instead of ``kh * kw`` (about
 in exchange every step is a dense (batched) matmul or a strided copy, which a CPU is fast at.
 Forward and backward run chunk by chunk (:func:`_chunks`, about ``LOGITS_PER_CHUNK`` logits): a chunk's
 K / V spans (``(span / tile) ** 2`` copies of its keys) are built from a zero-padded copy of the map
-while they are in cache, and the backward adds its dK / dV spans straight back onto such a map, so
-memory is a few copies of the map plus one chunk (the reference keeps ``kh * kw * head_dim`` per query
-for K and for V, plus its logits). Map-sized span buffers cost about a third of a call in fresh pages.
+(K and V side by side: one copy) while they are in cache, and the backward adds its dK / dV spans straight
+back onto such a map, so memory is a few copies of the map plus one chunk (the reference keeps
+``kh * kw * head_dim`` per query for K and for V, plus its logits). Every chunk's tensors live in buffers
+allocated once per call: fresh memory costs page faults (a fifth of a call when every chunk allocated its own).
 
 The op's kernels interface (as the Triton kernels'): :func:`forward` returns the output and the
 log-sum-exp of every query (tiles as the heads of PyTorch's fused CPU flash attention);
 :func:`backward` recomputes the probabilities tile by tile and writes the gradients out with
 batched matmuls (no autograd graph; nothing saved but the op's inputs and outputs).
 """
+import collections
 import functools
 import itertools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -139,11 +142,12 @@ def _grouped(x, rows: AxisTiling, cols: AxisTiling):
 
 
 def _ungrouped(x, shape, rows: AxisTiling, cols: AxisTiling):
-    """Inverse of :func:`_grouped`: ``[B, heads, gh, gw, Lh, Lw, C]`` -> ``[B, H, W, heads, C]`` contiguous."""
+    """Inverse of :func:`_grouped`: ``[B, heads, gh, gw, Lh, Lw, C]`` -> ``[B, H, W, heads, C]``, a contiguous copy
+    (never a view: dK and dV come from one map, and the op's outputs must not share memory)."""
     batch, height, width, heads, channels = shape
     x = x.permute(0, 4, 2, 5, 3, 1, 6).reshape(batch, rows.group_length * rows.groups,
                                                 cols.group_length * cols.groups, heads, channels)
-    return x[:, :height, :width].contiguous()
+    return x[:, :height, :width].clone(memory_format=torch.contiguous_format)
 
 
 def _tiles(x, rows, cols, pad_value=0.0):
@@ -175,41 +179,56 @@ def _padded_size(axis: AxisTiling):
     return (axis.tiles - 1 + -(-axis.span // axis.tile)) * axis.tile
 
 
-def _padded_units(x, rows, cols):
-    """``[B, H, W, heads, D]`` -> ``[B * heads * groups, Ph, Pw, D]`` (a copy): every dilation group of every image
-    and head on a zero-padded map, position ``p`` of a group at ``key_pad + p``, so that the span of tile
-    ``(i, j)`` starts at ``(i * tile, j * tile)``: strided windows."""
-    x = _grouped(x, rows, cols)
-    x = F.pad(x, (0, 0, cols.key_pad, _padded_size(cols) - cols.key_pad - cols.group_length,
-                  rows.key_pad, _padded_size(rows) - rows.key_pad - rows.group_length))
-    return x.reshape(-1, *x.shape[-3:])
+def _padded_units(tensors, rows, cols):
+    """``n`` tensors ``[B, H, W, heads, D]`` -> ``[B * heads * groups, Ph, Pw, n * D]`` (a copy, the tensors side by
+    side in the channels, so that one copy builds the spans of all): every dilation group of every image and head
+    on a zero-padded map, position ``p`` of a group at ``key_pad + p``, so that the span of tile ``(i, j)`` starts
+    at ``(i * tile, j * tile)``: strided windows."""
+    batch, _, _, heads, channels = tensors[0].shape
+    padded = tensors[0].new_empty(batch, heads, rows.groups, cols.groups, _padded_size(rows), _padded_size(cols),
+                                  len(tensors) * channels)
+    bottom, right = rows.key_pad + rows.group_length, cols.key_pad + cols.group_length
+    for border in (padded[..., :rows.key_pad, :, :], padded[..., bottom:, :, :],
+                   padded[..., rows.key_pad:bottom, :cols.key_pad, :], padded[..., rows.key_pad:bottom, right:, :]):
+        border.zero_()   # the zero keys only: the inside is written next
+    inside = padded[..., rows.key_pad:bottom, cols.key_pad:right, :]
+    for index, x in enumerate(tensors):
+        inside[..., index * channels:(index + 1) * channels] = _grouped(x, rows, cols)
+    return padded.view(-1, *padded.shape[-3:])
 
 
-def _chunk_spans(padded, rows, cols, units, tile_rows):
-    """The keys of the tiles in rows ``tile_rows`` of ``units`` (slices): ``[units * rows * tiles_w, S, D]``, a copy."""
-    x = padded[units].unfold(1, rows.span, rows.tile)[:, tile_rows]          # [n, r, Pw, D, sh]
-    x = x.unfold(2, cols.span, cols.tile)[:, :, :cols.tiles]                  # [n, r, nw, D, sh, sw]
-    return x.permute(0, 1, 2, 4, 5, 3).reshape(-1, rows.span * cols.span, x.shape[3])
+def _chunk_spans(padded, rows, cols, units, tile_rows, out):
+    """The spans of the tiles in rows ``tile_rows`` of ``units`` (slices) of a map of ``parts`` tensors side by side
+    (:func:`_padded_units`), copied into the front of ``out`` (``[parts, tiles, S, D]``): ``[parts, c, S, D]``, each
+    part contiguous (a strided operand costs a matmul 30 %)."""
+    x = padded[units].unfold(1, rows.span, rows.tile)[:, tile_rows]          # [n, r, Pw, C, sh]
+    x = x.unfold(2, cols.span, cols.tile)[:, :, :cols.tiles]                  # [n, r, nw, C, sh, sw]
+    parts, channels = out.shape[0], out.shape[-1]
+    x = x.unflatten(3, (parts, channels)).permute(3, 0, 1, 2, 5, 6, 4)       # [parts, n, r, nw, sh, sw, D]
+    spans = out[:, :x.shape[1] * x.shape[2] * x.shape[3]]
+    spans.view(x.shape).copy_(x)
+    return spans
 
 
 def _add_chunk_spans(padded, grad, rows, cols, units, tile_rows):
-    """Adjoint of :func:`_chunk_spans`: adds the spans' gradients ``[c, S, D]`` onto ``padded`` (in place).
+    """Adjoint of :func:`_chunk_spans`: adds the spans' gradients ``[parts, c, S, D]`` onto ``padded``
+    (``[parts, units, Ph, Pw, D]``, in place).
 
     A span covers ``ceil(span / tile)`` blocks of ``tile`` keys per axis that land on a regular grid, so the sum
     is one strided addition per block pair (``unfold``'s generic backward was 5x slower)."""
     n_rows = tile_rows.stop - tile_rows.start
-    grad = grad.view(-1, n_rows, cols.tiles, rows.span, cols.span, grad.shape[-1])
-    grad = grad.transpose(2, 3)                                                   # [n, r, sh, nw, sw, D]
-    target = padded[units]
+    grad = grad.view(grad.shape[0], -1, n_rows, cols.tiles, rows.span, cols.span, grad.shape[-1])
+    grad = grad.transpose(3, 4)                                                   # [parts, n, r, sh, nw, sw, D]
+    target = padded[:, units]
     for block_h in range(-(-rows.span // rows.tile)):
         size_h = min(rows.tile, rows.span - block_h * rows.tile)
         top = (tile_rows.start + block_h) * rows.tile
-        band = target[:, top:top + n_rows * rows.tile].unflatten(1, (n_rows, rows.tile))[:, :, :size_h]
+        band = target[:, :, top:top + n_rows * rows.tile].unflatten(2, (n_rows, rows.tile))[:, :, :, :size_h]
         for block_w in range(-(-cols.span // cols.tile)):
             size_w = min(cols.tile, cols.span - block_w * cols.tile)
             left = block_w * cols.tile
-            block = band[:, :, :, left:left + cols.tiles * cols.tile].unflatten(3, (cols.tiles, cols.tile))
-            block[..., :size_w, :] += grad[:, :, block_h * rows.tile:block_h * rows.tile + size_h, :,
+            block = band[..., left:left + cols.tiles * cols.tile, :].unflatten(-2, (cols.tiles, cols.tile))
+            block[..., :size_w, :] += grad[:, :, :, block_h * rows.tile:block_h * rows.tile + size_h, :,
                                            left:left + size_w]
 
 
@@ -285,6 +304,52 @@ def _bias_index(rows: AxisTiling, cols: AxisTiling, border, device):
 
 
 @functools.lru_cache(maxsize=GEOMETRY_CACHE_SIZE)
+def _bias_slots(rows: AxisTiling, cols: AxisTiling, device):
+    """``[T * S]`` int64: the entry of every (query slot, key slot) of a tile in the flattened ``[2 kh - 1, 2 kw - 1]``
+    rpb table. The relative position of a key slot to a query slot is the same in every tile and dilation group;
+    where the key is outside the query's window it is clamped into the table (such a logit's gradient is 0)."""
+    def relative(axis):
+        slots = torch.arange(axis.span)[None, :] - torch.arange(axis.tile)[:, None]
+        return (slots + axis.query_pad - axis.key_pad + axis.kernel - 1).clamp(0, 2 * axis.kernel - 2)
+    index = relative(rows)[:, None, :, None] * (2 * cols.kernel - 1) + relative(cols)[None, :, None, :]
+    with torch.inference_mode(False):
+        return index.flatten().to(device)
+
+
+# The bias of a call with rpb, ``[heads, tiles, T, S]``, depends only on the rpb's values and the geometry: the
+# forward and the backward of a training step (and every call in inference) build the same one. Kept for the
+# last rpb tensors seen (its values checked on every use), up to BIAS_CACHE_BYTES in all.
+BIAS_CACHE_BYTES = 64 << 20
+_bias_cache = collections.OrderedDict()   # (id(rpb), geometry, dtype) -> (copy of rpb, bias)
+_bias_cache_lock = threading.Lock()
+
+
+def _rpb_bias(rpb, rows: AxisTiling, cols: AxisTiling, border, dtype):
+    """The rpb at every (query slot, key slot) of every tile, -inf outside the windows: ``[heads, tiles, T, S]``."""
+    key = (id(rpb), rows, cols, border, dtype, rpb.device)
+    with _bias_cache_lock:
+        entry = _bias_cache.get(key)
+        if entry is not None and entry[0].shape == rpb.shape and entry[0].dtype == rpb.dtype \
+                and torch.equal(entry[0], rpb):
+            _bias_cache.move_to_end(key)
+            return entry[1]
+    index = _bias_index(rows, cols, border, rpb.device)
+    with torch.inference_mode(False):
+        table = torch.cat([rpb.detach().to(dtype).flatten(1), rpb.new_full((rpb.shape[0], 1), float('-inf'),
+                                                                           dtype=dtype)], 1)
+        bias = table.index_select(1, index.flatten()).view((-1,) + index.shape)
+        entry = (rpb.detach().clone(), bias)
+    size = bias.numel() * bias.element_size()
+    with _bias_cache_lock:
+        _bias_cache.pop(key, None)
+        if size <= BIAS_CACHE_BYTES:
+            _bias_cache[key] = entry
+            while sum(cached.numel() * cached.element_size() for _, cached in _bias_cache.values()) > BIAS_CACHE_BYTES:
+                _bias_cache.popitem(last=False)
+    return bias
+
+
+@functools.lru_cache(maxsize=GEOMETRY_CACHE_SIZE)
 def _window_mask(rows: AxisTiling, cols: AxisTiling, border, device, dtype):
     """``[1, tiles, T, S]``: 0 inside each query slot's window, -inf outside (the bias without rpb)."""
     _, inside = _window_positions(rows, cols, border)
@@ -304,28 +369,31 @@ class _Tiled:
         self.tiles = rows.groups * cols.groups * rows.tiles * cols.tiles
         self.tile, self.span = rows.tile * cols.tile, rows.span * cols.span
         self.queries = _tiles(q, rows, cols)
-        self.padded_keys, self.padded_values = _padded_units(k, rows, cols), _padded_units(v, rows, cols)
+        self.padded_keys_values = _padded_units((k, v), rows, cols)             # [units, Ph, Pw, 2 D]
         dtype = torch.promote_types(torch.promote_types(q.dtype, torch.float32),
                                     rpb.dtype if rpb is not None else torch.float32)
         if rpb is None:
             self.bias = _window_mask(rows, cols, spec.border, q.device, dtype)
         else:
-            masked = rpb.new_full((rpb.shape[0], 1), float('-inf'), dtype=dtype)
-            table = torch.cat([rpb.to(dtype).flatten(1), masked], 1)
-            index = _bias_index(rows, cols, spec.border, q.device)
-            self.bias = table.index_select(1, index.flatten()).view((-1,) + index.shape)
+            self.bias = _rpb_bias(rpb, rows, cols, spec.border, dtype)
 
-    def spans(self, padded, units=slice(None), tile_rows=slice(None)):
-        """Every tile's keys (or values) from a padded map, or those of the tiles in ``tile_rows`` of ``units``:
-        ``[tiles, S, D]``."""
-        return _chunk_spans(padded, self.rows, self.cols, units, tile_rows)
+    def spans(self, chunk, out):
+        """The keys and values of the chunk's tiles, ``[2, tiles, S, D]``, copied into the front of ``out``
+        (:meth:`chunk_buffer`)."""
+        return _chunk_spans(self.padded_keys_values, self.rows, self.cols, chunk.units, chunk.tile_rows, out)
+
+    def chunk_buffer(self, chunks, *shape, parts=None, dtype=None):
+        """Room for the largest of ``chunks``' ``[tiles, *shape]`` tensors (``[parts, tiles, *shape]``), reused chunk
+        after chunk (fresh memory for every chunk costs page faults)."""
+        most = max(self.flat(chunk).stop - self.flat(chunk).start for chunk in chunks)
+        return self.queries.new_empty(((parts,) if parts else ()) + (most,) + shape, dtype=dtype)
 
     def rpb_grad(self, grad_bias, rpb):
-        """Adjoint of the bias's table lookup: ``[heads, tiles, T, S]`` -> ``[heads, 2 kh - 1, 2 kw - 1]``."""
-        index = _bias_index(self.rows, self.cols, self.border, grad_bias.device)
-        table = grad_bias.new_zeros(rpb.shape[0], rpb[0].numel() + 1)
-        table.index_add_(1, index.flatten(), grad_bias.flatten(1))
-        return table[:, :-1].reshape(rpb.shape)
+        """Adjoint of the bias's table lookup, from the gradient of the bias summed over the tiles:
+        ``[heads, T, S]`` -> ``[heads, 2 kh - 1, 2 kw - 1]``."""
+        table = grad_bias.new_zeros(rpb.shape[0], rpb[0].numel())
+        table.index_add_(1, _bias_slots(self.rows, self.cols, grad_bias.device), grad_bias.flatten(1))
+        return table.view(rpb.shape)
 
     def extra_bias_rows(self, extra_bias):
         """``extra_bias`` ``[B or 1, heads or 1, H, W, L]`` in the logits' layout, ``[B or 1, heads or 1,
@@ -417,8 +485,10 @@ def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weigh
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None
     spread = tiled.window_weights(window_weight) if window_weight is not None else None
     out, lse = torch.empty_like(tiled.queries), []
-    for chunk in tiled.chunks(extra_k.shape[1] if extra_k is not None else 0):
-        keys, values = (tiled.spans(x, chunk.units, chunk.tile_rows) for x in (tiled.padded_keys, tiled.padded_values))
+    chunks = list(tiled.chunks(extra_k.shape[1] if extra_k is not None else 0))
+    span_buffer = tiled.chunk_buffer(chunks, tiled.span, head_dim, parts=2)
+    for chunk in chunks:
+        keys, values = tiled.spans(chunk, span_buffer)
         flat = tiled.flat(chunk)
         queries, keys, all_values, bias = tiled.flash_operands(chunk, keys, values, extra_k, extra_v, extra_rows)
         out_c, lse_c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(queries, keys, all_values, 0.0, False,
@@ -473,17 +543,18 @@ def _chunks(batch, heads, rows: AxisTiling, cols: AxisTiling, logits_per_tile):
                         slice(unit, unit + 1), slice(row, stop))
 
 
-def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags, tile):
+def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, flags, tile):
     """The backward: the probabilities recomputed by a softmax over the recomputed logits (cheaper on CPU than
     ``exp(logits - lse)`` from the op's float32 ``lse``, and exact in float64), a few tiles of one image and
     head at a time (contiguous slices of the tiled tensors, written straight into the gradients' buffers) so
     that the logits and their gradients stay in cache. PyTorch's fused CPU flash attention backward on the
     same tiles (tiles as heads) was measured slower, 37 vs 27 ms at ``[2, 56, 56, 2, 32]`` k 7 without rpb
-    (one thread): its per-head overhead is large next to a tile's 16 x 100 logits. A
-    ``window_weight``'s term ``sum_j w_j v_j`` is not attention: the softmax backward's ``delta``, otherwise
-    ``rowsum(dO * O)``, is then ``sum_j P_j dP_j`` over the recomputed probabilities (taking the term out of
-    the rounded output instead cancels: at float16, where the term dominates O, that cost d_q 1 % of its
-    scale); its gradient is ``dO . v_j``, the window part of the probabilities' gradient."""
+    (one thread): its per-head overhead is large next to a tile's 16 x 100 logits (25.0 vs 23.3 ms after
+    the chunk buffers). The softmax backward is PyTorch's (one pass per chunk), whose ``delta`` is
+    ``sum_j P_j dP_j`` over the recomputed probabilities, not ``rowsum(dO * O)`` from the rounded output: a
+    ``window_weight``'s term ``sum_j w_j v_j`` is not attention and would cancel there (at float16, where the
+    term dominates O, that cost d_q 1 % of its scale); its gradient is ``dO . v_j``, the window part of the
+    probabilities' gradient."""
     needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad = flags
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
@@ -494,32 +565,37 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
     grad_out = grad_out.to(low)
     grad_tiles = _tiles(grad_out, tiled.rows, tiled.cols)
     spread = tiled.window_weights(window_weight) if window_weight is not None else None
-    delta = (tiled.tile_rows((grad_out.to(wide) * out.to(wide)).sum(-1)).view(-1, n_queries, 1)
-             if spread is None else None)
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None   # [B|1, h|1, tiles * T, L]
     queries = tiled.queries                                                           # [B * heads * tiles, T, D]
+    chunks = list(tiled.chunks(n_extra))
+    # per-chunk tensors in buffers reused by every chunk: spans [2, c, S, D], their gradients, logits [c, T, S]
+    span_buffer, grad_span_buffer = (tiled.chunk_buffer(chunks, n_keys, head_dim, parts=2) for _ in range(2))
+    logits_buffer = tiled.chunk_buffer(chunks, n_queries, n_keys, dtype=wide)
+    grad_probs_buffer = tiled.chunk_buffer(chunks, n_queries, n_keys)
+    scaled_buffer = tiled.chunk_buffer(chunks, n_queries, head_dim, dtype=wide)
 
     dq = torch.empty_like(queries)
-    dk, dv = (torch.zeros_like(x, dtype=wide) for x in (tiled.padded_keys, tiled.padded_values))
-    grad_bias = tiled.bias.new_zeros(heads, n_tiles, n_queries, n_keys) if needs_rpb_grad else None
+    grad_keys_values = tiled.padded_keys_values.new_zeros((2,) + tiled.padded_keys_values.shape[:-1] + (head_dim,),
+                                                          dtype=wide)   # [2, units, Ph, Pw, D]: dK, dV
+    grad_bias = tiled.bias.new_zeros(heads, n_queries, n_keys) if needs_rpb_grad else None
     grad_extra_rows = (queries.new_empty(batch, heads, n_tiles * n_queries, n_extra, dtype=wide)
                        if needs_extra_bias_grad else None)
     grad_spread = torch.empty_like(spread) if needs_window_weight_grad else None
     if needs_extra_grad:
         d_extra_k, d_extra_v = (q.new_zeros(batch, heads, n_extra, head_dim, dtype=wide) for _ in range(2))
 
-    for chunk in tiled.chunks(n_extra):
+    for chunk in chunks:
         image, heads_c, part = chunk.image, chunk.heads, chunk.tiles
         n_heads = heads_c.stop - heads_c.start
         flat, rows = tiled.flat(chunk), tiled.logit_rows(chunk)
-        scaled = queries[flat].to(wide) * spec.scale                                   # [c, T, D]
-        keys_c, values_c = (tiled.spans(x, chunk.units, chunk.tile_rows)
-                            for x in (tiled.padded_keys, tiled.padded_values))       # [c, S, D], in cache
+        count = flat.stop - flat.start
+        scaled = torch.mul(queries[flat].to(wide), spec.scale, out=scaled_buffer[:count])   # [c, T, D]
+        keys_c, values_c = tiled.spans(chunk, span_buffer)                             # [c, S, D] each, in cache
         grad_c = grad_tiles[flat]
         bias = tiled.bias[heads_c if tiled.bias.shape[0] > 1 else slice(0, 1), part]
         logits = torch.baddbmm(bias.expand(n_heads, -1, -1, -1).reshape(-1, n_queries, n_keys), scaled,
-                               keys_c.to(wide).transpose(1, 2))
-        grad_probs = torch.bmm(grad_c, values_c.transpose(1, 2)).to(wide)
+                               keys_c.to(wide).transpose(1, 2), out=logits_buffer[:count])
+        grad_probs = torch.bmm(grad_c, values_c.transpose(1, 2), out=grad_probs_buffer[:count]).to(wide)
         if grad_spread is not None:
             grad_spread[flat] = grad_probs
         if extra_k is not None:   # per head: [heads_c, chunk rows, L]
@@ -532,18 +608,19 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
             logits = torch.cat([logits, extra_logits.view(-1, n_queries, n_extra)], -1)
             extra_grad_probs = torch.bmm(grad_rows, extra_v_c.transpose(1, 2)).to(wide)
             grad_probs = torch.cat([grad_probs, extra_grad_probs.view(-1, n_queries, n_extra)], -1)
-        probs = logits.softmax(-1)
-        delta_c = delta[flat] if spread is None else (probs * grad_probs).sum(-1, keepdim=True)
-        grad_logits = grad_probs.sub_(delta_c).mul_(probs)                    # softmax backward
+        probs = torch.softmax(logits, -1, out=logits)
+        grad_logits = torch.ops.aten._softmax_backward_data.out(grad_probs, probs, -1, wide, grad_input=grad_probs)
         window_grad = grad_logits[..., :n_keys]
         value_weights = probs[..., :n_keys] if spread is None else probs[..., :n_keys] + spread[flat]
         window_grad_low, scaled_low = window_grad.to(low), scaled.to(low)
-        for grad_spans, padded in ((torch.bmm(value_weights.to(low).transpose(1, 2), grad_c), dv),
-                                   (torch.bmm(window_grad_low.transpose(1, 2), scaled_low), dk)):
-            _add_chunk_spans(padded, grad_spans, tiled.rows, tiled.cols, chunk.units, chunk.tile_rows)
+        grad_spans = grad_span_buffer[:, :count]
+        torch.bmm(window_grad_low.transpose(1, 2), scaled_low, out=grad_spans[0])
+        torch.bmm(value_weights.to(low).transpose(1, 2), grad_c, out=grad_spans[1])
+        _add_chunk_spans(grad_keys_values, grad_spans, tiled.rows, tiled.cols, chunk.units, chunk.tile_rows)
         torch.bmm(window_grad_low, keys_c, out=dq[flat])
-        if grad_bias is not None:
-            grad_bias[heads_c, part] += window_grad.view(n_heads, -1, n_queries, n_keys)
+        if grad_bias is not None:   # its table's gradient sums over the tiles: summed here, in cache
+            per_head = window_grad.view(n_heads, -1, n_queries, n_keys)
+            grad_bias[heads_c] += per_head[:, 0] if per_head.shape[1] == 1 else per_head.sum(1)   # sum(1): 4x slower
         if extra_k is not None:
             extra_grad = grad_logits[..., n_keys:].reshape(n_heads, -1, n_extra)    # [heads_c, chunk rows, L]
             dq[flat] += torch.bmm(extra_grad.to(low), extra_k_c).view(-1, n_queries, head_dim)
@@ -553,8 +630,8 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra
                 d_extra_k[image, heads_c] += torch.bmm(extra_grad.transpose(1, 2), scaled_rows)
                 extra_probs = probs[..., n_keys:].reshape(n_heads, -1, n_extra)
                 d_extra_v[image, heads_c] += torch.bmm(extra_probs.transpose(1, 2), grad_rows.to(wide))
-    dq = _untile(dq * spec.scale, q.shape, tiled.rows, tiled.cols)
-    dk, dv = (_unpadded(g, q.shape, tiled.rows, tiled.cols).to(low) for g in (dk, dv))
+    dq = _untile(dq.mul_(spec.scale), q.shape, tiled.rows, tiled.cols)
+    dk, dv = (_unpadded(g, q.shape, tiled.rows, tiled.cols).to(low) for g in grad_keys_values)
     d_rpb = tiled.rpb_grad(grad_bias, rpb).to(rpb.dtype).contiguous() if grad_bias is not None else None
     if needs_extra_grad:
         d_extra_k, d_extra_v = (g.transpose(1, 2).to(low).contiguous() for g in (d_extra_k, d_extra_v))
@@ -586,19 +663,17 @@ def forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight
     adds one batched matmul of the weights spread over the spans with the values.
 
     A tile scores its queries against its whole span, so a non-finite key or value would reach the
-    queries whose window does not hold it (a NaN logit plus -inf is NaN; 0 * NaN in P @ V): images with
-    one (found by a sum, cheap next to the attention) take the reference's computation instead."""
-    faulty = _nonfinite_images((k, v), (rpb,))
-    if faulty is None:
-        return _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, tile)
-    out, lse = q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[3]) + q.shape[1:3], dtype=torch.float32)
-    for images, kernels_forward in ((~faulty, functools.partial(_forward, tile=tile)),
-                                    (faulty, _reference_kernels().forward)):
-        if images.any():
-            q_i, k_i, v_i, extra_k_i, extra_v_i, window_weight_i = _images(images, q, k, v, extra_k, extra_v,
-                                                                           window_weight)
-            out[images], lse[images] = kernels_forward(q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, spec,
-                                                       _batched_images(images, extra_bias), window_weight_i)
+    queries whose window does not hold it (a NaN logit plus -inf is NaN; 0 * NaN in P @ V), and then it
+    makes their outputs non-finite: a fast output that is finite is the reference's (a key whose logits are
+    all -inf leaks nothing). So the images whose output is not finite (found by a sum of the contiguous
+    output, cheaper than summing the strided keys and values first) are computed again by the reference,
+    which keeps each non-finite value in its windows."""
+    out, lse = _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, tile)
+    faulty = _nonfinite_images((out,), ())
+    if faulty is not None:
+        q_i, k_i, v_i, extra_k_i, extra_v_i, window_weight_i = _images(faulty, q, k, v, extra_k, extra_v, window_weight)
+        out[faulty], lse[faulty] = _reference_kernels().forward(q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, spec,
+                                                                _batched_images(faulty, extra_bias), window_weight_i)
     return out, lse
 
 
@@ -609,18 +684,25 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
     """Gradients ``(dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight)`` (None where not
     asked for) from the forward's output (:func:`_chunked_backward`). Images with a non-finite
     query, key, value, output gradient or per-query bias / weight (whose NaN would reach the gradients of
-    keys outside the windows) take the reference's backward, as in :func:`forward`."""
+    keys outside the windows) take the reference's backward, as in :func:`forward`. As there, such a value
+    shows in the chunked backward's own gradients (it is a factor of a product that reaches a gradient of a
+    query, key or value of its tile, whatever the probabilities: 0 * inf is NaN), so the inputs are searched
+    only when a gradient is not finite."""
     needs_rpb_grad = rpb is not None and needs_rpb_grad
     needs_extra_grad = extra_k is not None and needs_extra_grad
     needs_extra_bias_grad = extra_bias is not None and needs_extra_bias_grad
     needs_window_weight_grad = window_weight is not None and needs_window_weight_grad
     batched_bias = extra_bias is not None and extra_bias.shape[0] == q.shape[0]
+    flags = (needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad)
+    chunked = _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, spec, extra_bias, window_weight, flags, tile)
+    dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight = chunked
+    if _nonfinite_images((dq, dk, dv, d_extra_k, d_extra_v, d_window_weight, d_extra_bias if batched_bias else None),
+                         (d_rpb, None if batched_bias else d_extra_bias)) is None:
+        return chunked
     faulty = _nonfinite_images((q, k, v, grad_out, window_weight, extra_bias if batched_bias else None),
                                (rpb, None if batched_bias else extra_bias))
-    flags = (needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad)
-    if faulty is None:
-        return _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, spec, extra_bias, window_weight, flags,
-                                 tile)
+    if faulty is None:   # finite inputs (the gradients overflowed): nothing to keep in its windows
+        return chunked
     reference = _reference_kernels()
     grads = [torch.empty_like(q) for _ in range(3)] + [None] * 5
     for images, finite in ((~faulty, True), (faulty, False)):
@@ -630,7 +712,7 @@ def backward(grad_out, q, k, v, rpb, extra_k, extra_v, out, lse, spec, needs_rpb
         g_out, q_i, k_i, v_i, extra_k_i, extra_v_i, out_i, lse_i, window_weight_i = part
         extra_bias_i = _batched_images(images, extra_bias)
         if finite:
-            part_grads = _chunked_backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, out_i, spec, extra_bias_i,
+            part_grads = _chunked_backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, spec, extra_bias_i,
                                            window_weight_i, flags, tile)
         else:
             part_grads = reference.backward(g_out, q_i, k_i, v_i, rpb, extra_k_i, extra_v_i, out_i, lse_i, spec,

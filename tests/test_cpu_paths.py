@@ -383,6 +383,43 @@ def test_neighborhood_op_runs_the_cpu_kernels_by_default():
                                    grad_out, atol=1e-10)
 
 
+def test_neighborhood_op_follows_rpb_changes_between_calls():
+    """The CPU kernels keep the bias built from an rpb for later calls: a change of its values, in place
+    (an optimizer step) or through ``.data`` (which leaves the version counter alone), must reach the next
+    call's output and gradients."""
+    inputs = neighborhood_inputs((1, 14, 13, 2, 16), (5, 5), True, 0)
+    rpb = inputs['rpb']
+    grad_out = torch.randn(1, 14, 13, 2, 16, dtype=torch.float64)
+
+    def op(inputs, grad, backend):
+        out = neighborhood_attention_2d(**inputs, kernel_size=5, backend=backend)
+        return out, torch.autograd.grad(out, list(inputs.values()), grad)
+
+    for change in (None, lambda: rpb.add_(0.5), lambda: rpb.data.mul_(-2.0)):
+        if change is not None:
+            with torch.no_grad():
+                change()
+        _assert_same_outputs_and_grads(lambda t, g: op(t, g, None),
+                                       lambda **t: neighborhood_attention_2d(**t, kernel_size=5, backend='reference'),
+                                       inputs, grad_out, atol=1e-10)
+
+
+def test_neighborhood_op_on_a_map_of_one_tile():
+    """One image, one head, a map the size of the window (one tile, no padding: NAT's stage 4): the op's
+    gradients come out of the kernels' shared dK / dV map as separate tensors (a custom op's outputs may not
+    share memory)."""
+    inputs = neighborhood_inputs((1, 7, 7, 1, 16), (7, 7), True, 0)
+    grad_out = torch.randn(1, 7, 7, 1, 16, dtype=torch.float64)
+
+    def op(inputs, grad, backend):
+        out = neighborhood_attention_2d(**inputs, kernel_size=7, backend=backend)
+        return out, torch.autograd.grad(out, list(inputs.values()), grad)
+
+    _assert_same_outputs_and_grads(lambda t, g: op(t, g, None),
+                                   lambda **t: neighborhood_attention_2d(**t, kernel_size=7, backend='reference'),
+                                   inputs, grad_out, atol=1e-10)
+
+
 def test_routing_op_runs_the_cpu_kernels_by_default():
     case = dict(shape=(2, 14, 14, 8, 16), regions=(7, 7), topk=16, repeats=False, index_dtype=torch.int64, scale=0.2)
     inputs, region_index = routing_inputs(case)
