@@ -17,8 +17,9 @@ Kernels:
   softmax-backward term ``delta = rowsum(dO * O)`` (for the other kernels), the extra tokens' ``ds``
   as d_extra_bias and, when asked, each tile's partial d_rpb (summed over tiles by torch:
   deterministic, no atomics). With a window weight, O also holds ``sum_j w_j v_j``, which is not
-  attention: a first pass over the window computes ``dO . v_j``, which is d_window_weight and whose
-  ``w``-weighted sum comes out of delta, before the main pass (whose rpb histogram needs the final delta).
+  attention: a first pass over the window and the extra tokens computes ``dO . v_j`` (d_window_weight) and
+  delta as ``sum_j p_j (dO . v_j)``, before the main pass (whose rpb histogram needs the final delta);
+  ``rowsum(dO * O)`` less ``sum_j w_j (dO . v_j)`` would cancel in fp16 / bf16, where O is rounded.
 - ``_backward_dkdv_kernel``: per key tile, loops over its inverse neighborhood; dK, dV (dV from the
   probabilities plus the window weights).
 - ``_backward_extra_kernel``: per block of extra tokens, loops over every query of the image;
@@ -270,28 +271,56 @@ def _extra_softmax(q, q_y, q_x, q_valid, m_i, l_i, acc, ek_base, ev_base, eb_bas
 
 
 @triton.jit
+def _extra_probabilities(q, do, lse, e0, q_y, q_x, q_valid, ek_base, ev_base, eb_base, n_extra, qk_scale, group_y,
+                         group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x, seb_l, offs_d,
+                         HEAD_DIM: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, AS_F32: tl.constexpr,
+                         WIDE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The block of extra tokens from ``e0``: their probabilities, ``dO . v_e``, keys and mask (per query)."""
+    offs_e = e0 + tl.arange(0, BLOCK_E)
+    ek = _load_extra(ek_base, offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
+    ev = _load_extra(ev_base, offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
+    s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
+    mask = (offs_e < n_extra)[None, :] & q_valid[:, None]
+    if HAS_EXTRA_BIAS:
+        eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w, offs_e[None, :],
+                                      seb_y, seb_x, seb_l, WIDE)
+        s += tl.load(eb_base + eb_offs, mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
+    return p, dp, ek, mask
+
+
+@triton.jit
+def _extra_delta(delta, q, do, lse, q_y, q_x, q_valid, ek_base, ev_base, eb_base, n_extra, qk_scale, group_y, group_x,
+                 dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x, seb_l, offs_d, HEAD_DIM: tl.constexpr,
+                 HAS_EXTRA_BIAS: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    """Adds the extra tokens' share of delta, ``sum_e p_e (dO . v_e)``."""
+    for e0 in range(0, n_extra, BLOCK_E):
+        p, dp, _, _ = _extra_probabilities(q, do, lse, e0, q_y, q_x, q_valid, ek_base, ev_base, eb_base, n_extra,
+                                           qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d,
+                                           seb_y, seb_x, seb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, AS_F32, WIDE,
+                                           PRECISION, BLOCK_E)
+        delta += tl.sum(p * dp, 1)
+    return delta
+
+
+@triton.jit
 def _extra_dq(q, do, lse, delta, dq, q_y, q_x, q_valid, ek_base, ev_base, eb_base, deb_base, n_extra, qk_scale,
               group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x, seb_l, sdeb_y, sdeb_x, sdeb_l,
               offs_d, HEAD_DIM: tl.constexpr, HAS_EXTRA_BIAS: tl.constexpr, EXTRA_BIAS_GRAD: tl.constexpr,
               AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_E: tl.constexpr):
     """dQ's part from the extra tokens; stores their ``ds`` as d_extra_bias when asked."""
-    offs_e = tl.arange(0, BLOCK_E)
     for e0 in range(0, n_extra, BLOCK_E):
-        ek = _load_extra(ek_base, e0 + offs_e, n_extra, sek_l, sek_d, offs_d, HEAD_DIM, AS_F32)
-        ev = _load_extra(ev_base, e0 + offs_e, n_extra, sev_l, sev_d, offs_d, HEAD_DIM, AS_F32)
-        s = tl.dot(q, tl.trans(ek), input_precision=PRECISION) * qk_scale
-        mask = (e0 + offs_e < n_extra)[None, :] & q_valid[:, None]
-        if HAS_EXTRA_BIAS:
-            eb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
-                                          (e0 + offs_e)[None, :], seb_y, seb_x, seb_l, WIDE)
-            s += tl.load(eb_base + eb_offs, mask=mask, other=0.0).to(tl.float32) * LOG2E_IN_KERNEL
-        p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(ev), input_precision=PRECISION)
+        p, dp, ek, mask = _extra_probabilities(q, do, lse, e0, q_y, q_x, q_valid, ek_base, ev_base, eb_base, n_extra,
+                                               qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d,
+                                               seb_y, seb_x, seb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, AS_F32, WIDE,
+                                               PRECISION, BLOCK_E)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(ek.dtype), ek, input_precision=PRECISION)
         if EXTRA_BIAS_GRAD:   # the bias adds to the logit: its gradient is ds itself
             deb_offs = _extra_bias_offsets(q_y[:, None], q_x[:, None], group_y, group_x, dil_h, dil_w,
-                                           (e0 + offs_e)[None, :], sdeb_y, sdeb_x, sdeb_l, WIDE)
+                                           (e0 + tl.arange(0, BLOCK_E))[None, :], sdeb_y, sdeb_x, sdeb_l, WIDE)
             tl.store(deb_base + deb_offs, ds, mask=mask)
     return dq
 
@@ -484,10 +513,6 @@ def _backward_dq_kernel(
                      q_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
     do = _load_tokens(do_ptr + b * sdo_b + h * sdo_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x,
                       sdo_d, q_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
-    o = _load_tokens(o_ptr + b * so_b + h * so_h, q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d,
-                     q_valid, offs_d, HEAD_DIM, True, WIDE)
-    delta = tl.sum(o * do.to(tl.float32), 1)
-
     win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
     win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
     row_lo, row_hi = _key_span(y0, tl.minimum(y0 + TILE_H, len_y) - 1, len_y, KERNEL_H, CLAMP)
@@ -496,32 +521,47 @@ def _backward_dq_kernel(
     v_base = v_ptr + b * sv_b + h * sv_h
     rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
     q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
+    stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+    lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
     if HAS_WW:
         # O holds sum_j w_j v_j besides the attention, which the softmax backward must not see: delta =
-        # rowsum(dO * O) - sum_j w_j (dO . v_j). The same dO . v_j are d_window_weight. A pass of its own
-        # because the rpb histogram of the main pass needs the final delta.
-        ww_base = ww_ptr + b * sww_b + h * sww_h
+        # sum_j p_j (dO . v_j) over the window and the extra tokens (O less that sum cancels in fp16 / bf16). The
+        # same dO . v_j are d_window_weight. A pass of its own: the rpb histogram of the main pass needs delta.
         dww_base = dww_ptr + b * sww_b + h * sww_h
+        delta = tl.zeros((BLOCK_M,), tl.float32)
         for row0 in range(row_lo, row_hi, BLOCK_ROWS):
             for col0 in range(col_lo, col_hi, BLOCK_COLS):
                 k_y = row0 + offs_n // BLOCK_COLS
                 k_x = col0 + offs_n % BLOCK_COLS
                 k_valid = (k_y < row_hi) & (k_x < col_hi)
+                k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid,
+                                 offs_d, HEAD_DIM, AS_F32, WIDE)
                 v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid,
                                  offs_d, HEAD_DIM, AS_F32, WIDE)
                 mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
                                   k_x[None, :], KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                if HAS_RPB:
+                    s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask,
+                                   KERNEL_H, KERNEL_W)
+                p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None],
-                                                 k_y[None, :], k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y,
-                                                 sww_x, sww_j, KERNEL_W, WIDE)
-                ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
-                delta -= tl.sum(tl.where(mask, ww * dp, 0.0), 1)
+                delta += tl.sum(tl.where(mask, p * dp, 0.0), 1)
                 if WW_GRAD:
+                    ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None],
+                                                     k_y[None, :], k_x[None, :], group_y, group_x, dil_h, dil_w,
+                                                     sww_y, sww_x, sww_j, KERNEL_W, WIDE)
                     tl.store(dww_base + ww_offs, dp.to(dww_ptr.dtype.element_ty), mask=mask)
-    stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+        if HAS_EXTRA:
+            delta = _extra_delta(delta, q, do, lse, q_y, q_x, q_valid, ek_ptr + b * sek_b + h * sek_h,
+                                 ev_ptr + b * sev_b + h * sev_h, eb_ptr + b * seb_b + h * seb_h, n_extra, qk_scale,
+                                 group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y, seb_x, seb_l,
+                                 offs_d, HEAD_DIM, HAS_EXTRA_BIAS, AS_F32, WIDE, PRECISION, BLOCK_E)
+    else:
+        o = _load_tokens(o_ptr + b * so_b + h * so_h, q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d,
+                         q_valid, offs_d, HEAD_DIM, True, WIDE)
+        delta = tl.sum(o * do.to(tl.float32), 1)
     tl.store(delta_ptr + stat_offs, delta, mask=q_valid)
-    lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     drpb = tl.zeros((BIAS_H, BIAS_W), tl.float32)

@@ -20,9 +20,9 @@ with one coalesced load per piece. Border bands compute the mask and gather the 
   rescale inside the window), then the extra tokens with the online step (their count is a runtime
   value); ``window_weight``'s sum in the same pass. v1's launcher runs it with v1's forward kernel's
   arguments plus the window table.
-- ``_backward_dq_kernel``: per band and piece, the probabilities from the LSE, dQ, the window
-  weight's delta correction and gradient, the rpb-gradient histogram per band (one-hot products,
-  deterministic); v1's launcher, arguments and the window table.
+- ``_backward_dq_kernel``: per band and piece, the probabilities from the LSE, dQ, with a window weight
+  delta as ``sum_j p_j (dO . v_j)`` (as v1) and d_window_weight, the rpb-gradient histogram per band (one-hot
+  products, deterministic); v1's launcher, arguments and the window table.
 - ``_backward_dkdv_kernel``: per band of 2 x 8 keys, one flat loop over the queries that see them, in
   chunks of the smallest forward piece (interior bands: the forward's count of logits; clamped border
   bands: their larger inverse neighbourhood); v1's launcher and arguments.
@@ -41,7 +41,7 @@ import triton.language as tl
 
 from . import _neighborhood_triton as v1
 from ._dispatch import triton_interpreted
-from ._neighborhood_triton import (LOG2E, MIN_DOT, TUNING_KEY, _dkdv_block, _dkdv_program, _extra_dq,
+from ._neighborhood_triton import (LOG2E, MIN_DOT, TUNING_KEY, _dkdv_block, _dkdv_program, _extra_delta, _extra_dq,
                                    _extra_softmax, _finite_or_zero, _finite_part, _image_and_head, _in_window,
                                    _load_tokens, _query_span, _rpb_bias, _rpb_coord, _store_dkdv, _store_drpb_partial,
                                    _tile_of, _tile_tokens, _token_offsets, _window_start, _window_weight_offsets)
@@ -309,39 +309,44 @@ def _forward_kernel(
 
 
 @triton.jit
-def _piece_ww_correction(do, v_base, k_valid, mask, q_y, q_x, win_y, win_x, k_y, k_x, ww_base, dww_base, group_y,
-                         group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x, sww_j, offs_d, WW_GRAD: tl.constexpr,
-                         KERNEL_W: tl.constexpr, HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """``sum_j w_j (dO . v_j)`` over a piece (what delta must lose: O holds the window weight's sum, which is
-    not attention); stores those ``dO . v_j`` as d_window_weight when asked."""
+def _piece_ww_delta(q, do, lse, k_base, v_base, k_valid, mask, bias, q_y, q_x, win_y, win_x, k_y, k_x, dww_base,
+                    qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, sww_y, sww_x, sww_j,
+                    offs_d, WW_GRAD: tl.constexpr, KERNEL_W: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
+    """A piece's share of delta with a window weight, ``sum_j p_j (dO . v_j)`` (O also holds the window weight's
+    sum, which is not attention, and O less that sum cancels in fp16 / bf16); stores those ``dO . v_j`` as
+    d_window_weight when asked."""
+    k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
     v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
                      AS_F32, WIDE)
+    p = tl.where(mask, tl.exp2(_piece_logits(q, k, mask, bias, qk_scale, PRECISION) - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)   # a non-finite v_j: its column, selected below
-    ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
-                                     k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, KERNEL_W, WIDE)
-    ww = tl.load(ww_base + ww_offs, mask=mask, other=0.0).to(tl.float32)
     if WW_GRAD:
+        ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
+                                         k_x[None, :], group_y, group_x, dil_h, dil_w, sww_y, sww_x, sww_j, KERNEL_W,
+                                         WIDE)
         tl.store(dww_base + ww_offs, dp.to(dww_base.dtype.element_ty), mask=mask)
-    return tl.sum(tl.where(mask, ww * dp, 0.0), 1)
+    return tl.sum(tl.where(mask, p * dp, 0.0), 1)
 
 
 @triton.jit
-def _piece_window_dq(do, delta, v_base, ww_base, dww_base, key_row0, key_col0, q_y, q_x, q_valid, q_coord, win_y,
-                     win_x, len_y, len_x, interior, table_rows, rpb_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x,
-                     sv_d, sww_y, sww_x, sww_j, offs_d, START: tl.constexpr, SIZE: tl.constexpr,
-                     KEY_ROWS: tl.constexpr, KEY_COLS: tl.constexpr, KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr,
-                     HAS_RPB: tl.constexpr, HAS_WW: tl.constexpr, WW_GRAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ's first pass over a piece: its keys' coordinates, window mask and bias (``_piece_window``), and delta
-    less the piece's window-weight term."""
+def _piece_window_dq(q, do, lse, delta, k_base, v_base, dww_base, key_row0, key_col0, q_y, q_x, q_valid, q_coord,
+                     win_y, win_x, len_y, len_x, interior, table_rows, rpb_base, qk_scale, group_y, group_x, dil_h,
+                     dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, sww_y, sww_x, sww_j, offs_d, START: tl.constexpr,
+                     SIZE: tl.constexpr, KEY_ROWS: tl.constexpr, KEY_COLS: tl.constexpr, KERNEL_H: tl.constexpr,
+                     KERNEL_W: tl.constexpr, HAS_RPB: tl.constexpr, HAS_WW: tl.constexpr, WW_GRAD: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ's first pass over a piece: its keys' coordinates, window mask and bias (``_piece_window``), and, with a
+    window weight, the piece's share of delta."""
     k_y, k_x, k_valid, mask, bias = _piece_window(key_row0, key_col0, q_y, q_x, q_valid, q_coord, win_y, win_x, len_y,
                                                   len_x, interior, table_rows, rpb_base, START, SIZE, KEY_ROWS,
                                                   KEY_COLS, KERNEL_H, KERNEL_W, HAS_RPB)
     if HAS_WW:
-        delta -= _piece_ww_correction(do, v_base, k_valid, mask, q_y, q_x, win_y, win_x, k_y, k_x, ww_base, dww_base,
-                                      group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x, sww_j, offs_d,
-                                      WW_GRAD, KERNEL_W, HEAD_DIM, AS_F32, WIDE, PRECISION)
+        delta += _piece_ww_delta(q, do, lse, k_base, v_base, k_valid, mask, bias, q_y, q_x, win_y, win_x, k_y, k_x,
+                                 dww_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x,
+                                 sv_d, sww_y, sww_x, sww_j, offs_d, WW_GRAD, KERNEL_W, HEAD_DIM, AS_F32, WIDE,
+                                 PRECISION)
     return k_y, k_x, k_valid, mask, bias, delta
 
 
@@ -418,7 +423,6 @@ def _backward_dq_kernel(
     q_base = q_ptr + b * sq_b + h * sq_h
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
-    ww_base = ww_ptr + b * sww_b + h * sww_h
     dww_base = dww_ptr + b * sww_b + h * sww_h
     rpb_base = rpb_ptr + h * (2 * KERNEL_H - 1) * (2 * KERNEL_W - 1)
     table_rows = table_ptr + h * stable_h + tl.arange(0, BAND * TILE_W)[:, None] * TABLE_KEYS
@@ -430,35 +434,43 @@ def _backward_dq_kernel(
                          HEAD_DIM, AS_F32, WIDE)
         do = _load_tokens(do_ptr + b * sdo_b + h * sdo_h, q_y, q_x, group_y, group_x, dil_h, dil_w, sdo_y, sdo_x,
                           sdo_d, q_valid, offs_d, HEAD_DIM, AS_F32, WIDE)
-        o = _load_tokens(o_ptr + b * so_b + h * so_h, q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d,
-                         q_valid, offs_d, HEAD_DIM, True, WIDE)
-        delta = tl.sum(o * do.to(tl.float32), 1)
         win_y = _window_start(q_y, len_y, KERNEL_H, CLAMP)
         win_x = _window_start(q_x, len_x, KERNEL_W, CLAMP)
         key_row0 = _window_start(band_y, len_y, KERNEL_H, CLAMP)
         q_coord = _rpb_coord(q_y, q_x, KERNEL_W)
         interior = _band_is_interior(band_y, x0, len_y, len_x, KERNEL_H, KERNEL_W, BAND, TILE_W)
+        stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+        lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
+        if HAS_WW:   # delta = sum_j p_j (dO . v_j), summed by the pieces below and the extra tokens
+            delta = tl.zeros((BAND * TILE_W,), tl.float32)
+            if HAS_EXTRA:
+                delta = _extra_delta(delta, q, do, lse, q_y, q_x, q_valid, ek_ptr + b * sek_b + h * sek_h,
+                                     ev_ptr + b * sev_b + h * sev_h, eb_ptr + b * seb_b + h * seb_h, n_extra,
+                                     qk_scale, group_y, group_x, dil_h, dil_w, sek_l, sek_d, sev_l, sev_d, seb_y,
+                                     seb_x, seb_l, offs_d, HEAD_DIM, HAS_EXTRA_BIAS, AS_F32, WIDE, PRECISION, BLOCK_E)
+        else:
+            o = _load_tokens(o_ptr + b * so_b + h * so_h, q_y, q_x, group_y, group_x, dil_h, dil_w, so_y, so_x, so_d,
+                             q_valid, offs_d, HEAD_DIM, True, WIDE)
+            delta = tl.sum(o * do.to(tl.float32), 1)
         # the windows and the final delta first: the rpb histogram needs it
         k_y1, k_x1, k_valid1, mask1, bias1, delta = _piece_window_dq(
-            do, delta, v_base, ww_base, dww_base, key_row0, key_col0, q_y, q_x, q_valid, q_coord, win_y, win_x, len_y,
-            len_x, interior, table_rows, rpb_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y, sww_x,
-            sww_j, offs_d, 0, PIECE_1, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W, HAS_RPB, HAS_WW, WW_GRAD, HEAD_DIM,
-            AS_F32, WIDE, PRECISION)
+            q, do, lse, delta, k_base, v_base, dww_base, key_row0, key_col0, q_y, q_x, q_valid, q_coord, win_y, win_x,
+            len_y, len_x, interior, table_rows, rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d,
+            sv_y, sv_x, sv_d, sww_y, sww_x, sww_j, offs_d, 0, PIECE_1, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W, HAS_RPB,
+            HAS_WW, WW_GRAD, HEAD_DIM, AS_F32, WIDE, PRECISION)
         if PIECE_2 > 0:
             k_y2, k_x2, k_valid2, mask2, bias2, delta = _piece_window_dq(
-                do, delta, v_base, ww_base, dww_base, key_row0, key_col0, q_y, q_x, q_valid, q_coord, win_y, win_x,
-                len_y, len_x, interior, table_rows, rpb_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y,
-                sww_x, sww_j, offs_d, PIECE_1, PIECE_2, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W, HAS_RPB, HAS_WW,
-                WW_GRAD, HEAD_DIM, AS_F32, WIDE, PRECISION)
+                q, do, lse, delta, k_base, v_base, dww_base, key_row0, key_col0, q_y, q_x, q_valid, q_coord, win_y,
+                win_x, len_y, len_x, interior, table_rows, rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y,
+                sk_x, sk_d, sv_y, sv_x, sv_d, sww_y, sww_x, sww_j, offs_d, PIECE_1, PIECE_2, KEY_ROWS, KEY_COLS,
+                KERNEL_H, KERNEL_W, HAS_RPB, HAS_WW, WW_GRAD, HEAD_DIM, AS_F32, WIDE, PRECISION)
         if PIECE_3 > 0:
             k_y3, k_x3, k_valid3, mask3, bias3, delta = _piece_window_dq(
-                do, delta, v_base, ww_base, dww_base, key_row0, key_col0, q_y, q_x, q_valid, q_coord, win_y, win_x,
-                len_y, len_x, interior, table_rows, rpb_base, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, sww_y,
-                sww_x, sww_j, offs_d, PIECE_1 + PIECE_2, PIECE_3, KEY_ROWS, KEY_COLS, KERNEL_H, KERNEL_W, HAS_RPB,
-                HAS_WW, WW_GRAD, HEAD_DIM, AS_F32, WIDE, PRECISION)
-        stat_offs = pid_bh.to(tl.int64) * height * width + (q_y * dil_h + group_y) * width + q_x * dil_w + group_x
+                q, do, lse, delta, k_base, v_base, dww_base, key_row0, key_col0, q_y, q_x, q_valid, q_coord, win_y,
+                win_x, len_y, len_x, interior, table_rows, rpb_base, qk_scale, group_y, group_x, dil_h, dil_w, sk_y,
+                sk_x, sk_d, sv_y, sv_x, sv_d, sww_y, sww_x, sww_j, offs_d, PIECE_1 + PIECE_2, PIECE_3, KEY_ROWS,
+                KEY_COLS, KERNEL_H, KERNEL_W, HAS_RPB, HAS_WW, WW_GRAD, HEAD_DIM, AS_F32, WIDE, PRECISION)
         tl.store(delta_ptr + stat_offs, delta, mask=q_valid)
-        lse = tl.load(lse_ptr + stat_offs, mask=q_valid, other=0.0)
         dq = tl.zeros((BAND * TILE_W, BLOCK_D), tl.float32)
         dq, drpb = _piece_dq(q, do, lse, delta, dq, drpb, k_base, v_base, k_valid1, mask1, bias1, k_y1, k_x1, band_y,
                              x0, qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d,
