@@ -185,7 +185,8 @@ def test_neighborhood_matches_dense_oracle(kernel_size, dilation, border, n_extr
 @pytest.mark.parametrize('shape, kernel_size, dilation, border, rpb, dtype', [
     ((2, 14, 14, 2, 16), (7, 7), (1, 1), 'clamp', True, torch.float64),      # NAT stage 3 (k 7 on 14x14)
     ((1, 7, 9, 3, 16), (7, 5), (1, 1), 'zero', True, torch.float64),         # NAT stage 4-like, zero border
-    ((1, 15, 13, 2, 16), (5, 3), (2, 3), 'clamp', False, torch.float64),     # DiNAT: unequal dilation groups
+    ((1, 15, 13, 2, 16), (5, 3), (2, 3), 'clamp', True, torch.float64),      # DiNAT: unequal dilation groups
+    ((1, 9, 8, 2, 16), (3, 3), (3, 2), 'zero', False, torch.float64),       # no rpb: the window mask alone
     ((2, 14, 14, 2, 32), (7, 7), (1, 1), 'clamp', True, torch.float32),
 ])
 def test_neighborhood_whole_map_path(shape, kernel_size, dilation, border, rpb, dtype, monkeypatch):
@@ -195,10 +196,11 @@ def test_neighborhood_whole_map_path(shape, kernel_size, dilation, border, rpb, 
     rows = axis_tiling(shape[1], kernel_size[0], dilation[0], border, default_tile(kernel_size[0]))
     cols = axis_tiling(shape[2], kernel_size[1], dilation[1], border, default_tile(kernel_size[1]))
     assert _neighborhood_cpu._whole_map(rows, cols, None, None, None)
-    monkeypatch.setattr(_neighborhood_cpu, 'WHOLE_MAP_LOGITS', 1)
     case = dict(shape=shape, kernel_size=kernel_size, dilation=dilation, border=border, rpb=rpb, n_extra=0,
                 tile=None, scale=None)
-    assert_neighborhood_matches_reference(case, dtype=dtype, atol=1e-10 if dtype == torch.float64 else 1e-4)
+    for logits_per_step in (_neighborhood_cpu.WHOLE_MAP_LOGITS, 1):   # every image at once, then one at a time
+        monkeypatch.setattr(_neighborhood_cpu, 'WHOLE_MAP_LOGITS', logits_per_step)
+        assert_neighborhood_matches_reference(case, dtype=dtype, atol=1e-10 if dtype == torch.float64 else 1e-4)
 
 
 @pytest.mark.parametrize('chunk', ['tile row', 'dilation group'])
