@@ -8,7 +8,9 @@ of keys (its *span*), so each tile is one small dense attention: its queries aga
 bias and -inf outside each query's window / the map. Spans start every ``tile`` tokens on a
 zero-padded map, so they are strided windows (``unfold``) and their backward is a sum of a few
 strided blocks, not a scatter. Dilation splits each axis into ``d`` interleaved groups, each an
-undilated problem, handled as a batch dimension; a map no wider than a few windows is one tile.
+undilated problem, handled as a batch dimension; a map no wider than a few windows is one tile, and a call that is
+one tile per group with nothing but the window (NAT's 14x14 and 7x7 stages) is one dense attention per group, without
+spans or chunks (:func:`_whole_map_forward`, :func:`_whole_map_backward`).
 
 Per query this computes ``span_h * span_w`` logits instead of ``kh * kw`` (about 2x at k = 7);
 in exchange every step is a dense (batched) matmul or a strided copy, which a CPU is fast at.
