@@ -188,6 +188,7 @@ def test_neighborhood_matches_dense_oracle(kernel_size, dilation, border, n_extr
     ((1, 15, 13, 2, 16), (5, 3), (2, 3), 'clamp', True, torch.float64),      # DiNAT: unequal dilation groups
     ((1, 9, 8, 2, 16), (3, 3), (3, 2), 'zero', False, torch.float64),       # no rpb: the window mask alone
     ((2, 14, 14, 2, 32), (7, 7), (1, 1), 'clamp', True, torch.float32),
+    ((1, 7, 7, 2, 16), (7, 7), (1, 1), 'clamp', True, torch.bfloat16),
 ])
 def test_neighborhood_whole_map_path(shape, kernel_size, dilation, border, rpb, dtype, monkeypatch):
     """A call whose tiling is one tile per dilation group runs as one dense attention per group
@@ -200,7 +201,7 @@ def test_neighborhood_whole_map_path(shape, kernel_size, dilation, border, rpb, 
                 tile=None, scale=None)
     for logits_per_step in (_neighborhood_cpu.WHOLE_MAP_LOGITS, 1):   # every image at once, then one at a time
         monkeypatch.setattr(_neighborhood_cpu, 'WHOLE_MAP_LOGITS', logits_per_step)
-        assert_neighborhood_matches_reference(case, dtype=dtype, atol=1e-10 if dtype == torch.float64 else 1e-4)
+        assert_neighborhood_matches_reference(case, dtype=dtype, atol=LOW_PRECISION_TOLERANCE.get(dtype, 1e-10))
 
 
 @pytest.mark.parametrize('chunk', ['tile row', 'dilation group'])
