@@ -499,7 +499,7 @@ WHOLE_MAP_LOGITS = 1 << 21   # logits per step of a whole-map backward (:func:`_
 
 def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, tile=None):
     rows, cols = _tilings(q, spec, tile)
-    if _whole_map(rows, cols, extra_k, extra_bias, window_weight):
+    if _whole_map(q.shape[3], rows, cols, extra_k, extra_bias, window_weight):
         return _whole_map_forward(q, k, v, rpb, spec, rows, cols)
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
@@ -578,7 +578,7 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, spec, extra_bias
     probabilities' gradient."""
     needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad = flags
     rows, cols = _tilings(q, spec, tile)
-    if _whole_map(rows, cols, extra_k, extra_bias, window_weight):
+    if _whole_map(q.shape[3], rows, cols, extra_k, extra_bias, window_weight):
         return _whole_map_backward(grad_out, q, k, v, rpb, spec, needs_rpb_grad, rows, cols)
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
@@ -674,11 +674,14 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, spec, extra_bias
     return dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight
 
 
-def _whole_map(rows: AxisTiling, cols: AxisTiling, extra_k, extra_bias, window_weight):
+def _whole_map(heads, rows: AxisTiling, cols: AxisTiling, extra_k, extra_bias, window_weight):
     """Whether the call is one dense attention per dilation group: one tile whose span is the whole group on both
-    axes (a small map, or a window that covers most of it, :func:`axis_tiling`), and nothing but the window."""
+    axes (a small map, or a window that covers most of it, :func:`axis_tiling`), nothing but the window, and one
+    image's logits within ``WHOLE_MAP_LOGITS`` (a larger one takes the chunked path, whose memory stays bounded)."""
     one_tile = all(axis.tiles == 1 and axis.span == axis.tile == axis.group_length for axis in (rows, cols))
-    return one_tile and extra_k is None and extra_bias is None and window_weight is None
+    logits = heads * rows.groups * cols.groups * (rows.tile * cols.tile) ** 2
+    return (one_tile and logits <= WHOLE_MAP_LOGITS and extra_k is None and extra_bias is None
+            and window_weight is None)
 
 
 def _whole_map_forward(q, k, v, rpb, spec, rows, cols):
@@ -699,7 +702,7 @@ def _whole_map_forward(q, k, v, rpb, spec, rows, cols):
 
 def _whole_map_backward(grad_out, q, k, v, rpb, spec, needs_rpb_grad, rows, cols):
     """:func:`_chunked_backward` of a :func:`_whole_map` call, as plain batched matmuls over whole groups (the
-    probabilities recomputed, PyTorch's softmax backward), a few images at a time (about ``WHOLE_MAP_LOGITS``
+    probabilities recomputed, PyTorch's softmax backward), a few images at a time (at most ``WHOLE_MAP_LOGITS``
     logits) so that large batches keep a bounded buffer; the rpb gradient is the logits' gradient summed over
     images and groups, then over the slot pairs of each table entry."""
     batch, _, _, heads, head_dim = q.shape

@@ -196,11 +196,13 @@ def test_neighborhood_whole_map_path(shape, kernel_size, dilation, border, rpb, 
     reference, the backward over one image at a time as well."""
     rows = axis_tiling(shape[1], kernel_size[0], dilation[0], border, default_tile(kernel_size[0]))
     cols = axis_tiling(shape[2], kernel_size[1], dilation[1], border, default_tile(kernel_size[1]))
-    assert _neighborhood_cpu._whole_map(rows, cols, None, None, None)
+    assert _neighborhood_cpu._whole_map(shape[3], rows, cols, None, None, None)
     case = dict(shape=shape, kernel_size=kernel_size, dilation=dilation, border=border, rpb=rpb, n_extra=0,
                 tile=None, scale=None)
-    for logits_per_step in (_neighborhood_cpu.WHOLE_MAP_LOGITS, 1):   # every image at once, then one at a time
+    one_image = shape[3] * rows.groups * cols.groups * (rows.tile * cols.tile) ** 2
+    for logits_per_step in (_neighborhood_cpu.WHOLE_MAP_LOGITS, one_image):   # every image at once, then one a step
         monkeypatch.setattr(_neighborhood_cpu, 'WHOLE_MAP_LOGITS', logits_per_step)
+        assert _neighborhood_cpu._whole_map(shape[3], rows, cols, None, None, None)
         assert_neighborhood_matches_reference(case, dtype=dtype, atol=LOW_PRECISION_TOLERANCE.get(dtype, 1e-10))
 
 
