@@ -8,7 +8,9 @@ of keys (its *span*), so each tile is one small dense attention: its queries aga
 bias and -inf outside each query's window / the map. Spans start every ``tile`` tokens on a
 zero-padded map, so they are strided windows (``unfold``) and their backward is a sum of a few
 strided blocks, not a scatter. Dilation splits each axis into ``d`` interleaved groups, each an
-undilated problem, handled as a batch dimension; a map no wider than a few windows is one tile.
+undilated problem, handled as a batch dimension; a map no wider than a few windows is one tile, and a call that is
+one tile per group with nothing but the window (NAT's 14x14 and 7x7 stages) is one dense attention per group, without
+spans or chunks (:func:`_whole_map_forward`, :func:`_whole_map_backward`).
 
 Per query this computes ``span_h * span_w`` logits instead of ``kh * kw`` (about 2x at k = 7);
 in exchange every step is a dense (batched) matmul or a strided copy, which a CPU is fast at.
@@ -257,6 +259,13 @@ def _tilings(q, spec, tile):
             axis_tiling(width, spec.kernel_size[1], spec.dilation[1], spec.border, tile[1]))
 
 
+def _untile_rows(x, shape, rows: AxisTiling, cols: AxisTiling):
+    """``[B, heads, tiles * T]`` (the logits' rows) -> ``[B, heads, H, W]``."""
+    batch, height, width, heads, _ = shape
+    x = _untile(x.reshape(-1, rows.tile * cols.tile, 1), (batch, height, width, heads, 1), rows, cols)
+    return x[..., 0].permute(0, 3, 1, 2).contiguous()
+
+
 def _slots(axis: AxisTiling):
     """The (query slot, key slot) table shape of one axis."""
     return axis.groups, axis.tiles, axis.tile, axis.span
@@ -316,6 +325,14 @@ def _bias_slots(rows: AxisTiling, cols: AxisTiling, device):
         return index.flatten().to(device)
 
 
+def _rpb_grad(grad_bias, rpb, rows: AxisTiling, cols: AxisTiling):
+    """Adjoint of the bias's table lookup, from the gradient of the bias summed over the tiles:
+    ``[heads, T, S]`` -> ``[heads, 2 kh - 1, 2 kw - 1]``."""
+    table = grad_bias.new_zeros(rpb.shape[0], rpb[0].numel())
+    table.index_add_(1, _bias_slots(rows, cols, grad_bias.device), grad_bias.flatten(1))
+    return table.view(rpb.shape)
+
+
 # The bias of a call with rpb, ``[heads, tiles, T, S]``, depends only on the rpb's values and the geometry: the
 # forward and the backward of a training step (and every call in inference) build the same one. Kept for the
 # last rpb tensors seen (its values checked on every use), up to BIAS_CACHE_BYTES in all.
@@ -357,6 +374,15 @@ def _window_mask(rows: AxisTiling, cols: AxisTiling, border, device, dtype):
         return torch.zeros(inside.shape, dtype=dtype).masked_fill_(~inside, float('-inf')).unsqueeze(0).to(device)
 
 
+def _bias(q, rpb, rows: AxisTiling, cols: AxisTiling, border):
+    """The additive bias of every (query slot, key slot), ``[heads or 1, tiles, T, S]``, in float32 or wider."""
+    dtype = torch.promote_types(torch.promote_types(q.dtype, torch.float32),
+                                rpb.dtype if rpb is not None else torch.float32)
+    if rpb is None:
+        return _window_mask(rows, cols, border, q.device, dtype)
+    return _rpb_bias(rpb, rows, cols, border, dtype)
+
+
 class _Tiled:
     """The tiled problem of one call: query tiles ``[B * heads * tiles, T, D]``, key / value spans
     ``[B * heads * tiles, S, D]`` and the additive bias of every (query slot, key slot): the rpb,
@@ -370,12 +396,7 @@ class _Tiled:
         self.tile, self.span = rows.tile * cols.tile, rows.span * cols.span
         self.queries = _tiles(q, rows, cols)
         self.padded_keys_values = _padded_units((k, v), rows, cols)             # [units, Ph, Pw, 2 D]
-        dtype = torch.promote_types(torch.promote_types(q.dtype, torch.float32),
-                                    rpb.dtype if rpb is not None else torch.float32)
-        if rpb is None:
-            self.bias = _window_mask(rows, cols, spec.border, q.device, dtype)
-        else:
-            self.bias = _rpb_bias(rpb, rows, cols, spec.border, dtype)
+        self.bias = _bias(q, rpb, rows, cols, spec.border)
 
     def spans(self, chunk, out):
         """The keys and values of the chunk's tiles, ``[2, tiles, S, D]``, copied into the front of ``out``
@@ -391,9 +412,7 @@ class _Tiled:
     def rpb_grad(self, grad_bias, rpb):
         """Adjoint of the bias's table lookup, from the gradient of the bias summed over the tiles:
         ``[heads, T, S]`` -> ``[heads, 2 kh - 1, 2 kw - 1]``."""
-        table = grad_bias.new_zeros(rpb.shape[0], rpb[0].numel())
-        table.index_add_(1, _bias_slots(self.rows, self.cols, grad_bias.device), grad_bias.flatten(1))
-        return table.view(rpb.shape)
+        return _rpb_grad(grad_bias, rpb, self.rows, self.cols)
 
     def extra_bias_rows(self, extra_bias):
         """``extra_bias`` ``[B or 1, heads or 1, H, W, L]`` in the logits' layout, ``[B or 1, heads or 1,
@@ -433,9 +452,7 @@ class _Tiled:
 
     def untile_rows(self, x, shape):
         """``[B, heads, tiles * T]`` -> ``[B, heads, H, W]``."""
-        batch, height, width, heads, _ = shape
-        rows = _untile(x.reshape(-1, self.tile, 1), (batch, height, width, heads, 1), self.rows, self.cols)
-        return rows[..., 0].permute(0, 3, 1, 2).contiguous()
+        return _untile_rows(x, shape, self.rows, self.cols)
 
     def flash_operands(self, chunk, keys, values, extra_k=None, extra_v=None, extra_rows=None):
         """Queries, keys, values and mask of one chunk for PyTorch's fused CPU flash attention, its heads as the
@@ -477,9 +494,13 @@ class _Tiled:
 
 LOG2E = 1.4426950408889634   # the op's lse is base 2 (the fused kernels' exp2 domain)
 LOGITS_PER_CHUNK = 1 << 18   # logits per step of a pass (measured 2^14 to 2^20 at NAT's stage shapes, one thread)
+WHOLE_MAP_LOGITS = 1 << 21   # logits per step of a whole-map backward (:func:`_whole_map_backward`)
 
 
 def _forward(q, k, v, rpb, extra_k, extra_v, spec, extra_bias=None, window_weight=None, tile=None):
+    rows, cols = _tilings(q, spec, tile)
+    if _whole_map(q.shape[3], rows, cols, extra_k, extra_bias, window_weight):
+        return _whole_map_forward(q, k, v, rpb, spec, rows, cols)
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
     extra_rows = tiled.extra_bias_rows(extra_bias) if extra_bias is not None else None
@@ -556,6 +577,9 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, spec, extra_bias
     term dominates O, that cost d_q 1 % of its scale); its gradient is ``dO . v_j``, the window part of the
     probabilities' gradient."""
     needs_rpb_grad, needs_extra_grad, needs_extra_bias_grad, needs_window_weight_grad = flags
+    rows, cols = _tilings(q, spec, tile)
+    if _whole_map(q.shape[3], rows, cols, extra_k, extra_bias, window_weight):
+        return _whole_map_backward(grad_out, q, k, v, rpb, spec, needs_rpb_grad, rows, cols)
     batch, _, _, heads, head_dim = q.shape
     tiled = _Tiled(q, k, v, rpb, spec, tile)
     n_tiles, n_queries, n_keys = tiled.tiles, tiled.tile, tiled.span
@@ -648,6 +672,67 @@ def _chunked_backward(grad_out, q, k, v, rpb, extra_k, extra_v, spec, extra_bias
         d_window_weight = tiled.window_weight_grad(grad_spread, q.shape)
         d_window_weight = d_window_weight.to(window_weight.dtype)
     return dq, dk, dv, d_rpb, d_extra_k, d_extra_v, d_extra_bias, d_window_weight
+
+
+def _whole_map(heads, rows: AxisTiling, cols: AxisTiling, extra_k, extra_bias, window_weight):
+    """Whether the call is one dense attention per dilation group: one tile whose span is the whole group on both
+    axes (a small map, or a window that covers most of it, :func:`axis_tiling`), nothing but the window, and one
+    image's logits within ``WHOLE_MAP_LOGITS`` (a larger one takes the chunked path, whose memory stays bounded)."""
+    one_tile = all(axis.tiles == 1 and axis.span == axis.tile == axis.group_length for axis in (rows, cols))
+    logits = heads * rows.groups * cols.groups * (rows.tile * cols.tile) ** 2
+    return (one_tile and logits <= WHOLE_MAP_LOGITS and extra_k is None and extra_bias is None
+            and window_weight is None)
+
+
+def _whole_map_forward(q, k, v, rpb, spec, rows, cols):
+    """:func:`_forward` of a :func:`_whole_map` call: the queries of every dilation group against all its keys
+    with the bias as an additive mask, in one call of PyTorch's fused CPU flash attention (heads and groups as its
+    heads): no spans, no chunks. NAT's 14x14 and 7x7 maps (k 7) were 2.7 and 0.9 ms per forward in the tiled
+    path's chunks, against 1.2 and 0.25 ms for the flash attention alone (one thread)."""
+    batch, _, _, heads, head_dim = q.shape
+    bias = _bias(q, rpb, rows, cols, spec.border)                                  # [heads or 1, groups, N, N]
+    masks = bias.shape[0] * bias.shape[1]
+    queries, keys, values = (_tiles(x, rows, cols).view(-1, masks, rows.tile * cols.tile, head_dim)
+                             for x in (q, k, v))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        queries, keys, values, 0.0, False, attn_mask=bias.view(1, masks, *bias.shape[2:]), scale=spec.scale)
+    out = _untile(out.reshape(-1, rows.tile * cols.tile, head_dim), q.shape, rows, cols)
+    return out, (_untile_rows(lse.reshape(batch, heads, -1), q.shape, rows, cols) * LOG2E).float()
+
+
+def _whole_map_backward(grad_out, q, k, v, rpb, spec, needs_rpb_grad, rows, cols):
+    """:func:`_chunked_backward` of a :func:`_whole_map` call, as plain batched matmuls over whole groups (the
+    probabilities recomputed, PyTorch's softmax backward), a few images at a time (at most ``WHOLE_MAP_LOGITS``
+    logits) so that large batches keep a bounded buffer; the rpb gradient is the logits' gradient summed over
+    images and groups, then over the slot pairs of each table entry."""
+    batch, _, _, heads, head_dim = q.shape
+    bias = _bias(q, rpb, rows, cols, spec.border)                                  # [heads or 1, groups, N, N]
+    wide, low = bias.dtype, q.dtype
+    groups, n = bias.shape[1], bias.shape[2]
+    per_image = heads * groups
+    queries, keys, values, grad = (_tiles(x, rows, cols) for x in (q, k, v, grad_out.to(low)))   # [B * heads * groups, N, D]
+    dq, dk, dv = (torch.empty_like(queries) for _ in range(3))
+    grad_bias = bias.new_zeros(heads, groups, n, n) if needs_rpb_grad else None
+    step = max(1, WHOLE_MAP_LOGITS // (per_image * n * n))
+    for start in range(0, batch, step):
+        images = slice(start * per_image, min(start + step, batch) * per_image)
+        scaled = torch.mul(queries[images].to(wide), spec.scale)
+        logits = torch.bmm(scaled, keys[images].to(wide).transpose(1, 2))
+        logits.view(-1, heads, groups, n, n).add_(bias)
+        probs = torch.softmax(logits, -1, out=logits)
+        grad_probs = torch.bmm(grad[images], values[images].transpose(1, 2)).to(wide)
+        grad_logits = torch.ops.aten._softmax_backward_data.out(grad_probs, probs, -1, wide, grad_input=grad_probs)
+        grad_low = grad_logits.to(low)
+        torch.bmm(grad_low, keys[images], out=dq[images])
+        torch.bmm(grad_low.transpose(1, 2), scaled.to(low), out=dk[images])
+        torch.bmm(probs.to(low).transpose(1, 2), grad[images], out=dv[images])
+        if grad_bias is not None:
+            grad_bias += grad_logits.view(-1, heads, groups, n, n).sum(0)
+    dq, dk, dv = (_untile(x, q.shape, rows, cols) for x in (dq.mul_(spec.scale), dk, dv))
+    d_rpb = None
+    if grad_bias is not None:
+        d_rpb = _rpb_grad(grad_bias.sum(1), rpb, rows, cols).to(rpb.dtype).contiguous()
+    return dq, dk, dv, d_rpb, None, None, None, None
 
 
 @torch.no_grad()

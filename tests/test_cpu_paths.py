@@ -182,6 +182,30 @@ def test_neighborhood_matches_dense_oracle(kernel_size, dilation, border, n_extr
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize('shape, kernel_size, dilation, border, rpb, dtype', [
+    ((2, 14, 14, 2, 16), (7, 7), (1, 1), 'clamp', True, torch.float64),      # NAT stage 3 (k 7 on 14x14)
+    ((1, 7, 9, 3, 16), (7, 5), (1, 1), 'zero', True, torch.float64),         # NAT stage 4-like, zero border
+    ((1, 15, 13, 2, 16), (5, 3), (2, 3), 'clamp', True, torch.float64),      # DiNAT: unequal dilation groups
+    ((1, 9, 8, 2, 16), (3, 3), (3, 2), 'zero', False, torch.float64),       # no rpb: the window mask alone
+    ((2, 14, 14, 2, 32), (7, 7), (1, 1), 'clamp', True, torch.float32),
+    ((1, 7, 7, 2, 16), (7, 7), (1, 1), 'clamp', True, torch.bfloat16),
+])
+def test_neighborhood_whole_map_path(shape, kernel_size, dilation, border, rpb, dtype, monkeypatch):
+    """A call whose tiling is one tile per dilation group runs as one dense attention per group
+    (``_whole_map_forward`` / ``_whole_map_backward``): values and every gradient (rpb included) against the
+    reference, the backward over one image at a time as well."""
+    rows = axis_tiling(shape[1], kernel_size[0], dilation[0], border, default_tile(kernel_size[0]))
+    cols = axis_tiling(shape[2], kernel_size[1], dilation[1], border, default_tile(kernel_size[1]))
+    assert _neighborhood_cpu._whole_map(shape[3], rows, cols, None, None, None)
+    case = dict(shape=shape, kernel_size=kernel_size, dilation=dilation, border=border, rpb=rpb, n_extra=0,
+                tile=None, scale=None)
+    one_image = shape[3] * rows.groups * cols.groups * (rows.tile * cols.tile) ** 2
+    for logits_per_step in (_neighborhood_cpu.WHOLE_MAP_LOGITS, one_image):   # every image at once, then one a step
+        monkeypatch.setattr(_neighborhood_cpu, 'WHOLE_MAP_LOGITS', logits_per_step)
+        assert _neighborhood_cpu._whole_map(shape[3], rows, cols, None, None, None)
+        assert_neighborhood_matches_reference(case, dtype=dtype, atol=LOW_PRECISION_TOLERANCE.get(dtype, 1e-10))
+
+
 @pytest.mark.parametrize('chunk', ['tile row', 'dilation group'])
 def test_neighborhood_backward_in_small_chunks(chunk, monkeypatch):
     """The backward's chunks (one tile row, or one dilation group of one head, at a time; whole heads is the
