@@ -20,6 +20,7 @@ from torch.export import Dim
 
 import attnzoo.backbones  # noqa: F401  registers the attnzoo families
 from attnzoo.backbones._families import family_of
+from attnzoo.backbones._layers import NeighborhoodAttention
 from attnzoo.kernels import neighborhood_attention_2d, routing_attention, routing_region_index
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
 from attnzoo.kernels.routing import routing_attention_reference
@@ -193,6 +194,35 @@ def test_smallest_variant_exports_with_a_dynamic_size(name, tmp_path):
     export_and_check(model, name, size, 'both', tmp_path)
 
 
+class NeighborhoodLayer(nn.Module):
+    """NAT's / DiNAT's attention layer on an NCHW map (the layout whose height and width the tool's ranges read)."""
+
+    def __init__(self, kernel_size, dilation):
+        super().__init__()
+        self.attn = NeighborhoodAttention(32, num_heads=2, kernel_size=kernel_size, dilation=dilation)
+
+    def forward(self, x):
+        return self.attn(x.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize('kernel_size,dilation', [(7, 1), (3, 3)])
+def test_neighborhood_layer_exports_for_every_map_size(kernel_size, dilation):
+    """The layer zero-pads a map smaller than its window (kernel_size * dilation = 7, 9) and crops back: one graph,
+    traced where the rows are padded and the columns not, holds for every map size (torch.export's ranges are
+    unbounded and no guard fixes a side of the window) and equals eager on both sides of the window per axis."""
+    torch.manual_seed(0)
+    layer = NeighborhoodLayer(kernel_size, dilation).eval()
+    with torch.no_grad():
+        layer.attn.qkv.bias.normal_()   # the padded tokens' keys and values
+    program = export_tool.export_program(layer, torch.randn(2, 32, 5, 12), 'both')
+    assert export_tool.size_ranges(program) == {'height': (2, None), 'width': (2, None)}
+    exported = program.module()
+    for height, width in ((2, 3), (7, 7), (9, 9), (30, 4), (41, 40)):
+        x = torch.randn(3, 32, height, width)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), layer(x), atol=1e-5, rtol=1e-5, msg=f'map {height} x {width}')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', [v.name for v in zoo.all_variants()])
 def test_every_variant_exports_at_its_resolution(name, tmp_path):
@@ -260,18 +290,22 @@ def test_tool_refuses_a_dynamic_size_where_the_family_fixes_it(name, tmp_path):
 
 
 class Bounded(nn.Module):
-    """A model whose shape arithmetic bounds its input: height at least 8, width at most 40."""
+    """A model whose shape arithmetic bounds its input: height at least 8, width at most 40 (torch.export's ranges),
+    and more than 64 pixels (a guard on both axes, which no range shows)."""
 
     def forward(self, x):
         torch._check(x.shape[2] >= 8)
         torch._check(x.shape[3] <= 40)
-        return x.mean((2, 3))
+        if x.shape[2] * x.shape[3] > 64:
+            return x.mean((2, 3))
+        return x.amax((2, 3))
 
 
 def test_tool_states_the_sizes_an_export_holds_for():
     program = export_tool.export_program(Bounded(), torch.randn(2, 3, 16, 16), 'both')
-    assert export_tool.size_ranges(program) == {'height': (8, None), 'width': (2, 40)}
-    assert export_tool.describe_ranges(export_tool.size_ranges(program)) == 'height 8 to any, width 2 to 40'
+    # the width with the height at 16: more than 4 columns
+    assert export_tool.size_ranges(program) == {'height': (8, None), 'width': (5, 40)}
+    assert export_tool.describe_ranges(export_tool.size_ranges(program)) == 'height 8 to any, width 5 to 40'
     assert export_tool.size_ranges(export_tool.export_program(Bounded(), torch.randn(2, 3, 16, 16), 'batch')) == {}
 
 
