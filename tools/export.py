@@ -60,8 +60,6 @@ STATIC_HW_FAMILIES = {
                 'with --img-size H W',
     'cswin': "CSWin pads every map to a multiple of its stripe width, and the traced program fixes the number of "
              'stripes of every stage; export one file per size, with --img-size H W',
-    'shvit': "torch.export bounds the input height of timm's SHViT by the traced one (a guard this project has not "
-             'traced to its line in timm); export one file per size, with --img-size H W',
     'transnext': "TransNeXt's position bias is built for the model's img_size and resized to the map with Python "
                  'arithmetic on the map size (max, integer division), which torch.export fixes to the traced size; '
                  'export one file per size, built with --img-size H W',
@@ -191,8 +189,10 @@ def size_ranges(program: torch.export.ExportedProgram) -> Dict[str, Tuple[int, O
     image = next(node for node in program.graph.nodes if node.op == 'placeholder'
                  and node.name in program.graph_signature.user_inputs)
     shape = list(image.meta['val'].shape)
+    if not any(isinstance(size, torch.SymInt) for size in shape[2:]):
+        return {}
     traced = [int(size.node.hint) if isinstance(size, torch.SymInt) else size for size in shape]
-    guards = getattr(program.module(), '_guards_fn', None)
+    guards = getattr(program.module(), '_guards_fn', None)   # what the program's module checks when run
 
     def holds(axis: int, size: int) -> bool:
         if guards is None:
