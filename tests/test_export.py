@@ -134,10 +134,9 @@ def test_routing_translation_matches_the_reference_at_two_sizes(tmp_path):
 
 SMALL_SIZE = 64                              # every family that takes any input size runs at 64 x 64
 STATIC_SMALL_SIZE = {'byoanet': 256}         # HaloNet's stage-4 map must hold whole 8 x 8 blocks
-# a free height and width is traced where no map the model splits is 1 wide (torch.export specialises a size of 1,
-# and the graph would hold for the inputs that keep it 1 alone): SHViT's last map and CSWin's stripes of the third
-# stage are 1 wide at 64 x 64, 2 at 128 x 128
-DYNAMIC_SMALL_SIZE = {'shvit': 128, 'cswin': 128}
+# a free height and width is traced where no map is 1 wide (torch.export specialises a size of 1, and the graph would
+# hold for the inputs that keep it 1 alone): SHViT's last map is 1 pixel wide at 64 x 64, 2 at 128 x 128
+DYNAMIC_SMALL_SIZE = {'shvit': 128}
 # zoo families that hold two papers' families: the second one's variants, by name
 SECOND_PAPER_FAMILY = {'nat': 'dinat_', 'crossformer': 'crossformer_pp_'}
 

@@ -58,8 +58,10 @@ STATIC_HW_FAMILIES = {
                 'the padding written for a symbolic size, a graph traced at 64 x 64 holds only for inputs of 57 to '
                 '112 pixels a side (measured), not the any size the eager model takes; export one file per size, '
                 'with --img-size H W',
-    'cswin': "CSWin pads every map to a multiple of its stripe width, and the traced program fixes the number of "
-             'stripes of every stage; export one file per size, with --img-size H W',
+    'cswin': "CSWin's export holds only for the input sizes that keep every stage's stripe count on the traced "
+             "side of 1 (torch.export specialises a count of 1: at 64 x 64 the third stage's map is one stripe, and "
+             'the graph holds for 59 to 66 pixels a side), and cropping its padding back leaves guards on whether '
+             'anything was padded; export one file per size, with --img-size H W',
     'transnext': "TransNeXt's position bias is built for the model's img_size and resized to the map with Python "
                  'arithmetic on the map size (max, integer division), which torch.export fixes to the traced size; '
                  'export one file per size, built with --img-size H W',
