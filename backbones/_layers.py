@@ -86,10 +86,27 @@ torch.fx.wrap('neighborhood_attention')
 @register_notrace_function  # reason: the padding depends on the map size, which FX's proxies do not have
 def pad_to_at_least(x: torch.Tensor, window: int) -> torch.Tensor:
     """Zero-pads an NHWC map at the bottom / right to at least ``window`` rows and columns."""
-    pad_h, pad_w = max(0, window - x.shape[1]), max(0, window - x.shape[2])
-    if pad_h > 0 or pad_w > 0:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    return x
+    if torch.jit.is_scripting():   # TorchScript has no sym_max
+        pad_h, pad_w = max(0, window - x.shape[1]), max(0, window - x.shape[2])
+    else:
+        # sym_max, not a Python branch on the size: an exported graph pads by a (possibly zero) symbolic amount,
+        # so it holds for every map size, not only for those on the traced size's side of the window
+        pad_h, pad_w = torch.sym_max(0, window - x.shape[1]), torch.sym_max(0, window - x.shape[2])
+    if not torch.compiler.is_compiling() and pad_h == 0 and pad_w == 0:
+        return x   # eager: x itself (F.pad copies even where it pads nothing)
+    return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+
+
+@torch.fx.wrap
+@register_notrace_function  # reason: the crop depends on the map size, which FX's proxies do not have
+def crop_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The top-left ``height`` x ``width`` of an NHWC map (what :func:`pad_to_at_least` padded), contiguous."""
+    if torch.compiler.is_compiling():
+        # a slice's contiguity depends on whether anything was padded, and a traced graph would hold a guard on it
+        # (fake tensors evaluate it); the gathered rows and columns are contiguous whatever the size
+        rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+        return x.index_select(1, rows).index_select(2, cols)
+    return x[:, :height, :width].contiguous()
 
 
 def neighborhood_attention(
@@ -171,7 +188,7 @@ class NeighborhoodAttention(nn.Module):
             x = self.attend_with_dropout(q, k, v)
         else:
             x = neighborhood_attention(q, k, v, self.rpb, self.kernel_size, self.dilation)
-        x = x[:, :H, :W].reshape(B, H, W, C)
+        x = crop_to(x.flatten(3), H, W)
         return self.proj_drop(self.proj(x))
 
     @torch.jit.unused

@@ -141,8 +141,11 @@ class CrossScaleMerge(nn.Module):
 
 def relative_position_index(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
     """``[N, N]`` row of each (query, key) offset in the ``(2 group_h - 1) x (2 group_w - 1)`` offset table."""
-    pos = torch.arange(group_h * group_w, device=device)
-    rows, cols = pos // group_w, pos % group_w
+    # a grid, not pos // group_w and pos % group_w: a whole-map group's size is symbolic in an exported graph, and
+    # torch.onnx cannot translate the remainder of a tensor by a symbolic integer
+    rows, cols = torch.meshgrid(torch.arange(group_h, device=device), torch.arange(group_w, device=device),
+                                indexing='ij')
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
     d_row = rows[:, None] - rows[None, :] + group_h - 1
     d_col = cols[:, None] - cols[None, :] + group_w - 1
     return d_row * (2 * group_w - 1) + d_col

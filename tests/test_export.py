@@ -20,6 +20,7 @@ from torch.export import Dim
 
 import attnzoo.backbones  # noqa: F401  registers the attnzoo families
 from attnzoo.backbones._families import family_of
+from attnzoo.backbones._layers import NeighborhoodAttention
 from attnzoo.kernels import neighborhood_attention_2d, routing_attention, routing_region_index
 from attnzoo.kernels.neighborhood import neighborhood_attention_2d_reference
 from attnzoo.kernels.routing import routing_attention_reference
@@ -133,6 +134,9 @@ def test_routing_translation_matches_the_reference_at_two_sizes(tmp_path):
 
 SMALL_SIZE = 64                              # every family that takes any input size runs at 64 x 64
 STATIC_SMALL_SIZE = {'byoanet': 256}         # HaloNet's stage-4 map must hold whole 8 x 8 blocks
+# a free height and width is traced where no map is 1 wide (torch.export specialises a size of 1, and the graph would
+# hold for the inputs that keep it 1 alone): SHViT's last map is 1 pixel wide at 64 x 64, 2 at 128 x 128
+DYNAMIC_SMALL_SIZE = {'shvit': 128}
 # zoo families that hold two papers' families: the second one's variants, by name
 SECOND_PAPER_FAMILY = {'nat': 'dinat_', 'crossformer': 'crossformer_pp_'}
 
@@ -149,10 +153,11 @@ def smallest_variants():
     return names
 
 
-def small_model(name):
-    """``name``'s classifier for a small input (built for it where the family fixes the size), and that size."""
+def small_model(name, dynamic_size=False):
+    """``name``'s classifier for a small input (built for it where the family fixes the size), and that size;
+    ``dynamic_size``: the size to export with a free height and width at."""
     family = family_of(name)
-    size = STATIC_SMALL_SIZE.get(family, SMALL_SIZE)
+    size = (DYNAMIC_SMALL_SIZE if dynamic_size else STATIC_SMALL_SIZE).get(family, SMALL_SIZE)
     kwargs = dict(img_size=size) if family in export_tool.SIZED_AT_BUILD else {}
     return timm.create_model(name, **kwargs).eval(), (size, size)
 
@@ -189,8 +194,55 @@ def test_smallest_variant_exports_with_a_dynamic_batch(name, tmp_path):
 @pytest.mark.slow   # a free H x W costs several times a batch-only export's time (symbolic map sizes)
 @pytest.mark.parametrize('name', [n for n in smallest_variants() if family_of(n) not in export_tool.STATIC_HW_FAMILIES])
 def test_smallest_variant_exports_with_a_dynamic_size(name, tmp_path):
-    model, size = small_model(name)
+    model, size = small_model(name, dynamic_size=True)
     export_and_check(model, name, size, 'both', tmp_path)
+
+
+class NeighborhoodLayer(nn.Module):
+    """NAT's / DiNAT's attention layer on an NCHW map (the layout whose height and width the tool's ranges read)."""
+
+    def __init__(self, kernel_size, dilation):
+        super().__init__()
+        self.attn = NeighborhoodAttention(32, num_heads=2, kernel_size=kernel_size, dilation=dilation)
+
+    def forward(self, x):
+        return self.attn(x.permute(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize('kernel_size,dilation', [(7, 1), (3, 3)])
+def test_neighborhood_layer_exports_for_every_map_size(kernel_size, dilation):
+    """The layer zero-pads a map smaller than its window (kernel_size * dilation = 7, 9) and crops back: one graph,
+    traced where the rows are padded and the columns not, holds for every map size (torch.export's ranges are
+    unbounded and no guard fixes a side of the window) and equals eager on both sides of the window per axis."""
+    torch.manual_seed(0)
+    layer = NeighborhoodLayer(kernel_size, dilation).eval()
+    with torch.no_grad():
+        layer.attn.qkv.bias.normal_()   # the padded tokens' keys and values
+    program = export_tool.export_program(layer, torch.randn(2, 32, 5, 12), 'both')
+    assert export_tool.size_ranges(program) == {'height': (2, None), 'width': (2, None)}
+    exported = program.module()
+    for height, width in ((2, 3), (7, 7), (9, 9), (30, 4), (41, 40)):
+        x = torch.randn(3, 32, height, width)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x), layer(x), atol=1e-5, rtol=1e-5, msg=f'map {height} x {width}')
+
+
+# NAT / DiNAT at 64 x 64: a graph of the layer's former padding (a Python branch on each map's size) held only for a
+# band of sizes around the traced one (dinat_mini's failed its guards at 128 and 224 pixels a side)
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['nat_mini', 'dinat_mini'])
+def test_neighborhood_families_export_for_every_input_size(name, tmp_path):
+    """One export at 64 x 64 holds for every input size from 33 (the smallest whose last stage map is 2 pixels
+    wide, where torch.export specialises a size of 1: eager takes 32 too) up, both in its ranges and when run
+    (torch.export's program and onnxruntime) at sizes well outside the former band."""
+    model, size = small_model(name)
+    program = export_tool.export_program(model, torch.randn(2, 3, *size), 'both')
+    assert export_tool.size_ranges(program) == {'height': (33, None), 'width': (33, None)}
+    torch.onnx.export(program, dynamo=True, verbose=False, optimize=False).save(str(tmp_path / f'{name}.onnx'))
+    exported = program.module()
+    for run in (lambda x: export_tool._outputs(exported(x)), export_tool.exported_runner('onnx', tmp_path / f'{name}.onnx')):
+        for result in export_tool.check_export(model, run, [(1, 3, 33, 40), (2, 3, 224, 160)]):
+            assert result['max_abs_diff'] <= ATOL, (name, result)
 
 
 @pytest.mark.slow
@@ -260,18 +312,22 @@ def test_tool_refuses_a_dynamic_size_where_the_family_fixes_it(name, tmp_path):
 
 
 class Bounded(nn.Module):
-    """A model whose shape arithmetic bounds its input: height at least 8, width at most 40."""
+    """A model whose shape arithmetic bounds its input: height at least 8, width at most 40 (torch.export's ranges),
+    and more than 64 pixels (a guard on both axes, which no range shows)."""
 
     def forward(self, x):
         torch._check(x.shape[2] >= 8)
         torch._check(x.shape[3] <= 40)
-        return x.mean((2, 3))
+        if x.shape[2] * x.shape[3] > 64:
+            return x.mean((2, 3))
+        return x.amax((2, 3))
 
 
 def test_tool_states_the_sizes_an_export_holds_for():
     program = export_tool.export_program(Bounded(), torch.randn(2, 3, 16, 16), 'both')
-    assert export_tool.size_ranges(program) == {'height': (8, None), 'width': (2, 40)}
-    assert export_tool.describe_ranges(export_tool.size_ranges(program)) == 'height 8 to any, width 2 to 40'
+    # the width with the height at 16: more than 4 columns
+    assert export_tool.size_ranges(program) == {'height': (8, None), 'width': (5, 40)}
+    assert export_tool.describe_ranges(export_tool.size_ranges(program)) == 'height 8 to any, width 5 to 40'
     assert export_tool.size_ranges(export_tool.export_program(Bounded(), torch.randn(2, 3, 16, 16), 'batch')) == {}
 
 

@@ -16,8 +16,9 @@ program of aten ops only.
 ``none``. The check runs the export and the eager model on fresh random images at the export shape and, per
 dynamic axis, at another size (batch + 1; height + 32 and width + 64), prints the largest absolute difference
 of every output and fails above ``--atol``. With a dynamic height and width the tool prints the sizes the export
-holds for (torch.export's ranges of them): the ``.pt2`` program checks its shape guards when run, an ONNX
-runtime does not, so keep an ONNX file's inputs within the printed ranges.
+holds for (per axis, the sizes that pass torch.export's ranges and the shape guards the trace left, checked up
+to 4096): the ``.pt2`` program checks its guards when run, an ONNX runtime does not, so keep an ONNX file's inputs
+within the printed ranges.
 
 ``--checkpoint`` loads weights the way every attnzoo tool does (``weights_only`` reading, the family's checkpoint
 filter, a strict fit); the classifier keeps the checkpoint's number of classes. ``--latency`` also times the eager model and the ONNX file on one CPU thread
@@ -57,10 +58,10 @@ STATIC_HW_FAMILIES = {
                 'the padding written for a symbolic size, a graph traced at 64 x 64 holds only for inputs of 57 to '
                 '112 pixels a side (measured), not the any size the eager model takes; export one file per size, '
                 'with --img-size H W',
-    'cswin': "CSWin pads every map to a multiple of its stripe width, and the traced program fixes the number of "
-             'stripes of every stage; export one file per size, with --img-size H W',
-    'shvit': "torch.export bounds the input height of timm's SHViT by the traced one (a guard this project has not "
-             'traced to its line in timm); export one file per size, with --img-size H W',
+    'cswin': "CSWin's export holds only for the input sizes that keep every stage's stripe count on the traced "
+             "side of 1 (torch.export specialises a count of 1: at 64 x 64 the third stage's map is one stripe, and "
+             'the graph holds for 59 to 66 pixels a side), and cropping its padding back leaves guards on whether '
+             'anything was padded; export one file per size, with --img-size H W',
     'transnext': "TransNeXt's position bias is built for the model's img_size and resized to the map with Python "
                  'arithmetic on the map size (max, integer division), which torch.export fixes to the traced size; '
                  'export one file per size, built with --img-size H W',
@@ -68,6 +69,8 @@ STATIC_HW_FAMILIES = {
 
 # families whose models are built for one input size (timm's img_size argument): --img-size builds them for it
 SIZED_AT_BUILD = ('maxxvit', 'byoanet', 'transnext')
+
+SCAN_LIMIT = 4096   # the largest height and width size_ranges checks an export's guards at
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,15 +182,41 @@ def export_onnx(program: torch.export.ExportedProgram, path: Path, features: boo
 
 
 def size_ranges(program: torch.export.ExportedProgram) -> Dict[str, Tuple[int, Optional[int]]]:
-    """The input heights and widths the program holds for, where they are dynamic: torch.export's range of each
-    axis's symbol (the guards that the traced model's shape arithmetic left), as (lowest, highest or None)."""
+    """The input heights and widths the program holds for, where they are dynamic, as (lowest, highest or None).
+
+    Per axis, the other at the export size: the band of sizes around the export size that pass every check the
+    program makes when run: torch.export's range of the axis, and the guards that the traced model's shape
+    arithmetic left, which a range does not show (a stage's map that must not be 1 wide, a padding that must
+    stay zero). None: torch.export's range is unbounded and every size up to SCAN_LIMIT passes."""
     image = next(node for node in program.graph.nodes if node.op == 'placeholder'
                  and node.name in program.graph_signature.user_inputs)
+    shape = list(image.meta['val'].shape)
+    if not any(isinstance(size, torch.SymInt) for size in shape[2:]):
+        return {}
+    traced = [int(size.node.hint) if isinstance(size, torch.SymInt) else size for size in shape]
+    guards = getattr(program.module(), '_guards_fn', None)   # what the program's module checks when run
+
+    def holds(axis: int, size: int) -> bool:
+        if guards is None:
+            return True
+        try:
+            guards(torch.empty(traced[:axis] + [size] + traced[axis + 1:], device='meta'))
+        except AssertionError:
+            return False
+        return True
+
     ranges = {}
-    for axis, size in (('height', image.meta['val'].shape[2]), ('width', image.meta['val'].shape[3])):
-        if isinstance(size, torch.SymInt):
-            bounds = program.range_constraints[size.node.expr]
-            ranges[axis] = (int(bounds.lower), None if bounds.upper == int_oo else int(bounds.upper))
+    for name, axis in (('height', 2), ('width', 3)):
+        if not isinstance(shape[axis], torch.SymInt):
+            continue
+        bounds = program.range_constraints[shape[axis].node.expr]
+        lowest, highest = traced[axis], traced[axis]
+        while lowest > max(int(bounds.lower), 1) and holds(axis, lowest - 1):
+            lowest -= 1
+        limit = SCAN_LIMIT if bounds.upper == int_oo else min(int(bounds.upper), SCAN_LIMIT)
+        while highest < limit and holds(axis, highest + 1):
+            highest += 1
+        ranges[name] = (lowest, None if highest == SCAN_LIMIT and bounds.upper == int_oo else highest)
     return ranges
 
 
@@ -283,8 +312,9 @@ def export(args) -> List[dict]:
     ranges = size_ranges(program)
     if ranges:
         # the .pt2 program checks its guards when run; an ONNX graph carries none of them
-        print(f'  the export holds for input sizes: {describe_ranges(ranges)} (torch.export\'s ranges; the .pt2 '
-              f'program checks them, an ONNX runtime does not: keep its inputs within them)')
+        print(f'  the export holds for input sizes: {describe_ranges(ranges)} (each with the other at the '
+              f'export size; the .pt2 program checks its guards, an ONNX runtime does not: keep its inputs within '
+              f'them)')
     if args.format == 'onnx':
         export_onnx(program, output, args.features)
     else:
