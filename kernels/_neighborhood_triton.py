@@ -484,6 +484,27 @@ def _forward_kernel(
     tl.store(lse_ptr + pid_bh.to(tl.int64) * height * width + lse_offs, m_i + tl.log2(l_i), mask=q_valid)
 
 
+@triton.jit
+def _dq_block(q, do, lse, k_base, v_base, rpb_base, q_y, q_x, q_valid, q_coord, win_y, win_x, k_y, k_x, k_valid,
+              qk_scale, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d,
+              KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, HAS_RPB: tl.constexpr, HEAD_DIM: tl.constexpr,
+              AS_F32: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
+    """A block of a query tile's key rectangle, as both dQ passes need it: its keys, the window mask, the
+    probabilities (from the LSE) and ``dO . v``."""
+    k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
+    v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d, HEAD_DIM,
+                     AS_F32, WIDE)
+    mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
+                      KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_RPB:
+        s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask, KERNEL_H, KERNEL_W)
+    p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return k, mask, p, dp
+
+
 @triton.jit(do_not_specialize=['size_class'])
 def _backward_dq_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, rpb_ptr, drpb_ptr, ek_ptr, ev_ptr,
@@ -533,19 +554,10 @@ def _backward_dq_kernel(
             for col0 in range(col_lo, col_hi, BLOCK_COLS):
                 k_y = row0 + offs_n // BLOCK_COLS
                 k_x = col0 + offs_n % BLOCK_COLS
-                k_valid = (k_y < row_hi) & (k_x < col_hi)
-                k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid,
-                                 offs_d, HEAD_DIM, AS_F32, WIDE)
-                v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid,
-                                 offs_d, HEAD_DIM, AS_F32, WIDE)
-                mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :],
-                                  k_x[None, :], KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-                if HAS_RPB:
-                    s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask,
-                                   KERNEL_H, KERNEL_W)
-                p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                _, mask, p, dp = _dq_block(q, do, lse, k_base, v_base, rpb_base, q_y, q_x, q_valid, q_coord, win_y,
+                                           win_x, k_y, k_x, (k_y < row_hi) & (k_x < col_hi), qk_scale, group_y,
+                                           group_x, dil_h, dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d,
+                                           KERNEL_H, KERNEL_W, HAS_RPB, HEAD_DIM, AS_F32, WIDE, PRECISION)
                 delta += tl.sum(tl.where(mask, p * dp, 0.0), 1)
                 if WW_GRAD:
                     ww_offs = _window_weight_offsets(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None],
@@ -569,19 +581,10 @@ def _backward_dq_kernel(
         for col0 in range(col_lo, col_hi, BLOCK_COLS):
             k_y = row0 + offs_n // BLOCK_COLS
             k_x = col0 + offs_n % BLOCK_COLS
-            k_valid = (k_y < row_hi) & (k_x < col_hi)
-            k = _load_tokens(k_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sk_y, sk_x, sk_d, k_valid, offs_d,
-                             HEAD_DIM, AS_F32, WIDE)
-            v = _load_tokens(v_base, k_y, k_x, group_y, group_x, dil_h, dil_w, sv_y, sv_x, sv_d, k_valid, offs_d,
-                             HEAD_DIM, AS_F32, WIDE)
-            mask = _in_window(q_y[:, None], q_x[:, None], win_y[:, None], win_x[:, None], k_y[None, :], k_x[None, :],
-                              KERNEL_H, KERNEL_W) & k_valid[None, :] & q_valid[:, None]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            if HAS_RPB:
-                s += _rpb_bias(rpb_base, q_coord[:, None], _rpb_coord(k_y, k_x, KERNEL_W)[None, :], mask,
-                               KERNEL_H, KERNEL_W)
-            p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            k, mask, p, dp = _dq_block(q, do, lse, k_base, v_base, rpb_base, q_y, q_x, q_valid, q_coord, win_y, win_x,
+                                       k_y, k_x, (k_y < row_hi) & (k_x < col_hi), qk_scale, group_y, group_x, dil_h,
+                                       dil_w, sk_y, sk_x, sk_d, sv_y, sv_x, sv_d, offs_d, KERNEL_H, KERNEL_W, HAS_RPB,
+                                       HEAD_DIM, AS_F32, WIDE, PRECISION)
             ds = tl.where(mask, p * (dp - delta[:, None]), 0.0)
             k, dq = _finite_part(k, mask, dq)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
